@@ -1,0 +1,347 @@
+//! The front ends: [`Attention`], whose head counts and head dim are const generics checked at
+//! compile time, and [`DynAttention`], its runtime-checked twin for numbers read at run time.
+//! Both are thin wrappers over an [`AttentionSpec`] and share one builder (the methods below).
+
+use crate::cache::KvCacheFootprint;
+use crate::element::DType;
+use crate::error::{Error, Result};
+use crate::heads::{Rule, ValidHeadDim, ValidHeads, assert_config};
+use crate::model_config::ModelConfig;
+use crate::spec::{Alignment, AttentionSpec};
+
+/// Attention with `HQ` query heads sharing `HKV` key/value heads, each of dimension `D`.
+///
+/// The configuration rule ([`crate::heads`]) is part of the type: an invalid `HQ`/`HKV`/`D`
+/// does not compile. Under `cargo check` the bound `Rule: ValidHeads<HQ, HKV>` on
+/// [`Attention::new`] fails with the numbers in the message; under `cargo build` a `const`
+/// assertion backs it up, also for generic code that reaches [`Attention::GROUP`] without the
+/// bound.
+///
+/// ```
+/// use gqa::{Gqa, Mha, Mqa};
+/// let llama3_8b = Gqa::<32, 8, 128>::new().causal();
+/// assert_eq!(Gqa::<32, 8, 128>::GROUP, 4);
+/// assert_eq!(Mha::<32, 128>::KV_CACHE_REDUCTION, 1);
+/// assert_eq!(Mqa::<32, 128>::KV_CACHE_REDUCTION, 32);
+/// assert_eq!(llama3_8b.spec().group_size(), 4);
+/// ```
+///
+/// 32 query heads cannot be shared by 6 KV heads:
+/// ```compile_fail
+/// let attention = gqa::Gqa::<32, 6, 128>::new();
+/// ```
+/// Nor can a head dim be 0, or a configuration be read generically without the bound:
+/// ```compile_fail
+/// let attention = gqa::Mha::<8, 0>::new();
+/// ```
+/// ```compile_fail
+/// fn group<const HQ: usize, const HKV: usize>() -> usize { gqa::Gqa::<HQ, HKV, 64>::GROUP }
+/// println!("{}", group::<32, 6>());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Attention<const HQ: usize, const HKV: usize, const D: usize> {
+    spec: AttentionSpec,
+}
+
+/// Multi-head attention: every query head has its own key/value head.
+pub type Mha<const H: usize, const D: usize> = Attention<H, H, D>;
+/// Grouped-query attention: `HQ / HKV` query heads share each key/value head.
+pub type Gqa<const HQ: usize, const HKV: usize, const D: usize> = Attention<HQ, HKV, D>;
+/// Multi-query attention: all query heads share one key/value head.
+pub type Mqa<const H: usize, const D: usize> = Attention<H, 1, D>;
+
+/// The builder shared by [`Attention`] and [`DynAttention`]: each method refines the wrapped
+/// spec through the matching `AttentionSpec` method, so the two front ends cannot diverge.
+macro_rules! spec_builder_methods {
+    () => {
+        /// The spec this attention lowers to.
+        pub fn spec(&self) -> &AttentionSpec {
+            &self.spec
+        }
+
+        /// Adds a causal mask, bottom-right aligned by default: query `i` sees keys
+        /// `j <= i + seq_k - seq_q` (see [`crate::spec::Mask`]).
+        pub fn causal(self) -> Self {
+            Self { spec: self.spec.with_mask(self.spec.mask().causal()) }
+        }
+
+        /// Measures the mask (causal, window) and ALiBi distances from the top-left diagonal
+        /// `diag(i) = i` instead of the default bottom-right one.
+        pub fn top_left(self) -> Self {
+            Self { spec: self.spec.with_mask(self.spec.mask().aligned(Alignment::TopLeft)) }
+        }
+
+        /// Causal with PyTorch's top-left alignment: `.causal().top_left()`.
+        pub fn causal_top_left(self) -> Self {
+            self.causal().top_left()
+        }
+
+        /// Restricts each query to `left` keys before and `right` keys after its diagonal
+        /// (composes with `causal` by intersection; Mistral's `sliding_window = w` is
+        /// `.causal().window(w - 1, 0)`).
+        ///
+        /// # Panics
+        /// If a side is negative; [`Self::try_window`] returns the error instead.
+        #[track_caller]
+        pub fn window(self, left: i64, right: i64) -> Self {
+            match self.try_window(left, right) {
+                Ok(attention) => attention,
+                Err(error) => panic!("{error}"),
+            }
+        }
+
+        /// [`Self::window`], returning [`Error::InvalidWindow`] for a negative side.
+        pub fn try_window(self, left: i64, right: i64) -> Result<Self> {
+            Ok(Self { spec: self.spec.try_with_window(left, right)? })
+        }
+
+        /// Sets the softmax scale applied to `q·k` (default `1/√head_dim`).
+        ///
+        /// # Panics
+        /// If `scale` is NaN or infinite; [`Self::try_scale`] returns the error instead.
+        #[track_caller]
+        pub fn scale(self, scale: f32) -> Self {
+            match self.try_scale(scale) {
+                Ok(attention) => attention,
+                Err(error) => panic!("{error}"),
+            }
+        }
+
+        /// [`Self::scale`], returning [`Error::InvalidScale`] for NaN or infinity.
+        pub fn try_scale(self, scale: f32) -> Result<Self> {
+            Ok(Self { spec: self.spec.try_with_scale(scale)? })
+        }
+
+        /// Caps scores smoothly to `(-cap, cap)`: `cap · tanh(s / cap)`, after scaling.
+        ///
+        /// # Panics
+        /// If `cap` is not finite and `> 0`; [`Self::try_softcap`] returns the error instead.
+        #[track_caller]
+        pub fn softcap(self, cap: f32) -> Self {
+            match self.try_softcap(cap) {
+                Ok(attention) => attention,
+                Err(error) => panic!("{error}"),
+            }
+        }
+
+        /// [`Self::softcap`], returning [`Error::InvalidSoftcap`].
+        pub fn try_softcap(self, cap: f32) -> Result<Self> {
+            Ok(Self { spec: self.spec.try_with_softcap(cap)? })
+        }
+
+        /// Adds ALiBi with the standard geometric slopes for the query heads.
+        pub fn alibi(self) -> Self {
+            Self { spec: self.spec.with_alibi() }
+        }
+
+        /// Adds ALiBi with user slopes, one per query head.
+        ///
+        /// # Panics
+        /// If the count is not the number of query heads or a slope is not finite;
+        /// [`Self::try_alibi_slopes`] returns the error instead.
+        #[track_caller]
+        pub fn alibi_slopes(self, slopes: &[f32]) -> Self {
+            match self.try_alibi_slopes(slopes) {
+                Ok(attention) => attention,
+                Err(error) => panic!("{error}"),
+            }
+        }
+
+        /// [`Self::alibi_slopes`], returning [`Error::AlibiSlopeCount`] or
+        /// [`Error::InvalidAlibiSlope`].
+        pub fn try_alibi_slopes(self, slopes: &[f32]) -> Result<Self> {
+            Ok(Self { spec: self.spec.try_with_alibi_slopes(slopes)? })
+        }
+
+        /// The size of this configuration's KV cache, stored as `dtype`.
+        pub fn kv_cache(&self, dtype: DType) -> KvCacheFootprint {
+            self.spec.kv_cache(dtype)
+        }
+    };
+}
+
+impl<const HQ: usize, const HKV: usize, const D: usize> Attention<HQ, HKV, D> {
+    /// The build-time backstop of the configuration rule. Every constructor and associated
+    /// const evaluates it, so an invalid configuration reached through generic code (which need
+    /// not name the trait bounds) still fails `cargo build`, naming `Attention::<HQ, HKV, D>`.
+    const VALID: () = assert_config(HQ, HKV, D);
+
+    /// Query heads.
+    pub const Q_HEADS: usize = {
+        let () = Self::VALID;
+        HQ
+    };
+    /// Key/value heads.
+    pub const KV_HEADS: usize = {
+        let () = Self::VALID;
+        HKV
+    };
+    /// Head dimension.
+    pub const HEAD_DIM: usize = {
+        let () = Self::VALID;
+        D
+    };
+    /// Query heads per key/value head.
+    pub const GROUP: usize = {
+        let () = Self::VALID;
+        HQ / HKV
+    };
+    /// How many times smaller this configuration's KV cache is than multi-head attention's with
+    /// the same query heads (`HQ / HKV`: 1 for MHA, `HQ` for MQA).
+    pub const KV_CACHE_REDUCTION: usize = Self::GROUP;
+
+    /// A maskless attention with the default scale `1/√D`.
+    pub fn new() -> Self
+    where
+        Rule: ValidHeads<HQ, HKV> + ValidHeadDim<D>,
+    {
+        let () = Self::VALID;
+        let spec = AttentionSpec::try_new(HQ, HKV, D).expect("the bounds and VALID enforce the configuration rule");
+        Attention { spec }
+    }
+
+    /// Checks a model's configuration against this type: `Gqa::<32, 8, 128>::try_from_model_config`
+    /// of a Llama-3-8B `config.json` succeeds, of a Llama-2-7B one it fails with
+    /// [`Error::ConfigMismatch`] naming `num_key_value_heads`.
+    pub fn try_from_model_config(config: &ModelConfig) -> Result<Self>
+    where
+        Rule: ValidHeads<HQ, HKV> + ValidHeadDim<D>,
+    {
+        DynAttention::from_model_config(config)?.try_into()
+    }
+
+    /// Forgets the const parameters (the spec is unchanged).
+    pub fn into_dyn(self) -> DynAttention {
+        DynAttention { spec: self.spec }
+    }
+
+    spec_builder_methods!();
+}
+
+impl<const HQ: usize, const HKV: usize, const D: usize> Default for Attention<HQ, HKV, D>
+where
+    Rule: ValidHeads<HQ, HKV> + ValidHeadDim<D>,
+{
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The runtime-checked twin of [`Attention`], for configurations known only at run time (for
+/// instance read from a model's `config.json`). Same rule, same builder, same spec; invalid
+/// numbers are a typed [`Error`] instead of a compile error.
+///
+/// ```
+/// use gqa::{DynAttention, Gqa};
+/// let attention = DynAttention::try_new(32, 8, 128)?.causal();
+/// assert_eq!(attention.spec(), Gqa::<32, 8, 128>::new().causal().spec());
+/// assert_eq!(
+///     DynAttention::try_new(32, 6, 128).unwrap_err().to_string(),
+///     "32 query heads cannot be shared evenly by 6 key/value heads"
+/// );
+/// # Ok::<(), gqa::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DynAttention {
+    spec: AttentionSpec,
+}
+
+impl DynAttention {
+    /// A maskless attention with the default scale, after checking the configuration rule.
+    pub fn try_new(q_heads: usize, kv_heads: usize, head_dim: usize) -> Result<Self> {
+        Ok(DynAttention { spec: AttentionSpec::try_new(q_heads, kv_heads, head_dim)? })
+    }
+
+    /// [`DynAttention::try_new`] for numbers known to be valid.
+    ///
+    /// # Panics
+    /// If the configuration breaks the rule of [`crate::heads`].
+    #[track_caller]
+    pub fn new(q_heads: usize, kv_heads: usize, head_dim: usize) -> Self {
+        match Self::try_new(q_heads, kv_heads, head_dim) {
+            Ok(attention) => attention,
+            Err(error) => panic!("{error}"),
+        }
+    }
+
+    /// The attention a model's configuration describes: its head counts and head dim, maskless
+    /// (add `.causal()` for a decoder; window and softcap are left to the caller, since models
+    /// disagree on how to read them).
+    pub fn from_model_config(config: &ModelConfig) -> Result<Self> {
+        Self::try_new(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+    }
+
+    spec_builder_methods!();
+}
+
+impl<const HQ: usize, const HKV: usize, const D: usize> From<Attention<HQ, HKV, D>> for DynAttention {
+    fn from(attention: Attention<HQ, HKV, D>) -> Self {
+        attention.into_dyn()
+    }
+}
+
+impl<const HQ: usize, const HKV: usize, const D: usize> TryFrom<DynAttention> for Attention<HQ, HKV, D>
+where
+    Rule: ValidHeads<HQ, HKV> + ValidHeadDim<D>,
+{
+    type Error = Error;
+
+    /// Succeeds when the runtime numbers are the type's; keeps the dynamic spec's mask and
+    /// modifiers.
+    fn try_from(attention: DynAttention) -> Result<Self> {
+        let spec = attention.spec;
+        for (field, expected, found) in [
+            ("num_attention_heads", HQ, spec.q_heads()),
+            ("num_key_value_heads", HKV, spec.kv_heads()),
+            ("head_dim", D, spec.head_dim()),
+        ] {
+            if expected != found {
+                return Err(Error::ConfigMismatch { field, expected, found });
+            }
+        }
+        let () = Self::VALID;
+        Ok(Attention { spec })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_and_dynamic_lower_to_the_same_spec() {
+        let typed = Gqa::<12, 4, 80>::new().causal().window(16, 0).softcap(30.0).alibi().scale(0.5);
+        let dynamic = DynAttention::new(12, 4, 80).causal().window(16, 0).softcap(30.0).alibi().scale(0.5);
+        assert_eq!(typed.spec(), dynamic.spec());
+        assert_eq!(typed.into_dyn(), dynamic);
+        assert_eq!(Attention::<12, 4, 80>::try_from(dynamic), Ok(typed));
+    }
+
+    #[test]
+    fn dynamic_to_typed_names_the_mismatch() {
+        assert_eq!(
+            Gqa::<32, 8, 128>::try_from(DynAttention::new(32, 32, 128)),
+            Err(Error::ConfigMismatch { field: "num_key_value_heads", expected: 8, found: 32 })
+        );
+    }
+
+    #[test]
+    fn associated_consts() {
+        assert_eq!((Gqa::<32, 8, 128>::GROUP, Gqa::<32, 8, 128>::KV_CACHE_REDUCTION), (4, 4));
+        assert_eq!((Mqa::<16, 64>::GROUP, Mha::<16, 64>::GROUP), (16, 1));
+        assert_eq!((Gqa::<20, 4, 96>::Q_HEADS, Gqa::<20, 4, 96>::KV_HEADS, Gqa::<20, 4, 96>::HEAD_DIM), (20, 4, 96));
+    }
+
+    #[test]
+    #[should_panic(expected = "sliding window sides must be >= 0, got (left -1, right 0)")]
+    fn negative_window_panics_with_the_error() {
+        let _ = Mha::<4, 32>::new().window(-1, 0);
+    }
+
+    #[test]
+    fn dynamic_rejects_what_the_types_reject() {
+        for (hq, hkv, d) in [(32, 6, 128), (0, 1, 64), (8, 0, 64), (8, 8, 0), (8, 8, 257), (4, 8, 64), (512, 8, 64)] {
+            assert!(DynAttention::try_new(hq, hkv, d).is_err(), "{hq}/{hkv}/{d} accepted");
+        }
+    }
+}

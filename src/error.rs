@@ -1,0 +1,56 @@
+//! The crate's errors: one `#[non_exhaustive]` enum whose messages carry the operation and the
+//! numbers involved, so that a log line alone says what was wrong.
+
+use crate::heads::ConfigError;
+
+/// Everything that can go wrong in `gqa`, as a value.
+///
+/// Each `try_*` function returns this; its panicking twin panics with the same message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The head counts or the head dim break the configuration rule (see [`crate::heads`]).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+
+    /// A sliding window side was negative. Both sides count keys, so they are `>= 0`.
+    #[error("sliding window sides must be >= 0, got (left {left}, right {right})")]
+    InvalidWindow { left: i64, right: i64 },
+
+    /// The softmax scale was NaN or infinite.
+    #[error("softmax scale must be finite, got {scale}")]
+    InvalidScale { scale: f32 },
+
+    /// The logit softcap was not a finite number `> 0`.
+    #[error("logit softcap must be finite and > 0, got {cap}")]
+    InvalidSoftcap { cap: f32 },
+
+    /// User ALiBi slopes were given, but not one per query head.
+    #[error("ALiBi needs one slope per query head: {q_heads} query heads, {slopes} slopes given")]
+    AlibiSlopeCount { q_heads: usize, slopes: usize },
+
+    /// A user ALiBi slope was NaN or infinite.
+    #[error("ALiBi slope of query head {head} must be finite, got {slope}")]
+    InvalidAlibiSlope { head: usize, slope: f32 },
+
+    /// A tensor's shape does not fit the configuration or the other tensors.
+    #[error("{op}: `{tensor}` has shape {got:?}, expected {expected}")]
+    Shape {
+        op: &'static str,
+        tensor: &'static str,
+        got: Vec<usize>,
+        /// The expected shape, in words and numbers, e.g. `[2, 8, _, 64] ([batch, kv_heads, seq_k, head_dim])`.
+        expected: String,
+    },
+
+    /// A model configuration disagrees with a typed attention's const parameters.
+    #[error("model config has {field} = {found}, but the attention type says {expected}")]
+    ConfigMismatch { field: &'static str, expected: usize, found: usize },
+
+    /// A model configuration (e.g. a Hugging Face `config.json`) could not be read.
+    #[error("model config: {reason}")]
+    ModelConfig { reason: String },
+}
+
+/// Shorthand for `Result<T, gqa::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,50 @@
+//! # gqa — attention as a typed, compile-time-checked language
+//!
+//! Multi-head (MHA), grouped-query (GQA) and multi-query (MQA) attention are one dial:
+//! `q_heads` query heads share `kv_heads` key/value heads in groups of `q_heads / kv_heads`.
+//! Fewer KV heads shrink the KV cache by exactly that factor. In `gqa` the dial is a type:
+//!
+//! ```
+//! use gqa::{DType, Gqa, Mha};
+//! let llama3_8b = Gqa::<32, 8, 128>::new().causal();      // 4 query heads per KV head
+//! assert_eq!(Gqa::<32, 8, 128>::GROUP, 4);
+//! assert_eq!(
+//!     Mha::<32, 128>::new().kv_cache(DType::BF16).bytes(32, 1, 8192),
+//!     4 * llama3_8b.kv_cache(DType::BF16).bytes(32, 1, 8192),
+//! );
+//! ```
+//! and a configuration that cannot work does not compile, under `cargo check` as under
+//! `cargo build`:
+//! ```compile_fail
+//! let broken = gqa::Gqa::<32, 6, 128>::new(); // error: 32 query heads cannot be shared evenly by 6 key/value heads
+//! ```
+//!
+//! ## Pieces
+//! - [`heads`]: the configuration rule, in one place (run time, `cargo check`, `cargo build`).
+//! - [`Attention`] (aliases [`Mha`], [`Gqa`], [`Mqa`]) and [`DynAttention`]: the front ends and
+//!   their builder (`causal`, `window`, `scale`, `softcap`, `alibi`, ...).
+//! - [`spec`]: [`AttentionSpec`], the plain value both front ends lower to — masks and score
+//!   modifiers, defined there.
+//! - [`oracle`]: the `f64` reference every executor is proven against, and the tolerance rule.
+//! - [`cache`]: KV-cache accounting.
+//! - [`ModelConfig`]: a model's `num_attention_heads` / `num_key_value_heads` / `head_dim` from
+//!   its `config.json`.
+//!
+//! Tensors at the API are `[batch, heads, seq, head_dim]` (PyTorch SDPA order).
+
+pub mod cache;
+pub mod element;
+pub mod error;
+pub mod heads;
+pub mod model_config;
+pub mod oracle;
+pub mod spec;
+
+mod attention;
+
+pub use attention::{Attention, DynAttention, Gqa, Mha, Mqa};
+pub use cache::KvCacheFootprint;
+pub use element::{DType, Element};
+pub use error::{Error, Result};
+pub use model_config::ModelConfig;
+pub use spec::{Alignment, AttentionSpec, Mask};

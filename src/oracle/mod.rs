@@ -1,0 +1,140 @@
+//! The oracle: attention computed the obvious way, in `f64`, from the spec's definitions.
+//!
+//! It is never optimised — it is the truth every other executor is compared with. For each
+//! batch, query head `h` (reading KV head `h / group_size`) and query `i`:
+//!
+//! 1. the visible keys are the range [`Mask::visible_keys`](crate::spec::Mask::visible_keys);
+//! 2. each visible key's score is `scale · q·k`, then softcap, then ALiBi ([`score`]);
+//! 3. `lse = max + ln Σ exp(s − max)`, `o = Σ exp(s − lse) · v`;
+//! 4. a row with no visible key gets `o = 0` and `lse = −∞` (never NaN).
+//!
+//! Masked keys are never read, so NaNs placed there cannot leak into a result.
+
+mod tolerance;
+
+pub use tolerance::{Comparison, compare};
+
+use ndarray::{Array3, Array4, ArrayView1, ArrayView4, s};
+
+use crate::element::Element;
+use crate::error::Result;
+use crate::spec::{AttentionSpec, ProblemShape};
+
+/// The oracle's result, in `f64`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    /// `[batch, q_heads, seq_q, head_dim]`.
+    pub o: Array4<f64>,
+    /// Natural-log log-sum-exp of each row's scores, `[batch, q_heads, seq_q]`; `−∞` for a
+    /// fully masked row.
+    pub lse: Array3<f64>,
+}
+
+/// Attention of `q: [batch, q_heads, seq_q, head_dim]` over `k`, `v: [batch, kv_heads, seq_k,
+/// head_dim]` as `spec` defines it. Any element type (`f32`, `f64`, `f16`, `bf16`); any
+/// `seq_q`, `seq_k` (0 included).
+///
+/// # Examples
+/// ```
+/// use gqa::{Gqa, oracle};
+/// use ndarray::Array4;
+/// let attention = Gqa::<4, 2, 8>::new().causal();
+/// let q = Array4::<f32>::ones((1, 4, 3, 8));
+/// let kv = Array4::<f32>::ones((1, 2, 5, 8));
+/// let out = oracle::forward(attention.spec(), q.view(), kv.view(), kv.view());
+/// assert_eq!(out.o.shape(), &[1, 4, 3, 8]);
+/// assert!((out.o[[0, 3, 2, 7]] - 1.0).abs() < 1e-12);
+/// ```
+///
+/// # Panics
+/// If the shapes do not fit the spec; [`try_forward`] returns the error instead.
+#[track_caller]
+pub fn forward<T: Element>(spec: &AttentionSpec, q: ArrayView4<T>, k: ArrayView4<T>, v: ArrayView4<T>) -> Output {
+    match try_forward(spec, q, k, v) {
+        Ok(output) => output,
+        Err(error) => panic!("{error}"),
+    }
+}
+
+/// [`forward`], returning [`Error::Shape`](crate::Error::Shape) when the shapes do not fit.
+pub fn try_forward<T: Element>(
+    spec: &AttentionSpec,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+    v: ArrayView4<T>,
+) -> Result<Output> {
+    let shape = spec.check_shapes("oracle::forward", q.shape(), k.shape(), v.shape())?;
+    let ProblemShape { batch, seq_q, seq_k } = shape;
+    let scores = scores_of_checked(spec, shape, &q, &k);
+    let mut o = Array4::zeros((batch, spec.q_heads(), seq_q, spec.head_dim()));
+    let mut lse = Array3::from_elem((batch, spec.q_heads(), seq_q), f64::NEG_INFINITY);
+    for b in 0..batch {
+        for h in 0..spec.q_heads() {
+            let g = spec.kv_head_of(h);
+            for i in 0..seq_q {
+                let visible = spec.mask().visible_keys(i, seq_q, seq_k);
+                if visible.is_empty() {
+                    continue; // fully masked: o = 0, lse = −∞
+                }
+                let row = scores.slice(s![b, h, i, visible.clone()]);
+                let max = row.fold(f64::NEG_INFINITY, |m, &s| m.max(s));
+                let row_lse = max + row.iter().map(|&s| (s - max).exp()).sum::<f64>().ln();
+                lse[[b, h, i]] = row_lse;
+                let mut out = o.slice_mut(s![b, h, i, ..]);
+                for (j, &s) in visible.zip(row) {
+                    let p = (s - row_lse).exp();
+                    out.zip_mut_with(&v.slice(s![b, g, j, ..]), |acc, &x| *acc += p * x.widen());
+                }
+            }
+        }
+    }
+    Ok(Output { o, lse })
+}
+
+/// The scores `[batch, q_heads, seq_q, seq_k]` after every modifier, `−∞` where masked: the
+/// softmax input, exposed so tests can check laws on it (e.g. `Σ exp(s − lse) = 1`).
+pub fn try_scores<T: Element>(spec: &AttentionSpec, q: ArrayView4<T>, k: ArrayView4<T>) -> Result<Array4<f64>> {
+    let shape = spec.check_shapes("oracle::scores", q.shape(), k.shape(), k.shape())?;
+    Ok(scores_of_checked(spec, shape, &q, &k))
+}
+
+fn scores_of_checked<T: Element>(
+    spec: &AttentionSpec,
+    shape: ProblemShape,
+    q: &ArrayView4<T>,
+    k: &ArrayView4<T>,
+) -> Array4<f64> {
+    let ProblemShape { batch, seq_q, seq_k } = shape;
+    let mut scores = Array4::from_elem((batch, spec.q_heads(), seq_q, seq_k), f64::NEG_INFINITY);
+    for b in 0..batch {
+        for h in 0..spec.q_heads() {
+            let g = spec.kv_head_of(h);
+            for i in 0..seq_q {
+                for j in spec.mask().visible_keys(i, seq_q, seq_k) {
+                    let dot = dot(q.slice(s![b, h, i, ..]), k.slice(s![b, g, j, ..]));
+                    scores[[b, h, i, j]] = score(spec, h, i, j, seq_q, seq_k, dot);
+                }
+            }
+        }
+    }
+    scores
+}
+
+fn dot<T: Element>(a: ArrayView1<T>, b: ArrayView1<T>) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x.widen() * y.widen()).sum()
+}
+
+/// The score of query `i` (head `h`) against key `j` given their dot product: scale, then
+/// softcap, then ALiBi — the definition in [`crate::spec`], in `f64`.
+pub fn score(spec: &AttentionSpec, h: usize, i: usize, j: usize, seq_q: usize, seq_k: usize, dot: f64) -> f64 {
+    let mut s = f64::from(spec.scale()) * dot;
+    if let Some(cap) = spec.softcap() {
+        let cap = f64::from(cap);
+        s = cap * (s / cap).tanh();
+    }
+    if let Some(alibi) = spec.alibi() {
+        let distance = (spec.mask().diagonal(i, seq_q, seq_k) - j as i64).unsigned_abs();
+        s -= f64::from(alibi.slope(h)) * distance as f64;
+    }
+    s
+}
