@@ -1,0 +1,169 @@
+//! Shared pieces of the test suites: the configuration list, proptest strategies for specs and
+//! problems, and small tensor helpers. No assertions live here.
+
+#![allow(dead_code)]
+
+#[macro_use]
+pub mod configs;
+
+use gqa::{AttentionSpec, Mask};
+use ndarray::{Array4, Axis};
+use proptest::prelude::*;
+
+/// One attention problem: a spec and its inputs, in `f64`.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub spec: AttentionSpec,
+    pub q: Array4<f64>,
+    pub k: Array4<f64>,
+    pub v: Array4<f64>,
+}
+
+impl Problem {
+    pub fn seq_q(&self) -> usize {
+        self.q.shape()[2]
+    }
+    pub fn seq_k(&self) -> usize {
+        self.k.shape()[2]
+    }
+}
+
+/// Sizes small enough for the naive oracle, large enough to show groups, ragged masks and
+/// `seq_q > seq_k`.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    pub batch: usize,
+    pub kv_heads: usize,
+    pub group: usize,
+    pub seq_q: usize,
+    pub seq_k: usize,
+    pub head_dim: usize,
+}
+
+pub fn sizes() -> impl Strategy<Value = Sizes> {
+    (1..=2usize, 1..=3usize, 1..=3usize, 0..=7usize, 0..=9usize, 1..=6usize).prop_map(
+        |(batch, kv_heads, group, seq_q, seq_k, head_dim)| Sizes { batch, kv_heads, group, seq_q, seq_k, head_dim },
+    )
+}
+
+/// Every mask shape: none, causal (both alignments), windows, causal ∧ window.
+pub fn mask() -> impl Strategy<Value = Mask> {
+    let band = (0..6usize, 0..6usize);
+    (0..5u8, band, any::<bool>()).prop_map(|(kind, (left, right), top_left)| {
+        let mask = match kind {
+            0 => Mask::NONE,
+            1 => Mask::NONE.causal(),
+            2 => Mask::NONE.window(left, right),
+            3 => Mask::NONE.causal().window(left, right),
+            _ => Mask::band(Some(left), None, gqa::Alignment::BottomRight),
+        };
+        if top_left { mask.aligned(gqa::Alignment::TopLeft) } else { mask }
+    })
+}
+
+/// The score modifiers, each present or not: a custom scale, a softcap, ALiBi (geometric or user
+/// slopes).
+#[derive(Debug, Clone)]
+pub struct Modifiers {
+    pub scale: Option<f32>,
+    pub softcap: Option<f32>,
+    pub alibi: Option<Option<Vec<f32>>>,
+}
+
+pub fn modifiers(q_heads: usize) -> impl Strategy<Value = Modifiers> {
+    (
+        proptest::option::of(-2.0f32..2.0),
+        proptest::option::of(0.25f32..20.0),
+        proptest::option::of(proptest::option::of(proptest::collection::vec(0.0f32..1.0, q_heads))),
+    )
+        .prop_map(|(scale, softcap, alibi)| Modifiers { scale, softcap, alibi })
+}
+
+/// Builds a spec through the public builder.
+pub fn build_spec(q_heads: usize, kv_heads: usize, head_dim: usize, mask: Mask, mods: &Modifiers) -> AttentionSpec {
+    let mut spec = AttentionSpec::try_new(q_heads, kv_heads, head_dim).unwrap().with_mask(mask);
+    if let Some(scale) = mods.scale {
+        spec = spec.try_with_scale(scale).unwrap();
+    }
+    if let Some(cap) = mods.softcap {
+        spec = spec.try_with_softcap(cap).unwrap();
+    }
+    match &mods.alibi {
+        Some(Some(slopes)) => spec = spec.try_with_alibi_slopes(slopes).unwrap(),
+        Some(None) => spec = spec.with_alibi(),
+        None => {}
+    }
+    spec
+}
+
+/// The same spec (mask and every modifier, ALiBi slopes included) with another KV head count.
+pub fn with_kv_heads(spec: &AttentionSpec, kv_heads: usize) -> AttentionSpec {
+    let mut out = AttentionSpec::try_new(spec.q_heads(), kv_heads, spec.head_dim())
+        .unwrap()
+        .with_mask(spec.mask())
+        .try_with_scale(spec.scale())
+        .unwrap();
+    if let Some(cap) = spec.softcap() {
+        out = out.try_with_softcap(cap).unwrap();
+    }
+    if let Some(alibi) = spec.alibi() {
+        out = out.try_with_alibi_slopes(&alibi.to_vec()).unwrap();
+    }
+    out
+}
+
+/// A tensor of the given shape with entries drawn from `-3.0..3.0`.
+pub fn tensor(shape: [usize; 4]) -> impl Strategy<Value = Array4<f64>> {
+    let len = shape.iter().product::<usize>();
+    proptest::collection::vec(-3.0f64..3.0, len)
+        .prop_map(move |data| Array4::from_shape_vec(shape, data).expect("length matches shape"))
+}
+
+/// A random problem: sizes, then mask, modifiers and data.
+pub fn problem() -> impl Strategy<Value = Problem> {
+    sizes().prop_flat_map(|s| {
+        let q_heads = s.kv_heads * s.group;
+        (
+            mask(),
+            modifiers(q_heads),
+            tensor([s.batch, q_heads, s.seq_q, s.head_dim]),
+            tensor([s.batch, s.kv_heads, s.seq_k, s.head_dim]),
+            tensor([s.batch, s.kv_heads, s.seq_k, s.head_dim]),
+        )
+            .prop_map(move |(mask, mods, q, k, v)| Problem {
+                spec: build_spec(q_heads, s.kv_heads, s.head_dim, mask, &mods),
+                q,
+                k,
+                v,
+            })
+    })
+}
+
+/// Repeats each KV head `group` times along the head axis: what MHA would have stored.
+pub fn repeat_kv(x: &Array4<f64>, group: usize) -> Array4<f64> {
+    let heads: Vec<_> = x.axis_iter(Axis(1)).flat_map(|head| std::iter::repeat_n(head, group)).collect();
+    ndarray::stack(Axis(1), &heads).expect("heads have equal shapes")
+}
+
+/// `x` interleaved into a NaN-filled tensor of size `2n + 1` in every dimension (data at odd
+/// indices), returned as the backing tensor; [`nan_padded_view`] gives the view of the data.
+pub fn nan_padded(x: &Array4<f64>) -> Array4<f64> {
+    let s = x.shape();
+    let mut big = Array4::from_elem((2 * s[0] + 1, 2 * s[1] + 1, 2 * s[2] + 1, 2 * s[3] + 1), f64::NAN);
+    nan_padded_view_mut(&mut big, s).assign(x);
+    big
+}
+
+fn window_of(s: &[usize]) -> ndarray::SliceInfo<[ndarray::SliceInfoElem; 4], ndarray::Ix4, ndarray::Ix4> {
+    // Odd indices of every axis: a NaN on each side of every element, and non-unit strides.
+    ndarray::s![1..2 * s[0]; 2, 1..2 * s[1]; 2, 1..2 * s[2]; 2, 1..2 * s[3]; 2]
+}
+
+fn nan_padded_view_mut<'a>(big: &'a mut Array4<f64>, s: &[usize]) -> ndarray::ArrayViewMut4<'a, f64> {
+    big.slice_mut(window_of(s))
+}
+
+/// The data inside a [`nan_padded`] tensor, as a strided view.
+pub fn nan_padded_view<'a>(big: &'a Array4<f64>, s: &[usize]) -> ndarray::ArrayView4<'a, f64> {
+    big.slice(window_of(s))
+}

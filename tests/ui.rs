@@ -1,0 +1,20 @@
+//! What must not compile, proven with trybuild (programs and expected errors in `tests/ui/`).
+//!
+//! trybuild runs `cargo check` when a `TestCases` holds only compile-fail programs and `cargo
+//! build` when it also holds a passing one. So the check-time cases run twice — alone (proving
+//! `cargo check` rejects them, with the numbers in the message) and beside the passing programs
+//! (proving `cargo build` does too) — and the build-time backstop, which `cargo check` cannot
+//! see, runs in the second set only.
+
+#[test]
+fn invalid_configurations_do_not_compile() {
+    {
+        let check_only = trybuild::TestCases::new();
+        check_only.compile_fail("tests/ui/check_fail/*.rs");
+    } // a TestCases runs when dropped
+
+    let build = trybuild::TestCases::new();
+    build.pass("tests/ui/pass/*.rs");
+    build.compile_fail("tests/ui/check_fail/*.rs");
+    build.compile_fail("tests/ui/build_fail/*.rs");
+}
