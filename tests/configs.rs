@@ -1,0 +1,57 @@
+//! Every configuration of the shared list (`tests/common/configs.rs`), through the typed front
+//! end: the const parameters, the dynamic twin, the KV-cache claim, and the GQA law at the real
+//! head counts. One test per configuration and law, named after both.
+
+#[macro_use]
+mod common;
+
+use common::*;
+use gqa::{Attention, DType, DynAttention, oracle};
+use proptest::prelude::*;
+
+macro_rules! config_tests {
+    ($name:ident, $hq:literal, $hkv:literal, $d:literal) => {
+        paste::paste! {
+            #[test]
+            fn [<$name _typed_equals_dynamic>]() {
+                type A = Attention<$hq, $hkv, $d>;
+                assert_eq!((A::Q_HEADS, A::KV_HEADS, A::HEAD_DIM, A::GROUP), ($hq, $hkv, $d, $hq / $hkv));
+                let typed = A::new().causal().window(7, 0).softcap(30.0).alibi();
+                let dynamic = DynAttention::try_new($hq, $hkv, $d).unwrap().causal().window(7, 0).softcap(30.0).alibi();
+                assert_eq!(typed.spec(), dynamic.spec());
+                assert_eq!(A::try_from(dynamic), Ok(typed));
+            }
+
+            #[test]
+            fn [<$name _kv_cache_is_mha_cache_over_group>]() {
+                type A = Attention<$hq, $hkv, $d>;
+                for dtype in [DType::F32, DType::F16, DType::BF16] {
+                    let cache = A::new().kv_cache(dtype);
+                    assert_eq!(cache.bytes_per_token_per_layer(), 2 * $hkv * $d * dtype.size_bytes() as u128);
+                    let mha = cache.mha_equivalent();
+                    assert_eq!(mha.bytes(32, 4, 8192), A::KV_CACHE_REDUCTION as u128 * cache.bytes(32, 4, 8192));
+                }
+            }
+
+            proptest! {
+                #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+                #[test]
+                fn [<$name _gqa_equals_mha_on_repeated_kv>](
+                    (spec, q, k, v) in (mask(), modifiers($hq), 1..=9usize, 1..=9usize).prop_flat_map(|(mask, mods, seq_q, seq_k)| {
+                        let spec = build_spec($hq, $hkv, $d, mask, &mods);
+                        (Just(spec), tensor([1, $hq, seq_q, $d]), tensor([1, $hkv, seq_k, $d]), tensor([1, $hkv, seq_k, $d]))
+                    })
+                ) {
+                    let mha = with_kv_heads(&spec, $hq);
+                    let (k_rep, v_rep) = (repeat_kv(&k, $hq / $hkv), repeat_kv(&v, $hq / $hkv));
+                    prop_assert_eq!(
+                        oracle::forward(&spec, q.view(), k.view(), v.view()),
+                        oracle::forward(&mha, q.view(), k_rep.view(), v_rep.view())
+                    );
+                }
+            }
+        }
+    };
+}
+
+for_each_config!(config_tests);
