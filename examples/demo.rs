@@ -30,7 +30,7 @@ fn main() -> Result<(), gqa::Error> {
     let (rows, layers, context, dtype) = match std::env::args().nth(1) {
         Some(path) => {
             let config = ModelConfig::from_json_file(&path)?;
-            let this = DynAttention::from_model_config(&config)?;
+            let this = DynAttention::try_from_model_config(&config)?;
             let mqa = DynAttention::try_new(config.num_attention_heads, 1, config.head_dim)?;
             let dtype = config.dtype.unwrap_or(DTYPE);
             println!(
@@ -38,12 +38,20 @@ fn main() -> Result<(), gqa::Error> {
                 config.num_attention_heads, config.num_key_value_heads, config.head_dim
             );
             let rows = vec![
-                ("MHA (same query heads)", this.kv_cache(dtype).mha_equivalent()),
+                (
+                    "MHA (same query heads)",
+                    this.kv_cache(dtype).mha_equivalent(),
+                ),
                 ("this model", this.kv_cache(dtype)),
                 ("MQA (same query heads)", mqa.kv_cache(dtype)),
             ];
             let layers = config.num_hidden_layers.unwrap_or(LAYERS);
-            (rows, layers, config.max_position_embeddings.unwrap_or(CONTEXT), dtype)
+            (
+                rows,
+                layers,
+                config.max_position_embeddings.unwrap_or(CONTEXT),
+                dtype,
+            )
         }
         None => {
             let rows = vec![
@@ -57,18 +65,27 @@ fn main() -> Result<(), gqa::Error> {
 
     let budget: u128 = 24 << 30;
     println!("\nKV cache: {layers} layers, {dtype}, sequences of {context} tokens");
-    println!("  {:<24} {:>12} {:>14} {:>20}", "", "per token", "per sequence", "sequences in 24 GiB");
+    println!(
+        "  {:<24} {:>12} {:>14} {:>20}",
+        "", "per token", "per sequence", "sequences in 24 GiB"
+    );
     for (name, cache) in &rows {
         let per_sequence = cache.bytes(layers, 1, context);
         println!(
             "  {name:<24} {:>12} {:>14} {:>20}",
             human(cache.bytes_per_token(layers)),
             human(per_sequence),
-            budget / per_sequence
+            budget
+                .checked_div(per_sequence)
+                .map_or("-".into(), |n| n.to_string())
         );
     }
     let saved = rows[0].1.bytes(layers, 1, context) - rows[1].1.bytes(layers, 1, context);
-    println!("  {} stores {} less per sequence than MHA", rows[1].0, human(saved));
+    println!(
+        "  {} stores {} less per sequence than MHA",
+        rows[1].0,
+        human(saved)
+    );
 
     // One layer through the oracle: GQA equals MHA run on KV heads repeated per group.
     let (batch, seq) = (1, 64);
@@ -79,17 +96,32 @@ fn main() -> Result<(), gqa::Error> {
     let gqa_out = oracle::try_forward(llama.spec(), q.view(), k.view(), v.view())?;
     let elapsed = start.elapsed();
     let repeat = |x: &Array4<f32>| {
-        let heads: Vec<_> = x.axis_iter(Axis(1)).flat_map(|h| std::iter::repeat_n(h, 4)).collect();
+        let heads: Vec<_> = x
+            .axis_iter(Axis(1))
+            .flat_map(|h| std::iter::repeat_n(h, 4))
+            .collect();
         ndarray::stack(Axis(1), &heads).expect("equal head shapes")
     };
-    let mha_out = oracle::try_forward(Mha::<32, 128>::new().causal().spec(), q.view(), repeat(&k).view(), repeat(&v).view())?;
-    let max_diff = gqa_out.o.iter().zip(&mha_out.o).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let mha_out = oracle::try_forward(
+        Mha::<32, 128>::new().causal().spec(),
+        q.view(),
+        repeat(&k).view(),
+        repeat(&v).view(),
+    )?;
+    let max_diff = gqa_out
+        .o
+        .iter()
+        .zip(&mha_out.o)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
     println!(
         "\nOne causal layer, batch {batch}, {seq} tokens, on the f64 oracle (CPU): {:.1} ms; \
          GQA vs MHA on repeated KV: max |difference| = {max_diff:e}",
         elapsed.as_secs_f64() * 1e3
     );
-    println!("\nBackends: oracle (f64, CPU) ready; cubecl kernels and the fast CPU path are not built yet.");
+    println!(
+        "\nBackends: oracle (f64, CPU) ready; cubecl kernels and the fast CPU path are not built yet."
+    );
     Ok(())
 }
 
@@ -112,5 +144,9 @@ fn human(bytes: u128) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.2} {}", units[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.2} {}", units[unit])
+    }
 }

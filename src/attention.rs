@@ -5,17 +5,17 @@
 use crate::cache::KvCacheFootprint;
 use crate::element::DType;
 use crate::error::{Error, Result};
-use crate::heads::{Rule, ValidHeadDim, ValidHeads, assert_config};
+use crate::heads::{Rule, Supported, assert_config};
 use crate::model_config::ModelConfig;
 use crate::spec::{Alignment, AttentionSpec};
 
 /// Attention with `HQ` query heads sharing `HKV` key/value heads, each of dimension `D`.
 ///
-/// The configuration rule ([`crate::heads`]) is part of the type: an invalid `HQ`/`HKV`/`D`
-/// does not compile. Under `cargo check` the bound `Rule: ValidHeads<HQ, HKV>` on
-/// [`Attention::new`] fails with the numbers in the message; under `cargo build` a `const`
-/// assertion backs it up, also for generic code that reaches [`Attention::GROUP`] without the
-/// bound.
+/// The configuration rule ([`crate::heads`]) is part of the type: `Attention<32, 6, 128>` is
+/// not a type at all, so naming it — to construct it, read its [`Attention::GROUP`], or alias
+/// it — fails `cargo check` with the numbers in the message. Generic code passes the rule on
+/// with `where Rule: Supported<HQ, HKV, D>`. A `const` assertion on the same rule backs the
+/// table up under `cargo build`.
 ///
 /// ```
 /// use gqa::{Gqa, Mha, Mqa};
@@ -30,16 +30,28 @@ use crate::spec::{Alignment, AttentionSpec};
 /// ```compile_fail
 /// let attention = gqa::Gqa::<32, 6, 128>::new();
 /// ```
-/// Nor can a head dim be 0, or a configuration be read generically without the bound:
+/// Nor can a head dim be 0, or generic code use a configuration without passing the rule on:
 /// ```compile_fail
-/// let attention = gqa::Mha::<8, 0>::new();
+/// let group = gqa::Mha::<8, 0>::GROUP;
 /// ```
 /// ```compile_fail
 /// fn group<const HQ: usize, const HKV: usize>() -> usize { gqa::Gqa::<HQ, HKV, 64>::GROUP }
-/// println!("{}", group::<32, 6>());
+/// ```
+/// ```
+/// use gqa::heads::{Rule, Supported};
+/// fn group<const HQ: usize, const HKV: usize>() -> usize
+/// where
+///     Rule: Supported<HQ, HKV, 64>,
+/// {
+///     gqa::Gqa::<HQ, HKV, 64>::GROUP
+/// }
+/// assert_eq!(group::<32, 8>(), 4);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Attention<const HQ: usize, const HKV: usize, const D: usize> {
+pub struct Attention<const HQ: usize, const HKV: usize, const D: usize>
+where
+    Rule: Supported<HQ, HKV, D>,
+{
     spec: AttentionSpec,
 }
 
@@ -62,13 +74,19 @@ macro_rules! spec_builder_methods {
         /// Adds a causal mask, bottom-right aligned by default: query `i` sees keys
         /// `j <= i + seq_k - seq_q` (see [`crate::spec::Mask`]).
         pub fn causal(self) -> Self {
-            Self { spec: self.spec.with_mask(self.spec.mask().causal()) }
+            Self {
+                spec: self.spec.with_mask(self.spec.mask().causal()),
+            }
         }
 
         /// Measures the mask (causal, window) and ALiBi distances from the top-left diagonal
         /// `diag(i) = i` instead of the default bottom-right one.
         pub fn top_left(self) -> Self {
-            Self { spec: self.spec.with_mask(self.spec.mask().aligned(Alignment::TopLeft)) }
+            Self {
+                spec: self
+                    .spec
+                    .with_mask(self.spec.mask().aligned(Alignment::TopLeft)),
+            }
         }
 
         /// Causal with PyTorch's top-left alignment: `.causal().top_left()`.
@@ -92,7 +110,9 @@ macro_rules! spec_builder_methods {
 
         /// [`Self::window`], returning [`Error::InvalidWindow`] for a negative side.
         pub fn try_window(self, left: i64, right: i64) -> Result<Self> {
-            Ok(Self { spec: self.spec.try_with_window(left, right)? })
+            Ok(Self {
+                spec: self.spec.try_with_window(left, right)?,
+            })
         }
 
         /// Sets the softmax scale applied to `q·k` (default `1/√head_dim`).
@@ -109,7 +129,9 @@ macro_rules! spec_builder_methods {
 
         /// [`Self::scale`], returning [`Error::InvalidScale`] for NaN or infinity.
         pub fn try_scale(self, scale: f32) -> Result<Self> {
-            Ok(Self { spec: self.spec.try_with_scale(scale)? })
+            Ok(Self {
+                spec: self.spec.try_with_scale(scale)?,
+            })
         }
 
         /// Caps scores smoothly to `(-cap, cap)`: `cap · tanh(s / cap)`, after scaling.
@@ -126,12 +148,16 @@ macro_rules! spec_builder_methods {
 
         /// [`Self::softcap`], returning [`Error::InvalidSoftcap`].
         pub fn try_softcap(self, cap: f32) -> Result<Self> {
-            Ok(Self { spec: self.spec.try_with_softcap(cap)? })
+            Ok(Self {
+                spec: self.spec.try_with_softcap(cap)?,
+            })
         }
 
         /// Adds ALiBi with the standard geometric slopes for the query heads.
         pub fn alibi(self) -> Self {
-            Self { spec: self.spec.with_alibi() }
+            Self {
+                spec: self.spec.with_alibi(),
+            }
         }
 
         /// Adds ALiBi with user slopes, one per query head.
@@ -150,7 +176,9 @@ macro_rules! spec_builder_methods {
         /// [`Self::alibi_slopes`], returning [`Error::AlibiSlopeCount`] or
         /// [`Error::InvalidAlibiSlope`].
         pub fn try_alibi_slopes(self, slopes: &[f32]) -> Result<Self> {
-            Ok(Self { spec: self.spec.try_with_alibi_slopes(slopes)? })
+            Ok(Self {
+                spec: self.spec.try_with_alibi_slopes(slopes)?,
+            })
         }
 
         /// The size of this configuration's KV cache, stored as `dtype`.
@@ -160,10 +188,13 @@ macro_rules! spec_builder_methods {
     };
 }
 
-impl<const HQ: usize, const HKV: usize, const D: usize> Attention<HQ, HKV, D> {
+impl<const HQ: usize, const HKV: usize, const D: usize> Attention<HQ, HKV, D>
+where
+    Rule: Supported<HQ, HKV, D>,
+{
     /// The build-time backstop of the configuration rule. Every constructor and associated
-    /// const evaluates it, so an invalid configuration reached through generic code (which need
-    /// not name the trait bounds) still fails `cargo build`, naming `Attention::<HQ, HKV, D>`.
+    /// const evaluates it, so should the trait table ever accept an invalid configuration,
+    /// `cargo build` still fails, naming `Attention::<HQ, HKV, D>`.
     const VALID: () = assert_config(HQ, HKV, D);
 
     /// Query heads.
@@ -191,23 +222,18 @@ impl<const HQ: usize, const HKV: usize, const D: usize> Attention<HQ, HKV, D> {
     pub const KV_CACHE_REDUCTION: usize = Self::GROUP;
 
     /// A maskless attention with the default scale `1/√D`.
-    pub fn new() -> Self
-    where
-        Rule: ValidHeads<HQ, HKV> + ValidHeadDim<D>,
-    {
+    pub fn new() -> Self {
         let () = Self::VALID;
-        let spec = AttentionSpec::try_new(HQ, HKV, D).expect("the bounds and VALID enforce the configuration rule");
+        let spec = AttentionSpec::try_new(HQ, HKV, D)
+            .expect("the bounds and VALID enforce the configuration rule");
         Attention { spec }
     }
 
     /// Checks a model's configuration against this type: `Gqa::<32, 8, 128>::try_from_model_config`
     /// of a Llama-3-8B `config.json` succeeds, of a Llama-2-7B one it fails with
-    /// [`Error::ConfigMismatch`] naming `num_key_value_heads`.
-    pub fn try_from_model_config(config: &ModelConfig) -> Result<Self>
-    where
-        Rule: ValidHeads<HQ, HKV> + ValidHeadDim<D>,
-    {
-        DynAttention::from_model_config(config)?.try_into()
+    /// [`Error::ConfigMismatch`] naming `kv_heads`.
+    pub fn try_from_model_config(config: &ModelConfig) -> Result<Self> {
+        DynAttention::try_from_model_config(config)?.try_into()
     }
 
     /// Forgets the const parameters (the spec is unchanged).
@@ -220,7 +246,7 @@ impl<const HQ: usize, const HKV: usize, const D: usize> Attention<HQ, HKV, D> {
 
 impl<const HQ: usize, const HKV: usize, const D: usize> Default for Attention<HQ, HKV, D>
 where
-    Rule: ValidHeads<HQ, HKV> + ValidHeadDim<D>,
+    Rule: Supported<HQ, HKV, D>,
 {
     fn default() -> Self {
         Self::new()
@@ -249,7 +275,9 @@ pub struct DynAttention {
 impl DynAttention {
     /// A maskless attention with the default scale, after checking the configuration rule.
     pub fn try_new(q_heads: usize, kv_heads: usize, head_dim: usize) -> Result<Self> {
-        Ok(DynAttention { spec: AttentionSpec::try_new(q_heads, kv_heads, head_dim)? })
+        Ok(DynAttention {
+            spec: AttentionSpec::try_new(q_heads, kv_heads, head_dim)?,
+        })
     }
 
     /// [`DynAttention::try_new`] for numbers known to be valid.
@@ -267,22 +295,30 @@ impl DynAttention {
     /// The attention a model's configuration describes: its head counts and head dim, maskless
     /// (add `.causal()` for a decoder; window and softcap are left to the caller, since models
     /// disagree on how to read them).
-    pub fn from_model_config(config: &ModelConfig) -> Result<Self> {
-        Self::try_new(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+    pub fn try_from_model_config(config: &ModelConfig) -> Result<Self> {
+        Self::try_new(
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
     }
 
     spec_builder_methods!();
 }
 
-impl<const HQ: usize, const HKV: usize, const D: usize> From<Attention<HQ, HKV, D>> for DynAttention {
+impl<const HQ: usize, const HKV: usize, const D: usize> From<Attention<HQ, HKV, D>> for DynAttention
+where
+    Rule: Supported<HQ, HKV, D>,
+{
     fn from(attention: Attention<HQ, HKV, D>) -> Self {
         attention.into_dyn()
     }
 }
 
-impl<const HQ: usize, const HKV: usize, const D: usize> TryFrom<DynAttention> for Attention<HQ, HKV, D>
+impl<const HQ: usize, const HKV: usize, const D: usize> TryFrom<DynAttention>
+    for Attention<HQ, HKV, D>
 where
-    Rule: ValidHeads<HQ, HKV> + ValidHeadDim<D>,
+    Rule: Supported<HQ, HKV, D>,
 {
     type Error = Error;
 
@@ -291,12 +327,16 @@ where
     fn try_from(attention: DynAttention) -> Result<Self> {
         let spec = attention.spec;
         for (field, expected, found) in [
-            ("num_attention_heads", HQ, spec.q_heads()),
-            ("num_key_value_heads", HKV, spec.kv_heads()),
+            ("q_heads", HQ, spec.q_heads()),
+            ("kv_heads", HKV, spec.kv_heads()),
             ("head_dim", D, spec.head_dim()),
         ] {
             if expected != found {
-                return Err(Error::ConfigMismatch { field, expected, found });
+                return Err(Error::ConfigMismatch {
+                    field,
+                    expected,
+                    found,
+                });
             }
         }
         let () = Self::VALID;
@@ -310,8 +350,18 @@ mod tests {
 
     #[test]
     fn typed_and_dynamic_lower_to_the_same_spec() {
-        let typed = Gqa::<12, 4, 80>::new().causal().window(16, 0).softcap(30.0).alibi().scale(0.5);
-        let dynamic = DynAttention::new(12, 4, 80).causal().window(16, 0).softcap(30.0).alibi().scale(0.5);
+        let typed = Gqa::<12, 4, 80>::new()
+            .causal()
+            .window(16, 0)
+            .softcap(30.0)
+            .alibi()
+            .scale(0.5);
+        let dynamic = DynAttention::new(12, 4, 80)
+            .causal()
+            .window(16, 0)
+            .softcap(30.0)
+            .alibi()
+            .scale(0.5);
         assert_eq!(typed.spec(), dynamic.spec());
         assert_eq!(typed.into_dyn(), dynamic);
         assert_eq!(Attention::<12, 4, 80>::try_from(dynamic), Ok(typed));
@@ -321,15 +371,32 @@ mod tests {
     fn dynamic_to_typed_names_the_mismatch() {
         assert_eq!(
             Gqa::<32, 8, 128>::try_from(DynAttention::new(32, 32, 128)),
-            Err(Error::ConfigMismatch { field: "num_key_value_heads", expected: 8, found: 32 })
+            Err(Error::ConfigMismatch {
+                field: "kv_heads",
+                expected: 8,
+                found: 32
+            })
         );
     }
 
     #[test]
     fn associated_consts() {
-        assert_eq!((Gqa::<32, 8, 128>::GROUP, Gqa::<32, 8, 128>::KV_CACHE_REDUCTION), (4, 4));
+        assert_eq!(
+            (
+                Gqa::<32, 8, 128>::GROUP,
+                Gqa::<32, 8, 128>::KV_CACHE_REDUCTION
+            ),
+            (4, 4)
+        );
         assert_eq!((Mqa::<16, 64>::GROUP, Mha::<16, 64>::GROUP), (16, 1));
-        assert_eq!((Gqa::<20, 4, 96>::Q_HEADS, Gqa::<20, 4, 96>::KV_HEADS, Gqa::<20, 4, 96>::HEAD_DIM), (20, 4, 96));
+        assert_eq!(
+            (
+                Gqa::<20, 4, 96>::Q_HEADS,
+                Gqa::<20, 4, 96>::KV_HEADS,
+                Gqa::<20, 4, 96>::HEAD_DIM
+            ),
+            (20, 4, 96)
+        );
     }
 
     #[test]
@@ -340,8 +407,19 @@ mod tests {
 
     #[test]
     fn dynamic_rejects_what_the_types_reject() {
-        for (hq, hkv, d) in [(32, 6, 128), (0, 1, 64), (8, 0, 64), (8, 8, 0), (8, 8, 257), (4, 8, 64), (512, 8, 64)] {
-            assert!(DynAttention::try_new(hq, hkv, d).is_err(), "{hq}/{hkv}/{d} accepted");
+        for (hq, hkv, d) in [
+            (32, 6, 128),
+            (0, 1, 64),
+            (8, 0, 64),
+            (8, 8, 0),
+            (8, 8, 257),
+            (4, 8, 64),
+            (512, 8, 64),
+        ] {
+            assert!(
+                DynAttention::try_new(hq, hkv, d).is_err(),
+                "{hq}/{hkv}/{d} accepted"
+            );
         }
     }
 }

@@ -77,7 +77,8 @@ pub trait Element: Copy + Send + Sync + std::fmt::Debug + ToPrimitive + NumCast 
 
     /// Rounds an `f64` to the nearest value of this type.
     fn narrow(x: f64) -> Self {
-        <Self as NumCast>::from(x).expect("every f64 rounds to a gqa element type (NaN and inf included)")
+        <Self as NumCast>::from(x)
+            .expect("every f64 rounds to a gqa element type (NaN and inf included)")
     }
 }
 
@@ -99,19 +100,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn round_matches_the_storage_types() {
+    fn round_keeps_each_types_significant_bits() {
+        // 1 + 1/3 = 1.010101...b. f32 keeps 23 fraction bits: 1 + 2796203/2^23 (the 24th bit is 1
+        // and rounds up); f16 keeps 10: 1 + 341/1024 (the 11th is 0, round down); bf16 keeps 7:
+        // 1 + 43/128 (42.67 rounds up); f64 is unchanged.
         let x = 1.0 + 1.0 / 3.0;
-        assert_eq!(DType::F32.round(x), x as f32 as f64);
-        assert_eq!(DType::F16.round(x), f16::from_f64(x).to_f64());
-        assert_eq!(DType::BF16.round(x), bf16::from_f64(x).to_f64());
-        // bf16 keeps 8 significant bits (7 stored): 1 + 1/3 = 1 + 42.67/128 rounds to 1 + 43/128.
+        assert_eq!(DType::F32.round(x), 1.0 + 2796203.0 / 8388608.0);
+        assert_eq!(DType::F16.round(x), 1.0 + 341.0 / 1024.0);
         assert_eq!(DType::BF16.round(x), 1.0 + 43.0 / 128.0);
+        assert_eq!(DType::F64.round(x), x);
     }
 
     #[test]
     fn special_values_convert() {
         assert!(<f16 as Element>::narrow(f64::NAN).widen().is_nan());
-        assert_eq!(<bf16 as Element>::narrow(f64::NEG_INFINITY).widen(), f64::NEG_INFINITY);
+        assert_eq!(
+            <bf16 as Element>::narrow(f64::NEG_INFINITY).widen(),
+            f64::NEG_INFINITY
+        );
         assert_eq!(<f32 as Element>::narrow(1e300), f32::INFINITY);
     }
 

@@ -43,9 +43,14 @@ pub enum Error {
         expected: String,
     },
 
-    /// A model configuration disagrees with a typed attention's const parameters.
-    #[error("model config has {field} = {found}, but the attention type says {expected}")]
-    ConfigMismatch { field: &'static str, expected: usize, found: usize },
+    /// A runtime configuration (a `DynAttention`, a model's config) disagrees with a typed
+    /// attention's const parameters.
+    #[error("{field} mismatch: the configuration has {found}, the attention type has {expected}")]
+    ConfigMismatch {
+        field: &'static str,
+        expected: usize,
+        found: usize,
+    },
 
     /// A model configuration (e.g. a Hugging Face `config.json`) could not be read.
     #[error("model config: {reason}")]

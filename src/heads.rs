@@ -9,11 +9,17 @@
 //! The rule is enforced three ways, all from this file:
 //!
 //! 1. at run time by [`check_config`] (every `DynAttention` goes through it);
-//! 2. under `cargo check` by the trait bounds [`ValidHeads`] and [`ValidHeadDim`] on [`Rule`],
-//!    implemented only for valid values by a table that `gqa-macros` generates (a where-clause
-//!    cannot compute `HQ % HKV`, but it can look an impl up), with a message naming the numbers;
-//! 3. under `cargo build` by a `const` assertion that calls [`check_config`] — the backstop for
-//!    generic code that never named the bounds, and for the table itself drifting from the rule.
+//! 2. under `cargo check` by the bound `Rule: Supported<HQ, HKV, D>` on [`crate::Attention`]
+//!    itself, so that an invalid configuration cannot even be named as a type. `Supported` holds
+//!    when [`QueryHeadsInRange`], [`KvHeadsInRange`], [`ValidHeads`] and [`ValidHeadDim`] do; those
+//!    are implemented only for valid values, by a table that `gqa-macros` generates (a
+//!    where-clause cannot compute `HQ % HKV`, but it can look an impl up), and each names the
+//!    numbers in its error message;
+//! 3. under `cargo build` by a `const` assertion that calls [`check_config`]: the backstop,
+//!    should the table and the rule ever drift apart.
+//!
+//! The limits (256 and 256) are written once, in the `head_table!` invocation below; the
+//! constants and the messages come from there.
 
 use crate::error::Result;
 
@@ -23,22 +29,6 @@ use crate::error::Result;
 #[derive(Debug, Clone, Copy)]
 pub struct Rule;
 
-/// Holds for `Rule` exactly when `HQ` query heads can be shared evenly by `HKV` key/value heads.
-#[diagnostic::on_unimplemented(
-    message = "{HQ} query heads cannot be shared evenly by {HKV} key/value heads",
-    label = "invalid head configuration: {HQ} query heads, {HKV} key/value heads",
-    note = "gqa needs 1 <= kv_heads <= q_heads <= 256 with q_heads a whole multiple of kv_heads (MHA: kv_heads == q_heads, MQA: kv_heads == 1)"
-)]
-pub trait ValidHeads<const HQ: usize, const HKV: usize> {}
-
-/// Holds for `Rule` exactly when `D` is a supported head dim (`1..=256`).
-#[diagnostic::on_unimplemented(
-    message = "head dim {D} is not supported",
-    label = "invalid head dim {D}",
-    note = "gqa supports head dims 1..=256"
-)]
-pub trait ValidHeadDim<const D: usize> {}
-
 gqa_macros::head_table!(max_q_heads = 256, max_head_dim = 256);
 
 /// Why a configuration is invalid. `Copy` and `const`-friendly so that the compile-time
@@ -47,7 +37,9 @@ gqa_macros::head_table!(max_q_heads = 256, max_head_dim = 256);
 #[non_exhaustive]
 pub enum ConfigError {
     /// `q_heads` or `kv_heads` is 0.
-    #[error("a configuration needs at least one query head and one key/value head, got {q_heads} query heads and {kv_heads} key/value heads")]
+    #[error(
+        "a configuration needs at least one query head and one key/value head, got {q_heads} query heads and {kv_heads} key/value heads"
+    )]
     ZeroHeads { q_heads: usize, kv_heads: usize },
     /// `q_heads` is not a whole multiple of `kv_heads` (this includes `kv_heads > q_heads`).
     #[error("{q_heads} query heads cannot be shared evenly by {kv_heads} key/value heads")]
@@ -72,18 +64,28 @@ pub enum ConfigError {
 ///     Err(ConfigError::HeadsNotDivisible { q_heads: 32, kv_heads: 6 })
 /// );
 /// ```
-pub const fn check_config(q_heads: usize, kv_heads: usize, head_dim: usize) -> Result<(), ConfigError> {
+pub const fn check_config(
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<(), ConfigError> {
     if q_heads == 0 || kv_heads == 0 {
         return Err(ConfigError::ZeroHeads { q_heads, kv_heads });
     }
     if q_heads > MAX_Q_HEADS {
-        return Err(ConfigError::TooManyQueryHeads { q_heads, max: MAX_Q_HEADS });
+        return Err(ConfigError::TooManyQueryHeads {
+            q_heads,
+            max: MAX_Q_HEADS,
+        });
     }
-    if q_heads % kv_heads != 0 {
+    if !q_heads.is_multiple_of(kv_heads) {
         return Err(ConfigError::HeadsNotDivisible { q_heads, kv_heads });
     }
     if head_dim == 0 || head_dim > MAX_HEAD_DIM {
-        return Err(ConfigError::HeadDimOutOfRange { head_dim, max: MAX_HEAD_DIM });
+        return Err(ConfigError::HeadDimOutOfRange {
+            head_dim,
+            max: MAX_HEAD_DIM,
+        });
     }
     Ok(())
 }
@@ -93,18 +95,10 @@ pub const fn check_config(q_heads: usize, kv_heads: usize, head_dim: usize) -> R
 pub(crate) const fn assert_config(q_heads: usize, kv_heads: usize, head_dim: usize) {
     match check_config(q_heads, kv_heads, head_dim) {
         Ok(()) => {}
-        Err(ConfigError::ZeroHeads { .. }) => {
-            panic!("gqa: a configuration needs at least one query head and one key/value head")
-        }
-        Err(ConfigError::HeadsNotDivisible { .. }) => {
-            panic!("gqa: q_heads must be a whole multiple of kv_heads")
-        }
-        Err(ConfigError::TooManyQueryHeads { .. }) => {
-            panic!("gqa: q_heads is above the supported maximum (256)")
-        }
-        Err(ConfigError::HeadDimOutOfRange { .. }) => {
-            panic!("gqa: head_dim must be in 1..=256")
-        }
+        Err(ConfigError::ZeroHeads { .. }) => panic!("{}", PANIC_ZERO_HEADS),
+        Err(ConfigError::HeadsNotDivisible { .. }) => panic!("{}", PANIC_NOT_DIVISIBLE),
+        Err(ConfigError::TooManyQueryHeads { .. }) => panic!("{}", PANIC_TOO_MANY_Q_HEADS),
+        Err(ConfigError::HeadDimOutOfRange { .. }) => panic!("{}", PANIC_HEAD_DIM),
     }
 }
 
@@ -117,7 +111,11 @@ mod tests {
     #[test]
     fn table_matches_rule_on_every_pair() {
         let table: std::collections::HashSet<_> = VALID_HEAD_PAIRS.iter().copied().collect();
-        assert_eq!(table.len(), VALID_HEAD_PAIRS.len(), "duplicate pairs in the table");
+        assert_eq!(
+            table.len(),
+            VALID_HEAD_PAIRS.len(),
+            "duplicate pairs in the table"
+        );
         for q_heads in 0..=MAX_Q_HEADS + 1 {
             for kv_heads in 0..=MAX_Q_HEADS + 1 {
                 assert_eq!(
@@ -129,6 +127,38 @@ mod tests {
         }
     }
 
+    /// The build-time backstop is the run-time rule, panicking: same cases, its own messages.
+    #[test]
+    fn backstop_panics_on_exactly_the_invalid_configurations() {
+        let panics = |hq, hkv, d| {
+            std::panic::catch_unwind(|| assert_config(hq, hkv, d))
+                .err()
+                .map(|payload| {
+                    payload
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .unwrap_or_default()
+                })
+        };
+        assert_eq!(panics(32, 8, 128), None);
+        assert_eq!(
+            panics(32, 6, 128).as_deref(),
+            Some("gqa: q_heads must be a whole multiple of kv_heads")
+        );
+        assert_eq!(
+            panics(0, 1, 64).as_deref(),
+            Some("gqa: a configuration needs at least one query head and one key/value head")
+        );
+        assert_eq!(
+            panics(512, 8, 64).as_deref(),
+            Some("gqa: q_heads must be at most 256")
+        );
+        assert_eq!(
+            panics(8, 8, 0).as_deref(),
+            Some("gqa: head_dim must be in 1..=256")
+        );
+    }
+
     #[test]
     fn head_dim_range_is_one_to_max() {
         assert!(check_config(8, 8, 0).is_err());
@@ -137,7 +167,10 @@ mod tests {
         assert!(check_config(8, 8, MAX_HEAD_DIM).is_ok());
         assert_eq!(
             check_config(8, 8, MAX_HEAD_DIM + 1),
-            Err(ConfigError::HeadDimOutOfRange { head_dim: 257, max: 256 })
+            Err(ConfigError::HeadDimOutOfRange {
+                head_dim: 257,
+                max: 256
+            })
         );
     }
 
@@ -155,6 +188,9 @@ mod tests {
             check_config(512, 8, 128).unwrap_err().to_string(),
             "512 query heads exceed the supported maximum of 256"
         );
-        assert!(matches!(check_config(0, 0, 64), Err(ConfigError::ZeroHeads { .. })));
+        assert!(matches!(
+            check_config(0, 0, 64),
+            Err(ConfigError::ZeroHeads { .. })
+        ));
     }
 }

@@ -48,3 +48,8 @@ pub use element::{DType, Element};
 pub use error::{Error, Result};
 pub use model_config::ModelConfig;
 pub use spec::{Alignment, AttentionSpec, Mask};
+
+/// The README's code blocks, compiled and run as doctests so the preview cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 ///     "num_hidden_layers": 32, "max_position_embeddings": 8192, "torch_dtype": "bfloat16"
 /// }"#)?;
 /// assert_eq!((config.num_key_value_heads, config.head_dim), (8, 128));
-/// let attention = DynAttention::from_model_config(&config)?.causal();
+/// let attention = DynAttention::try_from_model_config(&config)?.causal();
 /// assert_eq!(attention.spec().group_size(), 4);
 /// # Ok::<(), gqa::Error>(())
 /// ```
@@ -44,12 +44,15 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Parses the JSON text of a `config.json`.
     pub fn from_json_str(json: &str) -> Result<ModelConfig> {
-        let value: Value = serde_json::from_str(json).map_err(|e| reason(format!("not valid JSON: {e}")))?;
-        let mut object = value.as_object().ok_or_else(|| reason("the top level is not a JSON object".into()))?;
-        if !object.contains_key("num_attention_heads") {
-            if let Some(text) = object.get("text_config").and_then(Value::as_object) {
-                object = text;
-            }
+        let value: Value =
+            serde_json::from_str(json).map_err(|e| reason(format!("not valid JSON: {e}")))?;
+        let mut object = value
+            .as_object()
+            .ok_or_else(|| reason("the top level is not a JSON object".into()))?;
+        if !object.contains_key("num_attention_heads")
+            && let Some(text) = object.get("text_config").and_then(Value::as_object)
+        {
+            object = text;
         }
         ModelConfig::from_object(object)
     }
@@ -57,13 +60,14 @@ impl ModelConfig {
     /// Reads and parses a `config.json` file.
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<ModelConfig> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| reason(format!("cannot read {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| reason(format!("cannot read {}: {e}", path.display())))?;
         ModelConfig::from_json_str(&text)
     }
 
     fn from_object(object: &Map<String, Value>) -> Result<ModelConfig> {
-        let num_attention_heads =
-            count(object, "num_attention_heads")?.ok_or_else(|| reason("missing `num_attention_heads`".into()))?;
+        let num_attention_heads = count(object, "num_attention_heads")?
+            .ok_or_else(|| reason("missing `num_attention_heads`".into()))?;
         let multi_query = object.get("multi_query").and_then(Value::as_bool) == Some(true);
         let num_key_value_heads = match count(object, "num_key_value_heads")? {
             Some(kv) => kv,
@@ -73,8 +77,9 @@ impl ModelConfig {
         let head_dim = match count(object, "head_dim")? {
             Some(d) => d,
             None => {
-                let hidden = count(object, "hidden_size")?
-                    .ok_or_else(|| reason("neither `head_dim` nor `hidden_size` is given".into()))?;
+                let hidden = count(object, "hidden_size")?.ok_or_else(|| {
+                    reason("neither `head_dim` nor `hidden_size` is given".into())
+                })?;
                 if num_attention_heads == 0 || hidden % num_attention_heads != 0 {
                     return Err(reason(format!(
                         "no `head_dim`, and `hidden_size` {hidden} is not a multiple of `num_attention_heads` {num_attention_heads}"
@@ -112,7 +117,11 @@ fn count(object: &Map<String, Value>, key: &str) -> Result<Option<usize>> {
             .as_u64()
             .and_then(|n| usize::try_from(n).ok())
             .map(Some)
-            .ok_or_else(|| reason(format!("`{key}` must be a non-negative integer, got {value}"))),
+            .ok_or_else(|| {
+                reason(format!(
+                    "`{key}` must be a non-negative integer, got {value}"
+                ))
+            }),
     }
 }
 
@@ -122,10 +131,13 @@ mod tests {
 
     #[test]
     fn missing_kv_heads_means_mha_and_multi_query_means_one() {
-        let mha = ModelConfig::from_json_str(r#"{"num_attention_heads": 32, "hidden_size": 4096}"#).unwrap();
+        let mha = ModelConfig::from_json_str(r#"{"num_attention_heads": 32, "hidden_size": 4096}"#)
+            .unwrap();
         assert_eq!((mha.num_key_value_heads, mha.head_dim), (32, 128));
-        let falcon =
-            ModelConfig::from_json_str(r#"{"num_attention_heads": 71, "hidden_size": 4544, "multi_query": true}"#).unwrap();
+        let falcon = ModelConfig::from_json_str(
+            r#"{"num_attention_heads": 71, "hidden_size": 4544, "multi_query": true}"#,
+        )
+        .unwrap();
         assert_eq!((falcon.num_key_value_heads, falcon.head_dim), (1, 64));
     }
 
@@ -136,14 +148,27 @@ mod tests {
                 "hidden_size": 2304, "attn_logit_softcapping": 50.0, "sliding_window": 4096}}"#,
         )
         .unwrap();
-        assert_eq!((gemma.num_attention_heads, gemma.num_key_value_heads, gemma.head_dim), (8, 4, 256));
-        assert_eq!((gemma.attn_logit_softcapping, gemma.sliding_window), (Some(50.0), Some(4096)));
+        assert_eq!(
+            (
+                gemma.num_attention_heads,
+                gemma.num_key_value_heads,
+                gemma.head_dim
+            ),
+            (8, 4, 256)
+        );
+        assert_eq!(
+            (gemma.attn_logit_softcapping, gemma.sliding_window),
+            (Some(50.0), Some(4096))
+        );
     }
 
     #[test]
     fn bad_configs_say_why() {
         let err = |json: &str| ModelConfig::from_json_str(json).unwrap_err().to_string();
-        assert_eq!(err(r#"{"hidden_size": 8}"#), "model config: missing `num_attention_heads`");
+        assert_eq!(
+            err(r#"{"hidden_size": 8}"#),
+            "model config: missing `num_attention_heads`"
+        );
         assert_eq!(
             err(r#"{"num_attention_heads": -4, "hidden_size": 8}"#),
             "model config: `num_attention_heads` must be a non-negative integer, got -4"

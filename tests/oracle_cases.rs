@@ -49,7 +49,10 @@ fn bottom_right_causal_masks_the_leading_rows_when_queries_outnumber_keys() {
     let k = Array4::zeros((1, 1, 2, 1));
     let v = tensor([1, 1, 2, 1], vec![10.0, 20.0]);
     let out = oracle::forward(attention.spec(), q.view(), k.view(), v.view());
-    assert_eq!(out.o.iter().copied().collect::<Vec<_>>(), vec![0.0, 10.0, 15.0]);
+    assert_eq!(
+        out.o.iter().copied().collect::<Vec<_>>(),
+        vec![0.0, 10.0, 15.0]
+    );
     assert_eq!(out.lse[[0, 0, 0]], f64::NEG_INFINITY);
     assert_eq!(out.lse[[0, 0, 1]], 0.0);
     assert!(close(out.lse[[0, 0, 2]], 2f64.ln()));
@@ -62,10 +65,26 @@ fn top_left_and_bottom_right_causal_differ_by_the_length_difference() {
     let q = Array4::zeros((1, 1, 2, 1));
     let k = Array4::zeros((1, 1, 3, 1));
     let v = tensor([1, 1, 3, 1], vec![3.0, 6.0, 12.0]);
-    let top_left = oracle::forward(Mha::<1, 1>::new().causal_top_left().spec(), q.view(), k.view(), v.view());
-    assert_eq!(top_left.o.iter().copied().collect::<Vec<_>>(), vec![3.0, 4.5]);
-    let bottom_right = oracle::forward(Mha::<1, 1>::new().causal().spec(), q.view(), k.view(), v.view());
-    assert_eq!(bottom_right.o.iter().copied().collect::<Vec<_>>(), vec![4.5, 7.0]);
+    let top_left = oracle::forward(
+        Mha::<1, 1>::new().causal_top_left().spec(),
+        q.view(),
+        k.view(),
+        v.view(),
+    );
+    assert_eq!(
+        top_left.o.iter().copied().collect::<Vec<_>>(),
+        vec![3.0, 4.5]
+    );
+    let bottom_right = oracle::forward(
+        Mha::<1, 1>::new().causal().spec(),
+        q.view(),
+        k.view(),
+        v.view(),
+    );
+    assert_eq!(
+        bottom_right.o.iter().copied().collect::<Vec<_>>(),
+        vec![4.5, 7.0]
+    );
 }
 
 /// A window (1, 0) without causal over 4 keys: query i sees keys i−1 and i only.
@@ -76,7 +95,10 @@ fn window_sees_left_neighbours_only() {
     let k = Array4::zeros((1, 1, 4, 1));
     let v = tensor([1, 1, 4, 1], vec![2.0, 4.0, 8.0, 16.0]);
     let out = oracle::forward(attention.spec(), q.view(), k.view(), v.view());
-    assert_eq!(out.o.iter().copied().collect::<Vec<_>>(), vec![2.0, 3.0, 6.0, 12.0]);
+    assert_eq!(
+        out.o.iter().copied().collect::<Vec<_>>(),
+        vec![2.0, 3.0, 6.0, 12.0]
+    );
 }
 
 /// With 4 query heads over 2 KV heads, heads 0 and 1 read KV head 0 and heads 2 and 3 read KV
@@ -88,7 +110,10 @@ fn query_heads_read_their_groups_kv_head() {
     let k = Array4::ones((1, 2, 1, 2));
     let v = tensor([1, 2, 1, 2], vec![1.0, 2.0, 3.0, 4.0]);
     let out = oracle::forward(attention.spec(), q.view(), k.view(), v.view());
-    assert_eq!(out.o, tensor([1, 4, 1, 2], vec![1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 4.0]));
+    assert_eq!(
+        out.o,
+        tensor([1, 4, 1, 2], vec![1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 4.0])
+    );
 }
 
 /// Softcap 1 turns scores 100 and 0 into tanh(100) ≈ 1 and 0: weights e^t/(e^t + 1) and
@@ -110,13 +135,16 @@ fn softcap_bounds_a_large_score() {
 #[test]
 fn alibi_penalises_distance_per_head() {
     let attention = Mha::<2, 1>::new().alibi();
-    assert_eq!(attention.spec().alibi().unwrap().to_vec(), vec![1.0 / 16.0, 1.0 / 256.0]);
+    assert_eq!(
+        attention.spec().alibi().unwrap().to_vec(),
+        vec![1.0 / 16.0, 1.0 / 256.0]
+    );
     let q = Array4::zeros((1, 2, 1, 1));
     let k = Array4::zeros((1, 2, 3, 1));
     let v = tensor([1, 2, 3, 1], vec![1.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
     let out = oracle::forward(attention.spec(), q.view(), k.view(), v.view());
-    for (head, m) in [(0, 1.0 / 16.0), (1, 1.0 / 256.0)] {
-        let expected = (-2.0 * m as f64).exp() / ((-2.0 * m as f64).exp() + (-m as f64).exp() + 1.0);
+    for (head, m) in [(0, 1.0f64 / 16.0), (1, 1.0 / 256.0)] {
+        let expected = (-2.0 * m).exp() / ((-2.0 * m).exp() + (-m).exp() + 1.0);
         assert!(close(out.o[[0, head, 0, 0]], expected), "head {head}");
     }
 }
@@ -131,7 +159,10 @@ fn user_alibi_slopes_are_used_as_given() {
     let out = oracle::forward(attention.spec(), q.view(), k.view(), v.view());
     // Head 0: slope 0, equal weights: 0.5. Head 1: scores −1, 0: e^{-1}/(e^{-1} + 1).
     assert!(close(out.o[[0, 0, 0, 0]], 0.5));
-    assert!(close(out.o[[0, 1, 0, 0]], (-1f64).exp() / ((-1f64).exp() + 1.0)));
+    assert!(close(
+        out.o[[0, 1, 0, 0]],
+        (-1f64).exp() / ((-1f64).exp() + 1.0)
+    ));
 }
 
 /// No keys at all: every row is fully masked.
@@ -144,7 +175,12 @@ fn empty_keys_give_zero_output_and_minus_infinity_lse() {
     assert!(out.o.iter().all(|&x| x == 0.0));
     assert!(out.lse.iter().all(|&x| x == f64::NEG_INFINITY));
     let none = Array4::<f32>::zeros((2, 4, 0, 3));
-    assert_eq!(oracle::forward(attention.spec(), none.view(), kv.view(), kv.view()).o.shape(), &[2, 4, 0, 3]);
+    assert_eq!(
+        oracle::forward(attention.spec(), none.view(), kv.view(), kv.view())
+            .o
+            .shape(),
+        &[2, 4, 0, 3]
+    );
 }
 
 /// Shapes that do not fit are typed errors that name the tensor and both shapes.
@@ -178,7 +214,29 @@ fn forward_panics_with_the_shape_error() {
 fn bf16_inputs_are_widened_exactly() {
     use half::bf16;
     let one = |x: f32| Array4::from_elem((1, 1, 1, 1), bf16::from_f32(x));
-    let out = oracle::forward(Mha::<1, 1>::new().spec(), one(1.5).view(), one(0.25).view(), one(1.5).view());
+    let out = oracle::forward(
+        Mha::<1, 1>::new().spec(),
+        one(1.5).view(),
+        one(0.25).view(),
+        one(1.5).view(),
+    );
     assert_eq!(out.o, array![[[[1.5]]]]);
     assert_eq!(out.lse[[0, 0, 0]], 1.5 * 0.25);
+}
+
+/// Softcap comes before ALiBi. One query at the last position (bottom-right) over keys with raw
+/// scores 100 and 0 and ALiBi slope 1: capping first gives tanh(100) − 1·1 = 0 (tanh(100) is 1
+/// in f64) and 0 − 1·0 = 0, equal weights, output 0.5. ALiBi first would give tanh(99) = 1 and
+/// tanh(0) = 0: weights e/(e + 1), output ≈ 0.73.
+#[test]
+fn softcap_applies_before_alibi() {
+    let attention = Mha::<1, 1>::new()
+        .scale(1.0)
+        .softcap(1.0)
+        .alibi_slopes(&[1.0]);
+    let q = tensor([1, 1, 1, 1], vec![10.0]);
+    let k = tensor([1, 1, 2, 1], vec![10.0, 0.0]);
+    let v = tensor([1, 1, 2, 1], vec![1.0, 0.0]);
+    let out = oracle::forward(attention.spec(), q.view(), k.view(), v.view());
+    assert_eq!(out.o[[0, 0, 0, 0]], 0.5);
 }

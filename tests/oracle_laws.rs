@@ -27,7 +27,7 @@ proptest! {
     #[test]
     fn gqa_equals_mha_on_repeated_kv(p in problem()) {
         let group = p.spec.group_size();
-        let mha = with_kv_heads(&p.spec, p.spec.q_heads());
+        let mha = p.spec.try_with_kv_heads(p.spec.q_heads()).unwrap();
         let (k, v) = (repeat_kv(&p.k, group), repeat_kv(&p.v, group));
         let expected = oracle::forward(&mha, p.q.view(), k.view(), v.view());
         prop_assert_eq!(run(&p), expected);
@@ -36,32 +36,33 @@ proptest! {
     /// MQA is MHA with one KV head broadcast to every query head.
     #[test]
     fn mqa_equals_broadcasting_one_kv_head(p in problem()) {
-        let mqa = with_kv_heads(&p.spec, 1);
+        let mqa = p.spec.try_with_kv_heads(1).unwrap();
         let (k1, v1) = (p.k.slice(s![.., 0..1, .., ..]).to_owned(), p.v.slice(s![.., 0..1, .., ..]).to_owned());
         let out = oracle::forward(&mqa, p.q.view(), k1.view(), v1.view());
-        let mha = with_kv_heads(&p.spec, p.spec.q_heads());
+        let mha = p.spec.try_with_kv_heads(p.spec.q_heads()).unwrap();
         let (k, v) = (repeat_kv(&k1, p.spec.q_heads()), repeat_kv(&v1, p.spec.q_heads()));
         prop_assert_eq!(out, oracle::forward(&mha, p.q.view(), k.view(), v.view()));
     }
 
     /// The output is a convex combination of the visible values: each coordinate lies within
-    /// their [min, max]. A row with nothing visible is exactly 0 with LSE −∞.
+    /// their [min, max]. A row with nothing visible is exactly 0 with LSE −∞. (Visibility comes
+    /// from the mask's definition, not from the code under test.)
     #[test]
     fn output_lies_within_the_visible_values(p in problem()) {
         let out = run(&p);
         let (seq_q, seq_k) = (p.seq_q(), p.seq_k());
+        let group = p.spec.q_heads() / p.spec.kv_heads();
         for ((b, h, i), &lse) in out.lse.indexed_iter() {
             let row = out.o.slice(s![b, h, i, ..]);
-            let visible = p.spec.mask().visible_keys(i, seq_q, seq_k);
+            let visible: Vec<usize> = (0..seq_k).filter(|&j| visible_by_definition(p.spec.mask(), i, j, seq_q, seq_k)).collect();
             if visible.is_empty() {
                 prop_assert!(row.iter().all(|&x| x == 0.0) && lse == f64::NEG_INFINITY);
                 continue;
             }
             prop_assert!(lse.is_finite());
-            let values = p.v.slice(s![b, p.spec.kv_head_of(h), visible, ..]);
             for (c, &o) in row.iter().enumerate() {
-                let col = values.index_axis(Axis(1), c);
-                let (lo, hi) = col.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, u), &x| (l.min(x), u.max(x)));
+                let col = visible.iter().map(|&j| p.v[[b, h / group, j, c]]);
+                let (lo, hi) = col.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, u), x| (l.min(x), u.max(x)));
                 let slack = 1e-12 * (1.0 + lo.abs().max(hi.abs()));
                 prop_assert!(lo - slack <= o && o <= hi + slack, "o[{b},{h},{i},{c}] = {o} outside [{lo}, {hi}]");
             }
@@ -77,8 +78,7 @@ proptest! {
             (Just(p), Just((0..n).collect::<Vec<_>>()).prop_shuffle())
         })
     ) {
-        let plain = common::with_kv_heads(&p.spec, p.spec.kv_heads()).with_mask(Mask::NONE);
-        let plain = strip_alibi(&plain);
+        let plain = p.spec.with_mask(Mask::NONE).without_alibi();
         let k = p.k.select(Axis(2), &perm);
         let v = p.v.select(Axis(2), &perm);
         let a = oracle::forward(&plain, p.q.view(), p.k.view(), p.v.view());
@@ -103,7 +103,7 @@ proptest! {
     /// `|s|³ / (3 cap²)` pushed through the softmax: `|Δo| <= (e^{2δ} − 1) · max|v|`.
     #[test]
     fn softcap_tends_to_identity_as_the_cap_grows(p in problem(), cap_exp in 2..6i32) {
-        let uncapped_spec = strip_softcap(&p.spec);
+        let uncapped_spec = p.spec.without_softcap();
         let cap = 10f32.powi(cap_exp);
         let capped_spec = uncapped_spec.try_with_softcap(cap).unwrap();
         let scores = oracle::try_scores(&uncapped_spec, p.q.view(), p.k.view()).unwrap();
@@ -116,21 +116,44 @@ proptest! {
         assert_close(&a.o, &b.o, bound)?;
     }
 
-    /// `exp(s − lse)` is a probability distribution over the visible keys of every row.
+    /// `exp(s − lse)` is a probability distribution over the visible keys of every row, with
+    /// the scores `s` and the visible set taken from their definitions, independently of the
+    /// oracle, and `lse` from the oracle.
     #[test]
     fn softmax_of_scores_sums_to_one_over_visible_keys(p in problem()) {
         let out = run(&p);
-        let scores = oracle::try_scores(&p.spec, p.q.view(), p.k.view()).unwrap();
         for ((b, h, i), &lse) in out.lse.indexed_iter() {
-            let visible = p.spec.mask().visible_keys(i, p.seq_q(), p.seq_k());
-            let row = scores.slice(s![b, h, i, ..]);
-            for (j, &s) in row.iter().enumerate() {
-                prop_assert_eq!(s.is_finite(), visible.contains(&j), "score ({}, {}) finite iff visible", i, j);
-            }
-            if !visible.is_empty() {
-                let total: f64 = row.slice(s![visible]).iter().map(|&s| (s - lse).exp()).sum();
+            let visible = (0..p.seq_k()).filter(|&j| visible_by_definition(p.spec.mask(), i, j, p.seq_q(), p.seq_k()));
+            let total: f64 = visible.map(|j| (score_by_definition(&p, (b, h, i, j)) - lse).exp()).sum();
+            if lse == f64::NEG_INFINITY {
+                prop_assert_eq!(total, 0.0, "row ({}, {}, {}) has LSE −∞ but visible keys", b, h, i);
+            } else {
                 prop_assert!((total - 1.0).abs() <= 1e-12, "row ({b},{h},{i}) sums to {total}");
             }
+        }
+    }
+
+    /// The oracle's exposed scores are the definition's on visible keys and −∞ elsewhere.
+    #[test]
+    fn scores_follow_the_definition(p in problem()) {
+        let scores = oracle::try_scores(&p.spec, p.q.view(), p.k.view()).unwrap();
+        for ((b, h, i, j), &s) in scores.indexed_iter() {
+            if visible_by_definition(p.spec.mask(), i, j, p.seq_q(), p.seq_k()) {
+                let expected = score_by_definition(&p, (b, h, i, j));
+                prop_assert!((s - expected).abs() <= 1e-12 * (1.0 + expected.abs()), "({b},{h},{i},{j}): {s} vs {expected}");
+            } else {
+                prop_assert_eq!(s, f64::NEG_INFINITY);
+            }
+        }
+    }
+
+    /// `Mask::visible_keys` is the definition's set, as a range, even for huge sides.
+    #[test]
+    fn visible_keys_equal_the_masks_definition(mask in mask(), seq_q in 0..12usize, seq_k in 0..12usize) {
+        for i in 0..seq_q {
+            let expected: Vec<usize> = (0..seq_k).filter(|&j| visible_by_definition(mask, i, j, seq_q, seq_k)).collect();
+            let got: Vec<usize> = mask.visible_keys(i, seq_q, seq_k).collect();
+            prop_assert_eq!(got, expected, "row {} of {:?}", i, mask);
         }
     }
 
@@ -188,33 +211,16 @@ proptest! {
     }
 }
 
-fn strip_softcap(spec: &gqa::AttentionSpec) -> gqa::AttentionSpec {
-    let mut out = gqa::AttentionSpec::try_new(spec.q_heads(), spec.kv_heads(), spec.head_dim())
-        .unwrap()
-        .with_mask(spec.mask())
-        .try_with_scale(spec.scale())
-        .unwrap();
-    if let Some(alibi) = spec.alibi() {
-        out = out.try_with_alibi_slopes(&alibi.to_vec()).unwrap();
-    }
-    out
-}
-
-fn strip_alibi(spec: &gqa::AttentionSpec) -> gqa::AttentionSpec {
-    let mut out = gqa::AttentionSpec::try_new(spec.q_heads(), spec.kv_heads(), spec.head_dim())
-        .unwrap()
-        .with_mask(spec.mask())
-        .try_with_scale(spec.scale())
-        .unwrap();
-    if let Some(cap) = spec.softcap() {
-        out = out.try_with_softcap(cap).unwrap();
-    }
-    out
-}
-
 fn assert_close(a: &Array4<f64>, b: &Array4<f64>, tol: f64) -> Result<(), TestCaseError> {
-    for (idx, (x, y)) in a.indexed_iter().zip(b.iter()).map(|((i, x), y)| (i, (x, y))) {
-        prop_assert!((x - y).abs() <= tol, "at {idx:?}: {x} vs {y} (tolerance {tol})");
+    for (idx, (x, y)) in a
+        .indexed_iter()
+        .zip(b.iter())
+        .map(|((i, x), y)| (i, (x, y)))
+    {
+        prop_assert!(
+            (x - y).abs() <= tol,
+            "at {idx:?}: {x} vs {y} (tolerance {tol})"
+        );
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ mod head_table;
 
 /// Generates the sealed table of valid head configurations of `gqa` (see `gqa::heads`).
 ///
-/// ```ignore
+/// ```text
 /// gqa_macros::head_table!(max_q_heads = 256, max_head_dim = 256);
 /// ```
 ///

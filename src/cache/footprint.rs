@@ -23,7 +23,12 @@ pub struct KvCacheFootprint {
 
 impl KvCacheFootprint {
     pub(crate) fn new(q_heads: usize, kv_heads: usize, head_dim: usize, dtype: DType) -> Self {
-        KvCacheFootprint { q_heads, kv_heads, head_dim, dtype }
+        KvCacheFootprint {
+            q_heads,
+            kv_heads,
+            head_dim,
+            dtype,
+        }
     }
 
     /// The element type the cache stores.
@@ -41,14 +46,22 @@ impl KvCacheFootprint {
         layers as u128 * self.bytes_per_token_per_layer()
     }
 
-    /// Bytes of a full cache: `layers` layers, `batch` sequences of `context` tokens each.
+    /// Bytes of one sequence of `context` tokens across `layers` layers.
+    pub fn bytes_per_sequence(&self, layers: usize, context: usize) -> u128 {
+        context as u128 * self.bytes_per_token(layers)
+    }
+
+    /// Bytes of a whole model's cache: `layers` layers, `batch` sequences of `context` tokens.
     pub fn bytes(&self, layers: usize, batch: usize, context: usize) -> u128 {
-        batch as u128 * context as u128 * self.bytes_per_token(layers)
+        batch as u128 * self.bytes_per_sequence(layers, context)
     }
 
     /// The same cache if every query head kept its own KV head (multi-head attention).
     pub fn mha_equivalent(&self) -> KvCacheFootprint {
-        KvCacheFootprint { kv_heads: self.q_heads, ..*self }
+        KvCacheFootprint {
+            kv_heads: self.q_heads,
+            ..*self
+        }
     }
 
     /// How many times smaller than the multi-head cache this one is: `q_heads / kv_heads`, exact.
@@ -69,17 +82,28 @@ mod tests {
         assert_eq!(mha.bytes_per_token_per_layer(), 16384);
         assert_eq!(gqa.bytes_per_token_per_layer(), 4096);
         assert_eq!(mqa.bytes_per_token_per_layer(), 512);
+        // 32 layers · 8192 tokens · 4096 bytes = 1 GiB.
+        assert_eq!(gqa.bytes_per_sequence(32, 8192), 1 << 30);
         assert_eq!(gqa.reduction_vs_mha(), 4);
         assert_eq!(mqa.reduction_vs_mha(), 32);
         for (layers, batch, context) in [(1, 1, 1), (32, 8, 8192), (80, 64, 131072)] {
-            assert_eq!(mha.bytes(layers, batch, context), 4 * gqa.bytes(layers, batch, context));
-            assert_eq!(mha.bytes(layers, batch, context), 32 * mqa.bytes(layers, batch, context));
+            assert_eq!(
+                mha.bytes(layers, batch, context),
+                4 * gqa.bytes(layers, batch, context)
+            );
+            assert_eq!(
+                mha.bytes(layers, batch, context),
+                32 * mqa.bytes(layers, batch, context)
+            );
         }
     }
 
     #[test]
     fn totals_do_not_overflow_at_extreme_sizes() {
         let big = KvCacheFootprint::new(256, 256, 256, DType::F64);
-        assert_eq!(big.bytes(1 << 12, 1 << 16, 1 << 24), (2u128 * 256 * 256 * 8) << (12 + 16 + 24));
+        assert_eq!(
+            big.bytes(1 << 12, 1 << 16, 1 << 24),
+            (2u128 * 256 * 256 * 8) << (12 + 16 + 24)
+        );
     }
 }

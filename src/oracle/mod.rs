@@ -14,6 +14,8 @@ mod tolerance;
 
 pub use tolerance::{Comparison, compare};
 
+use std::ops::Range;
+
 use ndarray::{Array3, Array4, ArrayView1, ArrayView4, s};
 
 use crate::element::Element;
@@ -49,7 +51,12 @@ pub struct Output {
 /// # Panics
 /// If the shapes do not fit the spec; [`try_forward`] returns the error instead.
 #[track_caller]
-pub fn forward<T: Element>(spec: &AttentionSpec, q: ArrayView4<T>, k: ArrayView4<T>, v: ArrayView4<T>) -> Output {
+pub fn forward<T: Element>(
+    spec: &AttentionSpec,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+    v: ArrayView4<T>,
+) -> Output {
     match try_forward(spec, q, k, v) {
         Ok(output) => output,
         Err(error) => panic!("{error}"),
@@ -64,24 +71,27 @@ pub fn try_forward<T: Element>(
     v: ArrayView4<T>,
 ) -> Result<Output> {
     let shape = spec.check_shapes("oracle::forward", q.shape(), k.shape(), v.shape())?;
-    let ProblemShape { batch, seq_q, seq_k } = shape;
-    let scores = scores_of_checked(spec, shape, &q, &k);
+    let ProblemShape {
+        batch,
+        seq_q,
+        seq_k,
+    } = shape;
     let mut o = Array4::zeros((batch, spec.q_heads(), seq_q, spec.head_dim()));
     let mut lse = Array3::from_elem((batch, spec.q_heads(), seq_q), f64::NEG_INFINITY);
+    let mut row = Vec::with_capacity(seq_k);
     for b in 0..batch {
         for h in 0..spec.q_heads() {
             let g = spec.kv_head_of(h);
             for i in 0..seq_q {
-                let visible = spec.mask().visible_keys(i, seq_q, seq_k);
+                let visible = row_scores(spec, shape, &q, &k, (b, h, i), &mut row);
                 if visible.is_empty() {
                     continue; // fully masked: o = 0, lse = −∞
                 }
-                let row = scores.slice(s![b, h, i, visible.clone()]);
-                let max = row.fold(f64::NEG_INFINITY, |m, &s| m.max(s));
+                let max = row.iter().fold(f64::NEG_INFINITY, |m, &s| m.max(s));
                 let row_lse = max + row.iter().map(|&s| (s - max).exp()).sum::<f64>().ln();
                 lse[[b, h, i]] = row_lse;
                 let mut out = o.slice_mut(s![b, h, i, ..]);
-                for (j, &s) in visible.zip(row) {
+                for (j, &s) in visible.zip(&row) {
                     let p = (s - row_lse).exp();
                     out.zip_mut_with(&v.slice(s![b, g, j, ..]), |acc, &x| *acc += p * x.widen());
                 }
@@ -93,7 +103,11 @@ pub fn try_forward<T: Element>(
 
 /// The scores `[batch, q_heads, seq_q, seq_k]` after every modifier, `−∞` where masked: the
 /// softmax input, exposed so tests can check laws on it (e.g. `Σ exp(s − lse) = 1`).
-pub fn try_scores<T: Element>(spec: &AttentionSpec, q: ArrayView4<T>, k: ArrayView4<T>) -> Result<Array4<f64>> {
+pub fn try_scores<T: Element>(
+    spec: &AttentionSpec,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+) -> Result<Array4<f64>> {
     let shape = spec.check_shapes("oracle::scores", q.shape(), k.shape(), k.shape())?;
     Ok(scores_of_checked(spec, shape, &q, &k))
 }
@@ -104,20 +118,45 @@ fn scores_of_checked<T: Element>(
     q: &ArrayView4<T>,
     k: &ArrayView4<T>,
 ) -> Array4<f64> {
-    let ProblemShape { batch, seq_q, seq_k } = shape;
+    let ProblemShape {
+        batch,
+        seq_q,
+        seq_k,
+    } = shape;
     let mut scores = Array4::from_elem((batch, spec.q_heads(), seq_q, seq_k), f64::NEG_INFINITY);
+    let mut row = Vec::with_capacity(seq_k);
     for b in 0..batch {
         for h in 0..spec.q_heads() {
-            let g = spec.kv_head_of(h);
             for i in 0..seq_q {
-                for j in spec.mask().visible_keys(i, seq_q, seq_k) {
-                    let dot = dot(q.slice(s![b, h, i, ..]), k.slice(s![b, g, j, ..]));
-                    scores[[b, h, i, j]] = score(spec, h, i, j, seq_q, seq_k, dot);
-                }
+                let visible = row_scores(spec, shape, q, k, (b, h, i), &mut row);
+                scores
+                    .slice_mut(s![b, h, i, visible])
+                    .assign(&ArrayView1::from(&row));
             }
         }
     }
     scores
+}
+
+/// The scores of query `i` of head `h` in batch entry `b` against its visible keys, into `row`
+/// (cleared first); returns the visible range, whose length is `row.len()`.
+fn row_scores<T: Element>(
+    spec: &AttentionSpec,
+    shape: ProblemShape,
+    q: &ArrayView4<T>,
+    k: &ArrayView4<T>,
+    (b, h, i): (usize, usize, usize),
+    row: &mut Vec<f64>,
+) -> Range<usize> {
+    let ProblemShape { seq_q, seq_k, .. } = shape;
+    let visible = spec.mask().visible_keys(i, seq_q, seq_k);
+    let g = spec.kv_head_of(h);
+    row.clear();
+    row.extend(visible.clone().map(|j| {
+        let dot = dot(q.slice(s![b, h, i, ..]), k.slice(s![b, g, j, ..]));
+        score(spec, h, i, j, seq_q, seq_k, dot)
+    }));
+    visible
 }
 
 fn dot<T: Element>(a: ArrayView1<T>, b: ArrayView1<T>) -> f64 {
@@ -126,14 +165,22 @@ fn dot<T: Element>(a: ArrayView1<T>, b: ArrayView1<T>) -> f64 {
 
 /// The score of query `i` (head `h`) against key `j` given their dot product: scale, then
 /// softcap, then ALiBi — the definition in [`crate::spec`], in `f64`.
-pub fn score(spec: &AttentionSpec, h: usize, i: usize, j: usize, seq_q: usize, seq_k: usize, dot: f64) -> f64 {
+pub fn score(
+    spec: &AttentionSpec,
+    h: usize,
+    i: usize,
+    j: usize,
+    seq_q: usize,
+    seq_k: usize,
+    dot: f64,
+) -> f64 {
     let mut s = f64::from(spec.scale()) * dot;
     if let Some(cap) = spec.softcap() {
         let cap = f64::from(cap);
         s = cap * (s / cap).tanh();
     }
     if let Some(alibi) = spec.alibi() {
-        let distance = (spec.mask().diagonal(i, seq_q, seq_k) - j as i64).unsigned_abs();
+        let distance = (spec.mask().diagonal(i, seq_q, seq_k) - j as i128).unsigned_abs();
         s -= f64::from(alibi.slope(h)) * distance as f64;
     }
     s

@@ -9,7 +9,9 @@
 //!
 //! The doubling is FlashAttention's rule; the floor keeps outputs that happen to be exactly
 //! representable (zero rounding error) from demanding bit-exactness. Equal values pass (so
-//! `−∞ == −∞` in an LSE); NaN anywhere in the candidate fails.
+//! `−∞ == −∞` in an LSE). NaN anywhere — candidate or reference — fails, and a reference value
+//! outside the dtype's range does not widen the bound (its rounding error would be infinite);
+//! a candidate can only match it by being equal.
 
 use crate::element::DType;
 
@@ -39,7 +41,11 @@ impl std::fmt::Display for Comparison {
         write!(
             f,
             "{}: max error {:.3e} at flat index {} vs bound {:.3e} (2 × oracle's {} rounding error {:.3e} + floor)",
-            if self.passed() { "within tolerance" } else { "OUT OF TOLERANCE" },
+            if self.passed() {
+                "within tolerance"
+            } else {
+                "OUT OF TOLERANCE"
+            },
             self.max_error,
             self.worst_index,
             self.bound,
@@ -72,19 +78,30 @@ pub fn compare<'a>(
 ) -> Comparison {
     let reference: Vec<f64> = reference.into_iter().copied().collect();
     let candidate: Vec<f64> = candidate.into_iter().copied().collect();
-    assert_eq!(reference.len(), candidate.len(), "compare: reference and candidate lengths differ");
+    assert_eq!(
+        reference.len(),
+        candidate.len(),
+        "compare: reference and candidate lengths differ"
+    );
     let error = |a: f64, b: f64| match (a, b) {
-        _ if a == b => 0.0,
         _ if a.is_nan() || b.is_nan() => f64::INFINITY,
+        _ if a == b => 0.0,
         _ => (a - b).abs(),
     };
-    let oracle_rounding_error = reference.iter().map(|&r| error(dtype.round(r), r)).fold(0.0, f64::max);
+    let oracle_rounding_error = reference
+        .iter()
+        .map(|&r| error(dtype.round(r), r))
+        .filter(|e| e.is_finite())
+        .fold(0.0, f64::max);
     let (worst_index, max_error) = reference
         .iter()
         .zip(&candidate)
         .map(|(&r, &c)| error(c, r))
         .enumerate()
-        .fold((0, 0.0), |best, (i, e)| if e > best.1 { (i, e) } else { best });
+        .fold(
+            (0, 0.0),
+            |best, (i, e)| if e > best.1 { (i, e) } else { best },
+        );
     Comparison {
         max_error,
         worst_index,
@@ -122,6 +139,20 @@ mod tests {
         let reference = [0.5, 0.25];
         assert!(compare(&reference, &[0.5 + 2f64.powi(-25), 0.25], DType::F32).passed());
         assert!(!compare(&reference, &[0.5 + 2f64.powi(-22), 0.25], DType::F32).passed());
+    }
+
+    #[test]
+    fn a_reference_outside_the_dtype_range_does_not_widen_the_bound() {
+        // 70000 overflows f16: its rounding error is infinite and must not become the bound.
+        let reference = [70000.0, 1.0];
+        let result = compare(&reference, &[70000.0, 123.0], DType::F16);
+        assert!(!result.passed(), "{result}");
+        assert!(result.bound.is_finite());
+    }
+
+    #[test]
+    fn a_nan_reference_fails_even_against_nan() {
+        assert!(!compare(&[f64::NAN], &[f64::NAN], DType::F32).passed());
     }
 
     #[test]

@@ -14,7 +14,8 @@
 
 use std::ops::Range;
 
-/// Where the mask's diagonal sits when `seq_q != seq_k`. See the module docs.
+/// Where the mask's diagonal sits when `seq_q != seq_k` ([module docs](self)). ALiBi distances
+/// are measured from the same diagonal, so the alignment matters even without a mask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Alignment {
     /// `diag(i) = i + seq_k - seq_q` (FlashAttention; decode and chunked prefill).
@@ -36,11 +37,19 @@ pub struct Mask {
 
 impl Mask {
     /// No mask: every query sees every key.
-    pub const NONE: Mask = Mask { left: None, right: None, alignment: Alignment::BottomRight };
+    pub const NONE: Mask = Mask {
+        left: None,
+        right: None,
+        alignment: Alignment::BottomRight,
+    };
 
     /// Keys at most `left` before and `right` after the diagonal (unbounded when `None`).
     pub const fn band(left: Option<usize>, right: Option<usize>, alignment: Alignment) -> Mask {
-        Mask { left, right, alignment }
+        Mask {
+            left,
+            right,
+            alignment,
+        }
     }
 
     /// This mask further restricted to keys at or before the diagonal.
@@ -67,7 +76,11 @@ impl Mask {
                 (None, None) => None,
             }
         }
-        Mask { left: min(self.left, left), right: min(self.right, right), alignment: self.alignment }
+        Mask {
+            left: min(self.left, left),
+            right: min(self.right, right),
+            alignment: self.alignment,
+        }
     }
 
     /// How many keys before the diagonal are visible (`None`: all of them).
@@ -96,26 +109,28 @@ impl Mask {
     }
 
     /// The key position that query `i` lines up with (may be negative or `>= seq_k`).
-    pub const fn diagonal(&self, i: usize, seq_q: usize, seq_k: usize) -> i64 {
+    pub const fn diagonal(&self, i: usize, seq_q: usize, seq_k: usize) -> i128 {
         match self.alignment {
-            Alignment::BottomRight => i as i64 + seq_k as i64 - seq_q as i64,
-            Alignment::TopLeft => i as i64,
+            Alignment::BottomRight => i as i128 + seq_k as i128 - seq_q as i128,
+            Alignment::TopLeft => i as i128,
         }
     }
 
     /// The keys query `i` may see, as a range of key positions (empty for a fully masked row).
+    ///
+    /// Computed in `i128`, where `usize` sides cannot overflow: `window(0, usize::MAX)` is a
+    /// band that is unbounded on the right in practice, not a wrapped-around empty one.
     pub fn visible_keys(&self, i: usize, seq_q: usize, seq_k: usize) -> Range<usize> {
         let diag = self.diagonal(i, seq_q, seq_k);
-        let seq_k_signed = seq_k as i64;
-        let lo = match self.left {
-            Some(left) => (diag - left as i64).clamp(0, seq_k_signed),
-            None => 0,
-        };
-        let hi = match self.right {
-            Some(right) => (diag + right as i64 + 1).clamp(0, seq_k_signed),
-            None => seq_k_signed,
-        };
-        lo as usize..(hi.max(lo)) as usize
+        let seq_k_wide = seq_k as i128;
+        let lo = self
+            .left
+            .map_or(0, |left| (diag - left as i128).clamp(0, seq_k_wide));
+        let hi = self.right.map_or(seq_k_wide, |right| {
+            (diag + right as i128 + 1).clamp(0, seq_k_wide)
+        });
+        // Both bounds lie in 0..=seq_k, so they fit in usize.
+        lo as usize..hi.max(lo) as usize
     }
 
     /// Whether query `i` may see key `j`.
@@ -129,13 +144,18 @@ mod tests {
     use super::*;
 
     fn rows(mask: Mask, seq_q: usize, seq_k: usize) -> Vec<Range<usize>> {
-        (0..seq_q).map(|i| mask.visible_keys(i, seq_q, seq_k)).collect()
+        (0..seq_q)
+            .map(|i| mask.visible_keys(i, seq_q, seq_k))
+            .collect()
     }
 
     #[test]
     fn causal_bottom_right_with_more_queries_than_keys_masks_the_first_rows() {
         // seq_q 4, seq_k 2: diag(i) = i - 2, so rows 0 and 1 see nothing, row 2 sees key 0.
-        assert_eq!(rows(Mask::NONE.causal(), 4, 2), vec![0..0, 0..0, 0..1, 0..2]);
+        assert_eq!(
+            rows(Mask::NONE.causal(), 4, 2),
+            vec![0..0, 0..0, 0..1, 0..2]
+        );
     }
 
     #[test]
@@ -157,6 +177,28 @@ mod tests {
     #[test]
     fn window_clips_at_both_ends() {
         assert_eq!(rows(Mask::NONE.window(1, 1), 3, 3), vec![0..2, 0..3, 1..3]);
+    }
+
+    #[test]
+    fn huge_sides_do_not_overflow() {
+        // A right side of usize::MAX is "everything to the right", not a wrapped-around bound:
+        // with diag(i) = i - 2 and left 0, row i sees keys j >= i - 2.
+        assert_eq!(
+            rows(Mask::NONE.window(0, usize::MAX), 4, 2),
+            vec![0..2, 0..2, 0..2, 1..2]
+        );
+        assert_eq!(
+            rows(Mask::NONE.causal().window(usize::MAX, 0), 5, 2),
+            vec![0..0, 0..0, 0..0, 0..1, 0..2]
+        );
+        assert_eq!(
+            rows(
+                Mask::band(Some(usize::MAX), Some(usize::MAX), Alignment::TopLeft),
+                2,
+                3
+            ),
+            vec![0..3, 0..3]
+        );
     }
 
     #[test]

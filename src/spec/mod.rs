@@ -8,8 +8,8 @@
 //! A spec is always valid: it can only be made through [`AttentionSpec::try_new`] and the
 //! `try_with_*` methods, each of which checks what it adds. It is `Copy + Eq + Hash`.
 
-mod mask;
-mod score;
+pub mod mask;
+pub mod score;
 mod shape;
 
 pub use mask::{Alignment, Mask};
@@ -23,7 +23,7 @@ use crate::heads::check_config;
 use score::Finite32;
 
 /// Which attention to compute: heads, head dim, mask and score modifiers (see [`score`] for the
-/// order in which modifiers apply, [`mask`] for the masks).
+/// order in which modifiers apply, [`mask`] for the masks and their alignment).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AttentionSpec {
     q_heads: usize,
@@ -120,19 +120,51 @@ impl AttentionSpec {
     /// This spec with a logit softcap `cap · tanh(s / cap)` (finite, `> 0`).
     pub fn try_with_softcap(self, cap: f32) -> Result<AttentionSpec> {
         match Finite32::new(cap) {
-            Some(finite) if cap > 0.0 => Ok(AttentionSpec { softcap: Some(finite), ..self }),
+            Some(finite) if cap > 0.0 => Ok(AttentionSpec {
+                softcap: Some(finite),
+                ..self
+            }),
             _ => Err(Error::InvalidSoftcap { cap }),
         }
     }
 
     /// This spec with ALiBi using the standard geometric slopes for its query heads.
     pub fn with_alibi(self) -> AttentionSpec {
-        AttentionSpec { alibi: Some(AlibiSlopes::geometric(self.q_heads)), ..self }
+        AttentionSpec {
+            alibi: Some(AlibiSlopes::geometric(self.q_heads)),
+            ..self
+        }
     }
 
     /// This spec with ALiBi using `slopes`, one per query head.
     pub fn try_with_alibi_slopes(self, slopes: &[f32]) -> Result<AttentionSpec> {
-        Ok(AttentionSpec { alibi: Some(AlibiSlopes::try_new(self.q_heads, slopes)?), ..self })
+        Ok(AttentionSpec {
+            alibi: Some(AlibiSlopes::try_new(self.q_heads, slopes)?),
+            ..self
+        })
+    }
+
+    /// The same spec — mask, scale, softcap, ALiBi slopes — with another number of KV heads,
+    /// after checking the configuration rule. (How the MHA twin of a GQA spec is made.)
+    pub fn try_with_kv_heads(self, kv_heads: usize) -> Result<AttentionSpec> {
+        check_config(self.q_heads, kv_heads, self.head_dim)?;
+        Ok(AttentionSpec { kv_heads, ..self })
+    }
+
+    /// This spec without its softcap.
+    pub fn without_softcap(self) -> AttentionSpec {
+        AttentionSpec {
+            softcap: None,
+            ..self
+        }
+    }
+
+    /// This spec without ALiBi.
+    pub fn without_alibi(self) -> AttentionSpec {
+        AttentionSpec {
+            alibi: None,
+            ..self
+        }
     }
 
     /// What a KV cache for this configuration costs, stored as `dtype`.
@@ -171,32 +203,72 @@ mod tests {
     fn defaults_are_maskless_with_inverse_sqrt_scale() {
         let s = spec();
         assert_eq!(s.scale(), 0.125);
-        assert_eq!((s.group_size(), s.kv_head_of(3), s.kv_head_of(4)), (4, 0, 1));
+        assert_eq!(
+            (s.group_size(), s.kv_head_of(3), s.kv_head_of(4)),
+            (4, 0, 1)
+        );
         assert!(s.mask().is_none() && s.softcap().is_none() && s.alibi().is_none());
     }
 
     #[test]
     fn bad_modifiers_are_typed_errors() {
-        assert_eq!(spec().try_with_window(-1, 0), Err(Error::InvalidWindow { left: -1, right: 0 }));
-        assert_eq!(spec().try_with_window(3, -2), Err(Error::InvalidWindow { left: 3, right: -2 }));
-        assert!(matches!(spec().try_with_scale(f32::NAN), Err(Error::InvalidScale { .. })));
-        assert!(matches!(spec().try_with_scale(f32::INFINITY), Err(Error::InvalidScale { .. })));
-        assert_eq!(spec().try_with_softcap(0.0), Err(Error::InvalidSoftcap { cap: 0.0 }));
-        assert_eq!(spec().try_with_softcap(-5.0), Err(Error::InvalidSoftcap { cap: -5.0 }));
-        assert!(matches!(spec().try_with_softcap(f32::NAN), Err(Error::InvalidSoftcap { .. })));
+        assert_eq!(
+            spec().try_with_window(-1, 0),
+            Err(Error::InvalidWindow { left: -1, right: 0 })
+        );
+        assert_eq!(
+            spec().try_with_window(3, -2),
+            Err(Error::InvalidWindow { left: 3, right: -2 })
+        );
+        assert!(matches!(
+            spec().try_with_scale(f32::NAN),
+            Err(Error::InvalidScale { .. })
+        ));
+        assert!(matches!(
+            spec().try_with_scale(f32::INFINITY),
+            Err(Error::InvalidScale { .. })
+        ));
+        assert_eq!(
+            spec().try_with_softcap(0.0),
+            Err(Error::InvalidSoftcap { cap: 0.0 })
+        );
+        assert_eq!(
+            spec().try_with_softcap(-5.0),
+            Err(Error::InvalidSoftcap { cap: -5.0 })
+        );
+        assert!(matches!(
+            spec().try_with_softcap(f32::NAN),
+            Err(Error::InvalidSoftcap { .. })
+        ));
+        assert!(matches!(spec().try_with_kv_heads(3), Err(Error::Config(_))));
         assert_eq!(
             spec().try_with_alibi_slopes(&[0.5; 7]),
-            Err(Error::AlibiSlopeCount { q_heads: 8, slopes: 7 })
+            Err(Error::AlibiSlopeCount {
+                q_heads: 8,
+                slopes: 7
+            })
         );
     }
 
     #[test]
     fn equal_semantics_hash_equal() {
         use std::collections::HashSet;
-        let a = spec().try_with_window(4, 0).unwrap().with_mask(spec().mask().causal().window(4, 0));
-        let b = spec().with_mask(Mask::NONE.causal()).try_with_window(4, 9).unwrap();
+        let a = spec()
+            .try_with_window(4, 0)
+            .unwrap()
+            .with_mask(spec().mask().causal().window(4, 0));
+        let b = spec()
+            .with_mask(Mask::NONE.causal())
+            .try_with_window(4, 9)
+            .unwrap();
         assert_eq!(a, b);
-        let set: HashSet<_> = [a, b, spec().try_with_scale(-0.0).unwrap(), spec().try_with_scale(0.0).unwrap()].into();
+        let set: HashSet<_> = [
+            a,
+            b,
+            spec().try_with_scale(-0.0).unwrap(),
+            spec().try_with_scale(0.0).unwrap(),
+        ]
+        .into();
         assert_eq!(set.len(), 2);
     }
 }

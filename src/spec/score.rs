@@ -60,7 +60,11 @@ impl AlibiSlopes {
             |n: usize| (0..n).map(move |h| (-8.0 * (h + 1) as f64 / n as f64).exp2());
         let base = 1usize << q_heads.ilog2();
         let slopes: Vec<f32> = power_of_two_slopes(base)
-            .chain(power_of_two_slopes(2 * base).step_by(2).take(q_heads - base))
+            .chain(
+                power_of_two_slopes(2 * base)
+                    .step_by(2)
+                    .take(q_heads - base),
+            )
             .map(|s| s as f32)
             .collect();
         AlibiSlopes::try_new(q_heads, &slopes).expect("geometric slopes are finite, one per head")
@@ -69,13 +73,19 @@ impl AlibiSlopes {
     /// User slopes, one per query head: `slopes.len()` must equal `q_heads`.
     pub fn try_new(q_heads: usize, slopes: &[f32]) -> Result<AlibiSlopes> {
         if slopes.len() != q_heads || q_heads == 0 || q_heads > MAX_Q_HEADS {
-            return Err(Error::AlibiSlopeCount { q_heads, slopes: slopes.len() });
+            return Err(Error::AlibiSlopeCount {
+                q_heads,
+                slopes: slopes.len(),
+            });
         }
         let mut stored = [Finite32(0); MAX_Q_HEADS];
         for (head, (&slope, slot)) in slopes.iter().zip(&mut stored).enumerate() {
             *slot = Finite32::new(slope).ok_or(Error::InvalidAlibiSlope { head, slope })?;
         }
-        Ok(AlibiSlopes { len: q_heads, slopes: stored })
+        Ok(AlibiSlopes {
+            len: q_heads,
+            slopes: stored,
+        })
     }
 
     /// The number of slopes (= query heads).
@@ -94,7 +104,11 @@ impl AlibiSlopes {
     /// If `head >= self.len()`.
     #[track_caller]
     pub fn slope(&self, head: usize) -> f32 {
-        assert!(head < self.len, "ALiBi slope of head {head} requested, but there are {} heads", self.len);
+        assert!(
+            head < self.len,
+            "ALiBi slope of head {head} requested, but there are {} heads",
+            self.len
+        );
         self.slopes[head].get()
     }
 
@@ -137,7 +151,10 @@ mod tests {
     #[test]
     fn non_finite_user_slopes_are_rejected() {
         assert_eq!(
-            AlibiSlopes::try_new(2, &[0.5, f32::NAN]).map(|_| ()).unwrap_err().to_string(),
+            AlibiSlopes::try_new(2, &[0.5, f32::NAN])
+                .map(|_| ())
+                .unwrap_err()
+                .to_string(),
             "ALiBi slope of query head 1 must be finite, got NaN"
         );
     }
@@ -145,7 +162,10 @@ mod tests {
     #[test]
     fn slope_count_must_match_the_heads() {
         assert_eq!(
-            AlibiSlopes::try_new(4, &[0.5; 3]).map(|_| ()).unwrap_err().to_string(),
+            AlibiSlopes::try_new(4, &[0.5; 3])
+                .map(|_| ())
+                .unwrap_err()
+                .to_string(),
             "ALiBi needs one slope per query head: 4 query heads, 3 slopes given"
         );
     }

@@ -15,12 +15,21 @@ pub struct ProblemShape {
 impl AttentionSpec {
     /// Checks `q: [batch, q_heads, seq_q, head_dim]`, `k: [batch, kv_heads, seq_k, head_dim]`
     /// and `v` (the shape of `k`) against this spec. `op` names the caller in the error.
-    pub fn check_shapes(&self, op: &'static str, q: &[usize], k: &[usize], v: &[usize]) -> Result<ProblemShape> {
+    pub fn check_shapes(
+        &self,
+        op: &'static str,
+        q: &[usize],
+        k: &[usize],
+        v: &[usize],
+    ) -> Result<ProblemShape> {
         let fits = |got: &[usize], want: [Option<usize>; 4]| {
             got.len() == 4 && got.iter().zip(want).all(|(&g, w)| w.is_none_or(|w| w == g))
         };
         let show = |want: [Option<usize>; 4], names: &str| {
-            let dims: Vec<String> = want.iter().map(|w| w.map_or("_".into(), |w| w.to_string())).collect();
+            let dims: Vec<String> = want
+                .iter()
+                .map(|w| w.map_or("_".into(), |w| w.to_string()))
+                .collect();
             format!("[{}] ({names})", dims.join(", "))
         };
         let q_want = [None, Some(self.q_heads()), None, Some(self.head_dim())];
@@ -32,7 +41,12 @@ impl AttentionSpec {
                 expected: show(q_want, "[batch, q_heads, seq_q, head_dim]"),
             });
         }
-        let k_want = [Some(q[0]), Some(self.kv_heads()), None, Some(self.head_dim())];
+        let k_want = [
+            Some(q[0]),
+            Some(self.kv_heads()),
+            None,
+            Some(self.head_dim()),
+        ];
         if !fits(k, k_want) {
             return Err(Error::Shape {
                 op,
@@ -42,9 +56,18 @@ impl AttentionSpec {
             });
         }
         if v != k {
-            return Err(Error::Shape { op, tensor: "v", got: v.to_vec(), expected: format!("{k:?} (the shape of k)") });
+            return Err(Error::Shape {
+                op,
+                tensor: "v",
+                got: v.to_vec(),
+                expected: format!("{k:?} (the shape of k)"),
+            });
         }
-        Ok(ProblemShape { batch: q[0], seq_q: q[2], seq_k: k[2] })
+        Ok(ProblemShape {
+            batch: q[0],
+            seq_q: q[2],
+            seq_k: k[2],
+        })
     }
 }
 
@@ -57,9 +80,17 @@ mod tests {
         let spec = AttentionSpec::try_new(8, 2, 64).unwrap();
         assert_eq!(
             spec.check_shapes("forward", &[2, 8, 5, 64], &[2, 2, 7, 64], &[2, 2, 7, 64]),
-            Ok(ProblemShape { batch: 2, seq_q: 5, seq_k: 7 })
+            Ok(ProblemShape {
+                batch: 2,
+                seq_q: 5,
+                seq_k: 7
+            })
         );
-        let err = |q: &[usize], k: &[usize], v: &[usize]| spec.check_shapes("forward", q, k, v).unwrap_err().to_string();
+        let err = |q: &[usize], k: &[usize], v: &[usize]| {
+            spec.check_shapes("forward", q, k, v)
+                .unwrap_err()
+                .to_string()
+        };
         assert_eq!(
             err(&[2, 6, 5, 64], &[2, 2, 7, 64], &[2, 2, 7, 64]),
             "forward: `q` has shape [2, 6, 5, 64], expected [_, 8, _, 64] ([batch, q_heads, seq_q, head_dim])"
@@ -72,6 +103,8 @@ mod tests {
             err(&[2, 8, 5, 64], &[2, 2, 7, 64], &[2, 2, 6, 64]),
             "forward: `v` has shape [2, 2, 6, 64], expected [2, 2, 7, 64] (the shape of k)"
         );
-        assert!(err(&[2, 8, 5], &[2, 2, 7, 64], &[2, 2, 7, 64]).contains("`q` has shape [2, 8, 5]"));
+        assert!(
+            err(&[2, 8, 5], &[2, 2, 7, 64], &[2, 2, 7, 64]).contains("`q` has shape [2, 8, 5]")
+        );
     }
 }

@@ -6,7 +6,7 @@
 #[macro_use]
 pub mod configs;
 
-use gqa::{AttentionSpec, Mask};
+use gqa::{Alignment, AttentionSpec, Mask};
 use ndarray::{Array4, Axis};
 use proptest::prelude::*;
 
@@ -41,24 +41,78 @@ pub struct Sizes {
 }
 
 pub fn sizes() -> impl Strategy<Value = Sizes> {
-    (1..=2usize, 1..=3usize, 1..=3usize, 0..=7usize, 0..=9usize, 1..=6usize).prop_map(
-        |(batch, kv_heads, group, seq_q, seq_k, head_dim)| Sizes { batch, kv_heads, group, seq_q, seq_k, head_dim },
+    (
+        1..=2usize,
+        1..=3usize,
+        1..=3usize,
+        0..=7usize,
+        0..=9usize,
+        1..=6usize,
     )
+        .prop_map(|(batch, kv_heads, group, seq_q, seq_k, head_dim)| Sizes {
+            batch,
+            kv_heads,
+            group,
+            seq_q,
+            seq_k,
+            head_dim,
+        })
 }
 
-/// Every mask shape: none, causal (both alignments), windows, causal ∧ window.
+/// Every mask shape: none, causal (both alignments), windows (small and huge sides), causal ∧
+/// window, and one-sided bands.
 pub fn mask() -> impl Strategy<Value = Mask> {
-    let band = (0..6usize, 0..6usize);
-    (0..5u8, band, any::<bool>()).prop_map(|(kind, (left, right), top_left)| {
+    let side =
+        prop_oneof![4 => 0..6usize, 1 => Just(usize::MAX), 1 => (usize::MAX - 8)..=usize::MAX];
+    (0..6u8, side.clone(), side, any::<bool>()).prop_map(|(kind, left, right, top_left)| {
         let mask = match kind {
             0 => Mask::NONE,
             1 => Mask::NONE.causal(),
             2 => Mask::NONE.window(left, right),
             3 => Mask::NONE.causal().window(left, right),
-            _ => Mask::band(Some(left), None, gqa::Alignment::BottomRight),
+            4 => Mask::band(Some(left), None, Alignment::BottomRight),
+            _ => Mask::band(None, Some(right), Alignment::BottomRight),
         };
-        if top_left { mask.aligned(gqa::Alignment::TopLeft) } else { mask }
+        if top_left {
+            mask.aligned(Alignment::TopLeft)
+        } else {
+            mask
+        }
     })
+}
+
+/// The mask's definition, restated independently of `Mask::visible_keys`: query `i` sees key
+/// `j` when `diag(i) - left <= j <= diag(i) + right`.
+pub fn visible_by_definition(mask: Mask, i: usize, j: usize, seq_q: usize, seq_k: usize) -> bool {
+    let diag = match mask.alignment() {
+        Alignment::BottomRight => i as i128 + seq_k as i128 - seq_q as i128,
+        Alignment::TopLeft => i as i128,
+    };
+    let j = j as i128;
+    mask.left().is_none_or(|left| j >= diag - left as i128)
+        && mask.right().is_none_or(|right| j <= diag + right as i128)
+}
+
+/// The score's definition, restated independently of the oracle: `scale · q·k`, then the
+/// softcap, then ALiBi's `−slope_h · |diag(i) − j|`.
+pub fn score_by_definition(p: &Problem, (b, h, i, j): (usize, usize, usize, usize)) -> f64 {
+    let spec = &p.spec;
+    let g = h / (spec.q_heads() / spec.kv_heads());
+    let dot: f64 = (0..spec.head_dim())
+        .map(|c| p.q[[b, h, i, c]] * p.k[[b, g, j, c]])
+        .sum();
+    let mut s = f64::from(spec.scale()) * dot;
+    if let Some(cap) = spec.softcap() {
+        s = f64::from(cap) * (s / f64::from(cap)).tanh();
+    }
+    if let Some(alibi) = spec.alibi() {
+        let diag = match spec.mask().alignment() {
+            Alignment::BottomRight => i as f64 + p.seq_k() as f64 - p.seq_q() as f64,
+            Alignment::TopLeft => i as f64,
+        };
+        s -= f64::from(alibi.slope(h)) * (diag - j as f64).abs();
+    }
+    s
 }
 
 /// The score modifiers, each present or not: a custom scale, a softcap, ALiBi (geometric or user
@@ -74,14 +128,29 @@ pub fn modifiers(q_heads: usize) -> impl Strategy<Value = Modifiers> {
     (
         proptest::option::of(-2.0f32..2.0),
         proptest::option::of(0.25f32..20.0),
-        proptest::option::of(proptest::option::of(proptest::collection::vec(0.0f32..1.0, q_heads))),
+        proptest::option::of(proptest::option::of(proptest::collection::vec(
+            0.0f32..1.0,
+            q_heads,
+        ))),
     )
-        .prop_map(|(scale, softcap, alibi)| Modifiers { scale, softcap, alibi })
+        .prop_map(|(scale, softcap, alibi)| Modifiers {
+            scale,
+            softcap,
+            alibi,
+        })
 }
 
 /// Builds a spec through the public builder.
-pub fn build_spec(q_heads: usize, kv_heads: usize, head_dim: usize, mask: Mask, mods: &Modifiers) -> AttentionSpec {
-    let mut spec = AttentionSpec::try_new(q_heads, kv_heads, head_dim).unwrap().with_mask(mask);
+pub fn build_spec(
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    mask: Mask,
+    mods: &Modifiers,
+) -> AttentionSpec {
+    let mut spec = AttentionSpec::try_new(q_heads, kv_heads, head_dim)
+        .unwrap()
+        .with_mask(mask);
     if let Some(scale) = mods.scale {
         spec = spec.try_with_scale(scale).unwrap();
     }
@@ -94,22 +163,6 @@ pub fn build_spec(q_heads: usize, kv_heads: usize, head_dim: usize, mask: Mask, 
         None => {}
     }
     spec
-}
-
-/// The same spec (mask and every modifier, ALiBi slopes included) with another KV head count.
-pub fn with_kv_heads(spec: &AttentionSpec, kv_heads: usize) -> AttentionSpec {
-    let mut out = AttentionSpec::try_new(spec.q_heads(), kv_heads, spec.head_dim())
-        .unwrap()
-        .with_mask(spec.mask())
-        .try_with_scale(spec.scale())
-        .unwrap();
-    if let Some(cap) = spec.softcap() {
-        out = out.try_with_softcap(cap).unwrap();
-    }
-    if let Some(alibi) = spec.alibi() {
-        out = out.try_with_alibi_slopes(&alibi.to_vec()).unwrap();
-    }
-    out
 }
 
 /// A tensor of the given shape with entries drawn from `-3.0..3.0`.
@@ -141,7 +194,10 @@ pub fn problem() -> impl Strategy<Value = Problem> {
 
 /// Repeats each KV head `group` times along the head axis: what MHA would have stored.
 pub fn repeat_kv(x: &Array4<f64>, group: usize) -> Array4<f64> {
-    let heads: Vec<_> = x.axis_iter(Axis(1)).flat_map(|head| std::iter::repeat_n(head, group)).collect();
+    let heads: Vec<_> = x
+        .axis_iter(Axis(1))
+        .flat_map(|head| std::iter::repeat_n(head, group))
+        .collect();
     ndarray::stack(Axis(1), &heads).expect("heads have equal shapes")
 }
 
@@ -149,17 +205,25 @@ pub fn repeat_kv(x: &Array4<f64>, group: usize) -> Array4<f64> {
 /// indices), returned as the backing tensor; [`nan_padded_view`] gives the view of the data.
 pub fn nan_padded(x: &Array4<f64>) -> Array4<f64> {
     let s = x.shape();
-    let mut big = Array4::from_elem((2 * s[0] + 1, 2 * s[1] + 1, 2 * s[2] + 1, 2 * s[3] + 1), f64::NAN);
+    let mut big = Array4::from_elem(
+        (2 * s[0] + 1, 2 * s[1] + 1, 2 * s[2] + 1, 2 * s[3] + 1),
+        f64::NAN,
+    );
     nan_padded_view_mut(&mut big, s).assign(x);
     big
 }
 
-fn window_of(s: &[usize]) -> ndarray::SliceInfo<[ndarray::SliceInfoElem; 4], ndarray::Ix4, ndarray::Ix4> {
+fn window_of(
+    s: &[usize],
+) -> ndarray::SliceInfo<[ndarray::SliceInfoElem; 4], ndarray::Ix4, ndarray::Ix4> {
     // Odd indices of every axis: a NaN on each side of every element, and non-unit strides.
     ndarray::s![1..2 * s[0]; 2, 1..2 * s[1]; 2, 1..2 * s[2]; 2, 1..2 * s[3]; 2]
 }
 
-fn nan_padded_view_mut<'a>(big: &'a mut Array4<f64>, s: &[usize]) -> ndarray::ArrayViewMut4<'a, f64> {
+fn nan_padded_view_mut<'a>(
+    big: &'a mut Array4<f64>,
+    s: &[usize],
+) -> ndarray::ArrayViewMut4<'a, f64> {
     big.slice_mut(window_of(s))
 }
 

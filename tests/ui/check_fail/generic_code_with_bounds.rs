@@ -1,10 +1,10 @@
 // Generic code that names the bounds passes them on: the error is at the instantiation, with the
 // numbers.
-use gqa::heads::{Rule, ValidHeadDim, ValidHeads};
+use gqa::heads::{Rule, Supported};
 
 fn layer<const HQ: usize, const HKV: usize>() -> gqa::Gqa<HQ, HKV, 64>
 where
-    Rule: ValidHeads<HQ, HKV> + ValidHeadDim<64>,
+    Rule: Supported<HQ, HKV, 64>,
 {
     gqa::Gqa::<HQ, HKV, 64>::new().causal()
 }

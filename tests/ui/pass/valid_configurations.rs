@@ -1,16 +1,19 @@
 // Valid configurations compile, build and run: MHA, GQA with groups 2..8 (3 and 5 included), MQA,
 // the largest table entries, and head dims that are not powers of two.
-use gqa::heads::{Rule, ValidHeadDim, ValidHeads};
+use gqa::heads::{Rule, Supported};
 use gqa::{Attention, DType, Gqa, Mha, Mqa};
 
 fn layer<const HQ: usize, const HKV: usize, const D: usize>() -> Attention<HQ, HKV, D>
 where
-    Rule: ValidHeads<HQ, HKV> + ValidHeadDim<D>,
+    Rule: Supported<HQ, HKV, D>,
 {
     Attention::new().causal()
 }
 
-fn group_size<const HQ: usize, const HKV: usize>() -> usize {
+fn group_size<const HQ: usize, const HKV: usize>() -> usize
+where
+    Rule: Supported<HQ, HKV, 64>,
+{
     Gqa::<HQ, HKV, 64>::GROUP
 }
 
