@@ -1,4 +1,4 @@
-//! What must not compile, proven with trybuild (programs and expected errors in `tests/ui/`).
+//! What must not compile, proven with trybuild (programs and expected errors beside this file).
 //!
 //! trybuild runs `cargo check` when a `TestCases` holds only compile-fail programs and `cargo
 //! build` when it also holds a passing one. So the compile-fail programs run twice: alone
@@ -9,10 +9,10 @@
 fn invalid_configurations_do_not_compile() {
     {
         let check_only = trybuild::TestCases::new();
-        check_only.compile_fail("tests/ui/check_fail/*.rs");
+        check_only.compile_fail("check_fail/*.rs");
     } // a TestCases runs when dropped
 
     let build = trybuild::TestCases::new();
-    build.pass("tests/ui/pass/*.rs");
-    build.compile_fail("tests/ui/check_fail/*.rs");
+    build.pass("pass/*.rs");
+    build.compile_fail("check_fail/*.rs");
 }

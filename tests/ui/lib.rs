@@ -1,0 +1,1 @@
+//! Empty: this package exists for its test, `compile_fail.rs` (see `Cargo.toml`).
