@@ -2,7 +2,10 @@
 //! compile time, and [`DynAttention`], its runtime-checked twin for numbers read at run time.
 //! Both are thin wrappers over an [`AttentionSpec`] and share one builder (the methods below).
 
+use ndarray::ArrayView4;
+
 use crate::cache::KvCacheFootprint;
+use crate::cube::{CubeDevice, CubeElement, DeviceOutput, DeviceTensor, HostOutput};
 use crate::element::DType;
 use crate::error::{Error, Result};
 use crate::heads::{Rule, Supported, assert_config};
@@ -179,6 +182,47 @@ macro_rules! spec_builder_methods {
             Ok(Self {
                 spec: self.spec.try_with_alibi_slopes(slopes)?,
             })
+        }
+
+        /// Runs this attention on a GPU device through the cubecl kernels: host arrays in,
+        /// host arrays out (see [`crate::cube`]).
+        pub fn try_forward<T: CubeElement>(
+            &self,
+            device: &CubeDevice,
+            q: ArrayView4<T>,
+            k: ArrayView4<T>,
+            v: ArrayView4<T>,
+        ) -> Result<HostOutput<T>> {
+            device.try_forward(&self.spec, q, k, v)
+        }
+
+        /// [`Self::try_forward`], panicking on error.
+        ///
+        /// # Panics
+        /// If the shapes do not fit, the device lacks the element type, or the kernel fails.
+        #[track_caller]
+        pub fn forward<T: CubeElement>(
+            &self,
+            device: &CubeDevice,
+            q: ArrayView4<T>,
+            k: ArrayView4<T>,
+            v: ArrayView4<T>,
+        ) -> HostOutput<T> {
+            match self.try_forward(device, q, k, v) {
+                Ok(output) => output,
+                Err(error) => panic!("{error}"),
+            }
+        }
+
+        /// Runs this attention on tensors already on the device.
+        pub fn try_forward_device<T: CubeElement>(
+            &self,
+            device: &CubeDevice,
+            q: &DeviceTensor<T>,
+            k: &DeviceTensor<T>,
+            v: &DeviceTensor<T>,
+        ) -> Result<DeviceOutput<T>> {
+            device.try_forward_device(&self.spec, q, k, v)
         }
 
         /// The size of this configuration's KV cache, stored as `dtype`.

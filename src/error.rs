@@ -52,6 +52,38 @@ pub enum Error {
         found: usize,
     },
 
+    /// The backend was left out of this build (its cargo feature is off).
+    #[error(
+        "gqa was built without the `{feature}` feature, so the {backend} backend is not available"
+    )]
+    NotCompiledWith {
+        backend: &'static str,
+        feature: &'static str,
+    },
+
+    /// No device could be opened for a backend that was compiled in.
+    #[error("no {backend} device: {reason}")]
+    NoDevice {
+        backend: &'static str,
+        reason: String,
+    },
+
+    /// The device cannot compute in this element type (lavapipe has no bf16, for instance).
+    #[error("{op}: the device {device} does not support {dtype}")]
+    UnsupportedDType {
+        op: &'static str,
+        dtype: crate::DType,
+        device: String,
+    },
+
+    /// The problem needs more of the device than it has (shared memory, units per cube).
+    #[error("{op}: {reason}")]
+    DeviceLimit { op: &'static str, reason: String },
+
+    /// A kernel failed to compile or to run on the device.
+    #[error("{op}: the kernel failed on the device: {reason}")]
+    Kernel { op: &'static str, reason: String },
+
     /// A model configuration (e.g. a Hugging Face `config.json`) could not be read.
     #[error("model config: {reason}")]
     ModelConfig { reason: String },

@@ -33,6 +33,7 @@
 //! Tensors at the API are `[batch, heads, seq, head_dim]` (PyTorch SDPA order).
 
 pub mod cache;
+pub mod cube;
 pub mod element;
 pub mod error;
 pub mod heads;

@@ -10,8 +10,10 @@
 //!
 //! Masked keys are never read, so NaNs placed there cannot leak into a result.
 
+mod low_precision;
 mod tolerance;
 
+pub use low_precision::try_forward_rounded;
 pub use tolerance::{Comparison, compare};
 
 use std::ops::Range;

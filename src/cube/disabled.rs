@@ -1,0 +1,54 @@
+//! Stand-ins for the cubecl side when no cubecl runtime feature is on: the API exists and says
+//! so through [`Error::NotCompiledWith`]; no device, and so nothing else, can be reached.
+
+use crate::element::DType;
+use crate::error::{Error, Result};
+use crate::spec::{AttentionSpec, ProblemShape};
+
+pub trait KernelElement {}
+impl KernelElement for f32 {}
+impl KernelElement for half::f16 {}
+impl KernelElement for half::bf16 {}
+
+/// Uninhabited: without a runtime there is no device.
+pub enum Device {}
+
+pub struct Buffer;
+
+impl Device {
+    pub fn open_default() -> Result<Device> {
+        Err(Error::NotCompiledWith {
+            backend: "cubecl GPU",
+            feature: "wgpu",
+        })
+    }
+}
+
+#[allow(clippy::unused_self)]
+impl Device {
+    pub fn name(&self) -> &str {
+        match *self {}
+    }
+    pub fn key(&self) -> &std::sync::Arc<()> {
+        match *self {}
+    }
+    pub fn supports(&self, _: DType) -> bool {
+        match *self {}
+    }
+    pub fn upload<T>(&self, _: &[T]) -> Buffer {
+        match *self {}
+    }
+    pub fn download<T>(&self, _: &'static str, _: &Buffer) -> Result<Vec<T>> {
+        match *self {}
+    }
+    pub fn forward<T>(
+        &self,
+        _: &'static str,
+        _: &AttentionSpec,
+        _: ProblemShape,
+        _: (&Buffer, &Buffer, &Buffer),
+        _: [u32; 15],
+    ) -> Result<(Buffer, Buffer)> {
+        match *self {}
+    }
+}

@@ -1,0 +1,397 @@
+//! The forward kernel: FlashAttention-2's structure, GQA-aware, specialised per spec.
+//!
+//! **Work.** One cube computes one tile of `block_m` queries for *all* `group` query heads of
+//! one KV head of one batch entry: `CUBE_POS_X` = query tile, `CUBE_POS_Y` = KV head,
+//! `CUBE_POS_Z` = batch entry. Its `block_m · group` units each own one (query head, query row)
+//! pair. K and V stream through shared memory in tiles of `block_n` keys, loaded cooperatively
+//! **once per group**, and every query head of the group reads them there: KV heads are never
+//! repeated, in memory or in loads.
+//!
+//! **Softmax.** Each unit keeps its query row, an f32 output accumulator, the
+//! running max `m` and running sum `l` in registers (online softmax); the accumulator is
+//! rescaled only when the max moves and normalised once at the end. Storage may be f16/bf16;
+//! arithmetic is f32.
+//!
+//! **Specialisation.** Everything that changes code is `#[comptime]` ([`KernelConfig`]): head
+//! dim, group, tile sizes, which mask sides are bounded, softcap, ALiBi. Values that only change
+//! numbers (lengths, scale, cap, window sides, slopes, strides) are runtime arguments, so one
+//! compiled kernel serves every sequence length and window size. Key tiles entirely outside the
+//! cube's mask band are never visited; tiles entirely inside it run a copy of the inner loop
+//! compiled without the mask test.
+//!
+//! **Split keys.** Mesa's lavapipe silently stops a shader invocation's loops after about 65 000
+//! iterations in total (its `LP_MAX_TGSI_LOOP_ITERATIONS`), which a long key range exceeds. The
+//! host then splits the keys over several cubes (`KernelConfig::split`), each writing an f32
+//! partial output and LSE, and [`combine_splits`] merges them — Flash-Decoding's algebra.
+//! (Unrolling the head-dim loops would cut the count, but makes lavapipe's LLVM compile for
+//! minutes: its barriers become coroutines holding the unrolled registers.)
+//!
+//! **Reductions** are per unit (one unit, one query row), so the kernel needs neither plane
+//! (subgroup) operations nor a particular plane size: only shared memory and `sync_cube`.
+//!
+//! WGSL cannot spell infinity, so the running max starts at a finite sentinel and a fully
+//! masked row's LSE is written as the bit pattern of −∞.
+
+use cubecl::prelude::*;
+
+/// A finite stand-in for −∞ in running maxima (WGSL has no infinity literal). Scores are f32
+/// and bounded far below this in magnitude for any finite input.
+const NEG_BIG: f32 = -1.0e30;
+/// The bits of f32 −∞, written for the LSE of rows that see no key.
+const NEG_INFINITY_BITS: u32 = 0xff80_0000;
+
+/// Everything that changes the generated code; one compiled kernel per distinct value.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct KernelConfig {
+    pub head_dim: usize,
+    /// Query heads per KV head.
+    pub group: usize,
+    /// Queries per cube and per head.
+    pub block_m: usize,
+    /// Keys per shared-memory tile.
+    pub block_n: usize,
+    /// The mask bounds keys before the diagonal (`diag - left <= j`).
+    pub left_bounded: bool,
+    /// The mask bounds keys after the diagonal (`j <= diag + right`; causal is `right = 0`).
+    pub right_bounded: bool,
+    pub softcap: bool,
+    pub alibi: bool,
+    /// The key range is split over several cubes (`CUBE_POS_Z = split · batch + b`): write f32
+    /// partial results for [`combine_splits`] instead of the final output.
+    pub split: bool,
+}
+
+/// Runtime numbers of one launch (the kernel's `u32`/`i32`/`f32` scalars, packed as a struct
+/// for the host side only).
+#[derive(Clone, Copy, Debug)]
+pub struct LaunchScalars {
+    pub q_heads: u32,
+    pub seq_q: u32,
+    pub seq_k: u32,
+    /// `diag(i) = i + diag_offset` (`seq_k - seq_q` bottom-right, 0 top-left).
+    pub diag_offset: i32,
+    pub left: i32,
+    pub right: i32,
+    pub scale: f32,
+    pub softcap: f32,
+    pub batch: u32,
+    /// Keys per split (a multiple of `block_n`); `seq_k` or more when not split.
+    pub keys_per_split: u32,
+}
+
+/// Index of element `(b, h, s, d)` of a strided tensor whose layout sits at `layout[at..at + 5]`
+/// as `[offset, stride_b, stride_h, stride_s, stride_d]`.
+#[cube]
+fn strided_index(layout: &[u32], #[comptime] at: usize, b: u32, h: u32, s: u32, d: u32) -> usize {
+    let index = layout[at]
+        + b * layout[at + 1]
+        + h * layout[at + 2]
+        + s * layout[at + 3]
+        + d * layout[at + 4];
+    index as usize
+}
+
+/// The scores of one unit's query row against the current key tile, into `scores`, and the
+/// tile's row maximum folded into `m_tile`. `masked = false` is the copy for tiles the mask
+/// cannot touch.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn tile_scores<F: Float>(
+    q_row: &Array<f32>,
+    k_tile: &Shared<[F]>,
+    scores: &mut Array<f32>,
+    key0: u32,
+    seq_k: u32,
+    diag: i32,
+    left: i32,
+    right: i32,
+    slope: f32,
+    scale: f32,
+    softcap: f32,
+    #[comptime] cfg: KernelConfig,
+    #[comptime] masked: bool,
+) -> f32 {
+    let dim = cfg.head_dim;
+    let mut m_tile = NEG_BIG.runtime();
+    for j in 0..cfg.block_n {
+        let key = key0 + j as u32;
+        let mut visible = true;
+        if masked {
+            let kj = key as i32;
+            visible = key < seq_k;
+            if cfg.left_bounded {
+                visible = visible && kj >= diag - left;
+            }
+            if cfg.right_bounded {
+                visible = visible && kj <= diag + right;
+            }
+        }
+        let mut s = NEG_BIG.runtime();
+        if visible {
+            let mut dot = 0.0f32;
+            for d in 0..dim {
+                dot += q_row[d] * f32::cast_from(k_tile[j * dim + d]);
+            }
+            s = scale * dot;
+            if cfg.softcap {
+                s = softcap * (s / softcap).tanh();
+            }
+            if cfg.alibi {
+                s -= slope * f32::cast_from(diag - key as i32).abs();
+            }
+            m_tile = max(m_tile, s);
+        }
+        scores[j] = s;
+    }
+    m_tile
+}
+
+/// Attention forward. `layout` holds `[offset, stride_b, stride_h, stride_s, stride_d]` of q, k
+/// and v (in elements, in that order); `o` is contiguous `[B, HQ, Lq, D]`, `lse` contiguous
+/// `[B, HQ, Lq]`; `slopes` has one ALiBi slope per query head (a dummy when ALiBi is off).
+#[cube(launch)]
+// Kernel code keeps to the operations cubecl expands (no `div_ceil`), and a comptime `if` stays
+// apart from the runtime one it guards.
+#[allow(clippy::too_many_arguments, clippy::manual_div_ceil, clippy::collapsible_if)]
+pub fn flash_forward<F: Float>(
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    layout: &[u32],
+    slopes: &[f32],
+    o: &mut [F],
+    lse: &mut [f32],
+    o_partial: &mut [f32],
+    lse_partial: &mut [f32],
+    q_heads: u32,
+    seq_q: u32,
+    seq_k: u32,
+    diag_offset: i32,
+    left: i32,
+    right: i32,
+    scale: f32,
+    softcap: f32,
+    batch_size: u32,
+    keys_per_split: u32,
+    #[comptime] cfg: KernelConfig,
+) {
+    let dim = cfg.head_dim;
+    let block_m = cfg.block_m as u32;
+    let block_n = cfg.block_n as u32;
+
+    let q_tile = CUBE_POS_X;
+    let kv_head = CUBE_POS_Y;
+    let batch = CUBE_POS_Z % batch_size;
+    let split = CUBE_POS_Z / batch_size;
+    let head = kv_head * cfg.group as u32 + UNIT_POS / block_m;
+    let row = q_tile * block_m + UNIT_POS % block_m;
+    let active = row < seq_q;
+    let diag = row as i32 + diag_offset;
+
+    // The band of keys any row of this tile may see, and which key tiles are entirely inside
+    // it for every row (those skip the mask test). Uniform over the cube, so every unit runs
+    // the same tiles and the barriers below are never divergent.
+    let first_row = (q_tile * block_m) as i32;
+    let last_row = min(seq_q, (q_tile + 1) * block_m) as i32 - 1;
+    let mut band_lo = (split * keys_per_split) as i32;
+    let mut band_hi = min(seq_k, (split + 1) * keys_per_split) as i32; // exclusive
+    let mut inside_lo = band_lo; // keys >= inside_lo are right of every row's left bound
+    let mut inside_hi = band_hi; // keys < inside_hi are left of every row's right bound
+    if cfg.left_bounded {
+        band_lo = max(band_lo, first_row + diag_offset - left);
+        inside_lo = max(inside_lo, last_row + diag_offset - left);
+    }
+    if cfg.right_bounded {
+        band_hi = min(band_hi, last_row + diag_offset + right + 1);
+        inside_hi = min(inside_hi, first_row + diag_offset + right + 1);
+    }
+    let mut tile_lo = 0u32;
+    let mut tile_hi = 0u32;
+    if band_hi > band_lo {
+        tile_lo = band_lo as u32 / block_n;
+        tile_hi = (band_hi as u32 + block_n - 1) / block_n;
+    }
+
+    // Registers: the query row and the output accumulator. (The scale multiplies the dot
+    // product, as the definition has it: pre-scaling q would add a rounding per element.)
+    let mut q_row = Array::<f32>::new(dim);
+    let mut acc = Array::<f32>::new(dim);
+    let q_at = strided_index(layout, 0usize, batch, head, row, 0);
+    let q_step = layout[4] as usize;
+    for d in 0..dim {
+        let mut x = 0.0f32;
+        if active {
+            x = f32::cast_from(q[q_at + d * q_step]);
+        }
+        q_row[d] = x;
+        acc[d] = 0.0f32;
+    }
+    let mut slope = 0.0f32;
+    if cfg.alibi {
+        if active {
+            slope = slopes[head as usize];
+        }
+    }
+    let mut scores = Array::<f32>::new(cfg.block_n);
+    let mut m = NEG_BIG.runtime();
+    let mut l = 0.0f32;
+
+    let mut k_tile = Shared::<[F]>::new_slice(cfg.block_n * dim);
+    let mut v_tile = Shared::<[F]>::new_slice(cfg.block_n * dim);
+    let tile_len = cfg.block_n * dim;
+
+    for t in tile_lo..tile_hi {
+        let key0 = t * block_n;
+        sync_cube(); // everyone is done with the previous tile
+        let mut idx = UNIT_POS as usize;
+        loop {
+            if idx >= tile_len {
+                break;
+            }
+            let key = key0 + (idx / dim) as u32;
+            let d = (idx % dim) as u32;
+            let mut kx = F::new(0.0);
+            let mut vx = F::new(0.0);
+            if key < seq_k {
+                kx = k[strided_index(layout, 5usize, batch, kv_head, key, d)];
+                vx = v[strided_index(layout, 10usize, batch, kv_head, key, d)];
+            }
+            k_tile[idx] = kx;
+            v_tile[idx] = vx;
+            idx += CUBE_DIM as usize;
+        }
+        sync_cube();
+
+        if active {
+            let inside = key0 as i32 >= inside_lo && (key0 + block_n) as i32 <= inside_hi;
+            let m_tile = if inside {
+                tile_scores::<F>(
+                    &q_row,
+                    &k_tile,
+                    &mut scores,
+                    key0,
+                    seq_k,
+                    diag,
+                    left,
+                    right,
+                    slope,
+                    scale,
+                    softcap,
+                    cfg,
+                    false,
+                )
+            } else {
+                tile_scores::<F>(
+                    &q_row,
+                    &k_tile,
+                    &mut scores,
+                    key0,
+                    seq_k,
+                    diag,
+                    left,
+                    right,
+                    slope,
+                    scale,
+                    softcap,
+                    cfg,
+                    true,
+                )
+            };
+            if m_tile > m {
+                let alpha = (m - m_tile).exp();
+                l *= alpha;
+                for d in 0..dim {
+                    acc[d] *= alpha;
+                }
+                m = m_tile;
+            }
+            for j in 0..cfg.block_n {
+                let s = scores[j];
+                if s > NEG_BIG {
+                    let p = (s - m).exp();
+                    l += p;
+                    for d in 0..dim {
+                        acc[d] += p * f32::cast_from(v_tile[j * dim + d]);
+                    }
+                }
+            }
+        }
+    }
+
+    if active {
+        let out_row = ((batch * q_heads + head) * seq_q + row) as usize;
+        let mut inv = 0.0f32;
+        if l > 0.0f32 {
+            inv = 1.0f32 / l;
+        }
+        let row_lse = if l > 0.0f32 {
+            m + l.ln()
+        } else {
+            f32::reinterpret(NEG_INFINITY_BITS)
+        };
+        if cfg.split {
+            let rows = (batch_size * q_heads * seq_q) as usize;
+            let at = split as usize * rows + out_row;
+            for d in 0..dim {
+                o_partial[at * dim + d] = acc[d] * inv;
+            }
+            lse_partial[at] = row_lse;
+        } else {
+            for d in 0..dim {
+                o[out_row * dim + d] = F::cast_from(acc[d] * inv);
+            }
+            lse[out_row] = row_lse;
+        }
+    }
+}
+
+/// Merges the f32 partial results of `splits` key ranges into the final output: each split's
+/// output weighted by `exp(lse_s − max_s lse_s)`, the LSE by log-sum-exp. One unit per row.
+#[cube(launch)]
+pub fn combine_splits<F: Float>(
+    o_partial: &[f32],
+    lse_partial: &[f32],
+    o: &mut [F],
+    lse: &mut [f32],
+    rows: u32,
+    splits: u32,
+    #[comptime] head_dim: usize,
+) {
+    let row = ABSOLUTE_POS_X;
+    if row < rows {
+        let mut m = NEG_BIG.runtime();
+        for s in 0..splits {
+            let x = lse_partial[(s * rows + row) as usize];
+            if x > NEG_BIG {
+                m = max(m, x);
+            }
+        }
+        let mut total = 0.0f32;
+        for s in 0..splits {
+            let x = lse_partial[(s * rows + row) as usize];
+            if x > NEG_BIG {
+                total += (x - m).exp();
+            }
+        }
+        let mut inv = 0.0f32;
+        if total > 0.0f32 {
+            inv = 1.0f32 / total;
+        }
+        for d in 0..head_dim {
+            let mut acc = 0.0f32;
+            for s in 0..splits {
+                let at = (s * rows + row) as usize;
+                let x = lse_partial[at];
+                if x > NEG_BIG {
+                    acc += (x - m).exp() * o_partial[at * head_dim + d];
+                }
+            }
+            o[row as usize * head_dim + d] = F::cast_from(acc * inv);
+        }
+        lse[row as usize] = if total > 0.0f32 {
+            m + total.ln()
+        } else {
+            f32::reinterpret(NEG_INFINITY_BITS)
+        };
+    }
+}

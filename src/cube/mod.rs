@@ -1,0 +1,316 @@
+//! The GPU backend: attention kernels written once in cubecl and compiled, per spec, for wgpu
+//! (Vulkan, Metal, DX12; Mesa's lavapipe without a GPU), CUDA and HIP.
+//!
+//! ```no_run
+//! use gqa::{cube::CubeDevice, Gqa};
+//! use ndarray::Array4;
+//! let device = CubeDevice::try_default()?;
+//! let attention = Gqa::<32, 8, 128>::new().causal();
+//! let q = Array4::<f32>::zeros((1, 32, 256, 128));
+//! let kv = Array4::<f32>::zeros((1, 8, 256, 128));
+//! let out = attention.try_forward(&device, q.view(), kv.view(), kv.view())?; // out.o, out.lse
+//! # Ok::<(), gqa::Error>(())
+//! ```
+//!
+//! The kernel ([`kernel`](self) docs in `kernel.rs`) is FlashAttention-2-shaped and GQA-aware:
+//! the query heads of one KV group share each K/V tile loaded into shared memory. Its
+//! compile-time configuration comes from the [`AttentionSpec`] (head dim, group, which mask
+//! sides, softcap, ALiBi) and the device (tile sizes from its shared memory and units per cube).
+//!
+//! The API is the same in every build: with no cubecl runtime feature on,
+//! [`CubeDevice::try_default`] returns [`Error::NotCompiledWith`] and nothing else can be
+//! reached.
+//!
+//! Element types: `f32`, `f16` and `bf16` storage with `f32` arithmetic; a device without the
+//! type (lavapipe has no bf16) is an [`Error::UnsupportedDType`], checked before launch. The LSE
+//! is always `f32`; a fully masked row gets output 0 and LSE −∞.
+
+#[cfg(any(feature = "wgpu", feature = "cuda", feature = "hip"))]
+mod kernel;
+#[cfg(any(feature = "wgpu", feature = "cuda", feature = "hip"))]
+mod runtime;
+#[cfg(not(any(feature = "wgpu", feature = "cuda", feature = "hip")))]
+#[path = "disabled.rs"]
+mod runtime;
+
+use std::marker::PhantomData;
+
+use ndarray::{Array3, Array4, ArrayView4, Dimension};
+
+use crate::element::{DType, Element};
+use crate::error::{Error, Result};
+use crate::spec::AttentionSpec;
+
+/// An element type the kernels run on: `f32`, [`half::f16`], [`half::bf16`].
+pub trait CubeElement: Element + runtime::KernelElement {}
+impl CubeElement for f32 {}
+impl CubeElement for half::f16 {}
+impl CubeElement for half::bf16 {}
+
+/// A device the kernels run on, with its cubecl client.
+pub struct CubeDevice {
+    inner: runtime::Device,
+}
+
+impl CubeDevice {
+    /// The best device this build can reach (see the crate's feature table): CUDA or ROCm where
+    /// compiled in and present, else wgpu's default adapter — a discrete GPU, an integrated
+    /// one, or a software one such as lavapipe.
+    ///
+    /// Errors: [`Error::NotCompiledWith`] without a cubecl runtime feature, [`Error::NoDevice`]
+    /// when none is present.
+    pub fn try_default() -> Result<CubeDevice> {
+        Ok(CubeDevice {
+            inner: runtime::Device::open_default()?,
+        })
+    }
+
+    /// What cubecl calls the device.
+    pub fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    /// Whether kernels can run on `dtype` here (`f64` never: it is the oracle's precision).
+    pub fn supports(&self, dtype: DType) -> bool {
+        self.inner.supports(dtype)
+    }
+
+    /// Copies a host tensor to the device (contiguous, row-major).
+    pub fn try_upload<T: CubeElement>(&self, x: ArrayView4<T>) -> Result<DeviceTensor<T>> {
+        let data: Vec<T> = x.iter().copied().collect();
+        let shape = x.shape().to_vec();
+        let strides = contiguous_strides(&shape);
+        self.try_upload_strided(&data, 0, &shape, &strides)
+    }
+
+    /// Places `buffer` on the device and views it as a tensor of `shape` starting at element
+    /// `offset` with element `strides` — a view into a larger allocation, as a model's packed
+    /// QKV projection produces. Every element of the view must lie inside `buffer`.
+    pub fn try_upload_strided<T: CubeElement>(
+        &self,
+        buffer: &[T],
+        offset: usize,
+        shape: &[usize],
+        strides: &[usize],
+    ) -> Result<DeviceTensor<T>> {
+        check_view("upload", buffer.len(), offset, shape, strides)?;
+        Ok(DeviceTensor {
+            buffer: self.inner.upload(buffer),
+            device: self.inner.key().clone(),
+            offset,
+            shape: shape.to_vec(),
+            strides: strides.to_vec(),
+            element: PhantomData,
+        })
+    }
+
+    /// Copies a device tensor back to the host.
+    pub fn try_download<T: CubeElement>(&self, x: &DeviceTensor<T>) -> Result<ndarray::ArrayD<T>> {
+        self.check_owns("download", &x.device)?;
+        let data = self.inner.download::<T>("download", &x.buffer)?;
+        let gathered = ndarray::ArrayD::from_shape_fn(x.shape.clone(), |index| {
+            let at = x.offset
+                + index
+                    .slice()
+                    .iter()
+                    .zip(&x.strides)
+                    .map(|(i, s)| i * s)
+                    .sum::<usize>();
+            data[at]
+        });
+        Ok(gathered)
+    }
+
+    /// Attention of device tensors `q: [batch, q_heads, seq_q, head_dim]`, `k`, `v: [batch,
+    /// kv_heads, seq_k, head_dim]` (any strides) as `spec` defines it. Returns contiguous `o`
+    /// and an `f32` LSE `[batch, q_heads, seq_q]`.
+    pub fn try_forward_device<T: CubeElement>(
+        &self,
+        spec: &AttentionSpec,
+        q: &DeviceTensor<T>,
+        k: &DeviceTensor<T>,
+        v: &DeviceTensor<T>,
+    ) -> Result<DeviceOutput<T>> {
+        const OP: &str = "cube::forward";
+        let shape = spec.check_shapes(OP, &q.shape, &k.shape, &v.shape)?;
+        for tensor in [q, k, v] {
+            self.check_owns(OP, &tensor.device)?;
+        }
+        if !self.supports(T::DTYPE) {
+            return Err(Error::UnsupportedDType {
+                op: OP,
+                dtype: T::DTYPE,
+                device: self.name().to_string(),
+            });
+        }
+        let mut layout = [0u32; 15];
+        for (slot, tensor) in layout.chunks_mut(5).zip([q, k, v]) {
+            let fields = std::iter::once(tensor.offset).chain(tensor.strides.iter().copied());
+            for (dst, value) in slot.iter_mut().zip(fields) {
+                *dst = u32::try_from(value).map_err(|_| Error::DeviceLimit {
+                    op: OP,
+                    reason: format!("tensor offsets and strides must fit in 32 bits, got {value}"),
+                })?;
+            }
+        }
+        let (o, lse) =
+            self.inner
+                .forward::<T>(OP, spec, shape, (&q.buffer, &k.buffer, &v.buffer), layout)?;
+        let rows = [shape.batch, spec.q_heads(), shape.seq_q];
+        let o_shape = vec![rows[0], rows[1], rows[2], spec.head_dim()];
+        Ok(DeviceOutput {
+            o: DeviceTensor::contiguous(o, self.inner.key().clone(), o_shape),
+            lse: DeviceTensor::contiguous(lse, self.inner.key().clone(), rows.to_vec()),
+        })
+    }
+
+    /// [`CubeDevice::try_forward_device`] on host arrays: uploads, runs, downloads.
+    pub fn try_forward<T: CubeElement>(
+        &self,
+        spec: &AttentionSpec,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+    ) -> Result<HostOutput<T>> {
+        // Shapes are checked before anything is copied.
+        spec.check_shapes("cube::forward", q.shape(), k.shape(), v.shape())?;
+        let (q, k, v) = (
+            self.try_upload(q)?,
+            self.try_upload(k)?,
+            self.try_upload(v)?,
+        );
+        let out = self.try_forward_device(spec, &q, &k, &v)?;
+        let o = self
+            .try_download(&out.o)?
+            .into_dimensionality()
+            .expect("o is 4-D");
+        let lse = self
+            .try_download(&out.lse)?
+            .into_dimensionality()
+            .expect("lse is 3-D");
+        Ok(HostOutput { o, lse })
+    }
+
+    fn check_owns(&self, op: &'static str, device: &std::sync::Arc<()>) -> Result<()> {
+        if std::sync::Arc::ptr_eq(device, self.inner.key()) {
+            Ok(())
+        } else {
+            Err(Error::DeviceLimit {
+                op,
+                reason: "the tensor lives on another device".into(),
+            })
+        }
+    }
+}
+
+impl std::fmt::Debug for CubeDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CubeDevice")
+            .field("name", &self.name())
+            .finish()
+    }
+}
+
+/// A tensor on a [`CubeDevice`]: a buffer and a strided view of it.
+pub struct DeviceTensor<T> {
+    buffer: runtime::Buffer,
+    device: std::sync::Arc<()>,
+    offset: usize,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+    element: PhantomData<T>,
+}
+
+impl<T> DeviceTensor<T> {
+    fn contiguous(buffer: runtime::Buffer, device: std::sync::Arc<()>, shape: Vec<usize>) -> Self {
+        let strides = contiguous_strides(&shape);
+        DeviceTensor {
+            buffer,
+            device,
+            offset: 0,
+            shape,
+            strides,
+            element: PhantomData,
+        }
+    }
+
+    /// The view's shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The view's strides, in elements.
+    pub fn strides(&self) -> &[usize] {
+        &self.strides
+    }
+}
+
+impl<T> std::fmt::Debug for DeviceTensor<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceTensor")
+            .field("shape", &self.shape)
+            .field("strides", &self.strides)
+            .field("offset", &self.offset)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The kernel's result on the device.
+pub struct DeviceOutput<T> {
+    /// `[batch, q_heads, seq_q, head_dim]`, contiguous.
+    pub o: DeviceTensor<T>,
+    /// `[batch, q_heads, seq_q]`, natural log, `−∞` for fully masked rows.
+    pub lse: DeviceTensor<f32>,
+}
+
+/// The kernel's result on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostOutput<T> {
+    /// `[batch, q_heads, seq_q, head_dim]`.
+    pub o: Array4<T>,
+    /// `[batch, q_heads, seq_q]`, natural log, `−∞` for fully masked rows.
+    pub lse: Array3<f32>,
+}
+
+fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; shape.len()];
+    for axis in (0..shape.len().saturating_sub(1)).rev() {
+        strides[axis] = strides[axis + 1] * shape[axis + 1];
+    }
+    strides
+}
+
+/// Every element of the view `offset + Σ index·stride` must lie inside a buffer of `len`.
+fn check_view(
+    op: &'static str,
+    len: usize,
+    offset: usize,
+    shape: &[usize],
+    strides: &[usize],
+) -> Result<()> {
+    if shape.len() != strides.len() {
+        return Err(Error::Shape {
+            op,
+            tensor: "strides",
+            got: strides.to_vec(),
+            expected: format!("{} strides, one per dimension of {shape:?}", shape.len()),
+        });
+    }
+    if shape.contains(&0) {
+        return Ok(());
+    }
+    let last = shape.iter().zip(strides).try_fold(offset, |at, (&n, &s)| {
+        (n - 1).checked_mul(s).and_then(|x| x.checked_add(at))
+    });
+    match last {
+        Some(last) if last < len => Ok(()),
+        _ => Err(Error::Shape {
+            op,
+            tensor: "view",
+            got: shape.to_vec(),
+            expected: format!(
+                "a view (offset {offset}, strides {strides:?}) inside a buffer of {len} elements"
+            ),
+        }),
+    }
+}

@@ -1,0 +1,333 @@
+//! The cubecl side of the backend: device, buffers, kernel configuration and launch. Compiled
+//! when a cubecl runtime feature (`wgpu`, `vulkan`, `cuda`, `hip`) is on.
+
+use std::sync::Arc;
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use super::kernel::{KernelConfig, LaunchScalars, combine_splits, flash_forward};
+use crate::element::DType;
+use crate::error::{Error, Result};
+use crate::spec::{AttentionSpec, ProblemShape};
+
+/// The element types the kernels are instantiated for.
+pub trait KernelElement: Float + CubeElement {}
+impl KernelElement for f32 {}
+impl KernelElement for half::f16 {}
+impl KernelElement for half::bf16 {}
+
+/// An opened device: its client and what it reported about itself.
+pub struct Device {
+    client: Client,
+    name: String,
+    /// Distinguishes devices so that buffers of one are never handed to another.
+    key: Arc<()>,
+}
+
+impl Device {
+    /// The best device this build can reach: CUDA or ROCm when compiled in and present,
+    /// otherwise wgpu's default adapter (a discrete GPU before an integrated one before a
+    /// software one such as lavapipe); with the `vulkan` feature, wgpu on Vulkan (SPIR-V).
+    pub fn open_default() -> Result<Device> {
+        let device = pick_device()?;
+        let client = device.client();
+        let name = format!("{} ({device:?})", client.properties().identity.name);
+        Ok(Device {
+            client,
+            name,
+            key: Arc::new(()),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn key(&self) -> &Arc<()> {
+        &self.key
+    }
+
+    pub fn supports(&self, dtype: DType) -> bool {
+        let client = &self.client;
+        match dtype {
+            DType::F32 => !f32::supported_uses(client).is_empty(),
+            DType::F16 => !half::f16::supported_uses(client).is_empty(),
+            DType::BF16 => !half::bf16::supported_uses(client).is_empty(),
+            DType::F64 => false, // no f64 kernel: f64 is the oracle's precision
+        }
+    }
+
+    pub fn upload<T: CubeElement>(&self, data: &[T]) -> Buffer {
+        if data.is_empty() {
+            // A zero-length buffer cannot be bound on every backend; its one element is never read.
+            return self.empty(0, size_of::<T>());
+        }
+        Buffer {
+            handle: self.client.create_from_slice(T::as_bytes(data)),
+            len: data.len(),
+        }
+    }
+
+    pub fn download<T: KernelElement>(&self, op: &'static str, buffer: &Buffer) -> Result<Vec<T>> {
+        if buffer.len == 0 {
+            return Ok(Vec::new());
+        }
+        let bytes = self
+            .client
+            .read_one(buffer.handle.clone())
+            .map_err(|e| kernel_error(op, e))?;
+        Ok(T::from_bytes(&bytes)[..buffer.len].to_vec())
+    }
+
+    fn empty(&self, len: usize, element_bytes: usize) -> Buffer {
+        Buffer {
+            handle: self.client.empty(len.max(1) * element_bytes),
+            len,
+        }
+    }
+
+    /// Launches the forward kernel. `layout` is `[offset, stride_b, stride_h, stride_s,
+    /// stride_d]` for q, k and v; returns the contiguous `o` and `lse` buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward<T: KernelElement>(
+        &self,
+        op: &'static str,
+        spec: &AttentionSpec,
+        shape: ProblemShape,
+        (q, k, v): (&Buffer, &Buffer, &Buffer),
+        layout: [u32; 15],
+    ) -> Result<(Buffer, Buffer)> {
+        let ProblemShape { batch, seq_q, .. } = shape;
+        let rows = batch * spec.q_heads() * seq_q;
+        let o = self.empty(rows * spec.head_dim(), size_of::<T>());
+        let lse = self.empty(rows, size_of::<f32>());
+        if rows == 0 {
+            return Ok((o, lse));
+        }
+        let mut config = self.kernel_config(op, spec, size_of::<T>())?;
+        let keys_per_split = self.keys_per_split(&config, shape.seq_k);
+        let splits = shape.seq_k.div_ceil(keys_per_split).max(1);
+        config.split = splits > 1;
+        let scalars = launch_scalars(spec, shape, keys_per_split, op)?;
+        let layout = self.upload(&layout);
+        let slopes = match spec.alibi() {
+            Some(alibi) => alibi.to_vec(),
+            None => vec![0.0],
+        };
+        let slopes = self.upload(&slopes);
+        let partial_rows = if config.split { splits * rows } else { 0 };
+        let o_partial = self.empty(partial_rows * spec.head_dim(), size_of::<f32>());
+        let lse_partial = self.empty(partial_rows, size_of::<f32>());
+        let cubes = CubeCount::Static(
+            seq_q.div_ceil(config.block_m) as u32,
+            spec.kv_heads() as u32,
+            (splits * batch) as u32,
+        );
+        let units = CubeDim::new_1d((config.block_m * config.group) as u32);
+        // SAFETY: every index the kernel computes is bounded by the lengths and strides checked
+        // by the caller (`DeviceTensor` construction checks each view against its buffer); `o`,
+        // `lse` and the partial buffers hold exactly the rows the grid covers.
+        unsafe {
+            let arg = |b: &Buffer| BufferArg::from_raw_parts(b.handle.clone(), b.len.max(1));
+            flash_forward::launch::<T>(
+                &self.client,
+                cubes,
+                units,
+                arg(q),
+                arg(k),
+                arg(v),
+                arg(&layout),
+                arg(&slopes),
+                arg(&o),
+                arg(&lse),
+                arg(&o_partial),
+                arg(&lse_partial),
+                scalars.q_heads,
+                scalars.seq_q,
+                scalars.seq_k,
+                scalars.diag_offset,
+                scalars.left,
+                scalars.right,
+                scalars.scale,
+                scalars.softcap,
+                scalars.batch,
+                scalars.keys_per_split,
+                config,
+            );
+            if config.split {
+                combine_splits::launch::<T>(
+                    &self.client,
+                    CubeCount::Static(rows.div_ceil(64) as u32, 1, 1),
+                    CubeDim::new_1d(64),
+                    arg(&o_partial),
+                    arg(&lse_partial),
+                    arg(&o),
+                    arg(&lse),
+                    rows as u32,
+                    splits as u32,
+                    spec.head_dim(),
+                );
+            }
+        }
+        Ok((o, lse))
+    }
+
+    /// Keys one cube may process. On lavapipe, whose shader invocations silently stop looping
+    /// after 65 535 iterations in all, as many key tiles as keep a unit's loop count under
+    /// 60 000 (the kernel docs say why); elsewhere the whole key range.
+    fn keys_per_split(&self, config: &KernelConfig, seq_k: usize) -> usize {
+        let whole = seq_k.max(1).next_multiple_of(config.block_n);
+        if !self.name.contains("llvmpipe") {
+            return whole;
+        }
+        let (block_n, head_dim) = (config.block_n, config.head_dim);
+        let units = config.block_m * config.group;
+        // Per tile: the cooperative load, the score loop (with its dot product), the rescale and
+        // the P·V loop; outside the tiles: loading q, writing o.
+        let per_tile =
+            (block_n * head_dim).div_ceil(units) + 2 * block_n * (head_dim + 1) + head_dim + 4;
+        let budget = 60_000usize.saturating_sub(4 * head_dim);
+        let tiles = (budget / per_tile).max(1);
+        (tiles * block_n).min(whole)
+    }
+
+    /// Tiles from the device's limits: as many keys per shared-memory tile as fit (up to 64,
+    /// K and V tiles together), and about 64 units per cube split over the group's heads.
+    fn kernel_config(
+        &self,
+        op: &'static str,
+        spec: &AttentionSpec,
+        element_bytes: usize,
+    ) -> Result<KernelConfig> {
+        let hardware = &self.client.properties().hardware;
+        let head_dim = spec.head_dim();
+        let group = spec.group_size();
+        let max_units = hardware.max_units_per_cube as usize;
+        if group > max_units {
+            return Err(Error::DeviceLimit {
+                op,
+                reason: format!(
+                    "a KV group of {group} query heads needs {group} units per cube; {} allows {max_units}",
+                    self.name
+                ),
+            });
+        }
+        let mut block_n = 64;
+        while block_n > 1
+            && 2 * block_n * head_dim * element_bytes > hardware.max_shared_memory_size
+        {
+            block_n /= 2;
+        }
+        if 2 * block_n * head_dim * element_bytes > hardware.max_shared_memory_size {
+            return Err(Error::DeviceLimit {
+                op,
+                reason: format!(
+                    "head dim {head_dim} needs {} bytes of shared memory for one key; {} has {}",
+                    2 * head_dim * element_bytes,
+                    self.name,
+                    hardware.max_shared_memory_size
+                ),
+            });
+        }
+        let block_m = (64 / group).clamp(1, max_units / group);
+        let mask = spec.mask();
+        Ok(KernelConfig {
+            head_dim,
+            group,
+            block_m,
+            block_n,
+            left_bounded: mask.left().is_some(),
+            right_bounded: mask.right().is_some(),
+            softcap: spec.softcap().is_some(),
+            alibi: spec.alibi().is_some(),
+            split: false,
+        })
+    }
+}
+
+/// A device buffer of `len` elements.
+pub struct Buffer {
+    handle: Handle,
+    len: usize,
+}
+
+/// The launch's runtime numbers. The kernel does its index arithmetic in 32 bits; window sides
+/// wider than both sequences are clamped to `seq_q + seq_k`, where they no longer hide anything.
+fn launch_scalars(
+    spec: &AttentionSpec,
+    shape: ProblemShape,
+    keys_per_split: usize,
+    op: &'static str,
+) -> Result<LaunchScalars> {
+    let ProblemShape {
+        batch,
+        seq_q,
+        seq_k,
+    } = shape;
+    let limit = i32::MAX as usize / 4;
+    if seq_q > limit || seq_k > limit {
+        return Err(Error::DeviceLimit {
+            op,
+            reason: format!("sequence lengths above {limit} (got {seq_q} and {seq_k})"),
+        });
+    }
+    let mask = spec.mask();
+    let side = |s: Option<usize>| s.map_or(0, |s| s.min(seq_q + seq_k) as i32);
+    Ok(LaunchScalars {
+        q_heads: spec.q_heads() as u32,
+        seq_q: seq_q as u32,
+        seq_k: seq_k as u32,
+        diag_offset: mask.diagonal(0, seq_q, seq_k) as i32,
+        left: side(mask.left()),
+        right: side(mask.right()),
+        scale: spec.scale(),
+        softcap: spec.softcap().unwrap_or(1.0),
+        batch: batch as u32,
+        keys_per_split: keys_per_split as u32,
+    })
+}
+
+fn kernel_error(op: &'static str, error: impl std::fmt::Display) -> Error {
+    Error::Kernel {
+        op,
+        reason: error.to_string(),
+    }
+}
+
+#[cfg(any(feature = "cuda", feature = "hip"))]
+fn pick_native() -> Option<cubecl::Device> {
+    #[cfg(feature = "cuda")]
+    if let Ok(device) = cubecl::Device::cuda(0) {
+        return Some(device);
+    }
+    #[cfg(feature = "hip")]
+    if let Ok(device) = cubecl::Device::rocm(0) {
+        return Some(device);
+    }
+    None
+}
+
+fn pick_device() -> Result<cubecl::Device> {
+    #[cfg(any(feature = "cuda", feature = "hip"))]
+    if let Some(device) = pick_native() {
+        return Ok(device);
+    }
+    #[cfg(feature = "wgpu")]
+    {
+        use cubecl::device::WgpuDeviceKind;
+        #[cfg(feature = "vulkan")]
+        let device = cubecl::Device::vulkan(WgpuDeviceKind::DefaultDevice);
+        #[cfg(not(feature = "vulkan"))]
+        let device = cubecl::Device::wgpu(WgpuDeviceKind::DefaultDevice);
+        return device.map_err(|e| Error::NoDevice {
+            backend: "wgpu",
+            reason: format!("{e} (on Linux without a GPU, Mesa's lavapipe provides a software Vulkan device: apt-get install mesa-vulkan-drivers)"),
+        });
+    }
+    #[allow(unreachable_code)]
+    Err(Error::NoDevice {
+        backend: "cubecl",
+        reason: "no CUDA or ROCm device found".into(),
+    })
+}

@@ -1,0 +1,81 @@
+//! The oracle's algorithm carried out in low precision — the yardstick of the tolerance rule.
+//!
+//! It is what a straightforward framework implementation does in a storage type (FlashAttention's
+//! `attention_ref` without upcasting): products and sums in `f32`; the scores, the softmax
+//! probabilities and the output rounded to the storage type; the LSE kept in `f32`. Its error
+//! against the `f64` oracle is the error an honest implementation in that type is entitled to;
+//! [`super::compare`] lets a kernel have twice that, plus a floor.
+
+use ndarray::{Array3, Array4, ArrayView4, s};
+
+use super::Output;
+use crate::element::{DType, Element};
+use crate::error::Result;
+use crate::spec::{AttentionSpec, ProblemShape};
+
+/// Attention as [`super::forward`] defines it, computed in `f32` with the scores,
+/// probabilities and output rounded to `dtype` (for `dtype = F32`: plain `f32` arithmetic;
+/// for `F64`: the oracle itself). Results are widened to `f64` for comparison.
+pub fn try_forward_rounded<T: Element>(
+    spec: &AttentionSpec,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+    v: ArrayView4<T>,
+    dtype: DType,
+) -> Result<Output> {
+    if dtype == DType::F64 {
+        return super::try_forward(spec, q, k, v);
+    }
+    let shape = spec.check_shapes("oracle::forward_rounded", q.shape(), k.shape(), v.shape())?;
+    let ProblemShape {
+        batch,
+        seq_q,
+        seq_k,
+    } = shape;
+    let to_dtype = |x: f32| dtype.round(f64::from(x)) as f32;
+    let mut o = Array4::zeros((batch, spec.q_heads(), seq_q, spec.head_dim()));
+    let mut lse = Array3::from_elem((batch, spec.q_heads(), seq_q), f64::NEG_INFINITY);
+    let mut scores: Vec<f32> = Vec::with_capacity(seq_k);
+    for b in 0..batch {
+        for h in 0..spec.q_heads() {
+            let g = spec.kv_head_of(h);
+            for i in 0..seq_q {
+                let visible = spec.mask().visible_keys(i, seq_q, seq_k);
+                if visible.is_empty() {
+                    continue;
+                }
+                let diag = spec.mask().diagonal(i, seq_q, seq_k);
+                scores.clear();
+                scores.extend(visible.clone().map(|j| {
+                    let q_row = q.slice(s![b, h, i, ..]);
+                    let k_row = k.slice(s![b, g, j, ..]);
+                    let dot = q_row.iter().zip(k_row).fold(0f32, |acc, (x, y)| {
+                        acc + x.widen() as f32 * y.widen() as f32
+                    });
+                    let mut s = spec.scale() * dot;
+                    if let Some(cap) = spec.softcap() {
+                        s = cap * (s / cap).tanh();
+                    }
+                    if let Some(alibi) = spec.alibi() {
+                        s -= alibi.slope(h) * (diag - j as i128).unsigned_abs() as f32;
+                    }
+                    to_dtype(s)
+                }));
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                let sum: f32 = scores.iter().map(|&s| (s - max).exp()).sum();
+                lse[[b, h, i]] = f64::from(max + sum.ln());
+                let mut out = vec![0f32; spec.head_dim()];
+                for (j, &s) in visible.zip(&scores) {
+                    let p = to_dtype((s - max).exp() / sum);
+                    for (acc, x) in out.iter_mut().zip(v.slice(s![b, g, j, ..])) {
+                        *acc += p * x.widen() as f32;
+                    }
+                }
+                for (dst, x) in o.slice_mut(s![b, h, i, ..]).iter_mut().zip(out) {
+                    *dst = f64::from(to_dtype(x));
+                }
+            }
+        }
+    }
+    Ok(Output { o, lse })
+}
