@@ -10,7 +10,9 @@
 //! Without a device: in CI (`CI` set) the tests fail; elsewhere they say loudly that they were
 //! skipped and which package provides a software device.
 //!
-//! `GQA_CUBE_CASES` sets the cases per configuration and specialisation (default 3).
+//! `GQA_CUBE_CASES` sets the cases per configuration and specialisation (default 3);
+//! `GQA_CUBE_RANDOM=1` draws fresh cases instead of the fixed-seed ones CI runs.
+//! `GQA_CUBE_RANDOM=1` draws fresh cases instead of the fixed-seed ones CI runs.
 
 #[macro_use]
 mod common;
@@ -24,7 +26,7 @@ use gqa::{AttentionSpec, DType, Error, Mask};
 use half::f16;
 use ndarray::Array4;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
 /// The device, opened once per test binary (`None`: no device outside CI).
 fn device() -> Option<&'static CubeDevice> {
@@ -54,6 +56,21 @@ fn cases() -> u32 {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(3)
+}
+
+/// A runner with a fixed seed, so that CI runs the cases a developer ran (each distinct kernel
+/// costs a compile, so the default case count is small); `GQA_CUBE_RANDOM=1` draws new cases.
+fn runner(cases: u32) -> TestRunner {
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    if std::env::var_os("GQA_CUBE_RANDOM").is_some() {
+        TestRunner::new(config)
+    } else {
+        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha))
+    }
 }
 
 /// A length in 1..=300, weighted towards the edges that break kernels: 1, tile boundaries, short.
@@ -162,11 +179,7 @@ fn run_variant<T: CubeElement>(variant: Variant, q_heads: usize, kv_heads: usize
             )
                 .prop_map(|(spec, q, k, v)| Problem { spec, q, k, v })
         });
-    let mut runner = TestRunner::new(Config {
-        cases: cases(),
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = runner(cases());
     let worst = std::cell::Cell::new((0.0f64, 0.0f64));
     runner
         .run(&strategy, |p| {
@@ -386,11 +399,7 @@ fn long_key_ranges_match_the_oracle() {
         ),
     ] {
         let (hq, hkv, d) = (spec.q_heads(), spec.kv_heads(), spec.head_dim());
-        let mut runner = TestRunner::new(Config {
-            cases: 1,
-            failure_persistence: None,
-            ..Config::default()
-        });
+        let mut runner = runner(1);
         let strategy = (
             tensor([1, hq, seq_q, d]),
             tensor([1, hkv, seq_k, d]),

@@ -152,7 +152,11 @@ fn tile_scores<F: Float>(
 #[cube(launch)]
 // Kernel code keeps to the operations cubecl expands (no `div_ceil`), and a comptime `if` stays
 // apart from the runtime one it guards.
-#[allow(clippy::too_many_arguments, clippy::manual_div_ceil, clippy::collapsible_if)]
+#[allow(
+    clippy::too_many_arguments,
+    clippy::manual_div_ceil,
+    clippy::collapsible_if
+)]
 pub fn flash_forward<F: Float>(
     q: &[F],
     k: &[F],
