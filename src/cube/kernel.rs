@@ -91,6 +91,31 @@ fn strided_index(layout: &[u32], #[comptime] at: usize, b: u32, h: u32, s: u32, 
     index as usize
 }
 
+/// `tanh` to about an ulp. The device's own `tanh` may be an `exp` quotient that loses
+/// absolute accuracy near 0 (measured on lavapipe: softcapped f32 scores off by several ulps,
+/// outside the tolerance rule). Near 0 a Taylor polynomial (its first omitted term is below
+/// 2^-28 relative for |y| < 0.4); elsewhere `1 - 2 / (e^{2|y|} + 1)`, which has no cancellation.
+#[cube]
+fn accurate_tanh(y: f32) -> f32 {
+    let a = y.abs();
+    let mut t = 0.0f32;
+    if a < 0.4f32 {
+        let p = y * y;
+        let poly = -0.33333334f32
+            + p * (0.13333334f32
+                + p * (-0.053968254f32
+                    + p * (0.021869488f32 + p * (-0.008863235f32 + p * 0.0035921280f32))));
+        t = y + y * p * poly;
+    } else {
+        let magnitude = 1.0f32 - 2.0f32 / ((2.0f32 * a).exp() + 1.0f32);
+        t = magnitude;
+        if y < 0.0f32 {
+            t = -magnitude;
+        }
+    }
+    t
+}
+
 /// The scores of one unit's query row against the current key tile, into `scores`, and the
 /// tile's row maximum folded into `m_tile`. `masked = false` is the copy for tiles the mask
 /// cannot touch.
@@ -134,7 +159,7 @@ fn tile_scores<F: Float>(
             }
             s = scale * dot;
             if cfg.softcap {
-                s = softcap * (s / softcap).tanh();
+                s = softcap * accurate_tanh(s / softcap);
             }
             if cfg.alibi {
                 s -= slope * f32::cast_from(diag - key as i32).abs();
