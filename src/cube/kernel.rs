@@ -98,22 +98,17 @@ fn strided_index(layout: &[u32], #[comptime] at: usize, b: u32, h: u32, s: u32, 
 #[cube]
 fn accurate_tanh(y: f32) -> f32 {
     let a = y.abs();
-    let mut t = 0.0f32;
+    let p = y * y;
     if a < 0.4f32 {
-        let p = y * y;
-        let poly = -0.33333334f32
-            + p * (0.13333334f32
-                + p * (-0.053968254f32
-                    + p * (0.021869488f32 + p * (-0.008863235f32 + p * 0.0035921280f32))));
-        t = y + y * p * poly;
+        let poly = -0.333_333_34f32
+            + p * (0.133_333_34f32
+                + p * (-0.053_968_254f32
+                    + p * (0.021_869_488f32 + p * (-0.008_863_235f32 + p * 0.003_592_128f32))));
+        y + y * p * poly
     } else {
         let magnitude = 1.0f32 - 2.0f32 / ((2.0f32 * a).exp() + 1.0f32);
-        t = magnitude;
-        if y < 0.0f32 {
-            t = -magnitude;
-        }
+        if y < 0.0f32 { -magnitude } else { magnitude }
     }
-    t
 }
 
 /// The scores of one unit's query row against the current key tile, into `scores`, and the
