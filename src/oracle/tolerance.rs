@@ -143,27 +143,16 @@ mod tests {
         assert_eq!(result.worst_index, 2);
     }
 
+    /// Whether `candidate` passes against an exact f32 yardstick (`low_precision == reference`).
+    fn passes_exact_f32(reference: &[f64], candidate: &[f64]) -> bool {
+        compare(reference, reference, candidate, DType::F32).passed()
+    }
+
     #[test]
     fn an_exact_low_precision_reference_leaves_only_the_floor() {
         let reference = [0.5, 0.25];
-        assert!(
-            compare(
-                &reference,
-                &reference,
-                &[0.5 + 2f64.powi(-25), 0.25],
-                DType::F32
-            )
-            .passed()
-        );
-        assert!(
-            !compare(
-                &reference,
-                &reference,
-                &[0.5 + 2f64.powi(-22), 0.25],
-                DType::F32
-            )
-            .passed()
-        );
+        assert!(passes_exact_f32(&reference, &[0.5 + 2f64.powi(-25), 0.25]));
+        assert!(!passes_exact_f32(&reference, &[0.5 + 2f64.powi(-22), 0.25]));
     }
 
     #[test]
@@ -171,24 +160,8 @@ mod tests {
         // An exact yardstick at magnitude 16, where an f32 ulp is 2^-19: the floor 16 · 2^-24 =
         // 2^-20 admits half an ulp, not a whole one.
         let reference = [16.0, 1.0];
-        assert!(
-            compare(
-                &reference,
-                &reference,
-                &[16.0 + 2f64.powi(-20), 1.0],
-                DType::F32
-            )
-            .passed()
-        );
-        assert!(
-            !compare(
-                &reference,
-                &reference,
-                &[16.0 + 2f64.powi(-19), 1.0],
-                DType::F32
-            )
-            .passed()
-        );
+        assert!(passes_exact_f32(&reference, &[16.0 + 2f64.powi(-20), 1.0]));
+        assert!(!passes_exact_f32(&reference, &[16.0 + 2f64.powi(-19), 1.0]));
     }
 
     #[test]
@@ -202,24 +175,11 @@ mod tests {
     #[test]
     fn nan_fails_and_equal_infinities_pass() {
         let reference = [f64::NEG_INFINITY, 1.0];
-        assert!(
-            compare(
-                &reference,
-                &reference,
-                &[f64::NEG_INFINITY, 1.0],
-                DType::F32
-            )
-            .passed()
-        );
-        assert!(
-            !compare(
-                &reference,
-                &reference,
-                &[f64::NEG_INFINITY, f64::NAN],
-                DType::F32
-            )
-            .passed()
-        );
+        assert!(passes_exact_f32(&reference, &[f64::NEG_INFINITY, 1.0]));
+        assert!(!passes_exact_f32(
+            &reference,
+            &[f64::NEG_INFINITY, f64::NAN]
+        ));
         assert!(!compare(&reference, &reference, &[0.0, 1.0], DType::F32).passed());
         assert!(!compare(&[f64::NAN], &[f64::NAN], &[f64::NAN], DType::F32).passed());
     }
