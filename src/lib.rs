@@ -26,11 +26,22 @@
 //! - [`spec`]: [`AttentionSpec`], the plain value both front ends lower to — masks and score
 //!   modifiers, defined there.
 //! - [`oracle`]: the `f64` reference every executor is proven against, and the tolerance rule.
+//! - [`cube`]: the GPU backend — cubecl kernels specialised per spec, run through
+//!   [`cube::CubeDevice`] or the front ends' `try_forward(&device, q, k, v)`.
 //! - [`cache`]: KV-cache accounting.
 //! - [`ModelConfig`]: a model's `num_attention_heads` / `num_key_value_heads` / `head_dim` from
 //!   its `config.json`.
 //!
 //! Tensors at the API are `[batch, heads, seq, head_dim]` (PyTorch SDPA order).
+//!
+//! ## Features
+//! | feature | what it turns on |
+//! |---|---|
+//! | `wgpu` (default) | the cubecl kernels through wgpu: WGSL for Vulkan, Metal and DX12 (and Mesa's lavapipe without a GPU) |
+//! | `vulkan` | wgpu on Vulkan with cubecl's SPIR-V compiler |
+//! | `cuda`, `hip` | cubecl's CUDA and ROCm runtimes (cubecl 0.11 downloads LLVM to build them: not offline) |
+//!
+//! With none of them the GPU API is still there and answers [`Error::NotCompiledWith`].
 
 pub mod cache;
 pub mod cube;
