@@ -80,6 +80,10 @@ pub enum Error {
     #[error("{op}: {reason}")]
     DeviceLimit { op: &'static str, reason: String },
 
+    /// A device tensor was handed to a device other than the one that holds it.
+    #[error("{op}: the tensor lives on another device")]
+    WrongDevice { op: &'static str },
+
     /// A kernel failed to compile or to run on the device.
     #[error("{op}: the kernel failed on the device: {reason}")]
     Kernel { op: &'static str, reason: String },

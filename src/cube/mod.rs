@@ -195,10 +195,7 @@ impl CubeDevice {
         if std::sync::Arc::ptr_eq(device, self.inner.key()) {
             Ok(())
         } else {
-            Err(Error::DeviceLimit {
-                op,
-                reason: "the tensor lives on another device".into(),
-            })
+            Err(Error::WrongDevice { op })
         }
     }
 }
