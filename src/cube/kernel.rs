@@ -5,7 +5,8 @@
 //! `CUBE_POS_Z` = batch entry. Its `block_m · group` units each own one (query head, query row)
 //! pair. K and V stream through shared memory in tiles of `block_n` keys, loaded cooperatively
 //! **once per group**, and every query head of the group reads them there: KV heads are never
-//! repeated, in memory or in loads.
+//! repeated, in memory or in loads. (Where cubecl cannot compile shared memory for the device,
+//! [`KernelConfig::shared_kv`] is off and each unit reads its keys and values from global memory.)
 //!
 //! **Softmax.** Each unit keeps its query row, an f32 output accumulator, the
 //! running max `m` and running sum `l` in registers (online softmax); the accumulator is
@@ -56,6 +57,11 @@ pub struct KernelConfig {
     pub right_bounded: bool,
     pub softcap: bool,
     pub alibi: bool,
+    /// K/V tiles go through shared memory, loaded once per cube for the whole group. When
+    /// false, each unit reads its keys and values from global memory instead: for devices where
+    /// cubecl cannot compile shared memory (its SPIR-V compiler on Vulkan drivers without
+    /// `VK_KHR_workgroup_memory_explicit_layout`, such as Mesa 22's lavapipe).
+    pub shared_kv: bool,
     /// The key range is split over several cubes (`CUBE_POS_Z = split · batch + b`): write f32
     /// partial results for [`combine_splits`] instead of the final output.
     pub split: bool,
@@ -112,13 +118,16 @@ fn accurate_tanh(y: f32) -> f32 {
 }
 
 /// The scores of one unit's query row against the current key tile, into `scores`, and the
-/// tile's row maximum folded into `m_tile`. `masked = false` is the copy for tiles the mask
-/// cannot touch.
+/// tile's row maximum, returned. Key `j` of the tile, channel `d`, is `k[k_at + j·k_row +
+/// d·k_col]`. `masked = false` is the copy for tiles the mask cannot touch.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn tile_scores<F: Float>(
     q_row: &Array<f32>,
-    k_tile: &Shared<[F]>,
+    k: &[F],
+    k_at: usize,
+    k_row: usize,
+    k_col: usize,
     scores: &mut Array<f32>,
     key0: u32,
     seq_k: u32,
@@ -149,8 +158,9 @@ fn tile_scores<F: Float>(
         let mut s = NEG_BIG.runtime();
         if visible {
             let mut dot = 0.0f32;
+            let at = k_at + j * k_row;
             for d in 0..dim {
-                dot += q_row[d] * f32::cast_from(k_tile[j * dim + d]);
+                dot += q_row[d] * f32::cast_from(k[at + d * k_col]);
             }
             s = scale * dot;
             if cfg.softcap {
@@ -164,6 +174,73 @@ fn tile_scores<F: Float>(
         scores[j] = s;
     }
     m_tile
+}
+
+/// Folds one key tile into a unit's online softmax: scores (the masked copy unless the tile is
+/// `inside` the band for every row), rescale of `acc` and `state = [m, l]` when the max moves,
+/// then `acc += p · v`. Keys and values are read as in [`tile_scores`]: `(j, d)` at
+/// `at + j·row + d·col` of their slice.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fold_tile<F: Float>(
+    q_row: &Array<f32>,
+    k: &[F],
+    k_at: usize,
+    k_row: usize,
+    k_col: usize,
+    v: &[F],
+    v_at: usize,
+    v_row: usize,
+    v_col: usize,
+    scores: &mut Array<f32>,
+    acc: &mut Array<f32>,
+    state: &mut Array<f32>,
+    key0: u32,
+    inside: bool,
+    seq_k: u32,
+    diag: i32,
+    left: i32,
+    right: i32,
+    slope: f32,
+    scale: f32,
+    softcap: f32,
+    #[comptime] cfg: KernelConfig,
+) {
+    let dim = cfg.head_dim;
+    let m_tile = if inside {
+        tile_scores::<F>(
+            q_row, k, k_at, k_row, k_col, scores, key0, seq_k, diag, left, right, slope, scale,
+            softcap, cfg, false,
+        )
+    } else {
+        tile_scores::<F>(
+            q_row, k, k_at, k_row, k_col, scores, key0, seq_k, diag, left, right, slope, scale,
+            softcap, cfg, true,
+        )
+    };
+    let mut m = state[0];
+    let mut l = state[1];
+    if m_tile > m {
+        let alpha = (m - m_tile).exp();
+        l *= alpha;
+        for d in 0..dim {
+            acc[d] *= alpha;
+        }
+        m = m_tile;
+    }
+    for j in 0..cfg.block_n {
+        let s = scores[j];
+        if s > NEG_BIG {
+            let p = (s - m).exp();
+            l += p;
+            let at = v_at + j * v_row;
+            for d in 0..dim {
+                acc[d] += p * f32::cast_from(v[at + d * v_col]);
+            }
+        }
+    }
+    state[0] = m;
+    state[1] = l;
 }
 
 /// Attention forward. `layout` holds `[offset, stride_b, stride_h, stride_s, stride_d]` of q, k
@@ -257,43 +334,88 @@ pub fn flash_forward<F: Float>(
         }
     }
     let mut scores = Array::<f32>::new(cfg.block_n);
-    let mut m = NEG_BIG.runtime();
-    let mut l = 0.0f32;
+    // The running max and sum of the online softmax: `state[0]` = m, `state[1]` = l.
+    let mut state = Array::<f32>::new(2usize);
+    state[0] = NEG_BIG.runtime();
+    state[1] = 0.0f32;
 
-    let mut k_tile = Shared::<[F]>::new_slice(cfg.block_n * dim);
-    let mut v_tile = Shared::<[F]>::new_slice(cfg.block_n * dim);
-    let tile_len = cfg.block_n * dim;
-
-    for t in tile_lo..tile_hi {
-        let key0 = t * block_n;
-        sync_cube(); // everyone is done with the previous tile
-        let mut idx = UNIT_POS as usize;
-        loop {
-            if idx >= tile_len {
-                break;
+    if cfg.shared_kv {
+        let mut k_tile = Shared::<[F]>::new_slice(cfg.block_n * dim);
+        let mut v_tile = Shared::<[F]>::new_slice(cfg.block_n * dim);
+        let tile_len = cfg.block_n * dim;
+        for t in tile_lo..tile_hi {
+            let key0 = t * block_n;
+            sync_cube(); // everyone is done with the previous tile
+            let mut idx = UNIT_POS as usize;
+            loop {
+                if idx >= tile_len {
+                    break;
+                }
+                let key = key0 + (idx / dim) as u32;
+                let d = (idx % dim) as u32;
+                let mut kx = F::new(0.0);
+                let mut vx = F::new(0.0);
+                if key < seq_k {
+                    kx = k[strided_index(layout, 5usize, batch, kv_head, key, d)];
+                    vx = v[strided_index(layout, 10usize, batch, kv_head, key, d)];
+                }
+                k_tile[idx] = kx;
+                v_tile[idx] = vx;
+                idx += CUBE_DIM as usize;
             }
-            let key = key0 + (idx / dim) as u32;
-            let d = (idx % dim) as u32;
-            let mut kx = F::new(0.0);
-            let mut vx = F::new(0.0);
-            if key < seq_k {
-                kx = k[strided_index(layout, 5usize, batch, kv_head, key, d)];
-                vx = v[strided_index(layout, 10usize, batch, kv_head, key, d)];
+            sync_cube();
+            if active {
+                let inside = key0 as i32 >= inside_lo && (key0 + block_n) as i32 <= inside_hi;
+                fold_tile::<F>(
+                    &q_row,
+                    k_tile.inner_ref(),
+                    0usize,
+                    dim,
+                    1usize,
+                    v_tile.inner_ref(),
+                    0usize,
+                    dim,
+                    1usize,
+                    &mut scores,
+                    &mut acc,
+                    &mut state,
+                    key0,
+                    inside,
+                    seq_k,
+                    diag,
+                    left,
+                    right,
+                    slope,
+                    scale,
+                    softcap,
+                    cfg,
+                );
             }
-            k_tile[idx] = kx;
-            v_tile[idx] = vx;
-            idx += CUBE_DIM as usize;
         }
-        sync_cube();
-
+    } else {
+        // No shared memory: every unit reads its keys and values from global memory (see
+        // `KernelConfig::shared_kv`). Only visible keys are read.
+        let (k_row, k_col) = (layout[8] as usize, layout[9] as usize);
+        let (v_row, v_col) = (layout[13] as usize, layout[14] as usize);
         if active {
-            let inside = key0 as i32 >= inside_lo && (key0 + block_n) as i32 <= inside_hi;
-            let m_tile = if inside {
-                tile_scores::<F>(
+            for t in tile_lo..tile_hi {
+                let key0 = t * block_n;
+                let inside = key0 as i32 >= inside_lo && (key0 + block_n) as i32 <= inside_hi;
+                fold_tile::<F>(
                     &q_row,
-                    &k_tile,
+                    k,
+                    strided_index(layout, 5usize, batch, kv_head, key0, 0),
+                    k_row,
+                    k_col,
+                    v,
+                    strided_index(layout, 10usize, batch, kv_head, key0, 0),
+                    v_row,
+                    v_col,
                     &mut scores,
+                    &mut acc,
+                    &mut state,
                     key0,
+                    inside,
                     seq_k,
                     diag,
                     left,
@@ -302,45 +424,12 @@ pub fn flash_forward<F: Float>(
                     scale,
                     softcap,
                     cfg,
-                    false,
-                )
-            } else {
-                tile_scores::<F>(
-                    &q_row,
-                    &k_tile,
-                    &mut scores,
-                    key0,
-                    seq_k,
-                    diag,
-                    left,
-                    right,
-                    slope,
-                    scale,
-                    softcap,
-                    cfg,
-                    true,
-                )
-            };
-            if m_tile > m {
-                let alpha = (m - m_tile).exp();
-                l *= alpha;
-                for d in 0..dim {
-                    acc[d] *= alpha;
-                }
-                m = m_tile;
-            }
-            for j in 0..cfg.block_n {
-                let s = scores[j];
-                if s > NEG_BIG {
-                    let p = (s - m).exp();
-                    l += p;
-                    for d in 0..dim {
-                        acc[d] += p * f32::cast_from(v_tile[j * dim + d]);
-                    }
-                }
+                );
             }
         }
     }
+    let m = state[0];
+    let l = state[1];
 
     if active {
         let out_row = ((batch * q_heads + head) * seq_q + row) as usize;

@@ -23,6 +23,8 @@ pub struct Device {
     name: String,
     /// Distinguishes devices so that buffers of one are never handed to another.
     key: Arc<()>,
+    /// Whether kernels may use shared memory (see [`KernelConfig::shared_kv`]).
+    shared_memory: bool,
 }
 
 impl Device {
@@ -32,11 +34,17 @@ impl Device {
     pub fn open_default() -> Result<Device> {
         let device = pick_device()?;
         let client = device.client();
-        let name = format!("{} ({device:?})", client.properties().identity.name);
+        let adapter = client.properties().identity.name.clone();
+        let shared_memory = shared_memory_compiles(&adapter);
+        let mut name = format!("{adapter} ({device:?})");
+        if !shared_memory {
+            name.push_str(", K/V read without shared memory");
+        }
         Ok(Device {
             client,
             name,
             key: Arc::new(()),
+            shared_memory,
         })
     }
 
@@ -213,13 +221,17 @@ impl Device {
                 ),
             });
         }
+        // Without shared memory, block_n only sizes the per-unit score registers.
+        let smem = if self.shared_memory {
+            hardware.max_shared_memory_size
+        } else {
+            usize::MAX
+        };
         let mut block_n = 64;
-        while block_n > 1
-            && 2 * block_n * head_dim * element_bytes > hardware.max_shared_memory_size
-        {
+        while block_n > 1 && 2 * block_n * head_dim * element_bytes > smem {
             block_n /= 2;
         }
-        if 2 * block_n * head_dim * element_bytes > hardware.max_shared_memory_size {
+        if 2 * block_n * head_dim * element_bytes > smem {
             return Err(Error::DeviceLimit {
                 op,
                 reason: format!(
@@ -241,6 +253,7 @@ impl Device {
             right_bounded: mask.right().is_some(),
             softcap: spec.softcap().is_some(),
             alibi: spec.alibi().is_some(),
+            shared_kv: self.shared_memory,
             split: false,
         })
     }
@@ -293,6 +306,48 @@ fn kernel_error(op: &'static str, error: impl std::fmt::Display) -> Error {
         op,
         reason: error.to_string(),
     }
+}
+
+/// Whether cubecl can compile shared memory for this adapter. cubecl 0.11.3's SPIR-V compiler
+/// (the `vulkan` feature) declares shared memory correctly only through
+/// `VK_KHR_workgroup_memory_explicit_layout`; without that extension it emits a workgroup
+/// variable of pointer type, which Mesa 22's lavapipe crashes on (SIGSEGV while creating the
+/// pipeline). The kernels then read K/V from global memory instead. Every other compiler
+/// (WGSL, CUDA, HIP) declares shared memory correctly.
+#[cfg(feature = "vulkan")]
+fn shared_memory_compiles(adapter_name: &str) -> bool {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle();
+    descriptor.backends = wgpu::Backends::VULKAN;
+    let instance = wgpu::Instance::new(descriptor);
+    // Native wgpu resolves adapter enumeration immediately; one poll suffices.
+    let mut enumerate = std::pin::pin!(instance.enumerate_adapters(wgpu::Backends::VULKAN));
+    let Poll::Ready(adapters) = enumerate
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    else {
+        return false;
+    };
+    let extension = c"VK_KHR_workgroup_memory_explicit_layout";
+    adapters
+        .iter()
+        .filter(|adapter| adapter.get_info().name == adapter_name)
+        // SAFETY: the hal adapter is only read, and dropped before `adapter`.
+        .filter_map(|adapter| {
+            unsafe { adapter.as_hal::<wgpu::hal::api::Vulkan>() }.map(|hal| {
+                hal.physical_device_capabilities()
+                    .supports_extension(extension)
+            })
+        })
+        .next()
+        // An adapter that cannot be found again is not trusted with shared memory.
+        .unwrap_or(false)
+}
+
+#[cfg(not(feature = "vulkan"))]
+fn shared_memory_compiles(_adapter_name: &str) -> bool {
+    true
 }
 
 #[cfg(any(feature = "cuda", feature = "hip"))]
