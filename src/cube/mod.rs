@@ -75,6 +75,13 @@ impl CubeDevice {
         self.inner.supports(dtype)
     }
 
+    /// Waits until every launch queued on the device has finished; an error a launch raised
+    /// (a kernel that failed to compile, a device fault) surfaces here. Launches are
+    /// asynchronous: time them with this (benchmarks do).
+    pub fn try_sync(&self) -> Result<()> {
+        self.inner.sync("sync")
+    }
+
     /// Copies a host tensor to the device (contiguous, row-major).
     pub fn try_upload<T: CubeElement>(&self, x: ArrayView4<T>) -> Result<DeviceTensor<T>> {
         let data: Vec<T> = x.iter().copied().collect();

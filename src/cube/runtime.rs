@@ -88,6 +88,10 @@ impl Device {
         Ok(T::from_bytes(&bytes)[..buffer.len].to_vec())
     }
 
+    pub fn sync(&self, op: &'static str) -> Result<()> {
+        cubecl::future::block_on(self.client.sync()).map_err(|e| kernel_error(op, format!("{e:?}")))
+    }
+
     fn empty(&self, len: usize, element_bytes: usize) -> Buffer {
         Buffer {
             handle: self.client.empty(len.max(1) * element_bytes),
