@@ -89,6 +89,25 @@ pub enum Error {
     Kernel { op: &'static str, reason: String },
 
     /// A model configuration (e.g. a Hugging Face `config.json`) could not be read.
+    /// A KV-cache layout that cannot hold anything.
+    #[error("{op}: invalid cache layout: {reason}")]
+    CacheLayout { op: &'static str, reason: String },
+
+    /// The KV cache has no room for what was asked; nothing was written.
+    #[error("{op}: KV cache full: {reason}")]
+    CacheFull { op: &'static str, reason: String },
+
+    /// A sequence id the cache does not hold (never created, or dropped).
+    #[error("{op}: the cache holds no sequence {sequence}")]
+    UnknownSequence { op: &'static str, sequence: u64 },
+
+    /// A quantized cache cannot scale a row holding NaN or ±∞.
+    #[error("{op}: `{tensor}` holds a non-finite value, which quantized storage cannot represent")]
+    NonFinite {
+        op: &'static str,
+        tensor: &'static str,
+    },
+
     #[error("model config: {reason}")]
     ModelConfig { reason: String },
 }

@@ -18,10 +18,12 @@ pub use tolerance::{Comparison, compare};
 
 use std::ops::Range;
 
-use ndarray::{Array3, Array4, ArrayView1, ArrayView4, s};
+use ndarray::{Array3, Array4, ArrayView1, ArrayView4, Axis, s};
 
+use crate::cache::{KvCache, KvStorage, SeqId};
 use crate::element::Element;
 use crate::error::Result;
+use crate::heads::{Rule, Supported};
 use crate::spec::{AttentionSpec, ProblemShape};
 
 /// The oracle's result, in `f64`.
@@ -72,6 +74,20 @@ pub fn try_forward<T: Element>(
     k: ArrayView4<T>,
     v: ArrayView4<T>,
 ) -> Result<Output> {
+    try_forward_keys(spec, q, k, v, 0..usize::MAX)
+}
+
+/// The partial result over the keys in `keys` only (positions keep their meaning: masks and
+/// ALiBi distances are those of the whole problem): what one split of a split-KV decode
+/// computes. [`merge`] of the partials over disjoint ranges covering all keys is
+/// [`try_forward`].
+pub fn try_forward_keys<T: Element>(
+    spec: &AttentionSpec,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+    v: ArrayView4<T>,
+    keys: Range<usize>,
+) -> Result<Output> {
     let shape = spec.check_shapes("oracle::forward", q.shape(), k.shape(), v.shape())?;
     let ProblemShape {
         batch,
@@ -85,7 +101,7 @@ pub fn try_forward<T: Element>(
         for h in 0..spec.q_heads() {
             let g = spec.kv_head_of(h);
             for i in 0..seq_q {
-                let visible = row_scores(spec, shape, &q, &k, (b, h, i), &mut row);
+                let visible = row_scores(spec, shape, &q, &k, (b, h, i), &keys, &mut row);
                 if visible.is_empty() {
                     continue; // fully masked: o = 0, lse = −∞
                 }
@@ -101,6 +117,118 @@ pub fn try_forward<T: Element>(
         }
     }
     Ok(Output { o, lse })
+}
+
+/// Merges partial results over disjoint key sets (e.g. [`try_forward_keys`] of the splits of
+/// a split-KV decode) into the result over their union: `lse = log Σ exp(lse_s)` and
+/// `o = Σ exp(lse_s − lse) · o_s`. Rows no part sees stay `o = 0`, `lse = −∞`.
+///
+/// # Panics
+/// If `parts` is empty or their shapes differ.
+#[track_caller]
+pub fn merge(parts: &[Output]) -> Output {
+    let first = parts.first().expect("merge needs at least one part");
+    assert!(
+        parts.iter().all(|p| p.o.shape() == first.o.shape()),
+        "merge: the parts' shapes differ"
+    );
+    let mut lse = Array3::from_elem(first.lse.raw_dim(), f64::NEG_INFINITY);
+    for (index, out) in lse.indexed_iter_mut() {
+        let max = parts
+            .iter()
+            .map(|p| p.lse[index])
+            .fold(f64::NEG_INFINITY, f64::max);
+        if max > f64::NEG_INFINITY {
+            *out = max
+                + parts
+                    .iter()
+                    .map(|p| (p.lse[index] - max).exp())
+                    .sum::<f64>()
+                    .ln();
+        }
+    }
+    let mut o = Array4::zeros(first.o.raw_dim());
+    for part in parts {
+        for ((b, h, i, d), out) in o.indexed_iter_mut() {
+            let weight = part.lse[[b, h, i]] - lse[[b, h, i]];
+            if part.lse[[b, h, i]] > f64::NEG_INFINITY {
+                *out += weight.exp() * part.o[[b, h, i, d]];
+            }
+        }
+    }
+    Output { o, lse }
+}
+
+/// Decode against a KV cache, in `f64`: `q: [sequences, q_heads, seq_q, head_dim]` holds the
+/// newest `seq_q` queries of each listed sequence, and row `b` attends to everything sequence
+/// `seqs[b]` has cached — as `spec` defines it, with the queries aligned to the cache's end
+/// (bottom-right). The keys and values are the cache's stored (dequantized) rows, so this is
+/// the exact answer for what the cache holds; each row is the last rows of a forward over it.
+///
+/// Errors: [`Error::ConfigMismatch`](crate::Error::ConfigMismatch) when the spec's KV heads or
+/// head dim are not the cache's, [`Error::Shape`](crate::Error::Shape),
+/// [`Error::UnknownSequence`](crate::Error::UnknownSequence).
+pub fn try_decode<T: Element, const HKV: usize, const D: usize, S: KvStorage>(
+    spec: &AttentionSpec,
+    q: ArrayView4<T>,
+    cache: &KvCache<HKV, D, S>,
+    seqs: &[SeqId],
+) -> Result<Output>
+where
+    Rule: Supported<HKV, HKV, D>,
+{
+    check_cache_spec(spec, HKV, D)?;
+    if q.shape()[0] != seqs.len() {
+        return Err(crate::Error::Shape {
+            op: "oracle::decode",
+            tensor: "q",
+            got: q.shape().to_vec(),
+            expected: format!(
+                "one row of the batch per sequence ({} sequences)",
+                seqs.len()
+            ),
+        });
+    }
+    let (hq, lq, d) = (q.shape()[1], q.shape()[2], q.shape()[3]);
+    let mut o = Array4::zeros((seqs.len(), hq, lq, d));
+    let mut lse = Array3::from_elem((seqs.len(), hq, lq), f64::NEG_INFINITY);
+    // Widened to f64, exactly.
+    let q = q.mapv(|x| x.widen());
+    for (b, &seq) in seqs.iter().enumerate() {
+        let (k, v) = cache.read(seq)?;
+        let out = try_forward(
+            spec,
+            q.slice(s![b..b + 1, .., .., ..]),
+            k.mapv(f64::from).insert_axis(Axis(0)).view(),
+            v.mapv(f64::from).insert_axis(Axis(0)).view(),
+        )?;
+        o.slice_mut(s![b..b + 1, .., .., ..]).assign(&out.o);
+        lse.slice_mut(s![b..b + 1, .., ..]).assign(&out.lse);
+    }
+    Ok(Output { o, lse })
+}
+
+/// The spec's KV heads and head dim must be the cache's.
+pub(crate) fn check_cache_spec(
+    spec: &AttentionSpec,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    if spec.kv_heads() != kv_heads {
+        return Err(crate::Error::ConfigMismatch {
+            field: "kv_heads",
+            found: spec.kv_heads(),
+            expected: kv_heads,
+        });
+    }
+    if spec.head_dim() != head_dim {
+        return Err(crate::Error::ConfigMismatch {
+            field: "head_dim",
+            found: spec.head_dim(),
+            expected: head_dim,
+        });
+    }
+    Ok(())
 }
 
 /// The scores `[batch, q_heads, seq_q, seq_k]` after every modifier, `−∞` where masked: the
@@ -130,7 +258,7 @@ fn scores_of_checked<T: Element>(
     for b in 0..batch {
         for h in 0..spec.q_heads() {
             for i in 0..seq_q {
-                let visible = row_scores(spec, shape, q, k, (b, h, i), &mut row);
+                let visible = row_scores(spec, shape, q, k, (b, h, i), &(0..usize::MAX), &mut row);
                 scores
                     .slice_mut(s![b, h, i, visible])
                     .assign(&ArrayView1::from(&row));
@@ -141,17 +269,20 @@ fn scores_of_checked<T: Element>(
 }
 
 /// The scores of query `i` of head `h` in batch entry `b` against its visible keys, into `row`
-/// (cleared first); returns the visible range, whose length is `row.len()`.
+/// among `keys` (cleared first); returns the visible range, whose length is `row.len()`.
 fn row_scores<T: Element>(
     spec: &AttentionSpec,
     shape: ProblemShape,
     q: &ArrayView4<T>,
     k: &ArrayView4<T>,
     (b, h, i): (usize, usize, usize),
+    keys: &Range<usize>,
     row: &mut Vec<f64>,
 ) -> Range<usize> {
     let ProblemShape { seq_q, seq_k, .. } = shape;
     let visible = spec.mask().visible_keys(i, seq_q, seq_k);
+    let visible = visible.start.max(keys.start)..visible.end.min(keys.end);
+    let visible = visible.start..visible.end.max(visible.start);
     let g = spec.kv_head_of(h);
     row.clear();
     row.extend(visible.clone().map(|j| {
