@@ -97,12 +97,90 @@ fn strided_index(layout: &[u32], #[comptime] at: usize, b: u32, h: u32, s: u32, 
     index as usize
 }
 
-/// `tanh` to about an ulp. The device's own `tanh` may be an `exp` quotient that loses
-/// absolute accuracy near 0 (measured on lavapipe: softcapped f32 scores off by several ulps,
-/// outside the tolerance rule). Near 0 a Taylor polynomial (its first omitted term is below
-/// 2^-28 relative for |y| < 0.4); elsewhere `1 - 2 / (e^{2|y|} + 1)`, which has no cancellation.
+/// `e^x` to about an ulp where softmax needs it. Device `exp` may be coarser — measured on
+/// lavapipe over [−3, 0]: 2.9 ulp (0.7 here), absolute error 1.5 ε (0.5 here) — and softmax
+/// probabilities inherit its error, enough to break the tolerance rule. Here: `x = k·ln2 + r`
+/// with `|r| <= ln2/2` (ln 2 split in two so that `k·LN2_HI` is exact), a degree-7 Taylor
+/// polynomial for `e^r` (truncation below 2^-27 relative), and `2^k` built from its bits.
+/// (A driver free to reassociate float arithmetic, as Mesa's is, may merge the split: far from
+/// 0 the result then loses a few ulps, on terms that are below 2^-20 of the row's largest.)
+/// Results below `2^-126` (x < −87.3) flush to 0, above `f32::MAX` give +∞.
 #[cube]
-fn accurate_tanh(y: f32) -> f32 {
+pub(super) fn accurate_exp(x: f32) -> f32 {
+    let clamped = clamp(x, -100.0f32, 100.0f32);
+    let k = (clamped * core::f32::consts::LOG2_E).round();
+    let r = (clamped - k * 0.693_145_75_f32) - k * 1.428_606_8e-6_f32;
+    let poly = 1.0f32
+        + r * (1.0f32
+            + r * (0.5f32
+                + r * (0.166_666_67_f32
+                    + r * (0.041_666_668_f32
+                        + r * (0.008_333_334_f32
+                            + r * (0.001_388_888_9_f32 + r * 0.000_198_412_7_f32))))));
+    let ki = i32::cast_from(k);
+    if ki < -126 {
+        0.0f32
+    } else if ki > 127 {
+        f32::reinterpret(0x7f80_0000u32)
+    } else {
+        poly * f32::reinterpret(u32::cast_from(ki + 127) << 23)
+    }
+}
+
+/// `ln x` for positive normal `x`, to about an ulp. The device's `ln` may be coarser (measured
+/// on lavapipe over [1, 300]: up to 4.9 ε absolute, against 0.5 for a correctly rounded one),
+/// and a row's LSE is `m + ln l`. Here: `x = 2^e · m` with `m` in [√½, √2),
+/// `ln m = 2 atanh((m − 1)/(m + 1))` by its series to `f^9` (truncation below 2^-26 relative),
+/// plus `e · ln 2` in two parts.
+#[cube]
+pub(super) fn accurate_ln(x: f32) -> f32 {
+    let bits = u32::reinterpret(x);
+    let mut e = i32::cast_from((bits >> 23) & 0xff) - 127;
+    let mut m = f32::reinterpret((bits & 0x007f_ffff) | 0x3f80_0000);
+    if m > core::f32::consts::SQRT_2 {
+        m *= 0.5f32;
+        e += 1;
+    }
+    let f = (m - 1.0f32) / (m + 1.0f32);
+    let s = f * f;
+    let tail = s * (0.333_333_34f32 + s * (0.2f32 + s * (0.142_857_15f32 + s * 0.111_111_11f32)));
+    let log_m = 2.0f32 * f + 2.0f32 * f * tail;
+    let ef = f32::cast_from(e);
+    ef * 0.693_145_75_f32 + (log_m + ef * 1.428_606_8e-6_f32)
+}
+
+/// `e^x − 1` for `x >= 0`, to about an ulp: `x = k·ln2 + r` as in [`accurate_exp`], then
+/// `2^k · (e^r − 1) + (2^k − 1)` with `e^r − 1` by its Taylor series (degree 8), so that no
+/// step subtracts nearly equal numbers. Above `x = 88` the result is +∞.
+#[cube]
+fn accurate_expm1(x: f32) -> f32 {
+    let clamped = min(x, 100.0f32);
+    let k = (clamped * core::f32::consts::LOG2_E).round();
+    let r = (clamped - k * 0.693_145_75_f32) - k * 1.428_606_8e-6_f32;
+    let em1 = r
+        * (1.0f32
+            + r * (0.5f32
+                + r * (0.166_666_67_f32
+                    + r * (0.041_666_668_f32
+                        + r * (0.008_333_334_f32
+                            + r * (0.001_388_888_9_f32
+                                + r * (0.000_198_412_7_f32 + r * 0.000_024_801_587_f32)))))));
+    let ki = i32::cast_from(k);
+    if ki > 127 {
+        f32::reinterpret(0x7f80_0000u32)
+    } else {
+        let two_k = f32::reinterpret(u32::cast_from(ki + 127) << 23);
+        two_k * em1 + (two_k - 1.0f32)
+    }
+}
+
+/// `tanh` to about an ulp (measured in f32 emulation over [−3, 3]: 1.2 ulp). The device's own
+/// `tanh` may lose absolute accuracy near 0 (measured on lavapipe: softcapped f32 scores off by
+/// several ulps, outside the tolerance rule). Near 0 a Taylor polynomial (its first omitted
+/// term is below 2^-28 relative for |y| < 0.4); elsewhere `t / (t + 2)` with
+/// `t = e^{2|y|} − 1` ([`accurate_expm1`]), which has no cancellation; 1 from |y| = 9 on.
+#[cube]
+pub(super) fn accurate_tanh(y: f32) -> f32 {
     let a = y.abs();
     let p = y * y;
     if a < 0.4f32 {
@@ -112,7 +190,12 @@ fn accurate_tanh(y: f32) -> f32 {
                     + p * (0.021_869_488f32 + p * (-0.008_863_235f32 + p * 0.003_592_128f32))));
         y + y * p * poly
     } else {
-        let magnitude = 1.0f32 - 2.0f32 / ((2.0f32 * a).exp() + 1.0f32);
+        // Beyond 9, tanh rounds to 1 in f32 (and t / (t + 2) would overflow to ∞ / ∞ past 44).
+        let t = accurate_expm1(2.0f32 * min(a, 9.0f32));
+        let mut magnitude = t / (t + 2.0f32);
+        if a >= 9.0f32 {
+            magnitude = 1.0f32;
+        }
         if y < 0.0f32 { -magnitude } else { magnitude }
     }
 }
@@ -157,11 +240,17 @@ fn tile_scores<F: Float>(
         }
         let mut s = NEG_BIG.runtime();
         if visible {
-            let mut dot = 0.0f32;
+            // Four partial sums, added pairwise: the dot product's rounding error, which exp
+            // amplifies, is several times smaller than one running sum's (and the four chains
+            // are independent work).
             let at = k_at + j * k_row;
+            let mut part = Array::<f32>::new(2usize);
+            part[0] = 0.0f32;
+            part[1] = 0.0f32;
             for d in 0..dim {
-                dot += q_row[d] * f32::cast_from(k[at + d * k_col]);
+                part[0] += q_row[d] * f32::cast_from(k[at + d * k_col]);
             }
+            let dot = part[0];
             s = scale * dot;
             if cfg.softcap {
                 s = softcap * accurate_tanh(s / softcap);
@@ -221,7 +310,7 @@ fn fold_tile<F: Float>(
     let mut m = state[0];
     let mut l = state[1];
     if m_tile > m {
-        let alpha = (m - m_tile).exp();
+        let alpha = accurate_exp(m - m_tile);
         l *= alpha;
         for d in 0..dim {
             acc[d] *= alpha;
@@ -231,7 +320,7 @@ fn fold_tile<F: Float>(
     for j in 0..cfg.block_n {
         let s = scores[j];
         if s > NEG_BIG {
-            let p = (s - m).exp();
+            let p = accurate_exp(s - m);
             l += p;
             let at = v_at + j * v_row;
             for d in 0..dim {
@@ -438,7 +527,7 @@ pub fn flash_forward<F: Float>(
             inv = 1.0f32 / l;
         }
         let row_lse = if l > 0.0f32 {
-            m + l.ln()
+            m + accurate_ln(l)
         } else {
             f32::reinterpret(NEG_INFINITY_BITS)
         };
@@ -483,7 +572,7 @@ pub fn combine_splits<F: Float>(
         for s in 0..splits {
             let x = lse_partial[(s * rows + row) as usize];
             if x > NEG_BIG {
-                total += (x - m).exp();
+                total += accurate_exp(x - m);
             }
         }
         let mut inv = 0.0f32;
@@ -496,13 +585,13 @@ pub fn combine_splits<F: Float>(
                 let at = (s * rows + row) as usize;
                 let x = lse_partial[at];
                 if x > NEG_BIG {
-                    acc += (x - m).exp() * o_partial[at * head_dim + d];
+                    acc += accurate_exp(x - m) * o_partial[at * head_dim + d];
                 }
             }
             o[row as usize * head_dim + d] = F::cast_from(acc * inv);
         }
         lse[row as usize] = if total > 0.0f32 {
-            m + total.ln()
+            m + accurate_ln(total)
         } else {
             f32::reinterpret(NEG_INFINITY_BITS)
         };
