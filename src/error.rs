@@ -101,6 +101,10 @@ pub enum Error {
     #[error("{op}: the cache holds no sequence {sequence}")]
     UnknownSequence { op: &'static str, sequence: u64 },
 
+    /// A device copy of a KV cache used with another cache than the one it was made from.
+    #[error("{op}: this device copy was made from another KV cache")]
+    CacheMismatch { op: &'static str },
+
     /// A quantized cache cannot scale a row holding NaN or ±∞.
     #[error("{op}: `{tensor}` holds a non-finite value, which quantized storage cannot represent")]
     NonFinite {

@@ -12,13 +12,11 @@
 //!
 //! `GQA_CUBE_CASES` sets the cases per configuration and specialisation (default 3);
 //! `GQA_CUBE_RANDOM=1` draws fresh cases instead of the fixed-seed ones CI runs.
-//! `GQA_CUBE_RANDOM=1` draws fresh cases instead of the fixed-seed ones CI runs.
 
 #[macro_use]
 mod common;
 
-use std::sync::OnceLock;
-
+use common::cube::{cases, device, runner};
 use common::*;
 use gqa::cube::{CubeDevice, CubeElement};
 use gqa::oracle::{self, compare};
@@ -26,52 +24,6 @@ use gqa::{AttentionSpec, DType, Error, Mask};
 use half::f16;
 use ndarray::Array4;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
-
-/// The device, opened once per test binary (`None`: no device outside CI).
-fn device() -> Option<&'static CubeDevice> {
-    static DEVICE: OnceLock<Option<CubeDevice>> = OnceLock::new();
-    DEVICE
-        .get_or_init(|| match CubeDevice::try_default() {
-            Ok(device) => {
-                eprintln!("cube tests run on {}", device.name());
-                Some(device)
-            }
-            Err(error) if std::env::var_os("CI").is_some() => {
-                panic!("CI needs a GPU device for the kernel tests: {error}")
-            }
-            Err(error) => {
-                eprintln!(
-                    "\n*** SKIPPED: no device for the cubecl kernel tests ({error}).\n\
-                     *** For a software Vulkan device: apt-get install mesa-vulkan-drivers libvulkan1\n"
-                );
-                None
-            }
-        })
-        .as_ref()
-}
-
-fn cases() -> u32 {
-    std::env::var("GQA_CUBE_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(3)
-}
-
-/// A runner with a fixed seed, so that CI runs the cases a developer ran (each distinct kernel
-/// costs a compile, so the default case count is small); `GQA_CUBE_RANDOM=1` draws new cases.
-fn runner(cases: u32) -> TestRunner {
-    let config = Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    if std::env::var_os("GQA_CUBE_RANDOM").is_some() {
-        TestRunner::new(config)
-    } else {
-        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha))
-    }
-}
 
 /// A length in 1..=300, weighted towards the edges that break kernels: 1, tile boundaries, short.
 fn length() -> impl Strategy<Value = usize> {

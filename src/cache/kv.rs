@@ -35,12 +35,14 @@ use crate::heads::{Rule, Supported};
 /// assert_eq!(cache.bytes(), 2 * 64 * 16 * 8 * 132);
 /// # Ok::<(), gqa::Error>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvCache<const HKV: usize, const D: usize, S: KvStorage>
 where
     Rule: Supported<HKV, HKV, D>,
 {
     table: PageTable,
+    /// Unique per cache (clones included): device copies record which cache they mirror.
+    id: u64,
     k: Vec<u32>,
     v: Vec<u32>,
     k_scale: Vec<f32>,
@@ -63,6 +65,7 @@ where
         let scales = if S::KIND.is_quantized() { rows } else { 0 };
         Ok(KvCache {
             table,
+            id: next_cache_id(),
             k: vec![0; rows * Self::ROW_WORDS],
             v: vec![0; rows * Self::ROW_WORDS],
             k_scale: vec![0.0; scales],
@@ -192,6 +195,14 @@ where
     /// The stored keys and values of a sequence, dequantized to `f32`: `[HKV, len, D]` each.
     /// Errors: [`Error::UnknownSequence`].
     pub fn read(&self, seq: SeqId) -> Result<(Array3<f32>, Array3<f32>)> {
+        let (k, v) = self.read_exact(seq)?;
+        Ok((k.mapv(|x| x as f32), v.mapv(|x| x as f32)))
+    }
+
+    /// The stored keys and values of a sequence exactly, in `f64` (a quantized lane times its
+    /// scale is exact there; [`KvCache::read`] rounds that product to `f32`): `[HKV, len, D]`.
+    /// Errors: [`Error::UnknownSequence`].
+    pub fn read_exact(&self, seq: SeqId) -> Result<(Array3<f64>, Array3<f64>)> {
         const OP: &str = "KvCache::read";
         let len = self.table.len(OP, seq)?;
         let page_size = self.table.page_size();
@@ -208,7 +219,7 @@ where
                     let scale = scales.get(at).copied().unwrap_or(1.0);
                     let mut row = out.index_axis_mut(Axis(0), h);
                     let mut row = row.index_axis_mut(Axis(0), t);
-                    S::KIND.decode_row(
+                    S::KIND.decode_row_exact(
                         &words[at * Self::ROW_WORDS..][..Self::ROW_WORDS],
                         scale,
                         row.as_slice_mut().expect("a fresh array is contiguous"),
@@ -230,11 +241,55 @@ where
         self.table.pages_of("KvCache::pages", seq)
     }
 
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Pool rows of tokens `tokens` of a sequence, token-major then KV head.
+    pub(crate) fn rows_of(
+        &self,
+        op: &'static str,
+        seq: SeqId,
+        tokens: std::ops::Range<usize>,
+    ) -> Result<Vec<u32>> {
+        let page_size = self.table.page_size();
+        let mut rows = Vec::with_capacity(tokens.len() * HKV);
+        for t in tokens {
+            let slot = self.table.slot(op, seq, t)? as usize;
+            rows.extend((0..HKV).map(|h| row_index::<HKV>(slot, h, page_size) as u32));
+        }
+        Ok(rows)
+    }
+
     /// The raw pool, for executors: key words, value words, key scales, value scales (empty
     /// for float storage). Row `(page · HKV + head) · page_size + slot` starts at word
     /// `row · ROW_WORDS`.
     pub fn raw(&self) -> (&[u32], &[u32], &[f32], &[f32]) {
         (&self.k, &self.v, &self.k_scale, &self.v_scale)
+    }
+}
+
+fn next_cache_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+impl<const HKV: usize, const D: usize, S: KvStorage> Clone for KvCache<HKV, D, S>
+where
+    Rule: Supported<HKV, HKV, D>,
+{
+    /// An independent copy (a new identity: device copies of the original do not mirror it).
+    fn clone(&self) -> Self {
+        KvCache {
+            table: self.table.clone(),
+            id: next_cache_id(),
+            k: self.k.clone(),
+            v: self.v.clone(),
+            k_scale: self.k_scale.clone(),
+            v_scale: self.v_scale.clone(),
+            storage: PhantomData,
+        }
     }
 }
 

@@ -118,27 +118,40 @@ impl StorageKind {
     }
 
     /// Unpacks one row of `out.len()` channels from `words`, multiplying quantized values by
-    /// `scale`.
+    /// `scale`, rounded to `f32` (as a kernel holding the dequantized value in a register would
+    /// see it). [`StorageKind::decode_row_exact`] gives the stored value itself.
     pub fn decode_row(self, words: &[u32], scale: f32, out: &mut [f32]) {
+        for (c, value) in out.iter_mut().enumerate() {
+            *value = self.channel(words, scale, c) as f32;
+        }
+    }
+
+    /// The stored values exactly, in `f64` (a quantized lane times its `f32` scale is exact in
+    /// `f64`): what an oracle compares against.
+    pub fn decode_row_exact(self, words: &[u32], scale: f32, out: &mut [f64]) {
+        for (c, value) in out.iter_mut().enumerate() {
+            *value = self.channel(words, scale, c);
+        }
+    }
+
+    fn channel(self, words: &[u32], scale: f32, c: usize) -> f64 {
         let per_word = self.channels_per_word();
         let bits = 32 / per_word;
-        for (c, value) in out.iter_mut().enumerate() {
-            let word = words[c / per_word];
-            let lane = if bits == 32 {
-                word
-            } else {
-                (word >> (bits * (c % per_word))) & ((1u32 << bits) - 1)
-            };
-            *value = match self {
-                StorageKind::Float32 => f32::from_bits(lane),
-                StorageKind::Float16 => f16::from_bits(lane as u16).to_f32(),
-                StorageKind::BFloat16 => bf16::from_bits(lane as u16).to_f32(),
-                // Sign-extend the lane, then scale.
-                StorageKind::Int8 | StorageKind::Int4 => {
-                    let shift = 32 - bits;
-                    (((lane << shift) as i32) >> shift) as f32 * scale
-                }
-            };
+        let word = words[c / per_word];
+        let lane = if bits == 32 {
+            word
+        } else {
+            (word >> (bits * (c % per_word))) & ((1u32 << bits) - 1)
+        };
+        match self {
+            StorageKind::Float32 => f64::from(f32::from_bits(lane)),
+            StorageKind::Float16 => f16::from_bits(lane as u16).to_f64(),
+            StorageKind::BFloat16 => bf16::from_bits(lane as u16).to_f64(),
+            // Sign-extend the lane, then scale.
+            StorageKind::Int8 | StorageKind::Int4 => {
+                let shift = 32 - bits;
+                f64::from(((lane << shift) as i32) >> shift) * f64::from(scale)
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Stand-ins for the cubecl side when no cubecl runtime feature is on: the API exists and says
 //! so through [`Error::NotCompiledWith`]; no device, and so nothing else, can be reached.
 
+use super::cache::DecodeInputs;
 use crate::element::DType;
 use crate::error::{Error, Result};
 use crate::spec::{AttentionSpec, ProblemShape};
@@ -24,7 +25,7 @@ impl Device {
     }
 }
 
-#[allow(clippy::unused_self)]
+#[allow(clippy::unused_self, clippy::extra_unused_type_parameters)]
 impl Device {
     pub fn name(&self) -> &str {
         match *self {}
@@ -42,6 +43,17 @@ impl Device {
         match *self {}
     }
     pub fn download<T>(&self, _: &'static str, _: &Buffer) -> Result<Vec<T>> {
+        match *self {}
+    }
+    pub fn scatter_rows(&self, _: &Buffer, _: &[u32], _: &[u32], _: usize) {
+        match *self {}
+    }
+    pub fn decode<T>(
+        &self,
+        _: &'static str,
+        _: &AttentionSpec,
+        _: DecodeInputs<'_>,
+    ) -> Result<(Buffer, Buffer)> {
         match *self {}
     }
     pub fn forward<T>(

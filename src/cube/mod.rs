@@ -25,6 +25,9 @@
 //! type (lavapipe has no bf16) is an [`Error::UnsupportedDType`], checked before launch. The LSE
 //! is always `f32`; a fully masked row gets output 0 and LSE −∞.
 
+mod cache;
+#[cfg(any(feature = "wgpu", feature = "cuda", feature = "hip"))]
+mod decode;
 #[cfg(any(feature = "wgpu", feature = "cuda", feature = "hip"))]
 mod kernel;
 #[cfg(any(feature = "wgpu", feature = "cuda", feature = "hip"))]
@@ -34,6 +37,8 @@ mod runtime;
 mod runtime;
 
 use std::marker::PhantomData;
+
+pub use cache::{DeviceKvCache, MAX_DECODE_QUERIES};
 
 use ndarray::{Array3, Array4, ArrayView4, Dimension};
 
@@ -260,6 +265,7 @@ impl<T> std::fmt::Debug for DeviceTensor<T> {
 }
 
 /// The kernel's result on the device.
+#[derive(Debug)]
 pub struct DeviceOutput<T> {
     /// `[batch, q_heads, seq_q, head_dim]`, contiguous.
     pub o: DeviceTensor<T>,

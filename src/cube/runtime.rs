@@ -6,7 +6,13 @@ use std::sync::Arc;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+use super::cache::DecodeInputs;
+use super::decode::{
+    DecodeConfig, STORAGE_BF16, STORAGE_F16, STORAGE_F32, STORAGE_INT4, STORAGE_INT8, paged_decode,
+    scatter_rows,
+};
 use super::kernel::{KernelConfig, LaunchScalars, combine_splits, flash_forward};
+use crate::cache::StorageKind;
 use crate::element::DType;
 use crate::error::{Error, Result};
 use crate::spec::{AttentionSpec, ProblemShape};
@@ -260,6 +266,178 @@ impl Device {
             shared_kv: self.shared_memory,
             split: false,
         })
+    }
+}
+
+impl Device {
+    /// Writes `src` (whole rows of `row_words` words, packed) to the rows `rows` of `dst`.
+    pub fn scatter_rows(&self, dst: &Buffer, src: &[u32], rows: &[u32], row_words: usize) {
+        if rows.is_empty() {
+            return;
+        }
+        let words = rows.len() * row_words;
+        let (src, rows_buffer) = (self.upload(src), self.upload(rows));
+        // SAFETY: `rows` index rows of `dst` (pool rows of the cache `dst` mirrors, which has
+        // the same size); the kernel guards `at < count · row_words = src.len`.
+        unsafe {
+            scatter_rows::launch(
+                &self.client,
+                CubeCount::Static(words.div_ceil(256) as u32, 1, 1),
+                CubeDim::new_1d(256),
+                BufferArg::from_raw_parts(src.handle.clone(), src.len),
+                BufferArg::from_raw_parts(rows_buffer.handle.clone(), rows_buffer.len),
+                BufferArg::from_raw_parts(dst.handle.clone(), dst.len.max(1)),
+                rows.len() as u32,
+                row_words,
+            );
+        }
+    }
+
+    /// Launches decode over a paged cache; returns the contiguous `o` and `lse` buffers.
+    pub fn decode<T: KernelElement>(
+        &self,
+        op: &'static str,
+        spec: &AttentionSpec,
+        input: DecodeInputs<'_>,
+    ) -> Result<(Buffer, Buffer)> {
+        let batch = input.lens.len();
+        let seq_q = input.seq_q;
+        let (head_dim, group) = (spec.head_dim(), spec.group_size());
+        let rows = batch * spec.q_heads() * seq_q;
+        let o = self.empty(rows * head_dim, size_of::<T>());
+        let lse = self.empty(rows, size_of::<f32>());
+        if rows == 0 {
+            return Ok((o, lse));
+        }
+        let hardware = &self.client.properties().hardware;
+        let max_units = hardware.max_units_per_cube as usize;
+        if group > max_units {
+            return Err(Error::DeviceLimit {
+                op,
+                reason: format!(
+                    "a KV group of {group} query heads needs {group} units per cube; {} allows {max_units}",
+                    self.name
+                ),
+            });
+        }
+        let lq_tile = seq_q.min(max_units / group).max(1);
+        let q_tiles = seq_q.div_ceil(lq_tile);
+        let max_len = input.lens.iter().copied().max().unwrap_or(0) as usize;
+        let keys_per_split =
+            self.decode_keys_per_split(head_dim, max_len, q_tiles * spec.kv_heads() * batch);
+        let splits = max_len.div_ceil(keys_per_split).max(1);
+        let mask = spec.mask();
+        let config = DecodeConfig {
+            head_dim,
+            group,
+            lq_tile,
+            storage: match input.storage {
+                StorageKind::Float32 => STORAGE_F32,
+                StorageKind::Float16 => STORAGE_F16,
+                StorageKind::BFloat16 => STORAGE_BF16,
+                StorageKind::Int8 => STORAGE_INT8,
+                StorageKind::Int4 => STORAGE_INT4,
+            },
+            row_words: input.storage.words_per_row(head_dim),
+            block: 64,
+            bottom_right: mask.alignment() == crate::spec::Alignment::BottomRight,
+            left_bounded: mask.left().is_some(),
+            right_bounded: mask.right().is_some(),
+            softcap: spec.softcap().is_some(),
+            alibi: spec.alibi().is_some(),
+            split: splits > 1,
+        };
+        let limit = i32::MAX as usize / 4;
+        if max_len > limit {
+            return Err(Error::DeviceLimit {
+                op,
+                reason: format!("sequence lengths above {limit} (got {max_len})"),
+            });
+        }
+        let side = |s: Option<usize>| s.map_or(0, |s| s.min(max_len + seq_q) as i32);
+        let table = self.upload(input.table);
+        let lens = self.upload(input.lens);
+        let slopes = match spec.alibi() {
+            Some(alibi) => alibi.to_vec(),
+            None => vec![0.0],
+        };
+        let slopes = self.upload(&slopes);
+        let partial_rows = if config.split { splits * rows } else { 0 };
+        let o_partial = self.empty(partial_rows * head_dim, size_of::<f32>());
+        let lse_partial = self.empty(partial_rows, size_of::<f32>());
+        // SAFETY: the kernel reads q rows `< batch · q_heads · seq_q` (q was checked to be that
+        // contiguous shape), pool rows named by the block table (pages of the cache the copy
+        // mirrors) and writes only the rows the grid covers.
+        unsafe {
+            let arg = |b: &Buffer| BufferArg::from_raw_parts(b.handle.clone(), b.len.max(1));
+            paged_decode::launch::<T>(
+                &self.client,
+                CubeCount::Static(
+                    q_tiles as u32,
+                    spec.kv_heads() as u32,
+                    (splits * batch) as u32,
+                ),
+                CubeDim::new_1d((lq_tile * group) as u32),
+                arg(input.q),
+                arg(input.k),
+                arg(input.v),
+                arg(input.k_scale),
+                arg(input.v_scale),
+                arg(&table),
+                arg(&lens),
+                arg(&slopes),
+                arg(&o),
+                arg(&lse),
+                arg(&o_partial),
+                arg(&lse_partial),
+                spec.q_heads() as u32,
+                seq_q as u32,
+                spec.kv_heads() as u32,
+                input.page_size as u32,
+                input.table_stride as u32,
+                side(mask.left()),
+                side(mask.right()),
+                spec.scale(),
+                spec.softcap().unwrap_or(1.0),
+                batch as u32,
+                keys_per_split as u32,
+                config,
+            );
+            if config.split {
+                combine_splits::launch::<T>(
+                    &self.client,
+                    CubeCount::Static(rows.div_ceil(64) as u32, 1, 1),
+                    CubeDim::new_1d(64),
+                    arg(&o_partial),
+                    arg(&lse_partial),
+                    arg(&o),
+                    arg(&lse),
+                    rows as u32,
+                    splits as u32,
+                    head_dim,
+                );
+            }
+        }
+        Ok((o, lse))
+    }
+
+    /// Keys per decode split: enough cubes to fill the device (about four per core or
+    /// multiprocessor it reports, 64 when it reports neither), at least 256 keys each (a shorter
+    /// split costs a merge and buys little); on
+    /// lavapipe also few enough keys that a unit stays under its loop limit (see
+    /// `kernel.rs`): a key costs about `2 · head_dim` loop iterations, plus the rescale of a chunk.
+    fn decode_keys_per_split(&self, head_dim: usize, max_len: usize, cubes: usize) -> usize {
+        let hardware = &self.client.properties().hardware;
+        let cores = hardware
+            .num_streaming_multiprocessors
+            .or(hardware.num_cpu_cores)
+            .map_or(64, |n| 4 * n as usize);
+        let splits = (cores / cubes.max(1)).max(1);
+        let mut keys = max_len.div_ceil(splits).max(256);
+        if self.name.contains("llvmpipe") {
+            keys = keys.min(60_000 / (3 * head_dim + 8));
+        }
+        keys.max(1)
     }
 }
 

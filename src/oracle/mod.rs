@@ -162,7 +162,7 @@ pub fn merge(parts: &[Output]) -> Output {
 /// Decode against a KV cache, in `f64`: `q: [sequences, q_heads, seq_q, head_dim]` holds the
 /// newest `seq_q` queries of each listed sequence, and row `b` attends to everything sequence
 /// `seqs[b]` has cached — as `spec` defines it, with the queries aligned to the cache's end
-/// (bottom-right). The keys and values are the cache's stored (dequantized) rows, so this is
+/// (bottom-right). The keys and values are the cache's stored rows, exactly ([`KvCache::read_exact`]), so this is
 /// the exact answer for what the cache holds; each row is the last rows of a forward over it.
 ///
 /// Errors: [`Error::ConfigMismatch`](crate::Error::ConfigMismatch) when the spec's KV heads or
@@ -195,12 +195,12 @@ where
     // Widened to f64, exactly.
     let q = q.mapv(|x| x.widen());
     for (b, &seq) in seqs.iter().enumerate() {
-        let (k, v) = cache.read(seq)?;
+        let (k, v) = cache.read_exact(seq)?;
         let out = try_forward(
             spec,
             q.slice(s![b..b + 1, .., .., ..]),
-            k.mapv(f64::from).insert_axis(Axis(0)).view(),
-            v.mapv(f64::from).insert_axis(Axis(0)).view(),
+            k.insert_axis(Axis(0)).view(),
+            v.insert_axis(Axis(0)).view(),
         )?;
         o.slice_mut(s![b..b + 1, .., .., ..]).assign(&out.o);
         lse.slice_mut(s![b..b + 1, .., ..]).assign(&out.lse);

@@ -5,6 +5,7 @@
 
 #[macro_use]
 pub mod configs;
+pub mod cube;
 
 use gqa::{Alignment, AttentionSpec, Mask};
 use ndarray::{Array4, Axis};

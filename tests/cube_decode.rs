@@ -1,0 +1,390 @@
+//! The cubecl decode kernel against the f64 oracle, on whatever device `CubeDevice::try_default`
+//! finds (Mesa's lavapipe in CI).
+//!
+//! For every configuration of the shared list and every cache storage (f32, f16, bf16, int8,
+//! int4): a batch of 1–3 sequences of different lengths (1..=300 tokens) in a paged cache
+//! (page size 1..=32, pages interleaved between sequences and fragmented by a dropped one),
+//! 1–16 new queries per sequence, and one kernel specialisation per storage (masks and score
+//! modifiers below). Long sequences are split over several cubes and merged, so split-KV is
+//! exercised wherever the device's split rule cuts (on lavapipe: above 256 keys, and above
+//! ~150 keys at D = 128).
+//!
+//! The yardstick is the oracle run on the cache's *stored* (dequantized) rows, under the
+//! tolerance rule. For quantized storage the error against the unquantized input is printed
+//! separately (`vs input`): that is quantization error, reported, not bounded.
+//!
+//! `GQA_CUBE_CASES` and `GQA_CUBE_RANDOM` work as in `cube_forward.rs`.
+
+#[macro_use]
+mod common;
+
+use common::cube::{cases, device, runner};
+use common::*;
+use gqa::cache::{BFloat16, Float16, Float32, Int4, Int8, KvCache, KvStorage, Layout};
+use gqa::cube::{CubeDevice, CubeElement};
+use gqa::oracle::{self, compare};
+use gqa::{AttentionSpec, DType, Error, Mask};
+use half::f16;
+use ndarray::{Array3, Array4, Axis, s};
+use proptest::prelude::*;
+
+/// The spec a storage's test uses: each storage exercises a different specialisation.
+#[derive(Debug, Clone, Copy)]
+enum Variant {
+    Causal,
+    CausalSoftcap,
+    WindowAlibi,
+    Everything,
+}
+
+fn spec_for(
+    variant: Variant,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+) -> impl Strategy<Value = AttentionSpec> {
+    (
+        0..120usize,
+        1.0f32..30.0,
+        proptest::collection::vec(0.0f32..0.5, hq),
+        -1.0f32..1.0,
+    )
+        .prop_map(move |(left, cap, slopes, scale)| {
+            let spec = AttentionSpec::try_new(hq, hkv, d).unwrap();
+            match variant {
+                Variant::Causal => spec.with_mask(Mask::NONE.causal()),
+                Variant::CausalSoftcap => spec
+                    .with_mask(Mask::NONE.causal())
+                    .try_with_softcap(cap)
+                    .unwrap(),
+                Variant::WindowAlibi => spec
+                    .with_mask(Mask::NONE.causal().window(left, 0))
+                    .try_with_alibi_slopes(&slopes)
+                    .unwrap(),
+                Variant::Everything => spec
+                    .with_mask(Mask::NONE.causal().window(left, 0))
+                    .try_with_scale(scale)
+                    .unwrap()
+                    .try_with_softcap(cap)
+                    .unwrap()
+                    .with_alibi(),
+            }
+        })
+}
+
+/// One decode problem: per sequence its keys/values `[HKV, len, D]` and new queries.
+#[derive(Debug, Clone)]
+struct Case {
+    spec: AttentionSpec,
+    page_size: usize,
+    seq_q: usize,
+    kv: Vec<(Array3<f32>, Array3<f32>)>,
+    q: Array4<f64>,
+}
+
+fn length() -> impl Strategy<Value = usize> {
+    prop_oneof![1 => Just(1usize), 2 => 2..=70usize, 1 => prop::sample::select(vec![63, 64, 65, 153, 154]), 2 => 71..=300usize]
+}
+
+fn case(variant: Variant, hq: usize, hkv: usize, d: usize) -> impl Strategy<Value = Case> {
+    (
+        spec_for(variant, hq, hkv, d),
+        proptest::collection::vec(length(), 1..=3),
+        prop_oneof![3 => 1..=4usize, 1 => Just(16usize)],
+        prop_oneof![1 => Just(1usize), 2 => 2..=32usize, 1 => Just(16usize)],
+    )
+        .prop_flat_map(move |(spec, lens, seq_q, page_size)| {
+            let kv = lens
+                .iter()
+                .map(|&len| {
+                    let rows = move || {
+                        tensor([1, hkv, len, d])
+                            .prop_map(|x| x.index_axis_move(Axis(0), 0).mapv(|v| v as f32))
+                    };
+                    (rows(), rows())
+                })
+                .collect::<Vec<_>>();
+            (
+                Just(spec),
+                kv,
+                tensor([lens.len(), hq, seq_q, d]),
+                Just(page_size),
+            )
+                .prop_map(move |(spec, kv, q, page_size)| Case {
+                    spec,
+                    page_size,
+                    seq_q,
+                    kv,
+                    q,
+                })
+        })
+}
+
+/// Fills a paged cache with the case's sequences in interleaved chunks, with a filler
+/// sequence dropped halfway so that pages are reused out of order.
+fn fill<const HKV: usize, const D: usize, S: KvStorage>(
+    case: &Case,
+) -> (KvCache<HKV, D, S>, Vec<gqa::cache::SeqId>)
+where
+    gqa::heads::Rule: gqa::heads::Supported<HKV, HKV, D>,
+{
+    let total: usize = case.kv.iter().map(|(k, _)| k.shape()[1]).sum();
+    let pages = total.div_ceil(case.page_size) + case.kv.len() + 4;
+    let mut cache = KvCache::<HKV, D, S>::new(Layout::Paged {
+        page_size: case.page_size,
+        pages,
+    });
+    let filler = cache.try_add_sequence().unwrap();
+    let noise = Array3::<f32>::from_elem((HKV, 3 * case.page_size, D), 9.0);
+    cache
+        .try_append(filler, noise.view(), noise.view())
+        .unwrap();
+    let seqs: Vec<_> = case
+        .kv
+        .iter()
+        .map(|_| cache.try_add_sequence().unwrap())
+        .collect();
+    let longest = case.kv.iter().map(|(k, _)| k.shape()[1]).max().unwrap();
+    let chunk = 37;
+    for start in (0..longest).step_by(chunk) {
+        for ((k, v), &seq) in case.kv.iter().zip(&seqs) {
+            let end = (start + chunk).min(k.shape()[1]);
+            if start < end {
+                cache
+                    .try_append(
+                        seq,
+                        k.slice(s![.., start..end, ..]),
+                        v.slice(s![.., start..end, ..]),
+                    )
+                    .unwrap();
+            }
+        }
+        if start == 0 {
+            cache.try_drop_sequence(filler).unwrap();
+        }
+    }
+    (cache, seqs)
+}
+
+/// Max errors seen: o vs the oracle on stored rows, lse, o vs the oracle on the input.
+type Worst = (f64, f64, f64);
+
+fn check<T: CubeElement, const HKV: usize, const D: usize, S: KvStorage>(
+    device: &CubeDevice,
+    case: &Case,
+) -> Result<Worst, TestCaseError>
+where
+    gqa::heads::Rule: gqa::heads::Supported<HKV, HKV, D>,
+{
+    let (cache, seqs) = fill::<HKV, D, S>(case);
+    let mut copy = device.try_upload_cache(&cache).unwrap();
+    let q = case.q.mapv(T::narrow);
+    let q_device = device.try_upload(q.view()).unwrap();
+    let out = device
+        .try_decode(&case.spec, &q_device, &cache, &mut copy, &seqs)
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let o = device.try_download(&out.o).unwrap();
+    let lse = device.try_download(&out.lse).unwrap();
+    let mut worst: Worst = (0.0, 0.0, 0.0);
+    for (b, &seq) in seqs.iter().enumerate() {
+        // The stored rows, exactly (a quantized lane times its scale, in f64).
+        let (k, v) = cache.read_exact(seq).unwrap();
+        let (k, v) = (k.insert_axis(Axis(0)), v.insert_axis(Axis(0)));
+        let widen4 = |x: &Array3<f32>| x.mapv(f64::from).insert_axis(Axis(0));
+        let q_b = q.slice(s![b..b + 1, .., .., ..]).mapv(|x| x.widen());
+        let exact = oracle::forward(&case.spec, q_b.view(), k.view(), v.view());
+        let rounded =
+            oracle::try_forward_rounded(&case.spec, q_b.view(), k.view(), v.view(), T::DTYPE)
+                .unwrap();
+        let o_b: Vec<f64> = o
+            .slice(s![b, .., .., ..])
+            .iter()
+            .map(|x| x.widen())
+            .collect();
+        let o_check = compare(&exact.o, &rounded.o, &o_b, T::DTYPE);
+        prop_assert!(
+            o_check.passed(),
+            "o of sequence {b}: {o_check}\nspec {:?}, lens {:?}, seq_q {}, page size {}",
+            case.spec,
+            case.kv
+                .iter()
+                .map(|(k, _)| k.shape()[1])
+                .collect::<Vec<_>>(),
+            case.seq_q,
+            case.page_size
+        );
+        let lse_b: Vec<f64> = lse
+            .slice(s![b, .., ..])
+            .iter()
+            .map(|&x| f64::from(x))
+            .collect();
+        let lse_check = compare(&exact.lse, &rounded.lse, &lse_b, DType::F32);
+        prop_assert!(
+            lse_check.passed(),
+            "lse of sequence {b}: {lse_check}\nspec {:?}",
+            case.spec
+        );
+        // Against the unquantized input: reported only.
+        let (k_in, v_in) = (widen4(&case.kv[b].0), widen4(&case.kv[b].1));
+        let input = oracle::forward(&case.spec, q_b.view(), k_in.view(), v_in.view());
+        let vs_input = input
+            .o
+            .iter()
+            .zip(&o_b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        worst = (
+            worst.0.max(o_check.max_error),
+            worst.1.max(lse_check.max_error),
+            worst.2.max(vs_input),
+        );
+    }
+    Ok(worst)
+}
+
+fn run<T: CubeElement, const HQ: usize, const HKV: usize, const D: usize, S: KvStorage>(
+    variant: Variant,
+) where
+    gqa::heads::Rule: gqa::heads::Supported<HKV, HKV, D>,
+{
+    let Some(device) = device() else { return };
+    let mut runner = runner(cases());
+    let worst = std::cell::Cell::new((0.0f64, 0.0f64, 0.0f64));
+    runner
+        .run(&case(variant, HQ, HKV, D), |c| {
+            let w = check::<T, HKV, D, S>(device, &c)?;
+            let old = worst.get();
+            worst.set((old.0.max(w.0), old.1.max(w.1), old.2.max(w.2)));
+            Ok(())
+        })
+        .unwrap();
+    let w = worst.get();
+    eprintln!(
+        "decode {HQ}/{HKV} d{D} {:?} cache, {} queries, {variant:?}: max |o error| {:.2e}, max |lse error| {:.2e}, vs input {:.2e}",
+        S::KIND,
+        T::DTYPE,
+        w.0,
+        w.1,
+        w.2
+    );
+}
+
+macro_rules! decode_tests {
+    ($name:ident, $hq:literal, $hkv:literal, $d:literal) => {
+        paste::paste! {
+            #[test]
+            fn [<$name _decode_f32_cache>]() {
+                run::<f32, $hq, $hkv, $d, Float32>(Variant::Causal);
+            }
+            #[test]
+            fn [<$name _decode_f16_cache>]() {
+                run::<f32, $hq, $hkv, $d, Float16>(Variant::CausalSoftcap);
+            }
+            #[test]
+            fn [<$name _decode_bf16_cache>]() {
+                run::<f32, $hq, $hkv, $d, BFloat16>(Variant::WindowAlibi);
+            }
+            #[test]
+            fn [<$name _decode_int8_cache_f16_queries>]() {
+                run::<f16, $hq, $hkv, $d, Int8>(Variant::Everything);
+            }
+            #[test]
+            fn [<$name _decode_int4_cache>]() {
+                run::<f32, $hq, $hkv, $d, Int4>(Variant::Causal);
+            }
+        }
+    };
+}
+
+for_each_config!(decode_tests);
+
+/// A generation loop: prefill, then one token at a time — append, sync (only the new rows
+/// travel), decode — each step against the oracle.
+#[test]
+fn generation_steps_match_the_oracle() {
+    let Some(device) = device() else { return };
+    const HQ: usize = 8;
+    const HKV: usize = 2;
+    const D: usize = 64;
+    let spec = *gqa::Gqa::<HQ, HKV, D>::new().causal().spec();
+    let mut cache = KvCache::<HKV, D, Int8>::new(Layout::Paged {
+        page_size: 7,
+        pages: 16,
+    });
+    let seqs = [
+        cache.try_add_sequence().unwrap(),
+        cache.try_add_sequence().unwrap(),
+    ];
+    let x = |n: usize, phase: f32| {
+        Array3::from_shape_fn((HKV, n, D), |(h, t, c)| {
+            ((h * 17 + t * 5 + c) as f32 * 0.21 + phase).sin()
+        })
+    };
+    cache
+        .try_append(seqs[0], x(20, 0.0).view(), x(20, 1.0).view())
+        .unwrap();
+    cache
+        .try_append(seqs[1], x(5, 2.0).view(), x(5, 3.0).view())
+        .unwrap();
+    let mut copy = device.try_upload_cache(&cache).unwrap();
+    for step in 0..4 {
+        let q = Array4::from_shape_fn((2, HQ, 1, D), |(b, h, _, c)| {
+            ((b * 3 + h * 7 + c + step) as f32 * 0.13).cos()
+        });
+        let q_device = device.try_upload(q.view()).unwrap();
+        let out = device
+            .try_decode(&spec, &q_device, &cache, &mut copy, &seqs)
+            .unwrap();
+        let o = device.try_download(&out.o).unwrap();
+        let exact = oracle::try_decode(&spec, q.view(), &cache, &seqs).unwrap();
+        let rounded_o: Vec<f64> = o.iter().map(|&x| f64::from(x)).collect();
+        let check = compare(&exact.o, &exact.o, &rounded_o, DType::F32);
+        assert!(check.max_error < 1e-5, "step {step}: {check}");
+        for &seq in &seqs {
+            let t = x(1, step as f32);
+            cache.try_append(seq, t.view(), t.view()).unwrap();
+        }
+    }
+}
+
+#[test]
+fn bad_decode_input_is_a_typed_error() {
+    let Some(device) = device() else { return };
+    let spec = *gqa::Gqa::<4, 2, 8>::new().causal().spec();
+    let mut cache = KvCache::<2, 8, Float32>::new(Layout::Paged {
+        page_size: 4,
+        pages: 4,
+    });
+    let seq = cache.try_add_sequence().unwrap();
+    let mut copy = device.try_upload_cache(&cache).unwrap();
+    let too_many = device
+        .try_upload(Array4::<f32>::zeros((1, 4, 17, 8)).view())
+        .unwrap();
+    let err = device.try_decode(&spec, &too_many, &cache, &mut copy, &[seq]);
+    assert!(matches!(err, Err(Error::Shape { .. })), "{err:?}");
+    let q = device
+        .try_upload(Array4::<f32>::zeros((1, 4, 1, 8)).view())
+        .unwrap();
+    let other = KvCache::<2, 8, Float32>::new(Layout::Paged {
+        page_size: 4,
+        pages: 4,
+    });
+    let err = device.try_decode(&spec, &q, &other, &mut copy, &[seq]);
+    assert!(matches!(err, Err(Error::CacheMismatch { .. })), "{err:?}");
+    let wrong_spec = *gqa::Gqa::<4, 4, 8>::new().spec();
+    let err = device.try_decode(&wrong_spec, &q, &cache, &mut copy, &[seq]);
+    assert!(matches!(err, Err(Error::ConfigMismatch { .. })), "{err:?}");
+    // An empty sequence: every row sees nothing — zero output, LSE −∞.
+    let out = device
+        .try_decode(&spec, &q, &cache, &mut copy, &[seq])
+        .unwrap();
+    let lse = device.try_download(&out.lse).unwrap();
+    assert!(lse.iter().all(|&x| x == f32::NEG_INFINITY));
+    assert!(
+        device
+            .try_download(&out.o)
+            .unwrap()
+            .iter()
+            .all(|&x| x == 0.0)
+    );
+}
