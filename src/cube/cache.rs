@@ -87,15 +87,16 @@ impl CubeDevice {
     where
         Rule: Supported<HKV, HKV, D>,
     {
+        const OP: &str = "cube::upload_cache";
         let (k, v, k_scale, _) = cache.raw();
         let fill = vec![nan_word(S::KIND); k.len()];
         let scales = vec![f32::NAN.to_bits(); k_scale.len().max(1)];
         debug_assert_eq!(k.len(), v.len());
         let mut copy = DeviceKvCache {
-            k: self.inner.upload(&fill),
-            v: self.inner.upload(&fill),
-            k_scale: self.inner.upload(&scales),
-            v_scale: self.inner.upload(&scales),
+            k: self.inner.upload(OP, &fill)?,
+            v: self.inner.upload(OP, &fill)?,
+            k_scale: self.inner.upload(OP, &scales)?,
+            v_scale: self.inner.upload(OP, &scales)?,
             cache_id: cache.id(),
             device: self.inner.key().clone(),
             synced: BTreeMap::new(),
@@ -141,15 +142,15 @@ impl CubeDevice {
                     .collect()
             };
             self.inner
-                .scatter_rows(&copy.k, &gather(k, words), &rows, words);
+                .scatter_rows(OP, &copy.k, &gather(k, words), &rows, words)?;
             self.inner
-                .scatter_rows(&copy.v, &gather(v, words), &rows, words);
+                .scatter_rows(OP, &copy.v, &gather(v, words), &rows, words)?;
             if S::KIND.is_quantized() {
                 let bits = |x: &[f32]| x.iter().map(|s| s.to_bits()).collect::<Vec<u32>>();
                 self.inner
-                    .scatter_rows(&copy.k_scale, &gather(&bits(k_scale), 1), &rows, 1);
+                    .scatter_rows(OP, &copy.k_scale, &gather(&bits(k_scale), 1), &rows, 1)?;
                 self.inner
-                    .scatter_rows(&copy.v_scale, &gather(&bits(v_scale), 1), &rows, 1);
+                    .scatter_rows(OP, &copy.v_scale, &gather(&bits(v_scale), 1), &rows, 1)?;
             }
         }
         for seq in live {

@@ -275,7 +275,8 @@ pub fn scatter_rows(
     count: u32,
     #[comptime] row_words: usize,
 ) {
-    let at = ABSOLUTE_POS_X;
+    // A 2-D grid of 1-D cubes (one dimension of the grid may be too small for every word).
+    let at = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
     let words = row_words as u32;
     if at < count * words {
         let r = at / words;

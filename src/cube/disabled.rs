@@ -39,13 +39,20 @@ impl Device {
     pub fn sync(&self, _: &'static str) -> Result<()> {
         match *self {}
     }
-    pub fn upload<T>(&self, _: &[T]) -> Buffer {
+    pub fn upload<T>(&self, _: &'static str, _: &[T]) -> Result<Buffer> {
         match *self {}
     }
     pub fn download<T>(&self, _: &'static str, _: &Buffer) -> Result<Vec<T>> {
         match *self {}
     }
-    pub fn scatter_rows(&self, _: &Buffer, _: &[u32], _: &[u32], _: usize) {
+    pub fn scatter_rows(
+        &self,
+        _: &'static str,
+        _: &Buffer,
+        _: &[u32],
+        _: &[u32],
+        _: usize,
+    ) -> Result<()> {
         match *self {}
     }
     pub fn decode<T>(

@@ -559,7 +559,8 @@ pub fn combine_splits<F: Float>(
     splits: u32,
     #[comptime] head_dim: usize,
 ) {
-    let row = ABSOLUTE_POS_X;
+    // A 2-D grid of 1-D cubes (one dimension of the grid may be too small for every row).
+    let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
     if row < rows {
         let mut m = NEG_BIG.runtime();
         for s in 0..splits {

@@ -107,7 +107,7 @@ impl CubeDevice {
     ) -> Result<DeviceTensor<T>> {
         check_view("upload", buffer.len(), offset, shape, strides)?;
         Ok(DeviceTensor {
-            buffer: self.inner.upload(buffer),
+            buffer: self.inner.upload("upload", buffer)?,
             device: self.inner.key().clone(),
             offset,
             shape: shape.to_vec(),

@@ -72,15 +72,32 @@ impl Device {
         }
     }
 
-    pub fn upload<T: CubeElement>(&self, data: &[T]) -> Buffer {
+    /// A buffer holding `data`. Errors: [`Error::DeviceLimit`] when it is larger than one
+    /// buffer binding of the device may be (wgpu would otherwise fail the launch silently).
+    pub fn upload<T: CubeElement>(&self, op: &'static str, data: &[T]) -> Result<Buffer> {
         if data.is_empty() {
             // A zero-length buffer cannot be bound on every backend; its one element is never read.
-            return self.empty(0, size_of::<T>());
+            return self.empty(op, 0, size_of::<T>());
         }
-        Buffer {
+        self.check_buffer(op, size_of_val(data))?;
+        Ok(Buffer {
             handle: self.client.create_from_slice(T::as_bytes(data)),
             len: data.len(),
+        })
+    }
+
+    fn check_buffer(&self, op: &'static str, bytes: usize) -> Result<()> {
+        let max = self.client.properties().memory.max_page_size;
+        if bytes as u64 > max {
+            return Err(Error::DeviceLimit {
+                op,
+                reason: format!(
+                    "a buffer of {bytes} bytes; {} binds at most {max} bytes per buffer",
+                    self.name
+                ),
+            });
         }
+        Ok(())
     }
 
     pub fn download<T: KernelElement>(&self, op: &'static str, buffer: &Buffer) -> Result<Vec<T>> {
@@ -98,11 +115,13 @@ impl Device {
         cubecl::future::block_on(self.client.sync()).map_err(|e| kernel_error(op, format!("{e:?}")))
     }
 
-    fn empty(&self, len: usize, element_bytes: usize) -> Buffer {
-        Buffer {
-            handle: self.client.empty(len.max(1) * element_bytes),
+    fn empty(&self, op: &'static str, len: usize, element_bytes: usize) -> Result<Buffer> {
+        let bytes = len.max(1) * element_bytes;
+        self.check_buffer(op, bytes)?;
+        Ok(Buffer {
+            handle: self.client.empty(bytes),
             len,
-        }
+        })
     }
 
     /// Launches the forward kernel. `layout` is `[offset, stride_b, stride_h, stride_s,
@@ -118,8 +137,8 @@ impl Device {
     ) -> Result<(Buffer, Buffer)> {
         let ProblemShape { batch, seq_q, .. } = shape;
         let rows = batch * spec.q_heads() * seq_q;
-        let o = self.empty(rows * spec.head_dim(), size_of::<T>());
-        let lse = self.empty(rows, size_of::<f32>());
+        let o = self.empty(op, rows * spec.head_dim(), size_of::<T>())?;
+        let lse = self.empty(op, rows, size_of::<f32>())?;
         if rows == 0 {
             return Ok((o, lse));
         }
@@ -128,20 +147,24 @@ impl Device {
         let splits = shape.seq_k.div_ceil(keys_per_split).max(1);
         config.split = splits > 1;
         let scalars = launch_scalars(spec, shape, keys_per_split, op)?;
-        let layout = self.upload(&layout);
+        let layout = self.upload(op, &layout)?;
         let slopes = match spec.alibi() {
             Some(alibi) => alibi.to_vec(),
             None => vec![0.0],
         };
-        let slopes = self.upload(&slopes);
+        let slopes = self.upload(op, &slopes)?;
         let partial_rows = if config.split { splits * rows } else { 0 };
-        let o_partial = self.empty(partial_rows * spec.head_dim(), size_of::<f32>());
-        let lse_partial = self.empty(partial_rows, size_of::<f32>());
-        let cubes = CubeCount::Static(
-            seq_q.div_ceil(config.block_m) as u32,
-            spec.kv_heads() as u32,
-            (splits * batch) as u32,
-        );
+        let o_partial = self.empty(op, partial_rows * spec.head_dim(), size_of::<f32>())?;
+        let lse_partial = self.empty(op, partial_rows, size_of::<f32>())?;
+        let cubes = self.grid(
+            op,
+            [
+                seq_q.div_ceil(config.block_m),
+                spec.kv_heads(),
+                splits * batch,
+            ],
+        )?;
+        let combine_cubes = self.grid_1d(op, rows.div_ceil(64))?;
         let units = CubeDim::new_1d((config.block_m * config.group) as u32);
         // SAFETY: every index the kernel computes is bounded by the lengths and strides checked
         // by the caller (`DeviceTensor` construction checks each view against its buffer); `o`,
@@ -176,7 +199,7 @@ impl Device {
             if config.split {
                 combine_splits::launch::<T>(
                     &self.client,
-                    CubeCount::Static(rows.div_ceil(64) as u32, 1, 1),
+                    combine_cubes.clone(),
                     CubeDim::new_1d(64),
                     arg(&o_partial),
                     arg(&lse_partial),
@@ -271,18 +294,26 @@ impl Device {
 
 impl Device {
     /// Writes `src` (whole rows of `row_words` words, packed) to the rows `rows` of `dst`.
-    pub fn scatter_rows(&self, dst: &Buffer, src: &[u32], rows: &[u32], row_words: usize) {
+    pub fn scatter_rows(
+        &self,
+        op: &'static str,
+        dst: &Buffer,
+        src: &[u32],
+        rows: &[u32],
+        row_words: usize,
+    ) -> Result<()> {
         if rows.is_empty() {
-            return;
+            return Ok(());
         }
         let words = rows.len() * row_words;
-        let (src, rows_buffer) = (self.upload(src), self.upload(rows));
+        let cubes = self.grid_1d(op, words.div_ceil(256))?;
+        let (src, rows_buffer) = (self.upload(op, src)?, self.upload(op, rows)?);
         // SAFETY: `rows` index rows of `dst` (pool rows of the cache `dst` mirrors, which has
         // the same size); the kernel guards `at < count · row_words = src.len`.
         unsafe {
             scatter_rows::launch(
                 &self.client,
-                CubeCount::Static(words.div_ceil(256) as u32, 1, 1),
+                cubes,
                 CubeDim::new_1d(256),
                 BufferArg::from_raw_parts(src.handle.clone(), src.len),
                 BufferArg::from_raw_parts(rows_buffer.handle.clone(), rows_buffer.len),
@@ -291,6 +322,7 @@ impl Device {
                 row_words,
             );
         }
+        Ok(())
     }
 
     /// Launches decode over a paged cache; returns the contiguous `o` and `lse` buffers.
@@ -304,8 +336,8 @@ impl Device {
         let seq_q = input.seq_q;
         let (head_dim, group) = (spec.head_dim(), spec.group_size());
         let rows = batch * spec.q_heads() * seq_q;
-        let o = self.empty(rows * head_dim, size_of::<T>());
-        let lse = self.empty(rows, size_of::<f32>());
+        let o = self.empty(op, rows * head_dim, size_of::<T>())?;
+        let lse = self.empty(op, rows, size_of::<f32>())?;
         if rows == 0 {
             return Ok((o, lse));
         }
@@ -355,16 +387,18 @@ impl Device {
             });
         }
         let side = |s: Option<usize>| s.map_or(0, |s| s.min(max_len + seq_q) as i32);
-        let table = self.upload(input.table);
-        let lens = self.upload(input.lens);
+        let table = self.upload(op, input.table)?;
+        let lens = self.upload(op, input.lens)?;
         let slopes = match spec.alibi() {
             Some(alibi) => alibi.to_vec(),
             None => vec![0.0],
         };
-        let slopes = self.upload(&slopes);
+        let slopes = self.upload(op, &slopes)?;
         let partial_rows = if config.split { splits * rows } else { 0 };
-        let o_partial = self.empty(partial_rows * head_dim, size_of::<f32>());
-        let lse_partial = self.empty(partial_rows, size_of::<f32>());
+        let o_partial = self.empty(op, partial_rows * head_dim, size_of::<f32>())?;
+        let lse_partial = self.empty(op, partial_rows, size_of::<f32>())?;
+        let decode_cubes = self.grid(op, [q_tiles, spec.kv_heads(), splits * batch])?;
+        let combine_cubes = self.grid_1d(op, rows.div_ceil(64))?;
         // SAFETY: the kernel reads q rows `< batch · q_heads · seq_q` (q was checked to be that
         // contiguous shape), pool rows named by the block table (pages of the cache the copy
         // mirrors) and writes only the rows the grid covers.
@@ -372,11 +406,7 @@ impl Device {
             let arg = |b: &Buffer| BufferArg::from_raw_parts(b.handle.clone(), b.len.max(1));
             paged_decode::launch::<T>(
                 &self.client,
-                CubeCount::Static(
-                    q_tiles as u32,
-                    spec.kv_heads() as u32,
-                    (splits * batch) as u32,
-                ),
+                decode_cubes,
                 CubeDim::new_1d((lq_tile * group) as u32),
                 arg(input.q),
                 arg(input.k),
@@ -406,7 +436,7 @@ impl Device {
             if config.split {
                 combine_splits::launch::<T>(
                     &self.client,
-                    CubeCount::Static(rows.div_ceil(64) as u32, 1, 1),
+                    combine_cubes.clone(),
                     CubeDim::new_1d(64),
                     arg(&o_partial),
                     arg(&lse_partial),
@@ -419,6 +449,30 @@ impl Device {
             }
         }
         Ok((o, lse))
+    }
+
+    /// A grid of `[x, y, z]` cubes, or [`Error::DeviceLimit`] when a dimension exceeds what the
+    /// device dispatches (65 535 per dimension on wgpu).
+    fn grid(&self, op: &'static str, [x, y, z]: [usize; 3]) -> Result<CubeCount> {
+        let (mx, my, mz) = self.client.properties().hardware.max_cube_count;
+        if x > mx as usize || y > my as usize || z > mz as usize {
+            return Err(Error::DeviceLimit {
+                op,
+                reason: format!(
+                    "a grid of {x} x {y} x {z} cubes; {} dispatches at most {mx} x {my} x {mz}",
+                    self.name
+                ),
+            });
+        }
+        Ok(CubeCount::Static(x as u32, y as u32, z as u32))
+    }
+
+    /// `cubes` cubes laid out over the grid's x and y dimensions (kernels index them as
+    /// `CUBE_POS_Y · CUBE_COUNT_X + CUBE_POS_X`).
+    fn grid_1d(&self, op: &'static str, cubes: usize) -> Result<CubeCount> {
+        let max_x = (self.client.properties().hardware.max_cube_count.0 as usize).max(1);
+        let x = cubes.clamp(1, max_x);
+        self.grid(op, [x, cubes.div_ceil(x).max(1), 1])
     }
 
     /// Keys per decode split: enough cubes to fill the device (about four per core or

@@ -1,0 +1,143 @@
+//! Decode against the KV cache on the default device: `cargo bench --bench decode`.
+//!
+//! One new query per sequence, 32 query heads, head dim 128, causal, f32 queries; caches of
+//! MHA 32/32, GQA 32/8 and MQA 32/1, stored as f32, f16, int8 and 4-bit; batch 1 and 8;
+//! `Lk` from `GQA_DECODE_LENGTHS` (comma-separated, default `1024,4096,16384`). Each row:
+//! median of `GQA_BENCH_RUNS` decodes (default 5) after one untimed one, the K/V bytes a decode
+//! step reads (every cached row of every KV head once, scales included), and for GQA and MQA
+//! the speedup over MHA at the same storage and length next to its ideal `q_heads / kv_heads`.
+//! Measured in one run; the caches are built and uploaded outside the timed region.
+//!
+//! A plain bench binary (no criterion): the figures are ratios within one run.
+
+use std::time::Instant;
+
+use gqa::cache::{Float16, Float32, Int4, Int8, KvCache, KvStorage, Layout, SeqId};
+use gqa::cube::CubeDevice;
+use gqa::heads::{Rule, Supported};
+use gqa::{Attention, AttentionSpec};
+use ndarray::{Array3, Array4};
+
+const HQ: usize = 32;
+const D: usize = 128;
+const PAGE: usize = 16;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn lengths() -> Vec<usize> {
+    std::env::var("GQA_DECODE_LENGTHS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1024, 4096, 16384])
+}
+
+/// Median seconds of one decode step over `batch` sequences of `len` tokens each.
+fn time_decode<const HKV: usize, S: KvStorage>(
+    device: &CubeDevice,
+    batch: usize,
+    len: usize,
+    runs: usize,
+) -> gqa::Result<(f64, usize)>
+where
+    Rule: Supported<HQ, HKV, D> + Supported<HKV, HKV, D>,
+{
+    let spec: AttentionSpec = *Attention::<HQ, HKV, D>::new().causal().spec();
+    let pages = batch * len.div_ceil(PAGE);
+    let mut cache = KvCache::<HKV, D, S>::new(Layout::Paged {
+        page_size: PAGE,
+        pages,
+    });
+    let seqs: Vec<SeqId> = (0..batch)
+        .map(|_| cache.try_add_sequence().unwrap())
+        .collect();
+    // Appended in chunks, as a prefill would.
+    let chunk = 512.min(len);
+    for (n, &seq) in seqs.iter().enumerate() {
+        let mut done = 0;
+        while done < len {
+            let count = chunk.min(len - done);
+            let x = Array3::from_shape_fn((HKV, count, D), |(h, t, c)| {
+                ((n * 7 + h * 13 + (done + t) * 3 + c) as f32 * 0.37).sin()
+            });
+            cache.try_append(seq, x.view(), x.view()).unwrap();
+            done += count;
+        }
+    }
+    let mut copy = device.try_upload_cache(&cache)?;
+    let q = Array4::from_shape_fn((batch, HQ, 1, D), |(b, h, _, c)| {
+        ((b * 5 + h * 11 + c) as f32 * 0.23).cos()
+    });
+    let q = device.try_upload(q.view())?;
+    let mut step = || -> gqa::Result<f64> {
+        let start = Instant::now();
+        let out = device.try_decode(&spec, &q, &cache, &mut copy, &seqs)?;
+        device.try_sync()?;
+        let time = start.elapsed().as_secs_f64();
+        drop(out);
+        Ok(time)
+    };
+    step()?; // compiles the kernel
+    let mut times = (0..runs.max(1))
+        .map(|_| step())
+        .collect::<gqa::Result<Vec<f64>>>()?;
+    times.sort_by(f64::total_cmp);
+    let bytes = 2 * batch * len * HKV * S::KIND.bytes_per_row(D);
+    Ok((times[times.len() / 2], bytes))
+}
+
+fn main() {
+    let device = match CubeDevice::try_default() {
+        Ok(device) => device,
+        Err(error) => {
+            eprintln!("no device for the decode benchmark: {error}");
+            return;
+        }
+    };
+    let runs = env_usize("GQA_BENCH_RUNS", 5);
+    println!(
+        "decode on {}: {HQ} query heads, D {D}, 1 query per sequence, causal, median of {runs}",
+        device.name()
+    );
+    println!(
+        "{:<6} {:>6} {:>3} {:<9} {:>10} {:>12} {:>9} {:>14}",
+        "store", "Lk", "B", "heads", "ms", "K/V MiB", "GB/s", "vs MHA (ideal)"
+    );
+    macro_rules! storage_rows {
+        ($storage:ty, $batch:expr, $len:expr) => {{
+            let name = <$storage as KvStorage>::KIND.name();
+            let rows = [
+                ("MHA 32/32", time_decode::<32, $storage>(&device, $batch, $len, runs), 1),
+                ("GQA 32/8", time_decode::<8, $storage>(&device, $batch, $len, runs), 4),
+                ("MQA 32/1", time_decode::<1, $storage>(&device, $batch, $len, runs), 32),
+            ];
+            let mha = rows[0].1.as_ref().ok().map(|r| r.0);
+            for (label, result, ideal) in rows {
+                match result {
+                    Ok((time, bytes)) => println!(
+                        "{name:<6} {:>6} {:>3} {label:<9} {:>10.3} {:>12.2} {:>9.2} {:>8} ({ideal}x)",
+                        $len,
+                        $batch,
+                        time * 1e3,
+                        bytes as f64 / (1 << 20) as f64,
+                        bytes as f64 / time / 1e9,
+                        mha.map_or("-".to_string(), |m| format!("{:.2}x", m / time)),
+                    ),
+                    Err(error) => println!("{name:<6} {:>6} {:>3} {label:<9} not run: {error}", $len, $batch),
+                }
+            }
+        }};
+    }
+    for len in lengths() {
+        for batch in [1, 8] {
+            storage_rows!(Float32, batch, len);
+            storage_rows!(Float16, batch, len);
+            storage_rows!(Int8, batch, len);
+            storage_rows!(Int4, batch, len);
+        }
+    }
+}
