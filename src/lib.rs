@@ -26,9 +26,12 @@
 //! - [`spec`]: [`AttentionSpec`], the plain value both front ends lower to — masks and score
 //!   modifiers, defined there.
 //! - [`oracle`]: the `f64` reference every executor is proven against, and the tolerance rule.
-//! - [`cube`]: the GPU backend — cubecl kernels specialised per spec, run through
-//!   [`cube::CubeDevice`] or the front ends' `try_forward(&device, q, k, v)`.
-//! - [`cache`]: KV-cache accounting.
+//! - [`cube`]: the GPU backend — cubecl kernels specialised per spec (forward, and decode against
+//!   a paged, quantized cache), run through [`cube::CubeDevice`] or the front ends'
+//!   `try_forward(&device, q, k, v)`.
+//! - [`cache`]: the KV cache — its exact size, and [`cache::KvCache`] (contiguous or paged;
+//!   f32, f16, bf16, int8 or 4-bit rows), which [`cube::CubeDevice::try_decode`] and
+//!   [`oracle::try_decode`] decode against.
 //! - [`ModelConfig`]: a model's `num_attention_heads` / `num_key_value_heads` / `head_dim` from
 //!   its `config.json`.
 //!
