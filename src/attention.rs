@@ -4,9 +4,9 @@
 
 use ndarray::ArrayView4;
 
-use crate::cache::KvCacheFootprint;
-use crate::cube::{CubeDevice, CubeElement, DeviceOutput, DeviceTensor, HostOutput};
-use crate::element::DType;
+use crate::cache::{KvCache, KvCacheFootprint, KvStorage, Layout, SeqId};
+use crate::cube::{CubeDevice, CubeElement, DeviceKvCache, DeviceOutput, DeviceTensor, HostOutput};
+use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::heads::{Rule, Supported, assert_config};
 use crate::model_config::ModelConfig;
@@ -283,6 +283,45 @@ where
     /// Forgets the const parameters (the spec is unchanged).
     pub fn into_dyn(self) -> DynAttention {
         DynAttention { spec: self.spec }
+    }
+
+    /// A KV cache for this attention: `HKV` KV heads of dimension `D`, rows stored as `S`.
+    /// Errors: [`Error::CacheLayout`].
+    pub fn try_new_cache<S: KvStorage>(&self, layout: Layout) -> Result<KvCache<HKV, D, S>>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        KvCache::try_new(layout)
+    }
+
+    /// Decode on `device` (see [`CubeDevice::try_decode`]). The cache's KV heads and head dim
+    /// are this attention's by type: a cache of another configuration does not compile.
+    pub fn try_decode<T: CubeElement, S: KvStorage>(
+        &self,
+        device: &CubeDevice,
+        q: &DeviceTensor<T>,
+        cache: &KvCache<HKV, D, S>,
+        copy: &mut DeviceKvCache<HKV, D, S>,
+        seqs: &[SeqId],
+    ) -> Result<DeviceOutput<T>>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        device.try_decode(&self.spec, q, cache, copy, seqs)
+    }
+
+    /// Decode in the `f64` oracle (see [`crate::oracle::try_decode`]), typed like
+    /// [`Attention::try_decode`].
+    pub fn try_decode_oracle<T: Element, S: KvStorage>(
+        &self,
+        q: ArrayView4<T>,
+        cache: &KvCache<HKV, D, S>,
+        seqs: &[SeqId],
+    ) -> Result<crate::oracle::Output>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        crate::oracle::try_decode(&self.spec, q, cache, seqs)
     }
 
     spec_builder_methods!();
