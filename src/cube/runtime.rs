@@ -197,16 +197,12 @@ impl Device {
                 config,
             );
             if config.split {
-                combine_splits::launch::<T>(
-                    &self.client,
-                    combine_cubes.clone(),
-                    CubeDim::new_1d(64),
-                    arg(&o_partial),
-                    arg(&lse_partial),
-                    arg(&o),
-                    arg(&lse),
-                    rows as u32,
-                    splits as u32,
+                self.combine::<T>(
+                    combine_cubes,
+                    (&o_partial, &lse_partial),
+                    (&o, &lse),
+                    rows,
+                    splits,
                     spec.head_dim(),
                 );
             }
@@ -434,21 +430,50 @@ impl Device {
                 config,
             );
             if config.split {
-                combine_splits::launch::<T>(
-                    &self.client,
-                    combine_cubes.clone(),
-                    CubeDim::new_1d(64),
-                    arg(&o_partial),
-                    arg(&lse_partial),
-                    arg(&o),
-                    arg(&lse),
-                    rows as u32,
-                    splits as u32,
+                self.combine::<T>(
+                    combine_cubes,
+                    (&o_partial, &lse_partial),
+                    (&o, &lse),
+                    rows,
+                    splits,
                     head_dim,
                 );
             }
         }
         Ok((o, lse))
+    }
+
+    /// Merges `splits` f32 partial results of `rows` rows into `o` and `lse` (see
+    /// `combine_splits`).
+    ///
+    /// # Safety
+    /// The partial buffers hold `splits · rows` rows and `o`, `lse` hold `rows`; `cubes` covers
+    /// `rows` units in cubes of 64.
+    unsafe fn combine<T: KernelElement>(
+        &self,
+        cubes: CubeCount,
+        (o_partial, lse_partial): (&Buffer, &Buffer),
+        (o, lse): (&Buffer, &Buffer),
+        rows: usize,
+        splits: usize,
+        head_dim: usize,
+    ) {
+        let arg = |b: &Buffer| BufferArg::from_raw_parts(b.handle.clone(), b.len.max(1));
+        // SAFETY: the caller's contract above.
+        unsafe {
+            combine_splits::launch::<T>(
+                &self.client,
+                cubes,
+                CubeDim::new_1d(64),
+                arg(o_partial),
+                arg(lse_partial),
+                arg(o),
+                arg(lse),
+                rows as u32,
+                splits as u32,
+                head_dim,
+            );
+        }
     }
 
     /// A grid of `[x, y, z]` cubes, or [`Error::DeviceLimit`] when a dimension exceeds what the
