@@ -458,9 +458,9 @@ impl Device {
         splits: usize,
         head_dim: usize,
     ) {
-        let arg = |b: &Buffer| BufferArg::from_raw_parts(b.handle.clone(), b.len.max(1));
         // SAFETY: the caller's contract above.
         unsafe {
+            let arg = |b: &Buffer| BufferArg::from_raw_parts(b.handle.clone(), b.len.max(1));
             combine_splits::launch::<T>(
                 &self.client,
                 cubes,
