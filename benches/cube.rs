@@ -26,12 +26,8 @@ mod configs;
 
 const BATCH: usize = 1;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
+use common::env_usize;
 
 fn seq() -> usize {
     env_usize("GQA_BENCH_SEQ", 128)

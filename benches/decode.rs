@@ -22,12 +22,8 @@ const HQ: usize = 32;
 const D: usize = 128;
 const PAGE: usize = 16;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
+use common::env_usize;
 
 fn lengths() -> Vec<usize> {
     std::env::var("GQA_DECODE_LENGTHS")
