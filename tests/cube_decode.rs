@@ -166,6 +166,30 @@ where
     (cache, seqs)
 }
 
+/// The tolerance rule for one decoded sequence: `o_b` (in `dtype`) and `lse_b` (f32) against
+/// the oracle run on the cache's stored rows, exactly (a quantized lane times its scale, in
+/// f64), with the same oracle computed in `dtype` as the yardstick.
+fn compare_sequence<const HKV: usize, const D: usize, S: KvStorage>(
+    spec: &AttentionSpec,
+    q_b: &Array4<f64>,
+    cache: &KvCache<HKV, D, S>,
+    seq: gqa::cache::SeqId,
+    (o_b, lse_b): (&[f64], &[f64]),
+    dtype: DType,
+) -> (oracle::Comparison, oracle::Comparison)
+where
+    gqa::heads::Rule: gqa::heads::Supported<HKV, HKV, D>,
+{
+    let (k, v) = cache.read_exact(seq).unwrap();
+    let (k, v) = (k.insert_axis(Axis(0)), v.insert_axis(Axis(0)));
+    let exact = oracle::forward(spec, q_b.view(), k.view(), v.view());
+    let rounded = oracle::try_forward_rounded(spec, q_b.view(), k.view(), v.view(), dtype).unwrap();
+    (
+        compare(&exact.o, &rounded.o, o_b, dtype),
+        compare(&exact.lse, &rounded.lse, lse_b, DType::F32),
+    )
+}
+
 /// Max errors seen: o vs the oracle on stored rows, lse, o vs the oracle on the input.
 type Worst = (f64, f64, f64);
 
@@ -187,21 +211,19 @@ where
     let lse = device.try_download(&out.lse).unwrap();
     let mut worst: Worst = (0.0, 0.0, 0.0);
     for (b, &seq) in seqs.iter().enumerate() {
-        // The stored rows, exactly (a quantized lane times its scale, in f64).
-        let (k, v) = cache.read_exact(seq).unwrap();
-        let (k, v) = (k.insert_axis(Axis(0)), v.insert_axis(Axis(0)));
-        let widen4 = |x: &Array3<f32>| x.mapv(f64::from).insert_axis(Axis(0));
         let q_b = q.slice(s![b..b + 1, .., .., ..]).mapv(|x| x.widen());
-        let exact = oracle::forward(&case.spec, q_b.view(), k.view(), v.view());
-        let rounded =
-            oracle::try_forward_rounded(&case.spec, q_b.view(), k.view(), v.view(), T::DTYPE)
-                .unwrap();
         let o_b: Vec<f64> = o
             .slice(s![b, .., .., ..])
             .iter()
             .map(|x| x.widen())
             .collect();
-        let o_check = compare(&exact.o, &rounded.o, &o_b, T::DTYPE);
+        let lse_b: Vec<f64> = lse
+            .slice(s![b, .., ..])
+            .iter()
+            .map(|&x| f64::from(x))
+            .collect();
+        let (o_check, lse_check) =
+            compare_sequence(&case.spec, &q_b, &cache, seq, (&o_b, &lse_b), T::DTYPE);
         prop_assert!(
             o_check.passed(),
             "o of sequence {b}: {o_check}\nspec {:?}, lens {:?}, seq_q {}, page size {}",
@@ -213,18 +235,13 @@ where
             case.seq_q,
             case.page_size
         );
-        let lse_b: Vec<f64> = lse
-            .slice(s![b, .., ..])
-            .iter()
-            .map(|&x| f64::from(x))
-            .collect();
-        let lse_check = compare(&exact.lse, &rounded.lse, &lse_b, DType::F32);
         prop_assert!(
             lse_check.passed(),
             "lse of sequence {b}: {lse_check}\nspec {:?}",
             case.spec
         );
         // Against the unquantized input: reported only.
+        let widen4 = |x: &Array3<f32>| x.mapv(f64::from).insert_axis(Axis(0));
         let (k_in, v_in) = (widen4(&case.kv[b].0), widen4(&case.kv[b].1));
         let input = oracle::forward(&case.spec, q_b.view(), k_in.view(), v_in.view());
         let vs_input = input
@@ -336,10 +353,27 @@ fn generation_steps_match_the_oracle() {
             .try_decode(&spec, &q_device, &cache, &mut copy, &seqs)
             .unwrap();
         let o = device.try_download(&out.o).unwrap();
-        let exact = oracle::try_decode(&spec, q.view(), &cache, &seqs).unwrap();
-        let rounded_o: Vec<f64> = o.iter().map(|&x| f64::from(x)).collect();
-        let check = compare(&exact.o, &exact.o, &rounded_o, DType::F32);
-        assert!(check.max_error < 1e-5, "step {step}: {check}");
+        let lse = device.try_download(&out.lse).unwrap();
+        for (b, &seq) in seqs.iter().enumerate() {
+            let q_b = q.slice(s![b..b + 1, .., .., ..]).mapv(f64::from);
+            let o_b: Vec<f64> = o
+                .slice(s![b, .., .., ..])
+                .iter()
+                .map(|&x| f64::from(x))
+                .collect();
+            let lse_b: Vec<f64> = lse
+                .slice(s![b, .., ..])
+                .iter()
+                .map(|&x| f64::from(x))
+                .collect();
+            let (o_check, lse_check) =
+                compare_sequence(&spec, &q_b, &cache, seq, (&o_b, &lse_b), DType::F32);
+            assert!(o_check.passed(), "step {step}, sequence {b}: o {o_check}");
+            assert!(
+                lse_check.passed(),
+                "step {step}, sequence {b}: lse {lse_check}"
+            );
+        }
         for &seq in &seqs {
             let t = x(1, step as f32);
             cache.try_append(seq, t.view(), t.view()).unwrap();

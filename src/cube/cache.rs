@@ -123,7 +123,8 @@ impl CubeDevice {
             return Err(Error::CacheMismatch { op: OP });
         }
         let live = cache.sequences();
-        copy.synced.retain(|seq, _| live.contains(seq));
+        let live_set: std::collections::BTreeSet<SeqId> = live.iter().copied().collect();
+        copy.synced.retain(|seq, _| live_set.contains(seq));
         let mut rows = Vec::new();
         for &seq in &live {
             let len = cache.len(seq)?;

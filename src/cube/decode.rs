@@ -22,12 +22,7 @@
 
 use cubecl::prelude::*;
 
-use super::kernel::{accurate_exp, accurate_ln, accurate_tanh};
-
-/// A finite stand-in for −∞ (WGSL has no infinity literal).
-const NEG_BIG: f32 = -1.0e30;
-/// The bits of f32 −∞, written for the LSE of rows that see no key.
-const NEG_INFINITY_BITS: u32 = 0xff80_0000;
+use super::kernel::{NEG_BIG, accurate_exp, accurate_tanh, write_row};
 
 /// How rows are packed; `StorageKind` as the kernel's comptime number.
 pub const STORAGE_F32: u32 = 0;
@@ -242,26 +237,20 @@ pub fn paged_decode<F: Float>(
         }
 
         let out_row = ((batch * q_heads + head) * seq_q + i) as usize;
-        // Divided, not multiplied by 1/l: one rounding (a row that saw nothing keeps acc = 0).
-        let denom = if l > 0.0f32 { l } else { 1.0f32 };
-        let row_lse = if l > 0.0f32 {
-            m + accurate_ln(l)
-        } else {
-            f32::reinterpret(NEG_INFINITY_BITS)
-        };
-        if cfg.split {
-            let rows = (batch_size * q_heads * seq_q) as usize;
-            let at = split as usize * rows + out_row;
-            for c in 0..dim {
-                o_partial[at * dim + c] = acc[c] / denom;
-            }
-            lse_partial[at] = row_lse;
-        } else {
-            for c in 0..dim {
-                o[out_row * dim + c] = F::cast_from(acc[c] / denom);
-            }
-            lse[out_row] = row_lse;
-        }
+        let rows = (batch_size * q_heads * seq_q) as usize;
+        write_row::<F>(
+            &acc,
+            m,
+            l,
+            out_row,
+            split as usize * rows + out_row,
+            o,
+            lse,
+            o_partial,
+            lse_partial,
+            dim,
+            cfg.split,
+        );
     }
 }
 

@@ -37,9 +37,9 @@ use cubecl::prelude::*;
 
 /// A finite stand-in for −∞ in running maxima (WGSL has no infinity literal). Scores are f32
 /// and bounded far below this in magnitude for any finite input.
-const NEG_BIG: f32 = -1.0e30;
+pub(super) const NEG_BIG: f32 = -1.0e30;
 /// The bits of f32 −∞, written for the LSE of rows that see no key.
-const NEG_INFINITY_BITS: u32 = 0xff80_0000;
+pub(super) const NEG_INFINITY_BITS: u32 = 0xff80_0000;
 
 /// Everything that changes the generated code; one compiled kernel per distinct value.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -522,28 +522,58 @@ pub fn flash_forward<F: Float>(
 
     if active {
         let out_row = ((batch * q_heads + head) * seq_q + row) as usize;
-        let mut inv = 0.0f32;
-        if l > 0.0f32 {
-            inv = 1.0f32 / l;
+        let rows = (batch_size * q_heads * seq_q) as usize;
+        write_row::<F>(
+            &acc,
+            m,
+            l,
+            out_row,
+            split as usize * rows + out_row,
+            o,
+            lse,
+            o_partial,
+            lse_partial,
+            dim,
+            cfg.split,
+        );
+    }
+}
+
+/// Writes one finished row: `acc / l` and its LSE `m + ln l` — to the final `o`, `lse` at
+/// `out_row`, or, for a split launch, to the f32 partials at `partial_row`. A row that saw no
+/// key (`l = 0`, `acc = 0`) gets 0 and LSE −∞. The output is divided by `l` rather than
+/// multiplied by `1/l`: one rounding instead of two.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn write_row<F: Float>(
+    acc: &Array<f32>,
+    m: f32,
+    l: f32,
+    out_row: usize,
+    partial_row: usize,
+    o: &mut [F],
+    lse: &mut [f32],
+    o_partial: &mut [f32],
+    lse_partial: &mut [f32],
+    #[comptime] dim: usize,
+    #[comptime] split: bool,
+) {
+    let denom = if l > 0.0f32 { l } else { 1.0f32 };
+    let row_lse = if l > 0.0f32 {
+        m + accurate_ln(l)
+    } else {
+        f32::reinterpret(NEG_INFINITY_BITS)
+    };
+    if split {
+        for d in 0..dim {
+            o_partial[partial_row * dim + d] = acc[d] / denom;
         }
-        let row_lse = if l > 0.0f32 {
-            m + accurate_ln(l)
-        } else {
-            f32::reinterpret(NEG_INFINITY_BITS)
-        };
-        if cfg.split {
-            let rows = (batch_size * q_heads * seq_q) as usize;
-            let at = split as usize * rows + out_row;
-            for d in 0..dim {
-                o_partial[at * dim + d] = acc[d] * inv;
-            }
-            lse_partial[at] = row_lse;
-        } else {
-            for d in 0..dim {
-                o[out_row * dim + d] = F::cast_from(acc[d] * inv);
-            }
-            lse[out_row] = row_lse;
+        lse_partial[partial_row] = row_lse;
+    } else {
+        for d in 0..dim {
+            o[out_row * dim + d] = F::cast_from(acc[d] / denom);
         }
+        lse[out_row] = row_lse;
     }
 }
 
