@@ -2,6 +2,8 @@
 //! compile time, and [`DynAttention`], its runtime-checked twin for numbers read at run time.
 //! Both are thin wrappers over an [`AttentionSpec`] and share one builder (the methods below).
 
+use std::ops::Range;
+
 use ndarray::ArrayView4;
 
 use crate::cache::{KvCache, KvCacheFootprint, KvStorage, Layout, SeqId};
@@ -10,6 +12,7 @@ use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::heads::{Rule, Supported, assert_config};
 use crate::model_config::ModelConfig;
+use crate::partial::{Partial, Source, clip_keys};
 use crate::spec::{Alignment, AttentionSpec};
 
 /// Attention with `HQ` query heads sharing `HKV` key/value heads, each of dimension `D`.
@@ -324,6 +327,65 @@ where
         crate::oracle::try_decode(&self.spec, q, cache, seqs)
     }
 
+    /// [`Attention::try_decode`] over the cached keys at positions in `keys` only, downloaded as
+    /// a typed f32 [`Partial`] that merges with partials of this configuration (see
+    /// [`crate::partial`]).
+    pub fn try_decode_partial<T: CubeElement, S: KvStorage>(
+        &self,
+        device: &CubeDevice,
+        q: &DeviceTensor<T>,
+        cache: &KvCache<HKV, D, S>,
+        copy: &mut DeviceKvCache<HKV, D, S>,
+        seqs: &[SeqId],
+        keys: Range<usize>,
+    ) -> Result<Partial<HQ, HKV, D, f32>>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        let source = partial_source(cache, seqs)?;
+        let keys = clip_keys("Attention::try_decode_partial", keys, source.longest())?;
+        let out = device.try_decode_partial(&self.spec, q, cache, copy, seqs, keys.clone())?;
+        let o = device
+            .try_download(&out.o)?
+            .into_dimensionality()
+            .expect("o is 4-D");
+        // The state pairs (max score, Σ exp(s − max)) → the LSE, in f64.
+        let state = device.try_download(&out.lse)?;
+        let lse = ndarray::Array3::from_shape_fn(
+            (seqs.len(), self.spec.q_heads(), o.shape()[2]),
+            |(b, h, i)| {
+                let (m, l) = (state[[b, h, i, 0]], state[[b, h, i, 1]]);
+                if l > 0.0 {
+                    f64::from(m) + f64::from(l).ln()
+                } else {
+                    f64::NEG_INFINITY
+                }
+            },
+        );
+        Ok(Partial::new(self.spec, source, keys, o, lse))
+    }
+
+    /// The oracle's [`Attention::try_decode_partial`], in `f64`.
+    pub fn try_decode_partial_oracle<T: Element, S: KvStorage>(
+        &self,
+        q: ArrayView4<T>,
+        cache: &KvCache<HKV, D, S>,
+        seqs: &[SeqId],
+        keys: Range<usize>,
+    ) -> Result<Partial<HQ, HKV, D, f64>>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        let source = partial_source(cache, seqs)?;
+        let keys = clip_keys(
+            "Attention::try_decode_partial_oracle",
+            keys,
+            source.longest(),
+        )?;
+        let out = crate::oracle::try_decode_keys(&self.spec, q, cache, seqs, keys.clone())?;
+        Ok(Partial::new(self.spec, source, keys, out.o, out.lse))
+    }
+
     spec_builder_methods!();
 }
 
@@ -395,6 +457,26 @@ where
 {
     fn from(attention: Attention<HQ, HKV, D>) -> Self {
         attention.into_dyn()
+    }
+}
+
+/// Every spec is a valid configuration ([`AttentionSpec::try_new`] checks the rule).
+impl From<AttentionSpec> for DynAttention {
+    fn from(spec: AttentionSpec) -> Self {
+        DynAttention { spec }
+    }
+}
+
+/// Succeeds when the spec's numbers are the type's (see `TryFrom<DynAttention>`).
+impl<const HQ: usize, const HKV: usize, const D: usize> TryFrom<AttentionSpec>
+    for Attention<HQ, HKV, D>
+where
+    Rule: Supported<HQ, HKV, D>,
+{
+    type Error = Error;
+
+    fn try_from(spec: AttentionSpec) -> Result<Self> {
+        DynAttention::from(spec).try_into()
     }
 }
 
@@ -505,4 +587,21 @@ mod tests {
             );
         }
     }
+}
+
+/// The batch a decode partial is computed for: the cache and each sequence's current length.
+fn partial_source<const HKV: usize, const D: usize, S: KvStorage>(
+    cache: &KvCache<HKV, D, S>,
+    seqs: &[SeqId],
+) -> Result<Source>
+where
+    Rule: Supported<HKV, HKV, D>,
+{
+    Ok(Source {
+        cache: cache.id(),
+        seqs: seqs
+            .iter()
+            .map(|&seq| Ok((seq, cache.len(seq)?)))
+            .collect::<Result<_>>()?,
+    })
 }

@@ -112,6 +112,11 @@ pub enum Error {
         tensor: &'static str,
     },
 
+    /// Partials that cannot be merged (different spec, cache, sequences or shapes, or keys
+    /// counted twice), or a key range that is not one.
+    #[error("{op}: {reason}")]
+    Partial { op: &'static str, reason: String },
+
     #[error("model config: {reason}")]
     ModelConfig { reason: String },
 }

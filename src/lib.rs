@@ -32,6 +32,8 @@
 //! - [`cache`]: the KV cache — its exact size, and [`cache::KvCache`] (contiguous or paged;
 //!   f32, f16, bf16, int8 or 4-bit rows), which [`cube::CubeDevice::try_decode`] and
 //!   [`oracle::try_decode`] decode against.
+//! - [`partial`]: typed partial results over a subset of the keys, and their merge (split-KV
+//!   decode across calls).
 //! - [`ModelConfig`]: a model's `num_attention_heads` / `num_key_value_heads` / `head_dim` from
 //!   its `config.json`.
 //!
@@ -53,6 +55,7 @@ pub mod error;
 pub mod heads;
 pub mod model_config;
 pub mod oracle;
+pub mod partial;
 pub mod spec;
 
 mod attention;

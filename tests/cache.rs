@@ -435,6 +435,59 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Typed partials (`gqa::partial`) of the oracle's decode over a 3-way cut of the keys
+    /// merge, in either grouping, into the decode itself; only the full union is complete.
+    #[test]
+    fn typed_partials_merge_into_the_decode_in_any_grouping(
+        lens in proptest::collection::vec(1..12usize, 1..3),
+        cuts in (0..14usize, 0..14usize),
+        mask in mask(),
+        data in tensor([2, 6, 2, D]),
+        seed in any::<u32>(),
+    ) {
+        use gqa::partial::Partial;
+        let attention = Gqa::<6, HKV, D>::try_from(
+            Gqa::<6, HKV, D>::new().spec().with_mask(mask.aligned(gqa::Alignment::BottomRight)),
+        ).unwrap();
+        let mut cache = attention.try_new_cache::<Float32>(Layout::Paged { page_size: 2, pages: 16 }).unwrap();
+        let mut seqs = Vec::new();
+        for (n, &len) in lens.iter().enumerate() {
+            let seq = cache.try_add_sequence().unwrap();
+            let (k, v) = (rows(len, seed ^ (n as u32 * 7)), rows(len, seed ^ (n as u32 * 7 + 1)));
+            cache.try_append(seq, k.view(), v.view()).unwrap();
+            seqs.push(seq);
+        }
+        let q = data.slice(s![..lens.len(), .., .., ..]).to_owned();
+        let (a, b) = (cuts.0.min(cuts.1), cuts.0.max(cuts.1));
+        let part = |r: std::ops::Range<usize>| {
+            attention.try_decode_partial_oracle(q.view(), &cache, &seqs, r).unwrap()
+        };
+        let (p1, p2, p3) = (part(0..a), part(a..b), part(b..usize::MAX));
+        prop_assert!(!Partial::try_merge(&[p1.clone(), p2.clone()]).unwrap().is_complete() || b >= *lens.iter().max().unwrap());
+        let whole = attention.try_decode_oracle(q.view(), &cache, &seqs).unwrap();
+        let left = Partial::try_merge(&[Partial::try_merge(&[p1.clone(), p2.clone()]).unwrap(), p3.clone()]).unwrap();
+        let right = Partial::try_merge(&[p3.clone(), Partial::try_merge(&[p2.clone(), p1.clone()]).unwrap()]).unwrap();
+        for out in [&left, &right] {
+            prop_assert!(out.is_complete());
+            prop_assert_eq!(out.keys().len(), 1);
+            for (x, y) in out.lse().iter().zip(&whole.lse) {
+                prop_assert!(x == y || (x - y).abs() <= 1e-12 * (1.0 + y.abs()), "lse {} vs {}", x, y);
+            }
+            for (x, y) in out.o().iter().zip(&whole.o) {
+                prop_assert!((x - y).abs() <= 1e-12 * (1.0 + y.abs()), "o {} vs {}", x, y);
+            }
+        }
+        // A key counted twice is refused.
+        if !p2.keys().is_empty() {
+            let err = Partial::try_merge(&[p1, p2.clone(), p2]).unwrap_err();
+            prop_assert!(matches!(err, Error::Partial { .. }), "{}", err);
+        }
+    }
+}
+
 #[test]
 fn decode_checks_the_cache_against_the_spec() {
     let cache = KvCache::<HKV, D, Float32>::new(Layout::Paged {

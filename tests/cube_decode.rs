@@ -422,3 +422,150 @@ fn bad_decode_input_is_a_typed_error() {
             .all(|&x| x == 0.0)
     );
 }
+
+/// Typed partials: the device's decode over three key ranges, each against the oracle's
+/// partial over the same keys (tolerance rule, f32), merged back into the whole decode
+/// (tolerance rule against the oracle's full decode). Cut points fall anywhere, inside the
+/// device's own splits and past the end of shorter sequences.
+#[test]
+fn partials_over_key_ranges_merge_into_the_decode() {
+    let Some(device) = device() else { return };
+    const HQ: usize = 8;
+    const HKV: usize = 2;
+    const D: usize = 128;
+    type Config = gqa::Gqa<HQ, HKV, D>;
+    let strategy = case(Variant::Everything, HQ, HKV, D).prop_flat_map(|case| {
+        let longest = case.kv.iter().map(|(k, _)| k.shape()[1]).max().unwrap();
+        (Just(case), 0..=longest + 2, 0..=longest + 2)
+    });
+    runner(cases())
+        .run(&strategy, |(case, a, b)| {
+            let (cut1, cut2) = (a.min(b), a.max(b));
+            let (cache, seqs) = fill::<HKV, D, Int8>(&case);
+            let mut copy = device.try_upload_cache(&cache).unwrap();
+            let q = case.q.mapv(|x| x as f32);
+            let q_device = device.try_upload(q.view()).unwrap();
+            let attention = Config::try_from(case.spec).unwrap();
+            let ranges = [0..cut1, cut1..cut2, cut2..usize::MAX];
+            let mut parts = Vec::new();
+            for range in ranges {
+                let part = attention
+                    .try_decode_partial(device, &q_device, &cache, &mut copy, &seqs, range.clone())
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                for (b, &seq) in seqs.iter().enumerate() {
+                    let (k, v) = cache.read_exact(seq).unwrap();
+                    let (k, v) = (k.insert_axis(Axis(0)), v.insert_axis(Axis(0)));
+                    let q_b = q.slice(s![b..b + 1, .., .., ..]).mapv(f64::from);
+                    let (qv, kv, vv) = (q_b.view(), k.view(), v.view());
+                    let exact =
+                        oracle::try_forward_keys(&case.spec, qv, kv, vv, range.clone()).unwrap();
+                    let rounded = oracle::try_forward_rounded_keys(
+                        &case.spec,
+                        qv,
+                        kv,
+                        vv,
+                        DType::F32,
+                        range.clone(),
+                    )
+                    .unwrap();
+                    let o_b = part.o().slice(s![b, .., .., ..]).mapv(f64::from);
+                    let lse_b = part.lse().slice(s![b, .., ..]).mapv(f64::from);
+                    let o_check = compare(&exact.o, &rounded.o, &o_b, DType::F32);
+                    let lse_check = compare(&exact.lse, &rounded.lse, &lse_b, DType::F32);
+                    prop_assert!(
+                        o_check.passed(),
+                        "keys {range:?}, sequence {b}: o {o_check}"
+                    );
+                    prop_assert!(
+                        lse_check.passed(),
+                        "keys {range:?}, sequence {b}: lse {lse_check}"
+                    );
+                }
+                parts.push(part);
+            }
+            // Merged in another order than computed: merge does not care.
+            parts.rotate_left(1);
+            let whole = gqa::partial::Partial::try_merge(&parts).unwrap();
+            prop_assert!(whole.is_complete());
+            for (b, &seq) in seqs.iter().enumerate() {
+                let q_b = q.slice(s![b..b + 1, .., .., ..]).mapv(f64::from);
+                let o_b: Vec<f64> = whole
+                    .o()
+                    .slice(s![b, .., .., ..])
+                    .iter()
+                    .map(|&x| f64::from(x))
+                    .collect();
+                let lse_b: Vec<f64> = whole
+                    .lse()
+                    .slice(s![b, .., ..])
+                    .iter()
+                    .map(|&x| f64::from(x))
+                    .collect();
+                let (o_check, lse_check) =
+                    compare_sequence(&case.spec, &q_b, &cache, seq, (&o_b, &lse_b), DType::F32);
+                prop_assert!(o_check.passed(), "merged, sequence {b}: o {o_check}");
+                prop_assert!(lse_check.passed(), "merged, sequence {b}: lse {lse_check}");
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Partials merge only when the type and the run-time facts agree; everything else is a
+/// typed error, and nothing is merged.
+#[test]
+fn partials_that_cannot_merge_are_typed_errors() {
+    let Some(device) = device() else { return };
+    let attention = gqa::Gqa::<4, 2, 8>::new().causal();
+    let mut cache = attention
+        .try_new_cache::<Float32>(Layout::Paged {
+            page_size: 3,
+            pages: 8,
+        })
+        .unwrap();
+    let (one, two) = (
+        cache.try_add_sequence().unwrap(),
+        cache.try_add_sequence().unwrap(),
+    );
+    let kv = Array3::from_shape_fn((2, 7, 8), |(h, t, c)| ((h + t * 3 + c) as f32 * 0.3).sin());
+    cache.try_append(one, kv.view(), kv.view()).unwrap();
+    cache.try_append(two, kv.view(), kv.view()).unwrap();
+    let mut copy = device.try_upload_cache(&cache).unwrap();
+    let q = device
+        .try_upload(Array4::<f32>::ones((1, 4, 1, 8)).view())
+        .unwrap();
+    let mut partial =
+        |seq, keys| attention.try_decode_partial(device, &q, &cache, &mut copy, &[seq], keys);
+    let (a, b) = (partial(one, 0..4).unwrap(), partial(one, 3..7).unwrap());
+    let merge = gqa::partial::Partial::try_merge;
+    let err = merge(&[a.clone(), b]).unwrap_err();
+    assert!(
+        err.to_string().contains("keys 3..4 are in two partials"),
+        "{err}"
+    );
+    let other_sequence = partial(two, 4..7).unwrap();
+    let err = merge(&[a.clone(), other_sequence]).unwrap_err();
+    assert!(matches!(err, Error::Partial { .. }), "{err}");
+    #[allow(clippy::reversed_empty_ranges)]
+    let err = partial(one, 5..2).unwrap_err();
+    assert!(err.to_string().contains("5..2 is not a key range"), "{err}");
+    assert!(matches!(merge(&[]), Err(Error::Partial { .. })));
+    // A partial taken before an append does not merge with one taken after.
+    let c = partial(one, 4..7).unwrap();
+    assert!(merge(&[a.clone(), c.clone()]).unwrap().is_complete());
+    let t = Array3::<f32>::ones((2, 1, 8));
+    cache.try_append(one, t.view(), t.view()).unwrap();
+    let after = attention
+        .try_decode_partial(device, &q, &cache, &mut copy, &[one], 4..8)
+        .unwrap();
+    assert!(matches!(
+        merge(&[a.clone(), after]),
+        Err(Error::Partial { .. })
+    ));
+    // Another spec of the same configuration.
+    let window = attention.window(2, 0);
+    let w = window
+        .try_decode_partial(device, &q, &cache, &mut copy, &[one], 4..8)
+        .unwrap();
+    assert!(matches!(merge(&[a, w]), Err(Error::Partial { .. })));
+}

@@ -30,6 +30,10 @@ pub(crate) struct DecodeInputs<'a> {
     pub seq_q: usize,
     pub page_size: usize,
     pub storage: crate::cache::StorageKind,
+    /// Only these key positions are read (`0..usize::MAX`: all of them).
+    pub keys: std::ops::Range<usize>,
+    /// The output is an f32 partial (output and LSE, for a later merge) rather than `T`.
+    pub partial: bool,
 }
 
 /// The most queries per sequence one decode call takes (speculative decoding's drafts).
@@ -180,9 +184,78 @@ impl CubeDevice {
     where
         Rule: Supported<HKV, HKV, D>,
     {
-        const OP: &str = "cube::decode";
+        let decoded = self.decode_keys(
+            "cube::decode",
+            spec,
+            q,
+            cache,
+            copy,
+            seqs,
+            0..usize::MAX,
+            false,
+        )?;
+        Ok(self.decoded(decoded, false))
+    }
+
+    /// [`CubeDevice::try_decode`] over the cached keys at positions in `keys` only, as an f32
+    /// partial state for a later merge: the output normalised over those keys, `[B, HQ, Lq,
+    /// D]`, and per row the pair (max score, Σ exp(score − max)), `[B, HQ, Lq, 2]`. The typed
+    /// front end is [`crate::Attention::try_decode_partial`]. Inverted ranges are
+    /// [`Error::Partial`].
+    pub(crate) fn try_decode_partial<
+        T: CubeElement,
+        const HKV: usize,
+        const D: usize,
+        S: KvStorage,
+    >(
+        &self,
+        spec: &AttentionSpec,
+        q: &DeviceTensor<T>,
+        cache: &KvCache<HKV, D, S>,
+        copy: &mut DeviceKvCache<HKV, D, S>,
+        seqs: &[SeqId],
+        keys: std::ops::Range<usize>,
+    ) -> Result<DeviceOutput<f32>>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        let decoded = self.decode_keys(
+            "cube::decode_partial",
+            spec,
+            q,
+            cache,
+            copy,
+            seqs,
+            keys,
+            true,
+        )?;
+        Ok(self.decoded(decoded, true))
+    }
+
+    /// The decode launch behind both: `T` output, or f32 partial when `partial`.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_keys<T: CubeElement, const HKV: usize, const D: usize, S: KvStorage>(
+        &self,
+        op: &'static str,
+        spec: &AttentionSpec,
+        q: &DeviceTensor<T>,
+        cache: &KvCache<HKV, D, S>,
+        copy: &mut DeviceKvCache<HKV, D, S>,
+        seqs: &[SeqId],
+        keys: std::ops::Range<usize>,
+        partial: bool,
+    ) -> Result<(Buffer, Buffer, [usize; 4])>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        if keys.start > keys.end {
+            return Err(Error::Partial {
+                op,
+                reason: format!("{}..{} is not a key range", keys.start, keys.end),
+            });
+        }
         check_cache_spec(spec, HKV, D)?;
-        self.check_owns(OP, &q.device)?;
+        self.check_owns(op, &q.device)?;
         let expected = || {
             format!(
                 "[{}, {}, 1..={MAX_DECODE_QUERIES}, {D}], contiguous",
@@ -200,7 +273,7 @@ impl CubeDevice {
             || q.offset != 0
         {
             return Err(Error::Shape {
-                op: OP,
+                op,
                 tensor: "q",
                 got: shape.to_vec(),
                 expected: expected(),
@@ -208,7 +281,7 @@ impl CubeDevice {
         }
         if !self.supports(T::DTYPE) {
             return Err(Error::UnsupportedDType {
-                op: OP,
+                op,
                 dtype: T::DTYPE,
                 device: self.name().to_string(),
             });
@@ -227,7 +300,7 @@ impl CubeDevice {
         }
         let seq_q = shape[2];
         let (o, lse) = self.inner.decode::<T>(
-            OP,
+            op,
             spec,
             DecodeInputs {
                 q: &q.buffer,
@@ -241,13 +314,28 @@ impl CubeDevice {
                 seq_q,
                 page_size: cache.layout().page_size(),
                 storage: S::KIND,
+                keys,
+                partial,
             },
         )?;
-        let rows = vec![seqs.len(), spec.q_heads(), seq_q];
+        Ok((o, lse, [seqs.len(), spec.q_heads(), seq_q, D]))
+    }
+
+    /// The output and LSE buffers of `decode_keys` as tensors of `shape` (`[B, HQ, Lq, D]`);
+    /// `pairs`: the LSE buffer holds two numbers per row.
+    fn decoded<T: CubeElement>(
+        &self,
+        (o, lse, shape): (Buffer, Buffer, [usize; 4]),
+        pairs: bool,
+    ) -> DeviceOutput<T> {
         let key = self.inner.key().clone();
-        Ok(DeviceOutput {
-            o: DeviceTensor::contiguous(o, key.clone(), vec![rows[0], rows[1], rows[2], D]),
-            lse: DeviceTensor::contiguous(lse, key, rows),
-        })
+        let mut lse_shape = shape[..3].to_vec();
+        if pairs {
+            lse_shape.push(2);
+        }
+        DeviceOutput {
+            o: DeviceTensor::contiguous(o, key.clone(), shape.to_vec()),
+            lse: DeviceTensor::contiguous(lse, key, lse_shape),
+        }
     }
 }

@@ -94,7 +94,8 @@ fn lane(words: &[u32], base: usize, c: usize, #[comptime] storage: u32) -> f32 {
 
 /// Decode attention over a paged cache. `q`: `[B, HQ, Lq, D]` contiguous; `block_table`:
 /// `[B, table_stride]`; `seq_lens`: `[B]`; scales are f32 bits (one word per row; a dummy for
-/// float storage); `o`: `[B, HQ, Lq, D]`, `lse`: `[B, HQ, Lq]`.
+/// float storage); `o`: `[B, HQ, Lq, D]`, `lse`: `[B, HQ, Lq]`. Only keys in `key_lo..key_hi`
+/// are read (positions keep their meaning): the whole cache, or the keys of one partial.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn paged_decode<F: Float>(
@@ -120,6 +121,8 @@ pub fn paged_decode<F: Float>(
     scale: f32,
     softcap: f32,
     batch_size: u32,
+    key_lo: u32,
+    key_hi: u32,
     keys_per_split: u32,
     #[comptime] cfg: DecodeConfig,
 ) {
@@ -140,9 +143,9 @@ pub fn paged_decode<F: Float>(
         if cfg.bottom_right {
             diag = i as i32 + len as i32 - seq_q as i32;
         }
-        // This row's visible keys within this split.
-        let mut lo = (split * keys_per_split) as i32;
-        let mut hi = min(len, (split + 1) * keys_per_split) as i32;
+        // This row's visible keys within this split of the keys `key_lo..key_hi`.
+        let mut lo = (key_lo + split * keys_per_split) as i32;
+        let mut hi = min(min(len, key_hi), key_lo + (split + 1) * keys_per_split) as i32;
         if cfg.left_bounded {
             lo = max(lo, diag - left);
         }

@@ -539,8 +539,9 @@ pub fn flash_forward<F: Float>(
     }
 }
 
-/// Writes one finished row: `acc / l` and its LSE `m + ln l` — to the final `o`, `lse` at
-/// `out_row`, or, for a split launch, to the f32 partials at `partial_row`. A row that saw no
+/// Writes one finished row: `acc / l` and its LSE `m + ln l` to the final `o`, `lse` at
+/// `out_row`; or, for a split launch, `acc / l` and the pair `(m, l)` to the f32 partial state
+/// at `partial_row` (see [`combine_splits`]). A row that saw no
 /// key (`l = 0`, `acc = 0`) gets 0 and LSE −∞. The output is divided by `l` rather than
 /// multiplied by `1/l`: one rounding instead of two.
 #[cube]
@@ -559,51 +560,57 @@ pub(super) fn write_row<F: Float>(
     #[comptime] split: bool,
 ) {
     let denom = if l > 0.0f32 { l } else { 1.0f32 };
-    let row_lse = if l > 0.0f32 {
-        m + accurate_ln(l)
-    } else {
-        f32::reinterpret(NEG_INFINITY_BITS)
-    };
     if split {
+        // The state itself, not its LSE: (max score, Σ exp(s − max)) merges without rounding
+        // `max + ln l` to f32 once per split.
         for d in 0..dim {
             o_partial[partial_row * dim + d] = acc[d] / denom;
         }
-        lse_partial[partial_row] = row_lse;
+        lse_partial[2 * partial_row] = m;
+        lse_partial[2 * partial_row + 1] = l;
     } else {
         for d in 0..dim {
             o[out_row * dim + d] = F::cast_from(acc[d] / denom);
         }
-        lse[out_row] = row_lse;
+        lse[out_row] = if l > 0.0f32 {
+            m + accurate_ln(l)
+        } else {
+            f32::reinterpret(NEG_INFINITY_BITS)
+        };
     }
 }
 
-/// Merges the f32 partial results of `splits` key ranges into the final output: each split's
-/// output weighted by `exp(lse_s − max_s lse_s)`, the LSE by log-sum-exp. One unit per row.
+/// Merges the f32 partial states of `splits` key ranges: `state` holds per split and row the
+/// pair (max score `m_s`, `l_s = Σ exp(s − m_s)`), `o_partial` the output normalised by `l_s`.
+/// With `M = max m_s` and `L = Σ exp(m_s − M) · l_s`, the output is
+/// `Σ exp(m_s − M) · l_s · o_s / L` and the LSE `M + ln L` — or, with `pair_out`, the pair
+/// `(M, L)` itself (a partial for a later merge). One unit per row.
 #[cube(launch)]
 pub fn combine_splits<F: Float>(
     o_partial: &[f32],
-    lse_partial: &[f32],
+    state: &[f32],
     o: &mut [F],
     lse: &mut [f32],
     rows: u32,
     splits: u32,
     #[comptime] head_dim: usize,
+    #[comptime] pair_out: bool,
 ) {
     // A 2-D grid of 1-D cubes (one dimension of the grid may be too small for every row).
     let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
     if row < rows {
         let mut m = NEG_BIG.runtime();
         for s in 0..splits {
-            let x = lse_partial[(s * rows + row) as usize];
-            if x > NEG_BIG {
-                m = max(m, x);
+            let at = ((s * rows + row) * 2) as usize;
+            if state[at + 1] > 0.0f32 {
+                m = max(m, state[at]);
             }
         }
         let mut total = 0.0f32;
         for s in 0..splits {
-            let x = lse_partial[(s * rows + row) as usize];
-            if x > NEG_BIG {
-                total += accurate_exp(x - m);
+            let at = ((s * rows + row) * 2) as usize;
+            if state[at + 1] > 0.0f32 {
+                total += accurate_exp(state[at] - m) * state[at + 1];
             }
         }
         let mut inv = 0.0f32;
@@ -614,17 +621,22 @@ pub fn combine_splits<F: Float>(
             let mut acc = 0.0f32;
             for s in 0..splits {
                 let at = (s * rows + row) as usize;
-                let x = lse_partial[at];
-                if x > NEG_BIG {
-                    acc += accurate_exp(x - m) * o_partial[at * head_dim + d];
+                let l_s = state[2 * at + 1];
+                if l_s > 0.0f32 {
+                    acc += accurate_exp(state[2 * at] - m) * l_s * o_partial[at * head_dim + d];
                 }
             }
             o[row as usize * head_dim + d] = F::cast_from(acc * inv);
         }
-        lse[row as usize] = if total > 0.0f32 {
-            m + accurate_ln(total)
+        if pair_out {
+            lse[2 * row as usize] = m;
+            lse[2 * row as usize + 1] = total;
         } else {
-            f32::reinterpret(NEG_INFINITY_BITS)
-        };
+            lse[row as usize] = if total > 0.0f32 {
+                m + accurate_ln(total)
+            } else {
+                f32::reinterpret(NEG_INFINITY_BITS)
+            };
+        }
     }
 }

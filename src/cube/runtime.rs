@@ -155,7 +155,7 @@ impl Device {
         let slopes = self.upload(op, &slopes)?;
         let partial_rows = if config.split { splits * rows } else { 0 };
         let o_partial = self.empty(op, partial_rows * spec.head_dim(), size_of::<f32>())?;
-        let lse_partial = self.empty(op, partial_rows, size_of::<f32>())?;
+        let lse_partial = self.empty(op, 2 * partial_rows, size_of::<f32>())?;
         let cubes = self.grid(
             op,
             [
@@ -201,9 +201,8 @@ impl Device {
                     combine_cubes,
                     (&o_partial, &lse_partial),
                     (&o, &lse),
-                    rows,
-                    splits,
-                    spec.head_dim(),
+                    (rows, splits, spec.head_dim()),
+                    false,
                 );
             }
         }
@@ -332,8 +331,14 @@ impl Device {
         let seq_q = input.seq_q;
         let (head_dim, group) = (spec.head_dim(), spec.group_size());
         let rows = batch * spec.q_heads() * seq_q;
-        let o = self.empty(op, rows * head_dim, size_of::<T>())?;
-        let lse = self.empty(op, rows, size_of::<f32>())?;
+        let out_size = if input.partial {
+            size_of::<f32>()
+        } else {
+            size_of::<T>()
+        };
+        let o = self.empty(op, rows * head_dim, out_size)?;
+        // A partial's state is the pair (max score, Σ exp(s − max)) per row.
+        let lse = self.empty(op, rows * (1 + input.partial as usize), size_of::<f32>())?;
         if rows == 0 {
             return Ok((o, lse));
         }
@@ -351,9 +356,13 @@ impl Device {
         let lq_tile = seq_q.min(max_units / group).max(1);
         let q_tiles = seq_q.div_ceil(lq_tile);
         let max_len = input.lens.iter().copied().max().unwrap_or(0) as usize;
+        // The keys read: `key_lo..key_hi`, within the longest sequence.
+        let key_hi = input.keys.end.min(max_len);
+        let key_lo = input.keys.start.min(key_hi);
+        let span = key_hi - key_lo;
         let keys_per_split =
-            self.decode_keys_per_split(head_dim, max_len, q_tiles * spec.kv_heads() * batch);
-        let splits = max_len.div_ceil(keys_per_split).max(1);
+            self.decode_keys_per_split(head_dim, span, q_tiles * spec.kv_heads() * batch);
+        let splits = span.div_ceil(keys_per_split).max(1);
         let mask = spec.mask();
         let config = DecodeConfig {
             head_dim,
@@ -373,7 +382,8 @@ impl Device {
             right_bounded: mask.right().is_some(),
             softcap: spec.softcap().is_some(),
             alibi: spec.alibi().is_some(),
-            split: splits > 1,
+            // A partial is written by the split path (f32 output and LSE) even unsplit.
+            split: splits > 1 || input.partial,
         };
         let limit = i32::MAX as usize / 4;
         if max_len > limit {
@@ -390,9 +400,20 @@ impl Device {
             None => vec![0.0],
         };
         let slopes = self.upload(op, &slopes)?;
-        let partial_rows = if config.split { splits * rows } else { 0 };
+        // An unsplit partial is written straight into `o` and `lse` (both f32 then).
+        let direct = input.partial && splits == 1;
+        let partial_rows = if config.split && !direct {
+            splits * rows
+        } else {
+            0
+        };
         let o_partial = self.empty(op, partial_rows * head_dim, size_of::<f32>())?;
-        let lse_partial = self.empty(op, partial_rows, size_of::<f32>())?;
+        let lse_partial = self.empty(op, 2 * partial_rows, size_of::<f32>())?;
+        let (o_split, lse_split) = if direct {
+            (&o, &lse)
+        } else {
+            (&o_partial, &lse_partial)
+        };
         let decode_cubes = self.grid(op, [q_tiles, spec.kv_heads(), splits * batch])?;
         let combine_cubes = self.grid_1d(op, rows.div_ceil(64))?;
         // SAFETY: the kernel reads q rows `< batch · q_heads · seq_q` (q was checked to be that
@@ -414,8 +435,8 @@ impl Device {
                 arg(&slopes),
                 arg(&o),
                 arg(&lse),
-                arg(&o_partial),
-                arg(&lse_partial),
+                arg(o_split),
+                arg(lse_split),
                 spec.q_heads() as u32,
                 seq_q as u32,
                 spec.kv_heads() as u32,
@@ -426,37 +447,38 @@ impl Device {
                 spec.scale(),
                 spec.softcap().unwrap_or(1.0),
                 batch as u32,
+                key_lo as u32,
+                key_hi as u32,
                 keys_per_split as u32,
                 config,
             );
-            if config.split {
-                self.combine::<T>(
-                    combine_cubes,
-                    (&o_partial, &lse_partial),
-                    (&o, &lse),
-                    rows,
-                    splits,
-                    head_dim,
-                );
+            if config.split && !direct {
+                let (partials, out) = ((&o_partial, &lse_partial), (&o, &lse));
+                let shape = (rows, splits, head_dim);
+                if input.partial {
+                    self.combine::<f32>(combine_cubes, partials, out, shape, true);
+                } else {
+                    self.combine::<T>(combine_cubes, partials, out, shape, false);
+                }
             }
         }
         Ok((o, lse))
     }
 
-    /// Merges `splits` f32 partial results of `rows` rows into `o` and `lse` (see
-    /// `combine_splits`).
+    /// Merges `splits` f32 partial states of `rows` rows into `o` and `lse`, or into `o` and
+    /// the merged state pairs with `pair_out` (see `combine_splits`).
     ///
     /// # Safety
-    /// The partial buffers hold `splits · rows` rows and `o`, `lse` hold `rows`; `cubes` covers
-    /// `rows` units in cubes of 64.
+    /// The partial buffers hold `splits · rows` rows (outputs, and state pairs); `o` holds
+    /// `rows` rows and `lse` `rows` values (pairs with `pair_out`); `cubes` covers `rows` units
+    /// in cubes of 64.
     unsafe fn combine<T: KernelElement>(
         &self,
         cubes: CubeCount,
         (o_partial, lse_partial): (&Buffer, &Buffer),
         (o, lse): (&Buffer, &Buffer),
-        rows: usize,
-        splits: usize,
-        head_dim: usize,
+        (rows, splits, head_dim): (usize, usize, usize),
+        pair_out: bool,
     ) {
         // SAFETY: the caller's contract above.
         unsafe {
@@ -472,6 +494,7 @@ impl Device {
                 rows as u32,
                 splits as u32,
                 head_dim,
+                pair_out,
             );
         }
     }

@@ -6,6 +6,8 @@
 //! against the `f64` oracle is the error an honest implementation in that type is entitled to;
 //! [`super::compare`] lets a kernel have twice that, plus a floor.
 
+use std::ops::Range;
+
 use ndarray::{Array3, Array4, ArrayView4, s};
 
 use super::Output;
@@ -23,8 +25,21 @@ pub fn try_forward_rounded<T: Element>(
     v: ArrayView4<T>,
     dtype: DType,
 ) -> Result<Output> {
+    try_forward_rounded_keys(spec, q, k, v, dtype, 0..usize::MAX)
+}
+
+/// [`try_forward_rounded`] over the keys in `keys` only, as [`super::try_forward_keys`]: the
+/// yardstick for a partial.
+pub fn try_forward_rounded_keys<T: Element>(
+    spec: &AttentionSpec,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+    v: ArrayView4<T>,
+    dtype: DType,
+    keys: Range<usize>,
+) -> Result<Output> {
     if dtype == DType::F64 {
-        return super::try_forward(spec, q, k, v);
+        return super::try_forward_keys(spec, q, k, v, keys);
     }
     let shape = spec.check_shapes("oracle::forward_rounded", q.shape(), k.shape(), v.shape())?;
     let ProblemShape {
@@ -41,6 +56,7 @@ pub fn try_forward_rounded<T: Element>(
             let g = spec.kv_head_of(h);
             for i in 0..seq_q {
                 let visible = spec.mask().visible_keys(i, seq_q, seq_k);
+                let visible = visible.start.max(keys.start)..visible.end.min(keys.end);
                 if visible.is_empty() {
                     continue;
                 }

@@ -13,7 +13,7 @@
 mod low_precision;
 mod tolerance;
 
-pub use low_precision::try_forward_rounded;
+pub use low_precision::{try_forward_rounded, try_forward_rounded_keys};
 pub use tolerance::{Comparison, compare};
 
 use std::ops::Range;
@@ -132,30 +132,10 @@ pub fn merge(parts: &[Output]) -> Output {
         parts.iter().all(|p| p.o.shape() == first.o.shape()),
         "merge: the parts' shapes differ"
     );
-    let mut lse = Array3::from_elem(first.lse.raw_dim(), f64::NEG_INFINITY);
-    for (index, out) in lse.indexed_iter_mut() {
-        let max = parts
-            .iter()
-            .map(|p| p.lse[index])
-            .fold(f64::NEG_INFINITY, f64::max);
-        if max > f64::NEG_INFINITY {
-            *out = max
-                + parts
-                    .iter()
-                    .map(|p| (p.lse[index] - max).exp())
-                    .sum::<f64>()
-                    .ln();
-        }
-    }
-    let mut o = Array4::zeros(first.o.raw_dim());
-    for part in parts {
-        for ((b, h, i, d), out) in o.indexed_iter_mut() {
-            let weight = part.lse[[b, h, i]] - lse[[b, h, i]];
-            if part.lse[[b, h, i]] > f64::NEG_INFINITY {
-                *out += weight.exp() * part.o[[b, h, i, d]];
-            }
-        }
-    }
+    let (o, lse) = crate::partial::merge_rows(
+        &parts.iter().map(|p| p.o.view()).collect::<Vec<_>>(),
+        &parts.iter().map(|p| p.lse.view()).collect::<Vec<_>>(),
+    );
     Output { o, lse }
 }
 
@@ -173,6 +153,21 @@ pub fn try_decode<T: Element, const HKV: usize, const D: usize, S: KvStorage>(
     q: ArrayView4<T>,
     cache: &KvCache<HKV, D, S>,
     seqs: &[SeqId],
+) -> Result<Output>
+where
+    Rule: Supported<HKV, HKV, D>,
+{
+    try_decode_keys(spec, q, cache, seqs, 0..usize::MAX)
+}
+
+/// [`try_decode`] over the cached keys at positions in `keys` only (masks and ALiBi distances
+/// keep their meaning): one partial of a split decode, which [`merge`] combines.
+pub fn try_decode_keys<T: Element, const HKV: usize, const D: usize, S: KvStorage>(
+    spec: &AttentionSpec,
+    q: ArrayView4<T>,
+    cache: &KvCache<HKV, D, S>,
+    seqs: &[SeqId],
+    keys: Range<usize>,
 ) -> Result<Output>
 where
     Rule: Supported<HKV, HKV, D>,
@@ -196,11 +191,12 @@ where
     let q = q.mapv(|x| x.widen());
     for (b, &seq) in seqs.iter().enumerate() {
         let (k, v) = cache.read_exact(seq)?;
-        let out = try_forward(
+        let out = try_forward_keys(
             spec,
             q.slice(s![b..b + 1, .., .., ..]),
             k.insert_axis(Axis(0)).view(),
             v.insert_axis(Axis(0)).view(),
+            keys.clone(),
         )?;
         o.slice_mut(s![b..b + 1, .., .., ..]).assign(&out.o);
         lse.slice_mut(s![b..b + 1, .., ..]).assign(&out.lse);
