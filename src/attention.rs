@@ -509,6 +509,23 @@ where
     }
 }
 
+/// The batch a decode partial is computed for: the cache and each sequence's current length.
+fn partial_source<const HKV: usize, const D: usize, S: KvStorage>(
+    cache: &KvCache<HKV, D, S>,
+    seqs: &[SeqId],
+) -> Result<Source>
+where
+    Rule: Supported<HKV, HKV, D>,
+{
+    Ok(Source {
+        cache: cache.id(),
+        seqs: seqs
+            .iter()
+            .map(|&seq| Ok((seq, cache.len(seq)?)))
+            .collect::<Result<_>>()?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -587,21 +604,4 @@ mod tests {
             );
         }
     }
-}
-
-/// The batch a decode partial is computed for: the cache and each sequence's current length.
-fn partial_source<const HKV: usize, const D: usize, S: KvStorage>(
-    cache: &KvCache<HKV, D, S>,
-    seqs: &[SeqId],
-) -> Result<Source>
-where
-    Rule: Supported<HKV, HKV, D>,
-{
-    Ok(Source {
-        cache: cache.id(),
-        seqs: seqs
-            .iter()
-            .map(|&seq| Ok((seq, cache.len(seq)?)))
-            .collect::<Result<_>>()?,
-    })
 }

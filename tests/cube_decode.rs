@@ -469,7 +469,7 @@ fn partials_over_key_ranges_merge_into_the_decode() {
                     )
                     .unwrap();
                     let o_b = part.o().slice(s![b, .., .., ..]).mapv(f64::from);
-                    let lse_b = part.lse().slice(s![b, .., ..]).mapv(f64::from);
+                    let lse_b = part.lse().slice(s![b, .., ..]).to_owned();
                     let o_check = compare(&exact.o, &rounded.o, &o_b, DType::F32);
                     let lse_check = compare(&exact.lse, &rounded.lse, &lse_b, DType::F32);
                     prop_assert!(
@@ -495,12 +495,7 @@ fn partials_over_key_ranges_merge_into_the_decode() {
                     .iter()
                     .map(|&x| f64::from(x))
                     .collect();
-                let lse_b: Vec<f64> = whole
-                    .lse()
-                    .slice(s![b, .., ..])
-                    .iter()
-                    .map(|&x| f64::from(x))
-                    .collect();
+                let lse_b: Vec<f64> = whole.lse().slice(s![b, .., ..]).iter().copied().collect();
                 let (o_check, lse_check) =
                     compare_sequence(&case.spec, &q_b, &cache, seq, (&o_b, &lse_b), DType::F32);
                 prop_assert!(o_check.passed(), "merged, sequence {b}: o {o_check}");
