@@ -6,8 +6,9 @@ use std::ops::Range;
 
 use ndarray::ArrayView4;
 
+use crate::backend::{Backend, HostOutput};
 use crate::cache::{KvCache, KvCacheFootprint, KvStorage, Layout, SeqId};
-use crate::cube::{CubeDevice, CubeElement, DeviceKvCache, DeviceOutput, DeviceTensor, HostOutput};
+use crate::cube::{CubeDevice, CubeElement, DeviceKvCache, DeviceOutput, DeviceTensor};
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::heads::{Rule, Supported, assert_config};
@@ -187,31 +188,31 @@ macro_rules! spec_builder_methods {
             })
         }
 
-        /// Runs this attention on a GPU device through the cubecl kernels: host arrays in,
-        /// host arrays out (see [`crate::cube`]).
-        pub fn try_forward<T: CubeElement>(
+        /// Runs this attention on `backend` — a GPU device ([`crate::cube::CubeDevice`]) or
+        /// the CPU ([`crate::cpu::Cpu`]): host arrays in, host arrays out.
+        pub fn try_forward<T: Element, B: Backend<T>>(
             &self,
-            device: &CubeDevice,
+            backend: &B,
             q: ArrayView4<T>,
             k: ArrayView4<T>,
             v: ArrayView4<T>,
         ) -> Result<HostOutput<T>> {
-            device.try_forward(&self.spec, q, k, v)
+            backend.try_forward(&self.spec, q, k, v)
         }
 
         /// [`Self::try_forward`], panicking on error.
         ///
         /// # Panics
-        /// If the shapes do not fit, the device lacks the element type, or the kernel fails.
+        /// If the shapes do not fit, the backend lacks the element type, or the kernel fails.
         #[track_caller]
-        pub fn forward<T: CubeElement>(
+        pub fn forward<T: Element, B: Backend<T>>(
             &self,
-            device: &CubeDevice,
+            backend: &B,
             q: ArrayView4<T>,
             k: ArrayView4<T>,
             v: ArrayView4<T>,
         ) -> HostOutput<T> {
-            match self.try_forward(device, q, k, v) {
+            match self.try_forward(backend, q, k, v) {
                 Ok(output) => output,
                 Err(error) => panic!("{error}"),
             }
@@ -362,6 +363,41 @@ where
                 }
             },
         );
+        Ok(Partial::new(self.spec, source, keys, o, lse))
+    }
+
+    /// Decode on the CPU (see [`crate::cpu::Cpu::try_decode`]), typed like
+    /// [`Attention::try_decode`].
+    #[cfg(feature = "cpu")]
+    pub fn try_decode_cpu<T: crate::cpu::CpuElement, S: KvStorage>(
+        &self,
+        cpu: &crate::cpu::Cpu,
+        q: ArrayView4<T>,
+        cache: &KvCache<HKV, D, S>,
+        seqs: &[SeqId],
+    ) -> Result<HostOutput<T>>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        cpu.try_decode(&self.spec, q, cache, seqs)
+    }
+
+    /// The CPU's [`Attention::try_decode_partial`]: an f32 [`Partial`] (LSE in f64).
+    #[cfg(feature = "cpu")]
+    pub fn try_decode_partial_cpu<T: crate::cpu::CpuElement, S: KvStorage>(
+        &self,
+        cpu: &crate::cpu::Cpu,
+        q: ArrayView4<T>,
+        cache: &KvCache<HKV, D, S>,
+        seqs: &[SeqId],
+        keys: Range<usize>,
+    ) -> Result<Partial<HQ, HKV, D, f32>>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        let source = partial_source(cache, seqs)?;
+        let keys = clip_keys("Attention::try_decode_partial_cpu", keys, source.longest())?;
+        let (o, lse) = cpu.decode_keys(&self.spec, q, cache, seqs, keys.clone())?;
         Ok(Partial::new(self.spec, source, keys, o, lse))
     }
 

@@ -26,6 +26,8 @@
 //! - [`spec`]: [`AttentionSpec`], the plain value both front ends lower to — masks and score
 //!   modifiers, defined there.
 //! - [`oracle`]: the `f64` reference every executor is proven against, and the tolerance rule.
+//! - [`cpu`]: the CPU backend — blocked online softmax over `gemm` tiles (prefill) and split-KV
+//!   decode against a [`cache::KvCache`], on rayon threads.
 //! - [`cube`]: the GPU backend — cubecl kernels specialised per spec (forward, and decode against
 //!   a paged, quantized cache), run through [`cube::CubeDevice`] or the front ends'
 //!   `try_forward(&device, q, k, v)`.
@@ -42,13 +44,17 @@
 //! ## Features
 //! | feature | what it turns on |
 //! |---|---|
+//! | `cpu` (default) | the CPU backend ([`cpu::Cpu`]: `gemm`, `rayon`, `multiversion`) |
 //! | `wgpu` (default) | the cubecl kernels through wgpu: WGSL for Vulkan, Metal and DX12 (and Mesa's lavapipe without a GPU) |
 //! | `vulkan` | wgpu on Vulkan with cubecl's SPIR-V compiler |
 //! | `cuda`, `hip` | cubecl's CUDA and ROCm runtimes (cubecl 0.11 downloads LLVM to build them: not offline) |
 //!
 //! With none of them the GPU API is still there and answers [`Error::NotCompiledWith`].
 
+pub mod backend;
 pub mod cache;
+#[cfg(feature = "cpu")]
+pub mod cpu;
 pub mod cube;
 pub mod element;
 pub mod error;

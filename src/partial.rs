@@ -37,7 +37,7 @@
 
 use std::ops::Range;
 
-use ndarray::{Array3, Array4, ArrayView3, ArrayView4, Zip};
+use ndarray::{Array3, Array4, ArrayView3, ArrayView4};
 use num_traits::Float;
 
 use crate::cache::SeqId;
@@ -224,38 +224,67 @@ pub(crate) fn clip_keys(
     Ok(keys.start.min(longest)..keys.end.min(longest))
 }
 
-/// The merge of rows computed over disjoint key sets, accumulated in `f64`: `lse = max +
-/// ln Σ exp(lse_s − max)`, `o = Σ exp(lse_s − lse) · o_s`; a row no part sees stays `o = 0`,
-/// `lse = −∞`. The one implementation behind [`Partial::try_merge`] and
-/// [`crate::oracle::merge`]. The caller checks that the shapes agree.
+/// The merge of one row's states over disjoint key sets: `parts[s] = (m_s, l_s)`, a max
+/// score and the sum of `exp(score − m_s)` (an LSE is the state `(lse, 1)`; `l_s = 0`: the
+/// part saw no key). Returns the row's LSE `M + ln Σ exp(m_s − M) · l_s` (`−∞` when no part
+/// saw a key) and leaves in `weights[s]` the weight `exp(m_s − lse) · l_s` of part `s`'s
+/// normalised output. The one implementation of the merge algebra on the host: partial
+/// merges ([`Partial::try_merge`], [`crate::oracle::merge`]) and the CPU backend's split-KV.
+pub(crate) fn merge_state(parts: &[(f64, f64)], weights: &mut Vec<f64>) -> f64 {
+    weights.clear();
+    let seen = |&&(m, l): &&(f64, f64)| l > 0.0 && m > f64::NEG_INFINITY;
+    let max = parts
+        .iter()
+        .filter(seen)
+        .map(|&(m, _)| m)
+        .fold(f64::NEG_INFINITY, f64::max);
+    if max == f64::NEG_INFINITY {
+        weights.resize(parts.len(), 0.0);
+        return f64::NEG_INFINITY;
+    }
+    let sum: f64 = parts
+        .iter()
+        .filter(seen)
+        .map(|&(m, l)| (m - max).exp() * l)
+        .sum();
+    let lse = max + sum.ln();
+    weights.extend(parts.iter().map(|part| {
+        if seen(&part) {
+            (part.0 - lse).exp() * part.1
+        } else {
+            0.0
+        }
+    }));
+    lse
+}
+
+/// The merge of rows computed over disjoint key sets, accumulated in `f64` (by
+/// [`merge_state`]); a row no part sees stays `o = 0`, `lse = −∞`. The caller checks that the
+/// shapes agree.
 pub(crate) fn merge_rows<E: PartialElement>(
     os: &[ArrayView4<E>],
     lses: &[ArrayView3<f64>],
 ) -> (Array4<E>, Array3<f64>) {
-    let lse = Array3::from_shape_fn(lses[0].raw_dim(), |index| {
-        let max = lses
-            .iter()
-            .map(|l| l[index])
-            .fold(f64::NEG_INFINITY, f64::max);
-        if max == f64::NEG_INFINITY {
-            return f64::NEG_INFINITY;
-        }
-        max + lses
-            .iter()
-            .map(|l| (l[index] - max).exp())
-            .sum::<f64>()
-            .ln()
-    });
-    let mut o = Array4::<f64>::zeros(os[0].raw_dim());
-    for (part_o, part_lse) in os.iter().zip(lses) {
-        Zip::indexed(&mut o)
-            .and(part_o)
-            .for_each(|(b, h, i, _), out, &x| {
-                let from = part_lse[[b, h, i]];
-                if from > f64::NEG_INFINITY {
-                    *out += (from - lse[[b, h, i]]).exp() * x.widen();
+    let dim = os[0].shape()[3];
+    let mut o = Array4::<E>::zeros(os[0].raw_dim());
+    let mut lse = Array3::from_elem(lses[0].raw_dim(), f64::NEG_INFINITY);
+    let (mut states, mut weights) = (Vec::new(), Vec::new());
+    let mut row = vec![0.0f64; dim];
+    for ((b, h, i), out) in lse.indexed_iter_mut() {
+        states.clear();
+        states.extend(lses.iter().map(|l| (l[[b, h, i]], 1.0)));
+        *out = merge_state(&states, &mut weights);
+        row.fill(0.0);
+        for (part, &w) in os.iter().zip(&weights) {
+            if w > 0.0 {
+                for (acc, x) in row.iter_mut().zip(part.slice(ndarray::s![b, h, i, ..])) {
+                    *acc += w * x.widen();
                 }
-            });
+            }
+        }
+        for (dst, &x) in o.slice_mut(ndarray::s![b, h, i, ..]).iter_mut().zip(&row) {
+            *dst = E::narrow(x);
+        }
     }
-    (o.mapv(E::narrow), lse)
+    (o, lse)
 }

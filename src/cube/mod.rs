@@ -40,7 +40,7 @@ use std::marker::PhantomData;
 
 pub use cache::{DeviceKvCache, MAX_DECODE_QUERIES};
 
-use ndarray::{Array3, Array4, ArrayView4, Dimension};
+use ndarray::{ArrayView4, Dimension};
 
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
@@ -273,13 +273,18 @@ pub struct DeviceOutput<T> {
     pub lse: DeviceTensor<f32>,
 }
 
-/// The kernel's result on the host.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostOutput<T> {
-    /// `[batch, q_heads, seq_q, head_dim]`.
-    pub o: Array4<T>,
-    /// `[batch, q_heads, seq_q]`, natural log, `−∞` for fully masked rows.
-    pub lse: Array3<f32>,
+pub use crate::backend::HostOutput;
+
+impl<T: CubeElement> crate::backend::Backend<T> for CubeDevice {
+    fn try_forward(
+        &self,
+        spec: &AttentionSpec,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+    ) -> Result<HostOutput<T>> {
+        CubeDevice::try_forward(self, spec, q, k, v)
+    }
 }
 
 fn contiguous_strides(shape: &[usize]) -> Vec<usize> {

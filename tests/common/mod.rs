@@ -6,6 +6,8 @@
 #[macro_use]
 pub mod configs;
 pub mod cube;
+pub mod decode;
+pub mod forward;
 
 use gqa::{Alignment, AttentionSpec, Mask};
 use ndarray::{Array4, Axis};
@@ -229,6 +231,6 @@ fn nan_padded_view_mut<'a>(
 }
 
 /// The data inside a [`nan_padded`] tensor, as a strided view.
-pub fn nan_padded_view<'a>(big: &'a Array4<f64>, s: &[usize]) -> ndarray::ArrayView4<'a, f64> {
+pub fn nan_padded_view<'a, A>(big: &'a Array4<A>, s: &[usize]) -> ndarray::ArrayView4<'a, A> {
     big.slice(window_of(s))
 }

@@ -1,0 +1,355 @@
+//! Decode on the CPU against a [`crate::cache::KvCache`]: split-KV over threads, each split
+//! streaming its cached rows once for every query of the KV group, merged in `f64`.
+//!
+//! **Work.** Item `(b, g, split)` owns the `group · seq_q` query rows of KV head `g` of
+//! sequence `b` (row `hh · seq_q + ii`) over one contiguous run of that sequence's keys, in two
+//! passes: each key row is fetched once (f32 rows in place, others dequantized into a row
+//! buffer) and scored against every row; with the split's exact max per row the scores become
+//! probabilities (no online rescale, so no rounding of the output by it); then each value row
+//! is fetched once and added to every row that weighs it. The scores of a split are scratch of
+//! the worker (`rows × keys` floats), grown when needed, never per key.
+//!
+//! **Merge.** Each split keeps (max score `m`, `l = Σ exp(s − m)`, output / `l`); the splits of
+//! a row merge by [`crate::partial::merge_state`], in `f64`.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use multiversion::multiversion;
+use ndarray::{Array3, Array4, ArrayView4, s};
+use rayon::prelude::*;
+
+use super::simd;
+use crate::cache::StorageKind;
+use crate::spec::AttentionSpec;
+
+/// The fewest keys worth a split of their own.
+const MIN_SPLIT: usize = 256;
+
+/// One sequence of the batch: its length and block table.
+pub(super) struct Sequence<'a> {
+    pub len: usize,
+    pub pages: Cow<'a, [u32]>,
+}
+
+/// The cache's word pool, as [`crate::cache::KvCache::raw`] gives it.
+pub(super) struct Pool<'a> {
+    pub storage: StorageKind,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub page_size: usize,
+    pub k: &'a [u32],
+    pub v: &'a [u32],
+    pub k_scale: &'a [f32],
+    pub v_scale: &'a [f32],
+}
+
+impl Pool<'_> {
+    /// Pool row of token `t` of a sequence with block table `pages`, KV head `g`.
+    #[inline(always)]
+    fn row(&self, pages: &[u32], t: usize, g: usize) -> usize {
+        let page = pages[t / self.page_size] as usize;
+        (page * self.kv_heads + g) * self.page_size + t % self.page_size
+    }
+
+    /// Row `row` of `words` as f32: in place for f32 storage, else dequantized into `buf`.
+    #[inline(always)]
+    fn fetch<'b>(
+        &'b self,
+        words: &'b [u32],
+        scales: &[f32],
+        row: usize,
+        buf: &'b mut [f32],
+    ) -> &'b [f32] {
+        let per_row = self.storage.words_per_row(self.head_dim);
+        let row_words = &words[row * per_row..][..per_row];
+        match self.storage {
+            StorageKind::Float32 => bytemuck::cast_slice(row_words),
+            StorageKind::Float16 => {
+                unpack(row_words, 16, buf, half_to_f32);
+                buf
+            }
+            StorageKind::BFloat16 => {
+                unpack(row_words, 16, buf, |bits| f32::from_bits(bits << 16));
+                buf
+            }
+            StorageKind::Int8 => {
+                let scale = scales[row];
+                unpack(row_words, 8, buf, |bits| {
+                    f32::from(bits as u8 as i8) * scale
+                });
+                buf
+            }
+            StorageKind::Int4 => {
+                let scale = scales[row];
+                // Sign-extend the nibble: shift it to the top of a byte, then back as i8.
+                unpack(row_words, 4, buf, |bits| {
+                    f32::from(((bits << 4) as u8 as i8) >> 4) * scale
+                });
+                buf
+            }
+        }
+    }
+}
+
+/// Lane `c` of a packed row is bits `bits · (c % per_word)..` of word `c / per_word` (see
+/// [`crate::cache::storage`]); `out[c] = f(lane)`.
+#[inline(always)]
+fn unpack(words: &[u32], bits: u32, out: &mut [f32], f: impl Fn(u32) -> f32) {
+    let per_word = (32 / bits) as usize;
+    let mask = (1u32 << bits) - 1;
+    for (w, chunk) in words.iter().zip(out.chunks_mut(per_word)) {
+        for (lane, value) in chunk.iter_mut().enumerate() {
+            *value = f((w >> (bits * lane as u32)) & mask);
+        }
+    }
+}
+
+/// IEEE half bits to f32, exactly (normals by moving the fields, subnormals by scaling the
+/// mantissa, infinities and NaN through the all-ones exponent), branch-free.
+#[inline(always)]
+fn half_to_f32(h: u32) -> f32 {
+    let sign = (h & 0x8000) << 16;
+    let exponent = (h >> 10) & 0x1f;
+    let mantissa = h & 0x3ff;
+    let normal = f32::from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
+    let special = f32::from_bits(sign | 0x7f80_0000 | (mantissa << 13));
+    let subnormal = f32::from_bits(sign | (mantissa as f32 * 5.960_464_5e-8).to_bits());
+    match exponent {
+        0 => subnormal,
+        31 => special,
+        _ => normal,
+    }
+}
+
+/// The merged result: `o: [B, HQ, Lq, D]` (f32, normalised over the keys read), `lse: [B, HQ,
+/// Lq]` (f64).
+pub(super) struct Merged {
+    pub o: Array4<f32>,
+    pub lse: Array3<f64>,
+}
+
+/// One split's state for its rows.
+struct SplitState<'a> {
+    o: &'a mut [f32],
+    m: &'a mut [f32],
+    l: &'a mut [f64],
+}
+
+/// What a split reads.
+struct Split<'a> {
+    spec: &'a AttentionSpec,
+    pool: &'a Pool<'a>,
+    pages: &'a [u32],
+    seq_q: usize,
+    len: usize,
+    g: usize,
+    keys: Range<usize>,
+}
+
+pub(super) fn decode(
+    spec: &AttentionSpec,
+    q: ArrayView4<f32>,
+    pool: &Pool<'_>,
+    seqs: &[Sequence<'_>],
+    keys: Range<usize>,
+    threads: usize,
+) -> Merged {
+    let (batch, seq_q, dim) = (seqs.len(), q.shape()[2], pool.head_dim);
+    let (hq, hkv, group) = (spec.q_heads(), spec.kv_heads(), spec.group_size());
+    let rows = group * seq_q;
+    let mask = spec.mask();
+    // Each sequence's keys worth reading: the requested ones its rows can see.
+    let spans: Vec<Range<usize>> = seqs
+        .iter()
+        .map(|seq| {
+            let (mut lo, mut hi) = (usize::MAX, 0);
+            for i in 0..seq_q {
+                let r = mask.visible_keys(i, seq_q, seq.len);
+                let (a, b) = (r.start.max(keys.start), r.end.min(keys.end));
+                if a < b {
+                    lo = lo.min(a);
+                    hi = hi.max(b);
+                }
+            }
+            if lo < hi { lo..hi } else { 0..0 }
+        })
+        .collect();
+    let longest = spans.iter().map(|r| r.len()).max().unwrap_or(0);
+    let splits = (4 * threads)
+        .div_ceil((batch * hkv).max(1))
+        .clamp(1, longest.div_ceil(MIN_SPLIT).max(1));
+    let items = batch * hkv * splits;
+    let mut o_parts = vec![0.0f32; items * rows * dim];
+    let mut m_parts = vec![f32::NEG_INFINITY; items * rows];
+    let mut l_parts = vec![0.0f64; items * rows];
+    if items > 0 && rows > 0 && dim > 0 {
+        o_parts
+            .par_chunks_mut(rows * dim)
+            .zip(m_parts.par_chunks_mut(rows))
+            .zip(l_parts.par_chunks_mut(rows))
+            .enumerate()
+            .for_each_init(
+                || {
+                    (
+                        vec![0.0f32; rows * dim],
+                        Vec::new(),
+                        vec![0.0f32; dim],
+                        vec![0.0f32; dim],
+                    )
+                },
+                |(q_rows, scores, k_buf, v_buf), (item, ((o, m), l))| {
+                    let (b, rest) = (item / (hkv * splits), item % (hkv * splits));
+                    let (g, split) = (rest / splits, rest % splits);
+                    let span = &spans[b];
+                    let per_split = span.len().div_ceil(splits);
+                    let start = (span.start + split * per_split).min(span.end);
+                    let end = (start + per_split).min(span.end);
+                    for hh in 0..group {
+                        for ii in 0..seq_q {
+                            let dst = &mut q_rows[(hh * seq_q + ii) * dim..][..dim];
+                            for (d, &x) in
+                                dst.iter_mut().zip(q.slice(s![b, g * group + hh, ii, ..]))
+                            {
+                                *d = x;
+                            }
+                        }
+                    }
+                    let split = Split {
+                        spec,
+                        pool,
+                        pages: &seqs[b].pages,
+                        seq_q,
+                        len: seqs[b].len,
+                        g,
+                        keys: start..end,
+                    };
+                    run_split(&split, q_rows, scores, k_buf, v_buf, SplitState { o, m, l });
+                },
+            );
+    }
+    // Merge the splits of each row.
+    let mut o = Array4::<f32>::zeros((batch, hq, seq_q, dim));
+    let mut lse = Array3::<f64>::from_elem((batch, hq, seq_q), f64::NEG_INFINITY);
+    let mut states = Vec::with_capacity(splits);
+    let mut weights = Vec::with_capacity(splits);
+    let mut out = vec![0.0f64; dim];
+    for b in 0..batch {
+        for g in 0..hkv {
+            for r in 0..rows {
+                let (hh, ii) = (r / seq_q, r % seq_q);
+                let at = |split: usize| ((b * hkv + g) * splits + split) * rows + r;
+                states.clear();
+                states.extend((0..splits).map(|s| (f64::from(m_parts[at(s)]), l_parts[at(s)])));
+                let row_lse = crate::partial::merge_state(&states, &mut weights);
+                if row_lse == f64::NEG_INFINITY {
+                    continue;
+                }
+                out.fill(0.0);
+                for (split, &w) in weights.iter().enumerate() {
+                    if w > 0.0 {
+                        for (acc, &x) in out.iter_mut().zip(&o_parts[at(split) * dim..][..dim]) {
+                            *acc += w * f64::from(x);
+                        }
+                    }
+                }
+                let head = g * group + hh;
+                for (dst, &x) in o.slice_mut(s![b, head, ii, ..]).iter_mut().zip(&out) {
+                    *dst = x as f32;
+                }
+                lse[[b, head, ii]] = row_lse;
+            }
+        }
+    }
+    Merged { o, lse }
+}
+
+/// One split: every row of the group at once, in two passes over its keys.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+fn run_split(
+    split: &Split<'_>,
+    q_rows: &[f32],
+    scores: &mut Vec<f32>,
+    k_buf: &mut [f32],
+    v_buf: &mut [f32],
+    state: SplitState<'_>,
+) {
+    let spec = split.spec;
+    let pool = split.pool;
+    let (dim, seq_q, group) = (pool.head_dim, split.seq_q, spec.group_size());
+    let rows = group * seq_q;
+    let mask = spec.mask();
+    let scale = spec.scale();
+    let SplitState { o: acc, m, l } = state;
+    acc.fill(0.0);
+    m.fill(f32::NEG_INFINITY);
+    l.fill(0.0);
+    // Each query's visible keys and diagonal (allocated once per split, not per key).
+    let visible: Vec<(Range<usize>, i128)> = (0..seq_q)
+        .map(|ii| {
+            (
+                mask.visible_keys(ii, seq_q, split.len),
+                mask.diagonal(ii, seq_q, split.len),
+            )
+        })
+        .collect();
+    let (t0, n) = (split.keys.start, split.keys.len());
+    if scores.len() < rows * n {
+        scores.resize(rows * n, 0.0);
+    }
+    // Pass 1, scores: each key row once, against every row.
+    for j in 0..n {
+        let t = t0 + j;
+        let row = pool.row(split.pages, t, split.g);
+        let k_row = pool.fetch(pool.k, pool.k_scale, row, k_buf);
+        for (ii, (range, diag)) in visible.iter().enumerate() {
+            let (seen, diag) = (range.contains(&t), *diag);
+            for hh in 0..group {
+                let r = hh * seq_q + ii;
+                scores[r * n + j] = if seen {
+                    let mut s = scale * simd::dot(&q_rows[r * dim..][..dim], k_row);
+                    if let Some(cap) = spec.softcap() {
+                        s = cap * (s / cap).tanh();
+                    }
+                    if let Some(alibi) = spec.alibi() {
+                        let slope = alibi.slope(split.g * group + hh);
+                        s -= slope * (diag - t as i128).unsigned_abs() as f32;
+                    }
+                    s
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+        }
+    }
+    // The split's exact max per row, so no rescale: scores become probabilities.
+    for r in 0..rows {
+        let row = &mut scores[r * n..][..n];
+        m[r] = simd::max(row);
+        if m[r] == f32::NEG_INFINITY {
+            row.fill(0.0);
+        } else {
+            l[r] = simd::exp_shifted_sum(row, m[r]);
+        }
+    }
+    // Pass 2, values: each row once, into every row that weighs it.
+    for j in 0..n {
+        let row = pool.row(split.pages, t0 + j, split.g);
+        let v_row = pool.fetch(pool.v, pool.v_scale, row, v_buf);
+        for r in 0..rows {
+            let p = scores[r * n + j];
+            if p > 0.0 {
+                simd::axpy(p, v_row, &mut acc[r * dim..][..dim]);
+            }
+        }
+    }
+    for r in 0..rows {
+        if l[r] > 0.0 {
+            // Divided, not multiplied by 1/l: one rounding.
+            let l_r = l[r] as f32;
+            for x in &mut acc[r * dim..][..dim] {
+                *x /= l_r;
+            }
+        }
+    }
+}

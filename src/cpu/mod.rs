@@ -1,0 +1,247 @@
+//! The CPU backend: prefill and decode on the host, fast (the [oracle](crate::oracle) is
+//! deliberately slow).
+//!
+//! - **Prefill** ([`Cpu::try_forward`]): FlashAttention's blocked online softmax. A tile stacks
+//!   the query heads of one KV group (`group × block_q` rows), so each K/V block is read once
+//!   per group; its scores `Q·Kᵀ` and its update `P·V` are matrix products by the `gemm` crate
+//!   (cache-blocked, SIMD chosen at run time); key blocks outside every row's mask are
+//!   skipped and blocks inside every row's mask skip the mask. Scratch is per worker; nothing is
+//!   allocated inside the key loop.
+//! - **Decode** ([`Cpu::try_decode`]): a few queries per sequence against a
+//!   [`KvCache`] of any storage. The cached keys are split across threads (Flash-Decoding);
+//!   each split streams its rows once for all query heads of the group (quantized rows are
+//!   dequantized into a row buffer, f32 rows are read in place), keeps the state (max score,
+//!   sum of exponentials, output) and the splits are merged in `f64`.
+//! - **Threads**: rayon, over batch × KV heads × query blocks (prefill) or splits (decode);
+//!   [`Cpu::new`] uses rayon's global pool (`RAYON_NUM_THREADS`), [`Cpu::with_threads`] a pool
+//!   of its own.
+//!
+//! Compute is `f32` for every storage type; `f16`/`bf16` inputs are widened to `f32` once
+//! before the computation (a copy of the inputs). Results are proven against the oracle by the
+//! same property suites and tolerance rule as the GPU kernels (`tests/cpu.rs`).
+//!
+//! One difference from the oracle worth knowing: a non-finite value *inside* a tensor (not in
+//! padding around it) reaches every row of the tile that reads its key block, including rows
+//! whose mask hides that key (`0 · NaN`), where the oracle never reads a masked key.
+
+mod decode;
+mod prefill;
+mod simd;
+
+use std::borrow::Cow;
+use std::ops::Range;
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use ndarray::{Array3, Array4, ArrayView4, CowArray, Ix4};
+
+use crate::backend::{Backend, HostOutput};
+use crate::cache::{KvCache, KvStorage, SeqId};
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::heads::{Rule, Supported};
+use crate::oracle::check_cache_spec;
+use crate::spec::AttentionSpec;
+
+/// The element types the CPU backend takes and returns (computing in `f32`).
+pub trait CpuElement: Element {
+    /// The tensor as `f32`: borrowed for `f32`, widened (a copy) otherwise.
+    fn as_f32(x: ArrayView4<'_, Self>) -> CowArray<'_, f32, Ix4>;
+}
+
+impl CpuElement for f32 {
+    fn as_f32(x: ArrayView4<'_, f32>) -> CowArray<'_, f32, Ix4> {
+        CowArray::from(x)
+    }
+}
+
+impl CpuElement for f16 {
+    fn as_f32(x: ArrayView4<'_, f16>) -> CowArray<'_, f32, Ix4> {
+        CowArray::from(x.mapv(f16::to_f32))
+    }
+}
+
+impl CpuElement for bf16 {
+    fn as_f32(x: ArrayView4<'_, bf16>) -> CowArray<'_, f32, Ix4> {
+        CowArray::from(x.mapv(bf16::to_f32))
+    }
+}
+
+/// The CPU executor: which threads run the work. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Cpu {
+    pool: Option<Arc<rayon::ThreadPool>>,
+}
+
+impl std::fmt::Debug for Cpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cpu")
+            .field("threads", &self.threads())
+            .finish()
+    }
+}
+
+impl Cpu {
+    /// Runs on rayon's global pool (its size follows `RAYON_NUM_THREADS`, else the cores).
+    pub fn new() -> Cpu {
+        Cpu { pool: None }
+    }
+
+    /// Runs on a pool of its own of `threads` threads. Errors: [`Error::DeviceLimit`] when the
+    /// pool cannot be built (0 threads, or the OS refuses).
+    pub fn with_threads(threads: usize) -> Result<Cpu> {
+        let fail = |reason: String| Error::DeviceLimit {
+            op: "Cpu::with_threads",
+            reason,
+        };
+        if threads == 0 {
+            return Err(fail("a pool needs at least one thread".into()));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(Cpu {
+            pool: Some(Arc::new(pool)),
+        })
+    }
+
+    /// The number of threads work is divided over.
+    pub fn threads(&self) -> usize {
+        self.pool
+            .as_ref()
+            .map_or_else(rayon::current_num_threads, |p| p.current_num_threads())
+    }
+
+    fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(pool) => pool.install(f),
+            None => f(),
+        }
+    }
+
+    /// Attention of `q: [batch, q_heads, seq_q, head_dim]` over `k`, `v: [batch, kv_heads,
+    /// seq_k, head_dim]` as `spec` defines it, any strides. Errors: [`Error::Shape`].
+    ///
+    /// ```
+    /// use gqa::{Gqa, cpu::Cpu};
+    /// use ndarray::Array4;
+    /// let attention = Gqa::<4, 2, 8>::new().causal();
+    /// let q = Array4::<f32>::ones((1, 4, 3, 8));
+    /// let kv = Array4::<f32>::ones((1, 2, 5, 8));
+    /// let out = attention.try_forward(&Cpu::new(), q.view(), kv.view(), kv.view())?;
+    /// assert!((out.o[[0, 3, 2, 7]] - 1.0).abs() < 1e-6);
+    /// # Ok::<(), gqa::Error>(())
+    /// ```
+    pub fn try_forward<T: CpuElement>(
+        &self,
+        spec: &AttentionSpec,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+    ) -> Result<HostOutput<T>> {
+        let shape = spec.check_shapes("cpu::forward", q.shape(), k.shape(), v.shape())?;
+        let (q, k, v) = (T::as_f32(q), T::as_f32(k), T::as_f32(v));
+        let (o, lse) = self.install(|| prefill::forward(spec, shape, q.view(), k.view(), v.view()));
+        Ok(HostOutput {
+            o: o.mapv(|x| T::narrow(f64::from(x))),
+            lse,
+        })
+    }
+
+    /// Decode against a KV cache: `q: [sequences, q_heads, seq_q, head_dim]` holds the newest
+    /// `seq_q` queries of each sequence in `seqs`; row `b` attends to everything `seqs[b]` has
+    /// cached, as `spec` defines it (as [`crate::oracle::try_decode`]). Any storage; any
+    /// `seq_q` (the split strategy is made for few). Errors: [`Error::ConfigMismatch`] (spec
+    /// vs cache), [`Error::Shape`], [`Error::UnknownSequence`].
+    pub fn try_decode<T: CpuElement, const HKV: usize, const D: usize, S: KvStorage>(
+        &self,
+        spec: &AttentionSpec,
+        q: ArrayView4<T>,
+        cache: &KvCache<HKV, D, S>,
+        seqs: &[SeqId],
+    ) -> Result<HostOutput<T>>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        let state = self.decode_state("cpu::decode", spec, q, cache, seqs, 0..usize::MAX)?;
+        Ok(HostOutput {
+            o: state.o.mapv(|x| T::narrow(f64::from(x))),
+            lse: state.lse.mapv(|x| x as f32),
+        })
+    }
+
+    /// [`Cpu::try_decode`] over the keys at positions in `keys` only: the output normalised
+    /// over them and their LSE in `f64`, for [`crate::partial::Partial`].
+    pub(crate) fn decode_keys<T: CpuElement, const HKV: usize, const D: usize, S: KvStorage>(
+        &self,
+        spec: &AttentionSpec,
+        q: ArrayView4<T>,
+        cache: &KvCache<HKV, D, S>,
+        seqs: &[SeqId],
+        keys: Range<usize>,
+    ) -> Result<(Array4<f32>, Array3<f64>)>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        let state = self.decode_state("cpu::decode_partial", spec, q, cache, seqs, keys)?;
+        Ok((state.o, state.lse))
+    }
+
+    fn decode_state<T: CpuElement, const HKV: usize, const D: usize, S: KvStorage>(
+        &self,
+        op: &'static str,
+        spec: &AttentionSpec,
+        q: ArrayView4<T>,
+        cache: &KvCache<HKV, D, S>,
+        seqs: &[SeqId],
+        keys: Range<usize>,
+    ) -> Result<decode::Merged>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        check_cache_spec(spec, HKV, D)?;
+        let shape = q.shape();
+        if shape[0] != seqs.len() || shape[1] != spec.q_heads() || shape[3] != D {
+            return Err(Error::Shape {
+                op,
+                tensor: "q",
+                got: shape.to_vec(),
+                expected: format!("[{}, {}, seq_q, {D}]", seqs.len(), spec.q_heads()),
+            });
+        }
+        let mut sequences = Vec::with_capacity(seqs.len());
+        for &seq in seqs {
+            sequences.push(decode::Sequence {
+                len: cache.len(seq)?,
+                pages: Cow::Borrowed(cache.pages(seq)?),
+            });
+        }
+        let (k, v, k_scale, v_scale) = cache.raw();
+        let pool = decode::Pool {
+            storage: S::KIND,
+            kv_heads: HKV,
+            head_dim: D,
+            page_size: cache.layout().page_size(),
+            k,
+            v,
+            k_scale,
+            v_scale,
+        };
+        let q = T::as_f32(q);
+        let threads = self.threads();
+        Ok(self.install(|| decode::decode(spec, q.view(), &pool, &sequences, keys, threads)))
+    }
+}
+
+impl<T: CpuElement> Backend<T> for Cpu {
+    fn try_forward(
+        &self,
+        spec: &AttentionSpec,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+    ) -> Result<HostOutput<T>> {
+        Cpu::try_forward(self, spec, q, k, v)
+    }
+}

@@ -1,0 +1,374 @@
+//! Prefill on the CPU: blocked online softmax over tiles that stack the query heads of one KV
+//! group, with `Q·Kᵀ` and `P·V` as `gemm` matrix products.
+//!
+//! **Tiles.** Work item `(b, g, qb)` covers queries `qb·block_q ..` of every query head of KV
+//! head `g` of batch `b`: `rows = group · block_q` rows, row `hh · block_q + ii` being query
+//! head `g · group + hh`, query `qb · block_q + ii`. Its keys are the union of its rows'
+//! visible ranges, in blocks of `BLOCK_K`; a block every row sees whole skips the mask.
+//!
+//! **State.** Per row the running max `m`, the sum `l` of `exp(s − m)` and the unnormalised
+//! output; each block rescales a row by `exp(m_old − m_new)` only when its max grows.
+
+use multiversion::multiversion;
+use ndarray::{Array3, Array4, ArrayView2, ArrayView4, ArrayViewMut2, s};
+use rayon::prelude::*;
+
+use super::simd;
+use crate::spec::{AttentionSpec, ProblemShape};
+
+/// Keys per block.
+const BLOCK_K: usize = 256;
+/// Target rows of a tile (`group · block_q`).
+const TILE_ROWS: usize = 256;
+
+/// Per-worker scratch, allocated once per rayon job, never in the key loop.
+struct Scratch {
+    /// The tile's queries, `rows × D`.
+    q: Vec<f32>,
+    /// Scores, then probabilities, `rows × BLOCK_K`.
+    s: Vec<f32>,
+    /// Unnormalised outputs, `rows × D`.
+    acc: Vec<f32>,
+    m: Vec<f32>,
+    /// Sums of exponentials, in f64 (see [`simd::exp_shifted_sum`]).
+    l: Vec<f64>,
+}
+
+/// `o: [B, HQ, Lq, D]` and `lse: [B, HQ, Lq]` in f32.
+pub(super) fn forward(
+    spec: &AttentionSpec,
+    shape: ProblemShape,
+    q: ArrayView4<f32>,
+    k: ArrayView4<f32>,
+    v: ArrayView4<f32>,
+) -> (Array4<f32>, Array3<f32>) {
+    let ProblemShape {
+        batch,
+        seq_q,
+        seq_k,
+    } = shape;
+    let (hq, hkv, dim, group) = (
+        spec.q_heads(),
+        spec.kv_heads(),
+        spec.head_dim(),
+        spec.group_size(),
+    );
+    let block_q = (TILE_ROWS / group).clamp(1, seq_q.max(1));
+    let q_blocks = seq_q.div_ceil(block_q);
+    let rows = group * block_q;
+    let items = batch * hkv * q_blocks;
+    // Tile-major results (each work item owns a contiguous chunk), reordered at the end.
+    let mut o_tiles = vec![0.0f32; items * rows * dim];
+    let mut lse_tiles = vec![f32::NEG_INFINITY; items * rows];
+    if items > 0 && dim > 0 {
+        o_tiles
+            .par_chunks_mut(rows * dim)
+            .zip(lse_tiles.par_chunks_mut(rows))
+            .enumerate()
+            .for_each_init(
+                || Scratch {
+                    q: vec![0.0; rows * dim],
+                    s: vec![0.0; rows * BLOCK_K],
+                    acc: vec![0.0; rows * dim],
+                    m: vec![0.0; rows],
+                    l: vec![0.0; rows],
+                },
+                |scratch, (item, (o_tile, lse_tile))| {
+                    let (b, rest) = (item / (hkv * q_blocks), item % (hkv * q_blocks));
+                    let (g, qb) = (rest / q_blocks, rest % q_blocks);
+                    let tile = Tile {
+                        spec,
+                        seq_q,
+                        seq_k,
+                        g,
+                        block_q,
+                        i0: qb * block_q,
+                        i1: ((qb + 1) * block_q).min(seq_q),
+                    };
+                    tile.run(
+                        scratch,
+                        q.slice(s![b, .., .., ..]),
+                        k.slice(s![b, g, .., ..]),
+                        v.slice(s![b, g, .., ..]),
+                        o_tile,
+                        lse_tile,
+                    );
+                },
+            );
+    }
+    let item_of = |b: usize, h: usize, i: usize| {
+        let (g, hh) = (h / group, h % group);
+        let (qb, ii) = (i / block_q, i % block_q);
+        ((b * hkv + g) * q_blocks + qb, hh * block_q + ii)
+    };
+    let o = Array4::from_shape_fn((batch, hq, seq_q, dim), |(b, h, i, c)| {
+        let (item, row) = item_of(b, h, i);
+        o_tiles[(item * rows + row) * dim + c]
+    });
+    let lse = Array3::from_shape_fn((batch, hq, seq_q), |(b, h, i)| {
+        let (item, row) = item_of(b, h, i);
+        lse_tiles[item * rows + row]
+    });
+    (o, lse)
+}
+
+/// The rows' running state: unnormalised outputs, maxima, sums.
+struct RowState<'a> {
+    acc: &'a mut [f32],
+    m: &'a mut [f32],
+    l: &'a mut [f64],
+}
+
+/// One work item's place in the problem.
+struct Tile<'a> {
+    spec: &'a AttentionSpec,
+    seq_q: usize,
+    seq_k: usize,
+    g: usize,
+    block_q: usize,
+    i0: usize,
+    i1: usize,
+}
+
+impl Tile<'_> {
+    /// `q: [HQ, Lq, D]`, `k`, `v: [Lk, D]` of this batch row (and KV head).
+    fn run(
+        &self,
+        scratch: &mut Scratch,
+        q: ndarray::ArrayView3<f32>,
+        k: ArrayView2<f32>,
+        v: ArrayView2<f32>,
+        o_tile: &mut [f32],
+        lse_tile: &mut [f32],
+    ) {
+        let spec = self.spec;
+        let (group, dim, block_q) = (spec.group_size(), spec.head_dim(), self.block_q);
+        let rows = group * block_q;
+        let mask = spec.mask();
+        // The union of the rows' visible keys.
+        let visible: Vec<_> = (self.i0..self.i1)
+            .map(|i| mask.visible_keys(i, self.seq_q, self.seq_k))
+            .collect();
+        let lo = visible
+            .iter()
+            .filter(|r| !r.is_empty())
+            .map(|r| r.start)
+            .min();
+        let hi = visible.iter().map(|r| r.end).max().unwrap_or(0);
+        let Some(lo) = lo else {
+            return; // every row fully masked: o = 0, lse = −∞ (the tile's initial values)
+        };
+        for hh in 0..group {
+            for ii in 0..block_q {
+                let row = &mut scratch.q[(hh * block_q + ii) * dim..][..dim];
+                if self.i0 + ii < self.i1 {
+                    for (dst, &x) in
+                        row.iter_mut()
+                            .zip(q.slice(s![self.g * group + hh, self.i0 + ii, ..]))
+                    {
+                        *dst = x;
+                    }
+                } else {
+                    row.fill(0.0);
+                }
+            }
+        }
+        scratch.acc.fill(0.0);
+        scratch.m.fill(f32::NEG_INFINITY);
+        scratch.l.fill(0.0);
+        let Scratch {
+            q: q_buf,
+            s: s_buf,
+            acc: acc_buf,
+            m: m_buf,
+            l: l_buf,
+        } = scratch;
+        let q_tile = ArrayView2::from_shape((rows, dim), &q_buf[..]).expect("rows × D");
+        let mut j0 = lo;
+        while j0 < hi {
+            let n = BLOCK_K.min(hi - j0);
+            let k_block = k.slice(s![j0..j0 + n, ..]);
+            let v_block = v.slice(s![j0..j0 + n, ..]);
+            {
+                let scores = ArrayViewMut2::from_shape((rows, BLOCK_K), &mut s_buf[..])
+                    .expect("rows × BLOCK_K");
+                let mut scores = scores.slice_move(s![.., ..n]);
+                matmul(&mut scores, &q_tile, &k_block.t(), spec.scale(), false);
+            }
+            let state = RowState {
+                acc: acc_buf,
+                m: m_buf,
+                l: l_buf,
+            };
+            softmax_block(self, &visible, j0, n, s_buf, state);
+            let probs =
+                ArrayView2::from_shape((rows, BLOCK_K), &s_buf[..]).expect("rows × BLOCK_K");
+            let mut acc =
+                ArrayViewMut2::from_shape((rows, dim), &mut acc_buf[..]).expect("rows × D");
+            matmul(&mut acc, &probs.slice(s![.., ..n]), &v_block, 1.0, true);
+            j0 += n;
+        }
+        for r in 0..rows {
+            let (m, l) = (m_buf[r], l_buf[r]);
+            let out = &mut o_tile[r * dim..][..dim];
+            if l > 0.0 {
+                let l32 = l as f32;
+                for (o, &a) in out.iter_mut().zip(&acc_buf[r * dim..][..dim]) {
+                    *o = a / l32;
+                }
+                lse_tile[r] = (f64::from(m) + l.ln()) as f32;
+            }
+        }
+    }
+}
+
+/// Turns the block's scores (`scratch.s`, columns `..n` for keys `j0..j0 + n`) into
+/// probabilities `exp(s − m_new)` row by row — softcap, ALiBi and the mask applied first — and
+/// rescales each row's output and sum when its max grows.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+fn softmax_block(
+    tile: &Tile<'_>,
+    visible: &[std::ops::Range<usize>],
+    j0: usize,
+    n: usize,
+    scores: &mut [f32],
+    state: RowState<'_>,
+) {
+    let RowState { acc, m, l } = state;
+    let spec = tile.spec;
+    let (group, dim, block_q) = (spec.group_size(), spec.head_dim(), tile.block_q);
+    let mask = spec.mask();
+    for hh in 0..group {
+        let head = tile.g * group + hh;
+        for ii in 0..block_q {
+            let r = hh * block_q + ii;
+            let row = &mut scores[r * BLOCK_K..][..n];
+            let Some(range) = visible.get(ii) else {
+                row.fill(0.0); // a padding row of the last tile
+                continue;
+            };
+            let lo = range.start.clamp(j0, j0 + n) - j0;
+            let hi = range.end.clamp(j0, j0 + n) - j0;
+            if lo >= hi {
+                row.fill(0.0);
+                continue;
+            }
+            let live = &mut row[lo..hi];
+            if let Some(cap) = spec.softcap() {
+                for s in live.iter_mut() {
+                    *s = cap * (*s / cap).tanh();
+                }
+            }
+            if let Some(alibi) = spec.alibi() {
+                let slope = alibi.slope(head);
+                let diag = mask.diagonal(tile.i0 + ii, tile.seq_q, tile.seq_k);
+                for (j, s) in live.iter_mut().enumerate() {
+                    let key = (j0 + lo + j) as i128;
+                    *s -= slope * (diag - key).unsigned_abs() as f32;
+                }
+            }
+            let m_old = m[r];
+            let m_new = m_old.max(simd::max(live));
+            if m_new > m_old {
+                if m_old > f32::NEG_INFINITY {
+                    let alpha = simd::exp(m_old - m_new);
+                    l[r] *= f64::from(alpha);
+                    simd::scale(alpha, &mut acc[r * dim..][..dim]);
+                }
+                m[r] = m_new;
+            }
+            l[r] += simd::exp_shifted_sum(live, m_new);
+            row[..lo].fill(0.0);
+            row[hi..].fill(0.0);
+        }
+    }
+}
+
+/// `dst = beta · lhs · rhs`, or `dst += beta · lhs · rhs` with `accumulate`, by the `gemm`
+/// crate (single-threaded: the work items are the parallelism).
+fn matmul(
+    dst: &mut ArrayViewMut2<f32>,
+    lhs: &ArrayView2<f32>,
+    rhs: &ArrayView2<f32>,
+    beta: f32,
+    accumulate: bool,
+) {
+    let (m, depth) = lhs.dim();
+    let (depth_rhs, n) = rhs.dim();
+    assert_eq!(depth, depth_rhs, "matmul: inner dimensions differ");
+    assert_eq!(dst.dim(), (m, n), "matmul: destination shape");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if depth == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    let (dst_rs, dst_cs) = (dst.strides()[0], dst.strides()[1]);
+    let (lhs_rs, lhs_cs) = (lhs.strides()[0], lhs.strides()[1]);
+    let (rhs_rs, rhs_cs) = (rhs.strides()[0], rhs.strides()[1]);
+    // SAFETY: the three pointers and strides come from ndarray views of the stated shapes
+    // (checked above), so every element gemm addresses, `ptr + i·rs + j·cs` for `i < rows`,
+    // `j < cols`, lies inside its view; `dst` is a unique (mutable) view that overlaps neither
+    // input (they are borrowed immutably at the same time).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            depth,
+            dst.as_mut_ptr(),
+            dst_cs,
+            dst_rs,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array2;
+
+    /// `matmul` on strided and transposed views, overwriting and accumulating, against the
+    /// definition in f64.
+    #[test]
+    fn matmul_follows_the_definition_on_strided_views() {
+        let a = Array2::from_shape_fn((7, 10), |(i, j)| ((i * 3 + j * 5) % 11) as f32 - 5.0);
+        let b = Array2::from_shape_fn((9, 10), |(i, j)| ((i * 7 + j) % 13) as f32 * 0.25);
+        let lhs = a.slice(s![..;2, ..]); // 4 × 10, row stride 20
+        let rhs = b.t(); // 10 × 9, transposed
+        let mut big = Array2::<f32>::from_elem((4, 12), 1.0);
+        let mut dst = big.slice_mut(s![.., 1..10]);
+        matmul(&mut dst, &lhs, &rhs, 0.5, true);
+        for i in 0..4 {
+            for j in 0..9 {
+                let exact: f64 = (0..10)
+                    .map(|c| f64::from(lhs[[i, c]]) * f64::from(rhs[[c, j]]))
+                    .sum();
+                let got = f64::from(big[[i, j + 1]]);
+                assert!((got - (1.0 + 0.5 * exact)).abs() < 1e-4, "{got} vs {exact}");
+            }
+            assert_eq!(big[[i, 0]], 1.0);
+            assert_eq!(big[[i, 10]], 1.0);
+        }
+        let mut dst = big.slice_mut(s![.., 1..10]);
+        matmul(&mut dst, &lhs, &rhs, 1.0, false);
+        assert!(
+            (big[[0, 1]] - (0..10).map(|c| lhs[[0, c]] * rhs[[c, 0]]).sum::<f32>()).abs() < 1e-4
+        );
+    }
+}

@@ -1,0 +1,186 @@
+//! The element-wise loops of the CPU backend, written so that LLVM vectorises them. They are
+//! `#[inline(always)]`: the hot loops that call them are compiled once per instruction set with
+//! `multiversion` (AVX-512, AVX2+FMA, the baseline) and pick the best at run time, and an
+//! inlined helper is compiled with its caller's instruction set. No `unsafe`, no intrinsics:
+//! lanes are explicit arrays of partial sums where the order of a reduction matters.
+
+/// Lanes of the explicit partial sums (one AVX-512 register of f32).
+const LANES: usize = 16;
+
+/// `Σ a_c · b_c` in `LANES` interleaved partial sums, added pairwise at the end.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0.0f32; LANES];
+    let (a_body, a_tail) = a.split_at(a.len() / LANES * LANES);
+    let (b_body, b_tail) = b.split_at(a_body.len());
+    for (x, y) in a_body.chunks_exact(LANES).zip(b_body.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    for (l, (x, y)) in a_tail.iter().zip(b_tail).enumerate() {
+        acc[l] += x * y;
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+    }
+    acc[0]
+}
+
+/// `y += a · x`.
+#[inline(always)]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// `y *= a`.
+#[inline(always)]
+pub fn scale(a: f32, y: &mut [f32]) {
+    for y in y.iter_mut() {
+        *y *= a;
+    }
+}
+
+/// The largest element (`−∞` for none); NaN-free input assumed (scores of finite data).
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let (body, tail) = x.split_at(x.len() / LANES * LANES);
+    for chunk in body.chunks_exact(LANES) {
+        for l in 0..LANES {
+            acc[l] = if chunk[l] > acc[l] { chunk[l] } else { acc[l] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in acc.iter().chain(tail) {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
+/// `x ← exp(x − m)` for every element, and returns their sum, accumulated in `f64` lanes (a
+/// row's LSE is `m + ln sum`: the sum's rounding would be the LSE's largest error in f32).
+/// `exp` is [`exp`] below: about 1 ulp, 0 for arguments below −104 (−∞ included).
+#[inline(always)]
+pub fn exp_shifted_sum(x: &mut [f32], m: f32) -> f64 {
+    const WIDE: usize = LANES / 2;
+    let mut acc = [0.0f64; WIDE];
+    let (body, tail) = x.split_at_mut(x.len() / WIDE * WIDE);
+    for chunk in body.chunks_exact_mut(WIDE) {
+        for l in 0..WIDE {
+            let p = exp(chunk[l] - m);
+            chunk[l] = p;
+            acc[l] += f64::from(p);
+        }
+    }
+    for (l, v) in tail.iter_mut().enumerate() {
+        let p = exp(*v - m);
+        *v = p;
+        acc[l] += f64::from(p);
+    }
+    acc.iter().sum()
+}
+
+/// `e^x` in f32 from arithmetic only (so that it vectorises): `x = n·ln 2 + r` with
+/// `|r| ≤ ln 2 / 2` (Cody–Waite, two-part ln 2), `e^r` by its degree-7 Taylor polynomial
+/// (truncation below 2⁻²⁸ relative), times `2^n` built from the exponent bits. About 1 ulp
+/// over the range the softmax uses (x ≤ 0); 0 below −104 (−∞ and NaN-free masked scores
+/// included), +∞ above 88.7.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75; // ln 2 to 16 bits: n · LN2_HI is exact for |n| < 256
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Round to nearest by the 1.5 · 2²³ trick (vectorises; no rounding instruction needed).
+    const ROUND: f32 = 12_582_912.0;
+    let clamped = x.clamp(-104.0, 88.72);
+    let n = (clamped * LOG2E + ROUND) - ROUND;
+    let r = (clamped - n * LN2_HI) - n * LN2_LO;
+    // Horner with fused multiply-adds (one rounding per step; the callers are compiled with
+    // FMA wherever the CPU has it).
+    let mut p = 1.0f32 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p.mul_add(r, c);
+    }
+    // 2^n in two factors so that n down to −150 (subnormal results) stays representable.
+    let n = n as i32;
+    let half = n / 2;
+    let a = f32::from_bits(((half + 127) as u32) << 23);
+    let b = f32::from_bits(((n - half + 127) as u32) << 23);
+    let y = p * a * b;
+    if x < -104.0 { 0.0 } else { y }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ulps(a: f32, b: f64) -> f64 {
+        let b32 = b as f32;
+        let ulp = f64::from(f32::from_bits(b32.abs().to_bits() + 1) - b32.abs());
+        (f64::from(a) - b).abs() / ulp
+    }
+
+    #[test]
+    fn exp_is_within_two_ulps_where_the_softmax_uses_it() {
+        let mut worst: f64 = 0.0;
+        for i in 0..=200_000 {
+            let x = -103.0 + 103.0 * f64::from(i) / 200_000.0;
+            let x32 = x as f32;
+            let y = exp(x32);
+            let exact = f64::from(x32).exp();
+            if exact > f64::from(f32::MIN_POSITIVE) {
+                worst = worst.max(ulps(y, exact));
+            }
+        }
+        eprintln!("exp: worst {worst} ulp");
+        assert!(worst <= 1.0, "worst {worst} ulp");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-200.0), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(1.0) - std::f32::consts::E <= f32::EPSILON * 3.0);
+    }
+
+    #[test]
+    fn reductions_match_their_definitions() {
+        let a: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..37).map(|i| (i as f32 * 0.11).cos()).collect();
+        let exact: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| f64::from(*x) * f64::from(*y))
+            .sum();
+        assert!((f64::from(dot(&a, &b)) - exact).abs() < 1e-5);
+        assert_eq!(max(&a), a.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        let mut x = a.clone();
+        let sum = exp_shifted_sum(&mut x, 1.0);
+        let exact: f64 = a.iter().map(|&v| (f64::from(v) - 1.0).exp()).sum();
+        assert!((sum - exact).abs() < 1e-6 * exact);
+        let mut y = b.clone();
+        axpy(2.0, &a, &mut y);
+        assert!(
+            y.iter()
+                .zip(&a)
+                .zip(&b)
+                .all(|((y, a), b)| *y == b + 2.0 * a)
+        );
+        let before = y.clone();
+        scale(0.5, &mut y);
+        assert!(y.iter().zip(&before).all(|(y, b)| *y == 0.5 * b));
+    }
+}
