@@ -381,3 +381,45 @@ fn split_decode_and_partials_match_the_oracle() {
         })
         .unwrap();
 }
+
+/// `try_forward_into` writes every element of outputs the caller owns (strided, pre-filled
+/// with NaN) and gives `try_forward`'s result; wrong output shapes are typed errors.
+#[test]
+fn forward_into_caller_outputs_equals_forward() {
+    let spec = AttentionSpec::try_new(6, 2, 16)
+        .unwrap()
+        .with_mask(Mask::NONE.causal());
+    let q = Array4::from_shape_fn((2, 6, 9, 16), |(b, h, i, d)| {
+        ((b + h * 3 + i * 5 + d) % 7) as f32 / 3.0 - 1.0
+    });
+    let kv = Array4::from_shape_fn((2, 2, 5, 16), |(b, h, i, d)| {
+        ((b * 2 + h + i * 3 + d) % 5) as f32 / 2.0 - 1.0
+    });
+    let cpu = Cpu::new();
+    let expected = cpu
+        .try_forward(&spec, q.view(), kv.view(), kv.view())
+        .unwrap();
+    let mut o_big = Array4::<f32>::from_elem((2, 6, 9, 32), f32::NAN);
+    let mut lse = Array3::<f32>::from_elem((2, 6, 9), f32::NAN);
+    let inputs = (q.view(), kv.view(), kv.view());
+    cpu.try_forward_into(
+        &spec,
+        inputs,
+        o_big.slice_mut(s![.., .., .., ..;2]),
+        lse.view_mut(),
+    )
+    .unwrap();
+    assert_eq!(o_big.slice(s![.., .., .., ..;2]), expected.o);
+    assert!(
+        o_big
+            .slice(s![.., .., .., 1..;2])
+            .iter()
+            .all(|x| x.is_nan())
+    );
+    assert_eq!(lse, expected.lse);
+    let mut small = Array4::<f32>::zeros((2, 6, 8, 16));
+    assert!(matches!(
+        cpu.try_forward_into(&spec, inputs, small.view_mut(), lse.view_mut()),
+        Err(Error::Shape { tensor: "o", .. })
+    ));
+}

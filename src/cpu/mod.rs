@@ -33,7 +33,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use half::{bf16, f16};
-use ndarray::{Array3, Array4, ArrayView4, CowArray, Ix4};
+use ndarray::{Array3, Array4, ArrayView4, ArrayViewMut3, ArrayViewMut4, CowArray, Ix4};
 
 use crate::backend::{Backend, HostOutput};
 use crate::cache::{KvCache, KvStorage, SeqId};
@@ -142,11 +142,47 @@ impl Cpu {
     ) -> Result<HostOutput<T>> {
         let shape = spec.check_shapes("cpu::forward", q.shape(), k.shape(), v.shape())?;
         let (q, k, v) = (T::as_f32(q), T::as_f32(k), T::as_f32(v));
-        let (o, lse) = self.install(|| prefill::forward(spec, shape, q.view(), k.view(), v.view()));
+        let mut o =
+            Array4::<f32>::zeros((shape.batch, spec.q_heads(), shape.seq_q, spec.head_dim()));
+        let mut lse = Array3::<f32>::zeros((shape.batch, spec.q_heads(), shape.seq_q));
+        let inputs = (q.view(), k.view(), v.view());
+        self.install(|| prefill::forward_into(spec, shape, inputs, o.view_mut(), lse.view_mut()));
         Ok(HostOutput {
             o: o.mapv(|x| T::narrow(f64::from(x))),
             lse,
         })
+    }
+
+    /// [`Cpu::try_forward`] in f32 into outputs the caller owns — `o: [batch, q_heads, seq_q,
+    /// head_dim]`, `lse: [batch, q_heads, seq_q]`, any strides; every element is written —
+    /// so that a loop (a benchmark, a layer stack) allocates nothing per call but the workers'
+    /// scratch. Errors: [`Error::Shape`].
+    pub fn try_forward_into(
+        &self,
+        spec: &AttentionSpec,
+        (q, k, v): (ArrayView4<f32>, ArrayView4<f32>, ArrayView4<f32>),
+        o: ArrayViewMut4<f32>,
+        lse: ArrayViewMut3<f32>,
+    ) -> Result<()> {
+        const OP: &str = "cpu::forward_into";
+        let shape = spec.check_shapes(OP, q.shape(), k.shape(), v.shape())?;
+        let rows = [shape.batch, spec.q_heads(), shape.seq_q];
+        let o_rows = [rows[0], rows[1], rows[2], spec.head_dim()];
+        for (tensor, got, expected) in [
+            ("o", o.shape(), o_rows.as_slice()),
+            ("lse", lse.shape(), rows.as_slice()),
+        ] {
+            if got != expected {
+                return Err(Error::Shape {
+                    op: OP,
+                    tensor,
+                    got: got.to_vec(),
+                    expected: format!("{expected:?}"),
+                });
+            }
+        }
+        self.install(|| prefill::forward_into(spec, shape, (q, k, v), o, lse));
+        Ok(())
     }
 
     /// Decode against a KV cache: `q: [sequences, q_heads, seq_q, head_dim]` holds the newest

@@ -1,7 +1,7 @@
 //! Prefill on the CPU: blocked online softmax over tiles that stack the query heads of one KV
 //! group, with `Q·Kᵀ` and `P·V` as `gemm` matrix products.
 //!
-//! **Tiles.** Work item `(b, g, qb)` covers queries `qb·block_q ..` of every query head of KV
+//! **Tiles.** Work item `(b, g, qb)` writes its own sub-views of the output and covers queries `qb·block_q ..` of every query head of KV
 //! head `g` of batch `b`: `rows = group · block_q` rows, row `hh · block_q + ii` being query
 //! head `g · group + hh`, query `qb · block_q + ii`. Its keys are the union of its rows'
 //! visible ranges, in blocks of `BLOCK_K`; a block every row sees whole skips the mask.
@@ -10,7 +10,9 @@
 //! output; each block rescales a row by `exp(m_old − m_new)` only when its max grows.
 
 use multiversion::multiversion;
-use ndarray::{Array3, Array4, ArrayView2, ArrayView4, ArrayViewMut2, s};
+use ndarray::{
+    ArrayView2, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut3, ArrayViewMut4, Axis, s,
+};
 use rayon::prelude::*;
 
 use super::simd;
@@ -34,82 +36,85 @@ struct Scratch {
     l: Vec<f64>,
 }
 
-/// `o: [B, HQ, Lq, D]` and `lse: [B, HQ, Lq]` in f32.
-pub(super) fn forward(
+/// Writes `o: [B, HQ, Lq, D]` and `lse: [B, HQ, Lq]` (f32; every element, whatever they
+/// held). Each work item owns the disjoint sub-views of its rows.
+pub(super) fn forward_into(
     spec: &AttentionSpec,
     shape: ProblemShape,
-    q: ArrayView4<f32>,
-    k: ArrayView4<f32>,
-    v: ArrayView4<f32>,
-) -> (Array4<f32>, Array3<f32>) {
-    let ProblemShape {
-        batch,
-        seq_q,
-        seq_k,
-    } = shape;
-    let (hq, hkv, dim, group) = (
-        spec.q_heads(),
-        spec.kv_heads(),
-        spec.head_dim(),
-        spec.group_size(),
-    );
+    (q, k, v): (ArrayView4<f32>, ArrayView4<f32>, ArrayView4<f32>),
+    mut o: ArrayViewMut4<f32>,
+    mut lse: ArrayViewMut3<f32>,
+) {
+    let ProblemShape { seq_q, seq_k, .. } = shape;
+    let (dim, group) = (spec.head_dim(), spec.group_size());
     let block_q = (TILE_ROWS / group).clamp(1, seq_q.max(1));
-    let q_blocks = seq_q.div_ceil(block_q);
     let rows = group * block_q;
-    let items = batch * hkv * q_blocks;
-    // Tile-major results (each work item owns a contiguous chunk), reordered at the end.
-    let mut o_tiles = vec![0.0f32; items * rows * dim];
-    let mut lse_tiles = vec![f32::NEG_INFINITY; items * rows];
-    if items > 0 && dim > 0 {
-        o_tiles
-            .par_chunks_mut(rows * dim)
-            .zip(lse_tiles.par_chunks_mut(rows))
-            .enumerate()
-            .for_each_init(
-                || Scratch {
-                    q: vec![0.0; rows * dim],
-                    s: vec![0.0; rows * BLOCK_K],
-                    acc: vec![0.0; rows * dim],
-                    m: vec![0.0; rows],
-                    l: vec![0.0; rows],
-                },
-                |scratch, (item, (o_tile, lse_tile))| {
-                    let (b, rest) = (item / (hkv * q_blocks), item % (hkv * q_blocks));
-                    let (g, qb) = (rest / q_blocks, rest % q_blocks);
-                    let tile = Tile {
-                        spec,
-                        seq_q,
-                        seq_k,
-                        g,
-                        block_q,
-                        i0: qb * block_q,
-                        i1: ((qb + 1) * block_q).min(seq_q),
-                    };
-                    tile.run(
-                        scratch,
-                        q.slice(s![b, .., .., ..]),
-                        k.slice(s![b, g, .., ..]),
-                        v.slice(s![b, g, .., ..]),
-                        o_tile,
-                        lse_tile,
-                    );
-                },
-            );
+    if seq_q == 0 || dim == 0 {
+        lse.fill(f32::NEG_INFINITY);
+        return;
     }
-    let item_of = |b: usize, h: usize, i: usize| {
-        let (g, hh) = (h / group, h % group);
-        let (qb, ii) = (i / block_q, i % block_q);
-        ((b * hkv + g) * q_blocks + qb, hh * block_q + ii)
-    };
-    let o = Array4::from_shape_fn((batch, hq, seq_q, dim), |(b, h, i, c)| {
-        let (item, row) = item_of(b, h, i);
-        o_tiles[(item * rows + row) * dim + c]
-    });
-    let lse = Array3::from_shape_fn((batch, hq, seq_q), |(b, h, i)| {
-        let (item, row) = item_of(b, h, i);
-        lse_tiles[item * rows + row]
-    });
-    (o, lse)
+    // (b, g, first query, its rows of o, its rows of lse), one per work item.
+    let mut items = Vec::new();
+    for (b, (o_b, lse_b)) in o.outer_iter_mut().zip(lse.outer_iter_mut()).enumerate() {
+        let heads = chunks(o_b, Axis(0), group)
+            .into_iter()
+            .zip(chunks(lse_b, Axis(0), group));
+        for (g, (o_g, lse_g)) in heads.enumerate() {
+            let blocks =
+                chunks(o_g, Axis(1), block_q)
+                    .into_iter()
+                    .zip(chunks(lse_g, Axis(1), block_q));
+            for (qb, (o_tile, lse_tile)) in blocks.enumerate() {
+                items.push((b, g, qb * block_q, o_tile, lse_tile));
+            }
+        }
+    }
+    items.into_par_iter().for_each_init(
+        || Scratch {
+            q: vec![0.0; rows * dim],
+            s: vec![0.0; rows * BLOCK_K],
+            acc: vec![0.0; rows * dim],
+            m: vec![0.0; rows],
+            l: vec![0.0; rows],
+        },
+        |scratch, (b, g, i0, o_tile, lse_tile)| {
+            let tile = Tile {
+                spec,
+                seq_q,
+                seq_k,
+                g,
+                block_q,
+                i0,
+                i1: (i0 + block_q).min(seq_q),
+            };
+            tile.run(
+                scratch,
+                (
+                    q.slice(s![b, .., .., ..]),
+                    k.slice(s![b, g, .., ..]),
+                    v.slice(s![b, g, .., ..]),
+                ),
+                o_tile,
+                lse_tile,
+            );
+        },
+    );
+}
+
+/// `view` cut along `axis` into consecutive pieces of `size` (the last one shorter).
+fn chunks<'a, A, D: ndarray::Dimension>(
+    mut view: ndarray::ArrayViewMut<'a, A, D>,
+    axis: Axis,
+    size: usize,
+) -> Vec<ndarray::ArrayViewMut<'a, A, D>> {
+    let mut pieces = Vec::with_capacity(view.len_of(axis).div_ceil(size));
+    while view.len_of(axis) > size {
+        let (head, rest) = view.split_at(axis, size);
+        pieces.push(head);
+        view = rest;
+    }
+    pieces.push(view);
+    pieces
 }
 
 /// The rows' running state: unnormalised outputs, maxima, sums.
@@ -135,11 +140,9 @@ impl Tile<'_> {
     fn run(
         &self,
         scratch: &mut Scratch,
-        q: ndarray::ArrayView3<f32>,
-        k: ArrayView2<f32>,
-        v: ArrayView2<f32>,
-        o_tile: &mut [f32],
-        lse_tile: &mut [f32],
+        (q, k, v): (ArrayView3<f32>, ArrayView2<f32>, ArrayView2<f32>),
+        mut o_tile: ArrayViewMut3<f32>,
+        mut lse_tile: ArrayViewMut2<f32>,
     ) {
         let spec = self.spec;
         let (group, dim, block_q) = (spec.group_size(), spec.head_dim(), self.block_q);
@@ -156,7 +159,10 @@ impl Tile<'_> {
             .min();
         let hi = visible.iter().map(|r| r.end).max().unwrap_or(0);
         let Some(lo) = lo else {
-            return; // every row fully masked: o = 0, lse = −∞ (the tile's initial values)
+            // Every row fully masked: o = 0, lse = −∞.
+            o_tile.fill(0.0);
+            lse_tile.fill(f32::NEG_INFINITY);
+            return;
         };
         for hh in 0..group {
             for ii in 0..block_q {
@@ -208,15 +214,21 @@ impl Tile<'_> {
             matmul(&mut acc, &probs.slice(s![.., ..n]), &v_block, 1.0, true);
             j0 += n;
         }
-        for r in 0..rows {
-            let (m, l) = (m_buf[r], l_buf[r]);
-            let out = &mut o_tile[r * dim..][..dim];
-            if l > 0.0 {
-                let l32 = l as f32;
-                for (o, &a) in out.iter_mut().zip(&acc_buf[r * dim..][..dim]) {
-                    *o = a / l32;
+        for hh in 0..group {
+            for ii in 0..self.i1 - self.i0 {
+                let r = hh * block_q + ii;
+                let (m, l) = (m_buf[r], l_buf[r]);
+                let mut out = o_tile.slice_mut(s![hh, ii, ..]);
+                if l > 0.0 {
+                    let l32 = l as f32;
+                    for (o, &a) in out.iter_mut().zip(&acc_buf[r * dim..][..dim]) {
+                        *o = a / l32;
+                    }
+                    lse_tile[[hh, ii]] = (f64::from(m) + l.ln()) as f32;
+                } else {
+                    out.fill(0.0);
+                    lse_tile[[hh, ii]] = f32::NEG_INFINITY;
                 }
-                lse_tile[r] = (f64::from(m) + l.ln()) as f32;
             }
         }
     }
