@@ -23,13 +23,10 @@ const D: usize = 128;
 const PAGE: usize = 16;
 
 mod common;
-use common::env_usize;
+use common::{env_list, env_usize};
 
 fn lengths() -> Vec<usize> {
-    std::env::var("GQA_DECODE_LENGTHS")
-        .ok()
-        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![1024, 4096, 16384])
+    env_list("GQA_DECODE_LENGTHS", &[1024, 4096, 16384])
 }
 
 /// Median seconds of one decode step over `batch` sequences of `len` tokens each.

@@ -1,7 +1,8 @@
 //! The main job: a Llama-3-8B-like attention configuration through the typed API — what its KV
 //! cache costs next to MHA and MQA, and one causal layer run by the cubecl kernel on the best
-//! available device, checked against the f64 oracle; then generation — a prompt prefilled into a
-//! paged KV cache and tokens decoded one by one — for MHA, GQA, MQA and an int8 cache.
+//! available device and by the CPU backend, each checked against the f64 oracle; then
+//! generation — a prompt prefilled into a paged KV cache and tokens decoded one by one — for
+//! MHA, GQA, MQA and an int8 cache, on the GPU backend and on the CPU backend.
 //!
 //! `cargo run --release --example demo [path/to/config.json]`
 //!
@@ -10,6 +11,7 @@
 use std::time::Instant;
 
 use gqa::cache::{Float32, Int8, KvStorage, Layout};
+use gqa::cpu::Cpu;
 use gqa::cube::CubeDevice;
 use gqa::heads::{Rule, Supported};
 use gqa::{Attention, DType, DynAttention, Gqa, Mha, ModelConfig, Mqa, oracle};
@@ -123,8 +125,21 @@ fn main() -> Result<(), gqa::Error> {
                 first.as_secs_f64() * 1e3
             );
         }
-        Err(error) => println!("  no GPU device ({error}); the oracle alone ran"),
+        Err(error) => println!("  no GPU device ({error})"),
     }
+    // The same layer on the CPU backend (rayon's threads, gemm tiles).
+    let cpu = Cpu::new();
+    let start = Instant::now();
+    let out = llama.try_forward(&cpu, q.view(), k.view(), v.view())?;
+    let time = start.elapsed();
+    let low = oracle::try_forward_rounded(llama.spec(), q.view(), k.view(), v.view(), DType::F32)?;
+    let o: Vec<f64> = out.o.iter().map(|&x| f64::from(x)).collect();
+    let check = oracle::compare(&reference.o, &low.o, &o, DType::F32);
+    println!(
+        "  CPU backend ({} threads): {:.1} ms; vs the f64 oracle: {check}",
+        cpu.threads(),
+        time.as_secs_f64() * 1e3
+    );
     let kv_not_stored = Mha::<32, 128>::new()
         .kv_cache(DType::F32)
         .bytes(1, batch, seq)
@@ -139,23 +154,47 @@ fn main() -> Result<(), gqa::Error> {
     println!(
         "\nGeneration, one layer: a {prompt}-token prompt, then {steps} tokens decoded against the cache"
     );
-    match CubeDevice::try_default() {
-        Ok(device) => {
-            generate::<32, Float32>(&device, "MHA 32/32, f32 cache", prompt, steps)?;
-            generate::<8, Float32>(&device, "GQA 32/8,  f32 cache", prompt, steps)?;
-            generate::<1, Float32>(&device, "MQA 32/1,  f32 cache", prompt, steps)?;
-            generate::<8, Int8>(&device, "GQA 32/8, int8 cache", prompt, steps)?;
-        }
-        Err(error) => println!("  no GPU device ({error})"),
+    let device = CubeDevice::try_default();
+    if let Err(error) = &device {
+        println!("  no GPU device ({error}): the CPU backend alone decodes");
+    }
+    let backends = device
+        .as_ref()
+        .ok()
+        .map(Step::Gpu)
+        .into_iter()
+        .chain([Step::Cpu(&cpu)]);
+    for backend in backends {
+        println!("  on {}:", backend.name());
+        generate::<32, Float32>(backend, "MHA 32/32, f32 cache", prompt, steps)?;
+        generate::<8, Float32>(backend, "GQA 32/8,  f32 cache", prompt, steps)?;
+        generate::<1, Float32>(backend, "MQA 32/1,  f32 cache", prompt, steps)?;
+        generate::<8, Int8>(backend, "GQA 32/8, int8 cache", prompt, steps)?;
     }
     Ok(())
+}
+
+/// Where a generation loop decodes.
+#[derive(Clone, Copy)]
+enum Step<'a> {
+    Gpu(&'a CubeDevice),
+    Cpu(&'a Cpu),
+}
+
+impl Step<'_> {
+    fn name(&self) -> String {
+        match self {
+            Step::Gpu(device) => format!("the GPU backend, {}", device.name()),
+            Step::Cpu(cpu) => format!("the CPU backend, {} threads", cpu.threads()),
+        }
+    }
 }
 
 /// Prefills `prompt` tokens of one sequence, then decodes `steps` tokens one at a time (append
 /// the new key/value, decode the new query), and prints the time per token, the cache's memory
 /// and the last step's error against the oracle on the cache's contents.
 fn generate<const HKV: usize, S: KvStorage>(
-    device: &CubeDevice,
+    backend: Step<'_>,
     label: &str,
     prompt: usize,
     steps: usize,
@@ -175,26 +214,43 @@ where
         pseudo_random([1, HKV, tokens, 128], seed).index_axis_move(Axis(0), 0)
     };
     cache.try_append(seq, kv(prompt, 10).view(), kv(prompt, 11).view())?;
-    let mut copy = device.try_upload_cache(&cache)?;
+    let mut copy = match backend {
+        Step::Gpu(device) => Some(device.try_upload_cache(&cache)?),
+        Step::Cpu(_) => None,
+    };
     let mut times = Vec::with_capacity(steps);
     let mut last = None;
     for step in 0..steps {
         let seed = 100 + 3 * step as u64;
         cache.try_append(seq, kv(1, seed).view(), kv(1, seed + 1).view())?;
         let q = pseudo_random([1, 32, 1, 128], seed + 2);
-        let q_device = device.try_upload(q.view())?;
-        let start = Instant::now();
-        let out = attention.try_decode(device, &q_device, &cache, &mut copy, &[seq])?;
-        device.try_sync()?;
-        times.push(start.elapsed().as_secs_f64());
-        last = Some((q, out));
+        let (time, o) = match backend {
+            Step::Gpu(device) => {
+                let copy = copy.as_mut().expect("a GPU generation uploads its copy");
+                let q_device = device.try_upload(q.view())?;
+                let start = Instant::now();
+                let out = attention.try_decode(device, &q_device, &cache, copy, &[seq])?;
+                device.try_sync()?;
+                let time = start.elapsed().as_secs_f64();
+                (
+                    time,
+                    device.try_download(&out.o)?.into_raw_vec_and_offset().0,
+                )
+            }
+            Step::Cpu(cpu) => {
+                let start = Instant::now();
+                let out = attention.try_decode_cpu(cpu, q.view(), &cache, &[seq])?;
+                (
+                    start.elapsed().as_secs_f64(),
+                    out.o.into_raw_vec_and_offset().0,
+                )
+            }
+        };
+        times.push(time);
+        last = Some((q, o));
     }
-    let (q, out) = last.expect("at least one step");
-    let o: Vec<f64> = device
-        .try_download(&out.o)?
-        .iter()
-        .map(|&x| f64::from(x))
-        .collect();
+    let (q, o) = last.expect("at least one step");
+    let o: Vec<f64> = o.iter().map(|&x| f64::from(x)).collect();
     let exact = attention.try_decode_oracle(q.view(), &cache, &[seq])?;
     let max_error = exact
         .o
@@ -202,13 +258,18 @@ where
         .zip(&o)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f64::max);
-    // The first step compiles the kernel; the median of the rest is the steady state.
+    // The first step compiles the kernel (GPU); the median of the rest is the steady state.
     let mut steady = times[1.min(times.len() - 1)..].to_vec();
     steady.sort_by(f64::total_cmp);
     println!(
-        "  {label}: {:.2} ms/token (first {:.0} ms with compilation), cache {} for {} tokens, last-step max |error| vs the oracle {max_error:.1e}",
+        "  {label}: {:.2} ms/token (first {:.0} ms{}), cache {} for {} tokens, last-step max |error| vs the oracle {max_error:.1e}",
         steady[steady.len() / 2] * 1e3,
         times[0] * 1e3,
+        if matches!(backend, Step::Gpu(_)) {
+            " with compilation"
+        } else {
+            ""
+        },
         human(cache.bytes() as u128),
         prompt + steps,
     );

@@ -23,20 +23,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
 fn runner() -> TestRunner {
-    let cases = std::env::var("GQA_CPU_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(4);
-    let config = Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    if std::env::var_os("GQA_CPU_RANDOM").is_some() {
-        TestRunner::new(config)
-    } else {
-        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha))
-    }
+    common::seeded_runner(common::env_cases("GQA_CPU_CASES", 4), "GQA_CPU_RANDOM")
 }
 
 fn run_forward<T: CpuElement>(variant: Variant, config: (usize, usize, usize)) {

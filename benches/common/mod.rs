@@ -1,4 +1,5 @@
 //! Helpers shared by the bench binaries.
+#![allow(dead_code)] // each bench binary uses some of these
 
 /// `name` from the environment as a number, or `default`.
 pub fn env_usize(name: &str, default: usize) -> usize {
@@ -6,4 +7,12 @@ pub fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// `name` from the environment as a comma-separated list of numbers, or `default`.
+pub fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(name)
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
 }

@@ -21,7 +21,7 @@ use crate::spec::{AttentionSpec, ProblemShape};
 /// Keys per block.
 const BLOCK_K: usize = 256;
 /// Target rows of a tile (`group · block_q`).
-const TILE_ROWS: usize = 256;
+const TILE_ROWS: usize = 128;
 
 /// Per-worker scratch, allocated once per rayon job, never in the key loop.
 struct Scratch {

@@ -7,29 +7,37 @@
 /// Lanes of the explicit partial sums (one AVX-512 register of f32).
 const LANES: usize = 16;
 
-/// `Σ a_c · b_c` in `LANES` interleaved partial sums, added pairwise at the end.
+/// `Σ a_c · b_c` in `4 · LANES` interleaved partial sums (four independent vector
+/// accumulators, so that the multiply-adds do not wait on each other), added pairwise at the end.
+/// The accumulators are indexed only by constants so that they stay in registers.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0.0f32; LANES];
-    let (a_body, a_tail) = a.split_at(a.len() / LANES * LANES);
-    let (b_body, b_tail) = b.split_at(a_body.len());
-    for (x, y) in a_body.chunks_exact(LANES).zip(b_body.chunks_exact(LANES)) {
-        for l in 0..LANES {
+    const WIDE: usize = 4 * LANES;
+    let mut acc = [0.0f32; WIDE];
+    let (a_body, a_tail) = a.as_chunks::<WIDE>();
+    let (b_body, b_tail) = b.as_chunks::<WIDE>();
+    for (x, y) in a_body.iter().zip(b_body) {
+        for l in 0..WIDE {
             acc[l] += x[l] * y[l];
         }
     }
-    for (l, (x, y)) in a_tail.iter().zip(b_tail).enumerate() {
-        acc[l] += x * y;
+    let mut tail = 0.0f32;
+    for (x, y) in a_tail.iter().zip(b_tail) {
+        tail += x * y;
     }
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for l in 0..width {
-            acc[l] += acc[l + width];
-        }
-    }
-    acc[0]
+    let acc: [f32; 32] = halve(acc);
+    let acc: [f32; 16] = halve(acc);
+    let acc: [f32; 8] = halve(acc);
+    let acc: [f32; 4] = halve(acc);
+    let acc: [f32; 2] = halve(acc);
+    acc[0] + acc[1] + tail
+}
+
+/// Pairwise halving of a sum's lanes: `out[l] = x[l] + x[l + N/2]`.
+#[inline(always)]
+fn halve<const N: usize, const H: usize>(x: [f32; N]) -> [f32; H] {
+    std::array::from_fn(|l| x[l] + x[l + H])
 }
 
 /// `y += a · x`.
@@ -59,7 +67,10 @@ pub fn max(x: &[f32]) -> f32 {
         }
     }
     let mut m = f32::NEG_INFINITY;
-    for &v in acc.iter().chain(tail) {
+    for &v in tail {
+        m = if v > m { v } else { m };
+    }
+    for v in acc {
         m = if v > m { v } else { m };
     }
     m
@@ -70,29 +81,30 @@ pub fn max(x: &[f32]) -> f32 {
 /// `exp` is [`exp`] below: about 1 ulp, 0 for arguments below −104 (−∞ included).
 #[inline(always)]
 pub fn exp_shifted_sum(x: &mut [f32], m: f32) -> f64 {
+    // A plain element-wise loop (LLVM vectorises it whole), then the sum in explicit lanes.
+    for v in x.iter_mut() {
+        *v = exp(*v - m);
+    }
     const WIDE: usize = LANES / 2;
     let mut acc = [0.0f64; WIDE];
-    let (body, tail) = x.split_at_mut(x.len() / WIDE * WIDE);
-    for chunk in body.chunks_exact_mut(WIDE) {
+    let (body, tail) = x.split_at(x.len() / WIDE * WIDE);
+    for chunk in body.chunks_exact(WIDE) {
         for l in 0..WIDE {
-            let p = exp(chunk[l] - m);
-            chunk[l] = p;
-            acc[l] += f64::from(p);
+            acc[l] += f64::from(chunk[l]);
         }
     }
-    for (l, v) in tail.iter_mut().enumerate() {
-        let p = exp(*v - m);
-        *v = p;
-        acc[l] += f64::from(p);
+    let mut rest = 0.0f64;
+    for &v in tail {
+        rest += f64::from(v);
     }
-    acc.iter().sum()
+    acc.iter().sum::<f64>() + rest
 }
 
 /// `e^x` in f32 from arithmetic only (so that it vectorises): `x = n·ln 2 + r` with
 /// `|r| ≤ ln 2 / 2` (Cody–Waite, two-part ln 2), `e^r` by its degree-7 Taylor polynomial
 /// (truncation below 2⁻²⁸ relative), times `2^n` built from the exponent bits. About 1 ulp
 /// over the range the softmax uses (x ≤ 0); 0 below −104 (−∞ and NaN-free masked scores
-/// included), +∞ above 88.7.
+/// included); arguments above 88.72 (none in a softmax, where x ≤ 0) are clamped to it.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -101,7 +113,8 @@ pub fn exp(x: f32) -> f32 {
     // Round to nearest by the 1.5 · 2²³ trick (vectorises; no rounding instruction needed).
     const ROUND: f32 = 12_582_912.0;
     let clamped = x.clamp(-104.0, 88.72);
-    let n = (clamped * LOG2E + ROUND) - ROUND;
+    let shifted = clamped * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = (clamped - n * LN2_HI) - n * LN2_LO;
     // Horner with fused multiply-adds (one rounding per step; the callers are compiled with
     // FMA wherever the CPU has it).
@@ -117,9 +130,11 @@ pub fn exp(x: f32) -> f32 {
     ] {
         p = p.mul_add(r, c);
     }
+    // n as an integer from the bits of `shifted` (1.5 · 2²³ + n keeps n in its low mantissa
+    // bits): a float-to-int conversion would be scalarised for its NaN and overflow checks.
     // 2^n in two factors so that n down to −150 (subnormal results) stays representable.
-    let n = n as i32;
-    let half = n / 2;
+    let n = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
+    let half = n >> 1;
     let a = f32::from_bits(((half + 127) as u32) << 23);
     let b = f32::from_bits(((n - half + 127) as u32) << 23);
     let y = p * a * b;

@@ -3,7 +3,7 @@
 use std::sync::OnceLock;
 
 use gqa::cube::CubeDevice;
-use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use proptest::test_runner::TestRunner;
 
 /// The device, opened once per test binary (`None`: no device outside CI).
 pub fn device() -> Option<&'static CubeDevice> {
@@ -29,23 +29,11 @@ pub fn device() -> Option<&'static CubeDevice> {
 }
 
 pub fn cases() -> u32 {
-    std::env::var("GQA_CUBE_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(3)
+    super::env_cases("GQA_CUBE_CASES", 3)
 }
 
 /// A runner with a fixed seed, so that CI runs the cases a developer ran (each distinct kernel
 /// costs a compile, so the default case count is small); `GQA_CUBE_RANDOM=1` draws new cases.
 pub fn runner(cases: u32) -> TestRunner {
-    let config = Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    if std::env::var_os("GQA_CUBE_RANDOM").is_some() {
-        TestRunner::new(config)
-    } else {
-        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha))
-    }
+    super::seeded_runner(cases, "GQA_CUBE_RANDOM")
 }

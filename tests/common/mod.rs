@@ -234,3 +234,27 @@ fn nan_padded_view_mut<'a>(
 pub fn nan_padded_view<'a, A>(big: &'a Array4<A>, s: &[usize]) -> ndarray::ArrayView4<'a, A> {
     big.slice(window_of(s))
 }
+
+/// `name` from the environment as a case count, or `default`.
+pub fn env_cases(name: &str, default: u32) -> u32 {
+    std::env::var(name)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A proptest runner of `cases` cases with a fixed seed (CI runs the cases a developer ran), or
+/// fresh random cases when the variable `random` is set.
+pub fn seeded_runner(cases: u32, random: &str) -> proptest::test_runner::TestRunner {
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    if std::env::var_os(random).is_some() {
+        TestRunner::new(config)
+    } else {
+        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha))
+    }
+}

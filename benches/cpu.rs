@@ -1,0 +1,306 @@
+//! The CPU backend against the machine's limits, measured in the same run:
+//! `cargo bench --bench cpu`.
+//!
+//! **Prefill** (causal, f32): batch `GQA_CPU_BATCHES` (default 1,4) × length `GQA_CPU_LENGTHS`
+//! (default 512,1024,2048,4096) × {GQA 32/8, MHA 32/32, MQA 32/1} at D 128, on 1 and 2
+//! threads. FLOPs = 2·B·HQ·L²·D (the two products, halved by the causal mask). The ceiling is
+//! a single-precision GEMM of the same FLOPs on the same number of threads, timed in the same
+//! run: per query head `[L, D] × [D, L]` (the head's unmasked Q·Kᵀ) by the `gemm` crate, the
+//! heads divided evenly over the threads. Outputs preallocated ([`Cpu::try_forward_into`], one
+//! GEMM output per thread); median of `GQA_BENCH_RUNS` (default 3).
+//!
+//! **Decode** (1 query, f32 cache, contiguous): batch 1 and 8 × Lk `GQA_CPU_DECODE_LENGTHS`
+//! (default 1024,4096,16384) × the three configurations, 1 and 2 threads, cache cold: the
+//! timed calls rotate over enough copies of the cache to exceed twice the last-level cache.
+//! GB/s of K/V read, against a plain streaming read (a sum) of the same copies' bytes on the
+//! same threads in the same run; and the GQA/MQA speedup over MHA next to its ideal.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use gqa::cache::{Float32, KvCache, Layout, SeqId};
+use gqa::cpu::Cpu;
+use gqa::heads::{Rule, Supported};
+use gqa::{Attention, AttentionSpec};
+use ndarray::{Array3, Array4, Axis};
+use rayon::prelude::*;
+
+mod common;
+use common::{env_list, env_usize};
+
+const HQ: usize = 32;
+const D: usize = 128;
+
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn data(shape: (usize, usize, usize, usize), phase: usize) -> Array4<f32> {
+    Array4::from_shape_fn(shape, |(b, h, i, d)| {
+        (((b * 7 + h * 13 + i * 3 + d + phase) % 97) as f32 / 48.0 - 1.0) * 0.5
+    })
+}
+
+/// Seconds of one prefill (median), and of the GEMM ceiling of the same FLOPs.
+fn prefill(cpu: &Cpu, spec: &AttentionSpec, batch: usize, len: usize, runs: usize) -> (f64, f64) {
+    let hkv = spec.kv_heads();
+    let q = data((batch, HQ, len, D), 0);
+    let k = data((batch, hkv, len, D), 1);
+    let v = data((batch, hkv, len, D), 2);
+    let mut o = Array4::<f32>::from_elem((batch, HQ, len, D), 1.0);
+    let mut lse = Array3::<f32>::from_elem((batch, HQ, len), 1.0);
+    let attention = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            cpu.try_forward_into(
+                spec,
+                (q.view(), k.view(), v.view()),
+                o.view_mut(),
+                lse.view_mut(),
+            )
+            .unwrap();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    black_box(&o);
+    // The ceiling: per head [L, D] × [D, L], one output buffer per thread.
+    let heads = batch * HQ;
+    let threads = cpu.threads();
+    let per_thread = heads.div_ceil(threads);
+    let mut out: Vec<Vec<f32>> = (0..threads).map(|_| vec![0.0f32; len * len]).collect();
+    let gemm_time = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            cpu_install(cpu, || {
+                out.par_iter_mut().enumerate().for_each(|(t, dst)| {
+                    for head in t * per_thread..((t + 1) * per_thread).min(heads) {
+                        let (b, h) = (head / HQ, head % HQ);
+                        let lhs = q.index_axis(Axis(0), b);
+                        let lhs = lhs.index_axis(Axis(0), h);
+                        let rhs = k.index_axis(Axis(0), b);
+                        let rhs = rhs.index_axis(Axis(0), h / spec.group_size());
+                        // SAFETY: lhs is [len, D] (strides D, 1) and rhs^T is [D, len]
+                        // (strides 1, D), both standard-layout views; dst holds len × len.
+                        unsafe {
+                            gemm::gemm(
+                                len,
+                                len,
+                                D,
+                                dst.as_mut_ptr(),
+                                1,
+                                len as isize,
+                                false,
+                                lhs.as_ptr(),
+                                1,
+                                D as isize,
+                                rhs.as_ptr(),
+                                D as isize,
+                                1,
+                                0.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        }
+                    }
+                });
+            });
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    black_box(&out);
+    (median(attention), median(gemm_time))
+}
+
+fn cpu_install<R: Send>(cpu: &Cpu, f: impl FnOnce() -> R + Send) -> R {
+    // Cpu's pool is private; a pool of the same size runs the ceiling.
+    thread_local! {
+        static POOLS: std::cell::RefCell<Vec<(usize, std::sync::Arc<rayon::ThreadPool>)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let threads = cpu.threads();
+    let pool = POOLS.with(|pools| {
+        let mut pools = pools.borrow_mut();
+        if let Some((_, pool)) = pools.iter().find(|(n, _)| *n == threads) {
+            return pool.clone();
+        }
+        let pool = std::sync::Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap(),
+        );
+        pools.push((threads, pool.clone()));
+        pool
+    });
+    pool.install(f)
+}
+
+/// The last-level cache's size in bytes (Linux sysfs), or 64 MiB.
+fn last_level_cache() -> usize {
+    (0..8)
+        .rev()
+        .find_map(|index| {
+            let path = format!("/sys/devices/system/cpu/cpu0/cache/index{index}/size");
+            let text = std::fs::read_to_string(path).ok()?;
+            let text = text.trim();
+            let (number, unit) = text.split_at(text.trim_end_matches(char::is_alphabetic).len());
+            let n: usize = number.parse().ok()?;
+            Some(match unit {
+                "K" => n << 10,
+                "M" => n << 20,
+                "G" => n << 30,
+                _ => n,
+            })
+        })
+        .unwrap_or(64 << 20)
+}
+
+/// Seconds of one decode step (median over the rotation), of a streaming read of the same
+/// bytes, and the K/V bytes a step reads.
+fn decode<const HKV: usize>(cpu: &Cpu, batch: usize, len: usize, runs: usize) -> (f64, f64, usize)
+where
+    Rule: Supported<HQ, HKV, D> + Supported<HKV, HKV, D>,
+{
+    let attention = Attention::<HQ, HKV, D>::new().causal();
+    let mut cache = attention
+        .try_new_cache::<Float32>(Layout::Contiguous {
+            sequences: batch,
+            capacity: len,
+        })
+        .unwrap();
+    let seqs: Vec<SeqId> = (0..batch)
+        .map(|_| cache.try_add_sequence().unwrap())
+        .collect();
+    for (n, &seq) in seqs.iter().enumerate() {
+        let mut done = 0;
+        while done < len {
+            let count = 1024.min(len - done);
+            let x = data((1, HKV, count, D), n + done).index_axis_move(Axis(0), 0);
+            cache.try_append(seq, x.view(), x.view()).unwrap();
+            done += count;
+        }
+    }
+    let bytes = 2 * batch * len * HKV * D * 4;
+    let copies = (2 * last_level_cache()).div_ceil(bytes).max(1);
+    let caches: Vec<KvCache<HKV, D, Float32>> = (0..copies).map(|_| cache.clone()).collect();
+    let q = data((batch, HQ, 1, D), 5);
+    let steps = copies.max(runs).max(3);
+    let mut times = Vec::with_capacity(steps);
+    for step in 0..steps + 1 {
+        let cache = &caches[step % copies];
+        let start = Instant::now();
+        let out = attention
+            .try_decode_cpu(cpu, q.view(), cache, &seqs)
+            .unwrap();
+        let time = start.elapsed().as_secs_f64();
+        black_box(out);
+        if step > 0 {
+            times.push(time); // the first call warms the workers up
+        }
+    }
+    let mut read_times = Vec::with_capacity(steps);
+    for step in 0..steps + 1 {
+        let (k, v, _, _) = caches[step % copies].raw();
+        let start = Instant::now();
+        let sum: f32 = cpu_install(cpu, || {
+            [k, v]
+                .par_iter()
+                .flat_map(|words| words.par_chunks(16 * 1024))
+                .map(|chunk| {
+                    let floats: &[f32] = bytemuck::cast_slice(chunk);
+                    let mut acc = [0.0f32; 16];
+                    for lanes in floats.chunks_exact(16) {
+                        for l in 0..16 {
+                            acc[l] += lanes[l];
+                        }
+                    }
+                    acc.iter().sum::<f32>()
+                })
+                .sum()
+        });
+        let time = start.elapsed().as_secs_f64();
+        black_box(sum);
+        if step > 0 {
+            read_times.push(time);
+        }
+    }
+    (median(times), median(read_times), bytes)
+}
+
+fn main() {
+    let runs = env_usize("GQA_BENCH_RUNS", 3);
+    let batches = env_list("GQA_CPU_BATCHES", &[1, 4]);
+    let lengths = env_list("GQA_CPU_LENGTHS", &[512, 1024, 2048, 4096]);
+    let decode_lengths = env_list("GQA_CPU_DECODE_LENGTHS", &[1024, 4096, 16384]);
+    let threads = env_list("GQA_CPU_THREADS", &[1, 2]);
+    let only = std::env::var("GQA_CPU_ONLY").unwrap_or_default();
+    println!(
+        "CPU backend, {HQ} query heads, D {D}, f32; last-level cache {} MiB; median of {runs}",
+        last_level_cache() >> 20
+    );
+    if only != "decode" {
+        println!(
+            "\nprefill, causal: GFLOP/s = 2·B·HQ·L²·D / time; GEMM = [L, D]·[D, L] per head: same FLOPs, same threads"
+        );
+        println!(
+            "{:>3} {:>2} {:>5} {:<9} {:>10} {:>9} {:>10} {:>9}",
+            "thr", "B", "L", "heads", "ms", "GFLOP/s", "GEMM GF/s", "vs GEMM"
+        );
+        for &t in &threads {
+            let cpu = Cpu::with_threads(t).unwrap();
+            for &batch in &batches {
+                for &len in &lengths {
+                    for (label, spec) in [
+                        ("GQA 32/8", *Attention::<HQ, 8, D>::new().causal().spec()),
+                        ("MHA 32/32", *Attention::<HQ, 32, D>::new().causal().spec()),
+                        ("MQA 32/1", *Attention::<HQ, 1, D>::new().causal().spec()),
+                    ] {
+                        let (time, gemm_time) = prefill(&cpu, &spec, batch, len, runs);
+                        let flops = 2.0 * (batch * HQ * len * len * D) as f64;
+                        let (ours, ceiling) = (flops / time / 1e9, flops / gemm_time / 1e9);
+                        println!(
+                            "{t:>3} {batch:>2} {len:>5} {label:<9} {:>10.1} {ours:>9.1} {ceiling:>10.1} {:>9.2}",
+                            time * 1e3,
+                            ours / ceiling
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if only != "prefill" {
+        println!(
+            "\ndecode, 1 query, f32 cache, cold: GB/s of K/V read; stream = a sum over the same bytes, same threads"
+        );
+        println!(
+            "{:>3} {:>2} {:>6} {:<9} {:>9} {:>8} {:>10} {:>9} {:>14}",
+            "thr", "B", "Lk", "heads", "ms", "GB/s", "stream GB/s", "vs stream", "vs MHA (ideal)"
+        );
+        for &t in &threads {
+            let cpu = Cpu::with_threads(t).unwrap();
+            for batch in [1, 8] {
+                for &len in &decode_lengths {
+                    let rows = [
+                        ("MHA 32/32", decode::<32>(&cpu, batch, len, runs), 1),
+                        ("GQA 32/8", decode::<8>(&cpu, batch, len, runs), 4),
+                        ("MQA 32/1", decode::<1>(&cpu, batch, len, runs), 32),
+                    ];
+                    let mha = rows[0].1.0;
+                    for (label, (time, read, bytes), ideal) in rows {
+                        let gbs = bytes as f64 / time / 1e9;
+                        let stream = bytes as f64 / read / 1e9;
+                        println!(
+                            "{t:>3} {batch:>2} {len:>6} {label:<9} {:>9.3} {gbs:>8.2} {stream:>10.2} {:>9.2} {:>8.2}x ({ideal}x)",
+                            time * 1e3,
+                            gbs / stream,
+                            mha / time
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
