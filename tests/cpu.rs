@@ -36,7 +36,6 @@ fn run_decode<T: CpuElement, const HQ: usize, const HKV: usize, const D: usize, 
     gqa::heads::Rule: gqa::heads::Supported<HQ, HKV, D> + gqa::heads::Supported<HKV, HKV, D>,
 {
     let cpu = Cpu::new();
-    let attention = Gqa::<HQ, HKV, D>::new();
     let worst = std::cell::Cell::new((0.0f64, 0.0f64, 0.0f64));
     runner()
         .run(&dec::case(variant, HQ, HKV, D), |case: Case| {
@@ -52,7 +51,6 @@ fn run_decode<T: CpuElement, const HQ: usize, const HKV: usize, const D: usize, 
             Ok(())
         })
         .unwrap();
-    let _ = attention;
     let w = worst.get();
     eprintln!(
         "cpu decode {HQ}/{HKV} d{D} {:?} cache, {} queries, {variant:?}: max |o error| {:.2e}, max |lse error| {:.2e}, vs input {:.2e}",
