@@ -42,7 +42,8 @@ fn data(shape: (usize, usize, usize, usize), phase: usize) -> Array4<f32> {
     })
 }
 
-/// Seconds of one prefill (median), and of the GEMM ceiling of the same FLOPs.
+/// Seconds of one prefill and of the GEMM ceiling of the same FLOPs (medians; the two
+/// alternate run by run, so that a shared machine's drift hits both alike).
 fn prefill(cpu: &Cpu, spec: &AttentionSpec, batch: usize, len: usize, runs: usize) -> (f64, f64) {
     let hkv = spec.kv_heads();
     let q = data((batch, HQ, len, D), 0);
@@ -50,69 +51,64 @@ fn prefill(cpu: &Cpu, spec: &AttentionSpec, batch: usize, len: usize, runs: usiz
     let v = data((batch, hkv, len, D), 2);
     let mut o = Array4::<f32>::from_elem((batch, HQ, len, D), 1.0);
     let mut lse = Array3::<f32>::from_elem((batch, HQ, len), 1.0);
-    let attention = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            cpu.try_forward_into(
-                spec,
-                (q.view(), k.view(), v.view()),
-                o.view_mut(),
-                lse.view_mut(),
-            )
-            .unwrap();
-            start.elapsed().as_secs_f64()
-        })
-        .collect();
-    black_box(&o);
     // The ceiling: per head [L, D] × [D, L], one output buffer per thread.
     let heads = batch * HQ;
     let threads = cpu.threads();
     let per_thread = heads.div_ceil(threads);
     let mut out: Vec<Vec<f32>> = (0..threads).map(|_| vec![0.0f32; len * len]).collect();
-    let gemm_time = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            cpu_install(cpu, || {
-                out.par_iter_mut().enumerate().for_each(|(t, dst)| {
-                    for head in t * per_thread..((t + 1) * per_thread).min(heads) {
-                        let (b, h) = (head / HQ, head % HQ);
-                        let lhs = q.index_axis(Axis(0), b);
-                        let lhs = lhs.index_axis(Axis(0), h);
-                        let rhs = k.index_axis(Axis(0), b);
-                        let rhs = rhs.index_axis(Axis(0), h / spec.group_size());
-                        // SAFETY: lhs is [len, D] (strides D, 1) and rhs^T is [D, len]
-                        // (strides 1, D), both standard-layout views; dst holds len × len.
-                        unsafe {
-                            gemm::gemm(
-                                len,
-                                len,
-                                D,
-                                dst.as_mut_ptr(),
-                                1,
-                                len as isize,
-                                false,
-                                lhs.as_ptr(),
-                                1,
-                                D as isize,
-                                rhs.as_ptr(),
-                                D as isize,
-                                1,
-                                0.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
-                            );
-                        }
+    let (mut attention, mut ceiling) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    for _ in 0..runs {
+        let start = Instant::now();
+        cpu.try_forward_into(
+            spec,
+            (q.view(), k.view(), v.view()),
+            o.view_mut(),
+            lse.view_mut(),
+        )
+        .unwrap();
+        attention.push(start.elapsed().as_secs_f64());
+        black_box(&o);
+        let start = Instant::now();
+        cpu_install(cpu, || {
+            out.par_iter_mut().enumerate().for_each(|(t, dst)| {
+                for head in t * per_thread..((t + 1) * per_thread).min(heads) {
+                    let (b, h) = (head / HQ, head % HQ);
+                    let lhs = q.index_axis(Axis(0), b);
+                    let lhs = lhs.index_axis(Axis(0), h);
+                    let rhs = k.index_axis(Axis(0), b);
+                    let rhs = rhs.index_axis(Axis(0), h / spec.group_size());
+                    // SAFETY: lhs is [len, D] (strides D, 1) and rhs^T is [D, len]
+                    // (strides 1, D), both standard-layout views; dst holds len × len.
+                    unsafe {
+                        gemm::gemm(
+                            len,
+                            len,
+                            D,
+                            dst.as_mut_ptr(),
+                            1,
+                            len as isize,
+                            false,
+                            lhs.as_ptr(),
+                            1,
+                            D as isize,
+                            rhs.as_ptr(),
+                            D as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
                     }
-                });
+                }
             });
-            start.elapsed().as_secs_f64()
-        })
-        .collect();
-    black_box(&out);
-    (median(attention), median(gemm_time))
+        });
+        ceiling.push(start.elapsed().as_secs_f64());
+        black_box(&out);
+    }
+    (median(attention), median(ceiling))
 }
 
 fn cpu_install<R: Send>(cpu: &Cpu, f: impl FnOnce() -> R + Send) -> R {
@@ -158,54 +154,88 @@ fn last_level_cache() -> usize {
         .unwrap_or(64 << 20)
 }
 
-/// Seconds of one decode step (median over the rotation), of a streaming read of the same
-/// bytes, and the K/V bytes a step reads.
-fn decode<const HKV: usize>(cpu: &Cpu, batch: usize, len: usize, runs: usize) -> (f64, f64, usize)
+/// One configuration's decode benchmark: copies of a filled f32 cache, enough to exceed twice
+/// the last-level cache, read in rotation.
+trait DecodeCase {
+    /// Seconds of one decode step against copy `step`.
+    fn decode(&self, step: usize) -> f64;
+    /// Seconds of a streaming read (a sum) of the K/V bytes of copy `step`.
+    fn stream(&self, step: usize) -> f64;
+    /// The K/V bytes one step reads.
+    fn bytes(&self) -> usize;
+    fn copies(&self) -> usize;
+}
+
+struct Decode<'a, const HKV: usize>
 where
     Rule: Supported<HQ, HKV, D> + Supported<HKV, HKV, D>,
 {
-    let attention = Attention::<HQ, HKV, D>::new().causal();
-    let mut cache = attention
-        .try_new_cache::<Float32>(Layout::Contiguous {
-            sequences: batch,
-            capacity: len,
-        })
-        .unwrap();
-    let seqs: Vec<SeqId> = (0..batch)
-        .map(|_| cache.try_add_sequence().unwrap())
-        .collect();
-    for (n, &seq) in seqs.iter().enumerate() {
-        let mut done = 0;
-        while done < len {
-            let count = 1024.min(len - done);
-            let x = data((1, HKV, count, D), n + done).index_axis_move(Axis(0), 0);
-            cache.try_append(seq, x.view(), x.view()).unwrap();
-            done += count;
+    cpu: &'a Cpu,
+    attention: Attention<HQ, HKV, D>,
+    caches: Vec<KvCache<HKV, D, Float32>>,
+    seqs: Vec<SeqId>,
+    q: Array4<f32>,
+    bytes: usize,
+}
+
+impl<'a, const HKV: usize> Decode<'a, HKV>
+where
+    Rule: Supported<HQ, HKV, D> + Supported<HKV, HKV, D>,
+{
+    fn new(cpu: &'a Cpu, batch: usize, len: usize) -> Self {
+        let attention = Attention::<HQ, HKV, D>::new().causal();
+        let mut cache = attention
+            .try_new_cache::<Float32>(Layout::Contiguous {
+                sequences: batch,
+                capacity: len,
+            })
+            .unwrap();
+        let seqs: Vec<SeqId> = (0..batch)
+            .map(|_| cache.try_add_sequence().unwrap())
+            .collect();
+        for (n, &seq) in seqs.iter().enumerate() {
+            let mut done = 0;
+            while done < len {
+                let count = 1024.min(len - done);
+                let x = data((1, HKV, count, D), n + done).index_axis_move(Axis(0), 0);
+                cache.try_append(seq, x.view(), x.view()).unwrap();
+                done += count;
+            }
+        }
+        let bytes = 2 * batch * len * HKV * D * 4;
+        let copies = (2 * last_level_cache()).div_ceil(bytes).max(1);
+        let caches = (0..copies).map(|_| cache.clone()).collect();
+        Decode {
+            cpu,
+            attention,
+            caches,
+            seqs,
+            q: data((batch, HQ, 1, D), 5),
+            bytes,
         }
     }
-    let bytes = 2 * batch * len * HKV * D * 4;
-    let copies = (2 * last_level_cache()).div_ceil(bytes).max(1);
-    let caches: Vec<KvCache<HKV, D, Float32>> = (0..copies).map(|_| cache.clone()).collect();
-    let q = data((batch, HQ, 1, D), 5);
-    let steps = copies.max(runs).max(3);
-    let mut times = Vec::with_capacity(steps);
-    for step in 0..steps + 1 {
-        let cache = &caches[step % copies];
+}
+
+impl<const HKV: usize> DecodeCase for Decode<'_, HKV>
+where
+    Rule: Supported<HQ, HKV, D> + Supported<HKV, HKV, D>,
+{
+    fn decode(&self, step: usize) -> f64 {
+        let cache = &self.caches[step % self.caches.len()];
         let start = Instant::now();
-        let out = attention
-            .try_decode_cpu(cpu, q.view(), cache, &seqs)
+        let out = self
+            .attention
+            .try_decode_cpu(self.cpu, self.q.view(), cache, &self.seqs)
             .unwrap();
         let time = start.elapsed().as_secs_f64();
         black_box(out);
-        if step > 0 {
-            times.push(time); // the first call warms the workers up
-        }
+        time
     }
-    let mut read_times = Vec::with_capacity(steps);
-    for step in 0..steps + 1 {
-        let (k, v, _, _) = caches[step % copies].raw();
+
+    fn stream(&self, step: usize) -> f64 {
+        let (k, v, _, _) = self.caches[step % self.caches.len()].raw();
         let start = Instant::now();
-        let sum: f32 = cpu_install(cpu, || {
+        let sum: f32 = cpu_install(self.cpu, || {
             [k, v]
                 .par_iter()
                 .flat_map(|words| words.par_chunks(16 * 1024))
@@ -223,11 +253,43 @@ where
         });
         let time = start.elapsed().as_secs_f64();
         black_box(sum);
-        if step > 0 {
-            read_times.push(time);
+        time
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn copies(&self) -> usize {
+        self.caches.len()
+    }
+}
+
+/// Per case: seconds of one decode step and of the streaming read of the same bytes
+/// (medians). Every step runs each case's decode and read in turn, so that a shared machine's
+/// drift hits all of them alike; the first step warms the workers up and is not counted.
+fn decode_round(cases: &[&dyn DecodeCase], runs: usize) -> Vec<(f64, f64)> {
+    let steps = cases
+        .iter()
+        .map(|case| case.copies())
+        .max()
+        .unwrap_or(1)
+        .max(runs)
+        .max(3);
+    let mut times = vec![(Vec::new(), Vec::new()); cases.len()];
+    for step in 0..steps + 1 {
+        for (case, (decode, stream)) in cases.iter().zip(&mut times) {
+            let (d, s) = (case.decode(step), case.stream(step));
+            if step > 0 {
+                decode.push(d);
+                stream.push(s);
+            }
         }
     }
-    (median(times), median(read_times), bytes)
+    times
+        .into_iter()
+        .map(|(decode, stream)| (median(decode), median(stream)))
+        .collect()
 }
 
 fn main() {
@@ -235,6 +297,7 @@ fn main() {
     let batches = env_list("GQA_CPU_BATCHES", &[1, 4]);
     let lengths = env_list("GQA_CPU_LENGTHS", &[512, 1024, 2048, 4096]);
     let decode_lengths = env_list("GQA_CPU_DECODE_LENGTHS", &[1024, 4096, 16384]);
+    let decode_batches = env_list("GQA_CPU_DECODE_BATCHES", &[1, 8]);
     let threads = env_list("GQA_CPU_THREADS", &[1, 2]);
     let only = std::env::var("GQA_CPU_ONLY").unwrap_or_default();
     println!(
@@ -281,13 +344,22 @@ fn main() {
         );
         for &t in &threads {
             let cpu = Cpu::with_threads(t).unwrap();
-            for batch in [1, 8] {
+            for &batch in &decode_batches {
                 for &len in &decode_lengths {
-                    let rows = [
-                        ("MHA 32/32", decode::<32>(&cpu, batch, len, runs), 1),
-                        ("GQA 32/8", decode::<8>(&cpu, batch, len, runs), 4),
-                        ("MQA 32/1", decode::<1>(&cpu, batch, len, runs), 32),
-                    ];
+                    let (mha, gqa, mqa) = (
+                        Decode::<32>::new(&cpu, batch, len),
+                        Decode::<8>::new(&cpu, batch, len),
+                        Decode::<1>::new(&cpu, batch, len),
+                    );
+                    let cases: [&dyn DecodeCase; 3] = [&mha, &gqa, &mqa];
+                    let times = decode_round(&cases, runs);
+                    let rows = [("MHA 32/32", 1), ("GQA 32/8", 4), ("MQA 32/1", 32)]
+                        .into_iter()
+                        .zip(times.into_iter().zip(cases))
+                        .map(|((label, ideal), ((time, read), case))| {
+                            (label, (time, read, case.bytes()), ideal)
+                        })
+                        .collect::<Vec<_>>();
                     let mha = rows[0].1.0;
                     for (label, (time, read, bytes), ideal) in rows {
                         let gbs = bytes as f64 / time / 1e9;

@@ -3,11 +3,18 @@
 //!
 //! **Work.** Item `(b, g, split)` owns the `group · seq_q` query rows of KV head `g` of
 //! sequence `b` (row `hh · seq_q + ii`) over one contiguous run of that sequence's keys, in two
-//! passes: each key row is fetched once (f32 rows in place, others dequantized into a row
-//! buffer) and scored against every row; with the split's exact max per row the scores become
-//! probabilities (no online rescale, so no rounding of the output by it); then each value row
-//! is fetched once and added to every row that weighs it. The scores of a split are scratch of
-//! the worker (`rows × keys` floats), grown when needed, never per key.
+//! passes over blocks of rows that lie within one page (consecutive in the pool: f32 rows are
+//! read in place, others dequantized block by block into a buffer):
+//! 1. scores: each block of key rows crosses every query row of the group in register tiles
+//!    ([`super::tiles::dots`]: sums widened to f64, times the scale, rounded once); then score
+//!    modifiers and the mask row by row, and with the split's exact max per row the scores
+//!    become probabilities (no online rescale, so no rounding of the output by it);
+//! 2. values: each block of value rows is added to every row that weighs it
+//!    ([`super::tiles::weighted_sum`]).
+//!
+//! While a block is computed, the tiles ask for the next block's rows a row at a time
+//! ([`super::tiles::Ahead`]), so that the memory stays busy while the arithmetic runs. The
+//! scores of a split are scratch of the worker (`rows × keys` floats), grown when needed.
 //!
 //! **Merge.** Each split keeps (max score `m`, `l = Σ exp(s − m)`, output / `l`); the splits of
 //! a row merge by [`crate::partial::merge_state`], in `f64`.
@@ -15,16 +22,26 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use multiversion::multiversion;
 use ndarray::{Array3, Array4, ArrayView4, s};
 use rayon::prelude::*;
 
-use super::simd;
+use super::{simd, tiles};
 use crate::cache::StorageKind;
 use crate::spec::AttentionSpec;
 
 /// The fewest keys worth a split of their own.
 const MIN_SPLIT: usize = 256;
+/// Keys per block of the score pass and of the value pass: a block's rows are fetched together
+/// and cross the tiles together. The value pass reloads its accumulators once per block, hence
+/// the longer blocks (64 rows of D 128 in f32 are 32 KiB, most of an L1 data cache).
+const BLOCK_K: usize = 16;
+const BLOCK_V: usize = 64;
+/// How many blocks ahead each pass asks for rows (measured on a 2-core AVX-512 machine with
+/// `benches/cpu.rs`: 2 and 1 kept GQA decode closest to a streaming read).
+const AHEAD_K: usize = 2;
+const AHEAD_V: usize = 1;
+/// The dequantization buffer's rows.
+const BLOCK: usize = if BLOCK_K > BLOCK_V { BLOCK_K } else { BLOCK_V };
 
 /// One sequence of the batch: its length and block table.
 pub(super) struct Sequence<'a> {
@@ -52,43 +69,84 @@ impl Pool<'_> {
         (page * self.kv_heads + g) * self.page_size + t % self.page_size
     }
 
-    /// Row `row` of `words` as f32: in place for f32 storage, else dequantized into `buf`.
+    /// The blocks of `keys` (of a sequence with block table `pages`, KV head `g`): `(offset
+    /// in keys, first pool row, count)`, each within one page (so its rows are consecutive in
+    /// the pool) and at most [`BLOCK`] long. Divides once per block, not per key.
+    fn blocks<'b>(
+        &'b self,
+        pages: &'b [u32],
+        g: usize,
+        keys: Range<usize>,
+        most: usize,
+    ) -> impl Iterator<Item = (usize, usize, usize)> + 'b {
+        let mut t = keys.start;
+        std::iter::from_fn(move || {
+            if t >= keys.end {
+                return None;
+            }
+            let in_page = self.page_size - t % self.page_size;
+            let count = in_page.min(keys.end - t).min(most);
+            let block = (t - keys.start, self.row(pages, t, g), count);
+            t += count;
+            Some(block)
+        })
+    }
+
+    /// Pool rows `row..row + count` of `words`, to be asked for ahead of their use.
+    fn ahead<'b>(&self, words: &'b [u32], row: usize, count: usize) -> tiles::Ahead<'b> {
+        let per_row = self.storage.words_per_row(self.head_dim);
+        tiles::Ahead {
+            bytes: bytemuck::cast_slice(&words[row * per_row..][..count * per_row]),
+            per_key: 4 * per_row,
+        }
+    }
+
+    /// Pool rows `row..row + count` of `words` as f32, `count × head_dim`: in place for f32
+    /// storage, else dequantized into `buf`.
     #[inline(always)]
     fn fetch<'b>(
         &'b self,
         words: &'b [u32],
         scales: &[f32],
         row: usize,
+        count: usize,
         buf: &'b mut [f32],
     ) -> &'b [f32] {
-        let per_row = self.storage.words_per_row(self.head_dim);
-        let row_words = &words[row * per_row..][..per_row];
+        let dim = self.head_dim;
+        let per_row = self.storage.words_per_row(dim);
+        let rows = words[row * per_row..][..count * per_row].chunks_exact(per_row);
+        let buf = &mut buf[..count * dim];
+        let outs = buf.chunks_exact_mut(dim);
+        let scales = scales.get(row..row + count).unwrap_or(&[]);
         match self.storage {
-            StorageKind::Float32 => bytemuck::cast_slice(row_words),
+            StorageKind::Float32 => {
+                return bytemuck::cast_slice(&words[row * per_row..][..count * per_row]);
+            }
             StorageKind::Float16 => {
-                unpack(row_words, 16, buf, half_to_f32);
-                buf
+                for (words, out) in rows.zip(outs) {
+                    unpack(words, 16, out, half_to_f32);
+                }
             }
             StorageKind::BFloat16 => {
-                unpack(row_words, 16, buf, |bits| f32::from_bits(bits << 16));
-                buf
+                for (words, out) in rows.zip(outs) {
+                    unpack(words, 16, out, |bits| f32::from_bits(bits << 16));
+                }
             }
             StorageKind::Int8 => {
-                let scale = scales[row];
-                unpack(row_words, 8, buf, |bits| {
-                    f32::from(bits as u8 as i8) * scale
-                });
-                buf
+                for ((words, out), &scale) in rows.zip(outs).zip(scales) {
+                    unpack(words, 8, out, |bits| f32::from(bits as u8 as i8) * scale);
+                }
             }
             StorageKind::Int4 => {
-                let scale = scales[row];
-                // Sign-extend the nibble: shift it to the top of a byte, then back as i8.
-                unpack(row_words, 4, buf, |bits| {
-                    f32::from(((bits << 4) as u8 as i8) >> 4) * scale
-                });
-                buf
+                for ((words, out), &scale) in rows.zip(outs).zip(scales) {
+                    // Sign-extend the nibble: shift it to the top of a byte, then back as i8.
+                    unpack(words, 4, out, |bits| {
+                        f32::from(((bits << 4) as u8 as i8) >> 4) * scale
+                    });
+                }
             }
         }
+        buf
     }
 }
 
@@ -190,15 +248,12 @@ pub(super) fn decode(
             .zip(l_parts.par_chunks_mut(rows))
             .enumerate()
             .for_each_init(
-                || {
-                    (
-                        vec![0.0f32; rows * dim],
-                        Vec::new(),
-                        vec![0.0f32; dim],
-                        vec![0.0f32; dim],
-                    )
+                || Scratch {
+                    q_rows: vec![0.0f32; rows * dim],
+                    scores: Vec::new(),
+                    block: vec![0.0f32; BLOCK * dim],
                 },
-                |(q_rows, scores, k_buf, v_buf), (item, ((o, m), l))| {
+                |scratch, (item, ((o, m), l))| {
                     let (b, rest) = (item / (hkv * splits), item % (hkv * splits));
                     let (g, split) = (rest / splits, rest % splits);
                     let span = &spans[b];
@@ -207,7 +262,7 @@ pub(super) fn decode(
                     let end = (start + per_split).min(span.end);
                     for hh in 0..group {
                         for ii in 0..seq_q {
-                            let dst = &mut q_rows[(hh * seq_q + ii) * dim..][..dim];
+                            let dst = &mut scratch.q_rows[(hh * seq_q + ii) * dim..][..dim];
                             for (d, &x) in
                                 dst.iter_mut().zip(q.slice(s![b, g * group + hh, ii, ..]))
                             {
@@ -224,7 +279,11 @@ pub(super) fn decode(
                         g,
                         keys: start..end,
                     };
-                    run_split(&split, q_rows, scores, k_buf, v_buf, SplitState { o, m, l });
+                    pulp::Arch::new().dispatch(SplitRun {
+                        split: &split,
+                        scratch,
+                        state: SplitState { o, m, l },
+                    });
                 },
             );
     }
@@ -264,91 +323,126 @@ pub(super) fn decode(
     Merged { o, lse }
 }
 
-/// One split: every row of the group at once, in two passes over its keys.
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
-fn run_split(
-    split: &Split<'_>,
-    q_rows: &[f32],
-    scores: &mut Vec<f32>,
-    k_buf: &mut [f32],
-    v_buf: &mut [f32],
-    state: SplitState<'_>,
-) {
-    let spec = split.spec;
-    let pool = split.pool;
-    let (dim, seq_q, group) = (pool.head_dim, split.seq_q, spec.group_size());
-    let rows = group * seq_q;
-    let mask = spec.mask();
-    let scale = spec.scale();
-    let SplitState { o: acc, m, l } = state;
-    acc.fill(0.0);
-    m.fill(f32::NEG_INFINITY);
-    l.fill(0.0);
-    // Each query's visible keys and diagonal (allocated once per split, not per key).
-    let visible: Vec<(Range<usize>, i128)> = (0..seq_q)
-        .map(|ii| {
-            (
-                mask.visible_keys(ii, seq_q, split.len),
-                mask.diagonal(ii, seq_q, split.len),
-            )
-        })
-        .collect();
-    let (t0, n) = (split.keys.start, split.keys.len());
-    if scores.len() < rows * n {
-        scores.resize(rows * n, 0.0);
-    }
-    // Pass 1, scores: each key row once, against every row.
-    for j in 0..n {
-        let t = t0 + j;
-        let row = pool.row(split.pages, t, split.g);
-        let k_row = pool.fetch(pool.k, pool.k_scale, row, k_buf);
-        for (ii, (range, diag)) in visible.iter().enumerate() {
-            let (seen, diag) = (range.contains(&t), *diag);
+/// A worker's scratch, reused from split to split: the group's query rows, the split's scores
+/// (`rows × keys`, grown when needed) and one block of dequantized rows.
+struct Scratch {
+    q_rows: Vec<f32>,
+    scores: Vec<f32>,
+    block: Vec<f32>,
+}
+
+/// One split: every row of the group at once, in two passes over its keys, under the
+/// instruction set `pulp` chose.
+struct SplitRun<'a> {
+    split: &'a Split<'a>,
+    scratch: &'a mut Scratch,
+    state: SplitState<'a>,
+}
+
+impl pulp::WithSimd for SplitRun<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let SplitRun {
+            split,
+            scratch,
+            state,
+        } = self;
+        let Scratch {
+            q_rows,
+            scores,
+            block,
+        } = scratch;
+        let spec = split.spec;
+        let pool = split.pool;
+        let (dim, seq_q, group) = (pool.head_dim, split.seq_q, spec.group_size());
+        let rows = group * seq_q;
+        let mask = spec.mask();
+        let SplitState { o: acc, m, l } = state;
+        acc.fill(0.0);
+        m.fill(f32::NEG_INFINITY);
+        l.fill(0.0);
+        let (t0, n) = (split.keys.start, split.keys.len());
+        if scores.len() < rows * n {
+            scores.resize(rows * n, 0.0);
+        }
+        let scores = &mut scores[..rows * n];
+        // Pass 1, scores: each block of key rows once, against every row of the group.
+        let mut ahead = pool
+            .blocks(split.pages, split.g, split.keys.clone(), BLOCK_K)
+            .skip(AHEAD_K);
+        for (j0, row, count) in pool.blocks(split.pages, split.g, split.keys.clone(), BLOCK_K) {
+            let next = ahead.next().map_or(tiles::Ahead::NONE, |(_, row, count)| {
+                pool.ahead(pool.k, row, count)
+            });
+            let k = pool.fetch(pool.k, pool.k_scale, row, count, block);
+            tiles::dots(
+                simd,
+                q_rows,
+                k,
+                dim,
+                spec.scale(),
+                &mut scores[j0..],
+                n,
+                next,
+            );
+        }
+        // Score modifiers and the mask, row by row; then the split's exact max per row, so no
+        // rescale: scores become probabilities.
+        for ii in 0..seq_q {
+            let visible = mask.visible_keys(ii, seq_q, split.len);
+            let diag = mask.diagonal(ii, seq_q, split.len);
+            let (lo, hi) = (
+                visible.start.clamp(t0, t0 + n) - t0,
+                visible.end.clamp(t0, t0 + n) - t0,
+            );
             for hh in 0..group {
                 let r = hh * seq_q + ii;
-                scores[r * n + j] = if seen {
-                    let mut s = scale * simd::dot(&q_rows[r * dim..][..dim], k_row);
-                    if let Some(cap) = spec.softcap() {
-                        s = cap * (s / cap).tanh();
+                let row = &mut scores[r * n..][..n];
+                if let Some(cap) = spec.softcap() {
+                    for s in row.iter_mut() {
+                        *s = cap * (*s / cap).tanh();
                     }
-                    if let Some(alibi) = spec.alibi() {
-                        let slope = alibi.slope(split.g * group + hh);
-                        s -= slope * (diag - t as i128).unsigned_abs() as f32;
+                }
+                if let Some(alibi) = spec.alibi() {
+                    let slope = alibi.slope(split.g * group + hh);
+                    for (j, s) in row.iter_mut().enumerate() {
+                        *s -= slope * (diag - (t0 + j) as i128).unsigned_abs() as f32;
                     }
-                    s
+                }
+                if lo >= hi {
+                    row.fill(f32::NEG_INFINITY);
                 } else {
-                    f32::NEG_INFINITY
-                };
+                    row[..lo].fill(f32::NEG_INFINITY);
+                    row[hi..].fill(f32::NEG_INFINITY);
+                }
+                m[r] = simd::max(row);
+                if m[r] == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                } else {
+                    l[r] = simd::exp_shifted_sum(row, m[r]);
+                }
             }
         }
-    }
-    // The split's exact max per row, so no rescale: scores become probabilities.
-    for r in 0..rows {
-        let row = &mut scores[r * n..][..n];
-        m[r] = simd::max(row);
-        if m[r] == f32::NEG_INFINITY {
-            row.fill(0.0);
-        } else {
-            l[r] = simd::exp_shifted_sum(row, m[r]);
+        // Pass 2, values: each block of value rows once, into every row that weighs it.
+        let mut ahead = pool
+            .blocks(split.pages, split.g, split.keys.clone(), BLOCK_V)
+            .skip(AHEAD_V);
+        for (j0, row, count) in pool.blocks(split.pages, split.g, split.keys.clone(), BLOCK_V) {
+            let next = ahead.next().map_or(tiles::Ahead::NONE, |(_, row, count)| {
+                pool.ahead(pool.v, row, count)
+            });
+            let v = pool.fetch(pool.v, pool.v_scale, row, count, block);
+            tiles::weighted_sum(simd, &scores[j0..], n, v, dim, acc, next);
         }
-    }
-    // Pass 2, values: each row once, into every row that weighs it.
-    for j in 0..n {
-        let row = pool.row(split.pages, t0 + j, split.g);
-        let v_row = pool.fetch(pool.v, pool.v_scale, row, v_buf);
         for r in 0..rows {
-            let p = scores[r * n + j];
-            if p > 0.0 {
-                simd::axpy(p, v_row, &mut acc[r * dim..][..dim]);
-            }
-        }
-    }
-    for r in 0..rows {
-        if l[r] > 0.0 {
-            // Divided, not multiplied by 1/l: one rounding.
-            let l_r = l[r] as f32;
-            for x in &mut acc[r * dim..][..dim] {
-                *x /= l_r;
+            if l[r] > 0.0 {
+                // Divided, not multiplied by 1/l: one rounding.
+                let l_r = l[r] as f32;
+                for x in &mut acc[r * dim..][..dim] {
+                    *x /= l_r;
+                }
             }
         }
     }

@@ -27,6 +27,7 @@
 mod decode;
 mod prefill;
 mod simd;
+mod tiles;
 
 use std::borrow::Cow;
 use std::ops::Range;
