@@ -369,13 +369,16 @@ impl pulp::WithSimd for SplitRun<'_> {
         }
         let scores = &mut scores[..rows * n];
         // Pass 1, scores: each block of key rows once, against every row of the group.
-        let mut ahead = pool
-            .blocks(split.pages, split.g, split.keys.clone(), BLOCK_K)
-            .skip(AHEAD_K);
-        for (j0, row, count) in pool.blocks(split.pages, split.g, split.keys.clone(), BLOCK_K) {
-            let next = ahead.next().map_or(tiles::Ahead::NONE, |(_, row, count)| {
-                pool.ahead(pool.k, row, count)
-            });
+        // Ahead of the last key blocks, the first value rows of pass 2.
+        let blocks = |size| pool.blocks(split.pages, split.g, split.keys.clone(), size);
+        let mut ahead = (blocks(BLOCK_K).skip(AHEAD_K).map(|b| (pool.k, b)))
+            .chain(blocks(BLOCK_K).map(|b| (pool.v, b)));
+        for (j0, row, count) in blocks(BLOCK_K) {
+            let next = ahead
+                .next()
+                .map_or(tiles::Ahead::NONE, |(words, (_, row, count))| {
+                    pool.ahead(words, row, count)
+                });
             let k = pool.fetch(pool.k, pool.k_scale, row, count, block);
             tiles::dots(
                 simd,
@@ -426,10 +429,8 @@ impl pulp::WithSimd for SplitRun<'_> {
             }
         }
         // Pass 2, values: each block of value rows once, into every row that weighs it.
-        let mut ahead = pool
-            .blocks(split.pages, split.g, split.keys.clone(), BLOCK_V)
-            .skip(AHEAD_V);
-        for (j0, row, count) in pool.blocks(split.pages, split.g, split.keys.clone(), BLOCK_V) {
+        let mut ahead = blocks(BLOCK_V).skip(AHEAD_V);
+        for (j0, row, count) in blocks(BLOCK_V) {
             let next = ahead.next().map_or(tiles::Ahead::NONE, |(_, row, count)| {
                 pool.ahead(pool.v, row, count)
             });
