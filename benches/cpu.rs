@@ -7,13 +7,17 @@
 //! a single-precision GEMM of the same FLOPs on the same number of threads, timed in the same
 //! run: per query head `[L, D] × [D, L]` (the head's unmasked Q·Kᵀ) by the `gemm` crate, the
 //! heads divided evenly over the threads. Outputs preallocated ([`Cpu::try_forward_into`], one
-//! GEMM output per thread); median of `GQA_BENCH_RUNS` (default 3).
+//! GEMM output per thread); median of `GQA_BENCH_RUNS` (default 3), attention and GEMM
+//! alternating run by run.
 //!
-//! **Decode** (1 query, f32 cache, contiguous): batch 1 and 8 × Lk `GQA_CPU_DECODE_LENGTHS`
-//! (default 1024,4096,16384) × the three configurations, 1 and 2 threads, cache cold: the
-//! timed calls rotate over enough copies of the cache to exceed twice the last-level cache.
-//! GB/s of K/V read, against a plain streaming read (a sum) of the same copies' bytes on the
-//! same threads in the same run; and the GQA/MQA speedup over MHA next to its ideal.
+//! **Decode** (1 query, f32 cache, contiguous): batch `GQA_CPU_DECODE_BATCHES` (default 1,8) ×
+//! Lk `GQA_CPU_DECODE_LENGTHS` (default 1024,4096,16384) × the three configurations, 1 and 2
+//! threads, cache cold: the timed calls rotate over enough copies of the cache to exceed twice
+//! the last-level cache. GB/s of K/V read, against a plain streaming read (a sum) of the same
+//! copies' bytes on the same threads in the same run; and the GQA/MQA speedup over MHA next to
+//! its ideal. Each step runs the three configurations' decodes and reads in turn, so that a
+//! shared machine's drift hits all of them alike. The decode's own allocations (its outputs,
+//! the split states) are inside the timed call.
 
 use std::hint::black_box;
 use std::time::Instant;
