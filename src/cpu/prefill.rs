@@ -168,11 +168,11 @@ impl Tile<'_> {
             for ii in 0..block_q {
                 let row = &mut scratch.q[(hh * block_q + ii) * dim..][..dim];
                 if self.i0 + ii < self.i1 {
-                    for (dst, &x) in
-                        row.iter_mut()
-                            .zip(q.slice(s![self.g * group + hh, self.i0 + ii, ..]))
-                    {
-                        *dst = x;
+                    let src = q.slice(s![self.g * group + hh, self.i0 + ii, ..]);
+                    // A plain copy where the row is contiguous (it usually is), else by element.
+                    match src.as_slice() {
+                        Some(src) => row.copy_from_slice(src),
+                        None => row.iter_mut().zip(src).for_each(|(dst, &x)| *dst = x),
                     }
                 } else {
                     row.fill(0.0);
@@ -221,8 +221,12 @@ impl Tile<'_> {
                 let mut out = o_tile.slice_mut(s![hh, ii, ..]);
                 if l > 0.0 {
                     let l32 = l as f32;
-                    for (o, &a) in out.iter_mut().zip(&acc_buf[r * dim..][..dim]) {
-                        *o = a / l32;
+                    let acc = &acc_buf[r * dim..][..dim];
+                    // Divided, not multiplied by 1/l: one rounding. Slices where the row is
+                    // contiguous, so that the loop vectorises.
+                    match out.as_slice_mut() {
+                        Some(out) => out.iter_mut().zip(acc).for_each(|(o, &a)| *o = a / l32),
+                        None => out.iter_mut().zip(acc).for_each(|(o, &a)| *o = a / l32),
                     }
                     lse_tile[[hh, ii]] = (f64::from(m) + l.ln()) as f32;
                 } else {
