@@ -370,9 +370,15 @@ mod tests {
         for rows in [1, 2, 3, 4, 5, 8, 9, 32] {
             for keys in [0, 1, 2, 3, 7, 8, 9, 17] {
                 for dim in [1, 8, 15, 16, 17, 40, 64, 100, 128, 256] {
-                    pulp::Arch::new().dispatch(&Case { rows, keys, dim });
-                    // The scalar path too (what a CPU without SIMD runs).
-                    <&Case as pulp::WithSimd>::with_simd(&Case { rows, keys, dim }, pulp::Scalar);
+                    let case = &Case { rows, keys, dim };
+                    // The instruction set chosen at run time, the scalar path (what a CPU
+                    // without SIMD runs), and AVX2 where the CPU has more than that.
+                    pulp::Arch::new().dispatch(case);
+                    pulp::Simd::vectorize(pulp::Scalar, case);
+                    #[cfg(target_arch = "x86_64")]
+                    if let Some(avx2) = pulp::x86::V3::try_new() {
+                        pulp::Simd::vectorize(avx2, case);
+                    }
                 }
             }
         }
