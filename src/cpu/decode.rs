@@ -154,6 +154,36 @@ impl Pool<'_> {
 /// [`crate::cache::storage`]); `out[c] = f(lane)`.
 #[inline(always)]
 fn unpack(words: &[u32], bits: u32, out: &mut [f32], f: impl Fn(u32) -> f32) {
+    // In little-endian memory lane `c` is simply the `c`-th field of `bits` bits: read as
+    // bytes or halves, the loops vectorise (the word-and-shift loop below does not).
+    #[cfg(target_endian = "little")]
+    match bits {
+        16 => {
+            let lanes: &[u16] = bytemuck::cast_slice(words);
+            for (value, &lane) in out.iter_mut().zip(lanes) {
+                *value = f(u32::from(lane));
+            }
+            return;
+        }
+        8 => {
+            let lanes: &[u8] = bytemuck::cast_slice(words);
+            for (value, &lane) in out.iter_mut().zip(lanes) {
+                *value = f(u32::from(lane));
+            }
+            return;
+        }
+        4 => {
+            let bytes: &[u8] = bytemuck::cast_slice(words);
+            for (pair, &byte) in out.chunks_mut(2).zip(bytes) {
+                pair[0] = f(u32::from(byte & 0xf));
+                if let Some(high) = pair.get_mut(1) {
+                    *high = f(u32::from(byte >> 4));
+                }
+            }
+            return;
+        }
+        _ => {}
+    }
     let per_word = (32 / bits) as usize;
     let mask = (1u32 << bits) - 1;
     for (w, chunk) in words.iter().zip(out.chunks_mut(per_word)) {
