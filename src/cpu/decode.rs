@@ -71,7 +71,7 @@ impl Pool<'_> {
 
     /// The blocks of `keys` (of a sequence with block table `pages`, KV head `g`): `(offset
     /// in keys, first pool row, count)`, each within one page (so its rows are consecutive in
-    /// the pool) and at most [`BLOCK`] long. Divides once per block, not per key.
+    /// the pool) and at most `most` long. Divides once per block, not per key.
     fn blocks<'b>(
         &'b self,
         pages: &'b [u32],
@@ -117,7 +117,6 @@ impl Pool<'_> {
         let rows = words[row * per_row..][..count * per_row].chunks_exact(per_row);
         let buf = &mut buf[..count * dim];
         let outs = buf.chunks_exact_mut(dim);
-        let scales = scales.get(row..row + count).unwrap_or(&[]);
         match self.storage {
             StorageKind::Float32 => {
                 return bytemuck::cast_slice(&words[row * per_row..][..count * per_row]);
@@ -133,12 +132,12 @@ impl Pool<'_> {
                 }
             }
             StorageKind::Int8 => {
-                for ((words, out), &scale) in rows.zip(outs).zip(scales) {
+                for ((words, out), &scale) in rows.zip(outs).zip(&scales[row..row + count]) {
                     unpack(words, 8, out, |bits| f32::from(bits as u8 as i8) * scale);
                 }
             }
             StorageKind::Int4 => {
-                for ((words, out), &scale) in rows.zip(outs).zip(scales) {
+                for ((words, out), &scale) in rows.zip(outs).zip(&scales[row..row + count]) {
                     // Sign-extend the nibble: shift it to the top of a byte, then back as i8.
                     unpack(words, 4, out, |bits| {
                         f32::from(((bits << 4) as u8 as i8) >> 4) * scale
