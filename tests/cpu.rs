@@ -36,29 +36,20 @@ fn run_decode<T: CpuElement, const HQ: usize, const HKV: usize, const D: usize, 
     gqa::heads::Rule: gqa::heads::Supported<HQ, HKV, D> + gqa::heads::Supported<HKV, HKV, D>,
 {
     let cpu = Cpu::new();
-    let worst = std::cell::Cell::new((0.0f64, 0.0f64, 0.0f64));
-    runner()
-        .run(&dec::case(variant, HQ, HKV, D), |case: Case| {
+    dec::run_cases::<T, S>(
+        runner(),
+        "cpu decode",
+        variant,
+        (HQ, HKV, D),
+        |case: Case| {
             let (cache, seqs) = fill::<HKV, D, S>(&case);
             let q = case.q.mapv(T::narrow);
             let attention = Gqa::<HQ, HKV, D>::try_from(case.spec).unwrap();
             let out = attention
                 .try_decode_cpu(&cpu, q.view(), &cache, &seqs)
                 .map_err(|e| TestCaseError::fail(e.to_string()))?;
-            let w = check_decoded(&case, (&cache, &seqs), &q, (&out.o, &out.lse))?;
-            let old = worst.get();
-            worst.set((old.0.max(w.0), old.1.max(w.1), old.2.max(w.2)));
-            Ok(())
-        })
-        .unwrap();
-    let w = worst.get();
-    eprintln!(
-        "cpu decode {HQ}/{HKV} d{D} {:?} cache, {} queries, {variant:?}: max |o error| {:.2e}, max |lse error| {:.2e}, vs input {:.2e}",
-        S::KIND,
-        T::DTYPE,
-        w.0,
-        w.1,
-        w.2
+            check_decoded(&case, (&cache, &seqs), &q, (&out.o, &out.lse))
+        },
     );
 }
 

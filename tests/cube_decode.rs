@@ -61,25 +61,9 @@ fn run<T: CubeElement, const HQ: usize, const HKV: usize, const D: usize, S: KvS
     gqa::heads::Rule: gqa::heads::Supported<HKV, HKV, D>,
 {
     let Some(device) = device() else { return };
-    let mut runner = runner(cases());
-    let worst = std::cell::Cell::new((0.0f64, 0.0f64, 0.0f64));
-    runner
-        .run(&case(variant, HQ, HKV, D), |c| {
-            let w = check::<T, HKV, D, S>(device, &c)?;
-            let old = worst.get();
-            worst.set((old.0.max(w.0), old.1.max(w.1), old.2.max(w.2)));
-            Ok(())
-        })
-        .unwrap();
-    let w = worst.get();
-    eprintln!(
-        "decode {HQ}/{HKV} d{D} {:?} cache, {} queries, {variant:?}: max |o error| {:.2e}, max |lse error| {:.2e}, vs input {:.2e}",
-        S::KIND,
-        T::DTYPE,
-        w.0,
-        w.1,
-        w.2
-    );
+    run_cases::<T, S>(runner(cases()), "decode", variant, (HQ, HKV, D), |c| {
+        check::<T, HKV, D, S>(device, &c)
+    });
 }
 
 macro_rules! decode_tests {

@@ -175,6 +175,35 @@ where
 /// Max errors seen: o vs the oracle on stored rows, lse, o vs the oracle on the input.
 pub type Worst = (f64, f64, f64);
 
+/// Runs `runner` over the decode cases of `variant` for `(hq, hkv, d)`, checking each with
+/// `check` (a case's worst errors, or its failure), and prints the worst over all cases.
+pub fn run_cases<T: Element, S: KvStorage>(
+    mut runner: proptest::test_runner::TestRunner,
+    label: &str,
+    variant: Variant,
+    (hq, hkv, d): (usize, usize, usize),
+    check: impl Fn(Case) -> Result<Worst, TestCaseError>,
+) {
+    let worst = std::cell::Cell::new((0.0f64, 0.0f64, 0.0f64));
+    runner
+        .run(&case(variant, hq, hkv, d), |case| {
+            let w = check(case)?;
+            let old = worst.get();
+            worst.set((old.0.max(w.0), old.1.max(w.1), old.2.max(w.2)));
+            Ok(())
+        })
+        .unwrap();
+    let w = worst.get();
+    eprintln!(
+        "{label} {hq}/{hkv} d{d} {:?} cache, {} queries, {variant:?}: max |o error| {:.2e}, max |lse error| {:.2e}, vs input {:.2e}",
+        S::KIND,
+        T::DTYPE,
+        w.0,
+        w.1,
+        w.2
+    );
+}
+
 /// Checks a decode's results (`o: [B, HQ, Lq, D]` in `T`, `lse` in f32) for every sequence of
 /// the case under the tolerance rule; returns the worst errors, including the error against
 /// the unquantized input (reported, not bounded).
