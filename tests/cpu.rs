@@ -14,11 +14,10 @@ use common::forward::{self, Variant};
 use common::{Problem, nan_padded, nan_padded_view, tensor};
 use gqa::cache::{BFloat16, Float16, Float32, Int4, Int8, KvStorage, Layout};
 use gqa::cpu::{Cpu, CpuElement};
-use gqa::oracle::{self, compare};
 use gqa::partial::Partial;
-use gqa::{AttentionSpec, DType, Error, Gqa, Mask};
+use gqa::{AttentionSpec, Error, Gqa, Mask};
 use half::{bf16, f16};
-use ndarray::{Array3, Array4, Axis, s};
+use ndarray::{Array3, Array4, s};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
@@ -325,32 +324,7 @@ fn split_decode_and_partials_match_the_oracle() {
                 check_decoded(&case, (&cache, &seqs), &q, (whole.o(), &lse))?;
                 // Each partial against the oracle's partial over the same keys.
                 for (part, keys) in parts.iter().zip([0..cut1, cut1..cut2, cut2..usize::MAX]) {
-                    for (b, &seq) in seqs.iter().enumerate() {
-                        let (k, v) = cache.read_exact(seq).unwrap();
-                        let (k, v) = (k.insert_axis(Axis(0)), v.insert_axis(Axis(0)));
-                        let q_b = q.slice(s![b..b + 1, .., .., ..]).mapv(f64::from);
-                        let (qv, kv, vv) = (q_b.view(), k.view(), v.view());
-                        let exact =
-                            oracle::try_forward_keys(&spec, qv, kv, vv, keys.clone()).unwrap();
-                        let rounded = oracle::try_forward_rounded_keys(
-                            &spec,
-                            qv,
-                            kv,
-                            vv,
-                            DType::F32,
-                            keys.clone(),
-                        )
-                        .unwrap();
-                        let o_b = part.o().slice(s![b, .., .., ..]).mapv(f64::from);
-                        let o_check = compare(&exact.o, &rounded.o, &o_b, DType::F32);
-                        let lse_b = part.lse().slice(s![b, .., ..]).to_owned();
-                        let lse_check = compare(&exact.lse, &rounded.lse, &lse_b, DType::F32);
-                        prop_assert!(o_check.passed(), "keys {keys:?}, seq {b}: o {o_check}");
-                        prop_assert!(
-                            lse_check.passed(),
-                            "keys {keys:?}, seq {b}: lse {lse_check}"
-                        );
-                    }
+                    dec::check_partial(&spec, &q, (&cache, &seqs), keys, (part.o(), part.lse()))?;
                 }
             }
             Ok(())

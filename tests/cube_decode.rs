@@ -22,10 +22,9 @@ use common::cube::{cases, device, runner};
 use common::decode::*;
 use gqa::cache::{BFloat16, Float16, Float32, Int4, Int8, KvCache, KvStorage, Layout};
 use gqa::cube::{CubeDevice, CubeElement};
-use gqa::oracle::{self, compare};
 use gqa::{DType, Error};
 use half::f16;
-use ndarray::{Array3, Array4, Axis, s};
+use ndarray::{Array3, Array4, s};
 use proptest::prelude::*;
 
 fn check<T: CubeElement, const HKV: usize, const D: usize, S: KvStorage>(
@@ -232,35 +231,8 @@ fn partials_over_key_ranges_merge_into_the_decode() {
                 let part = attention
                     .try_decode_partial(device, &q_device, &cache, &mut copy, &seqs, range.clone())
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                for (b, &seq) in seqs.iter().enumerate() {
-                    let (k, v) = cache.read_exact(seq).unwrap();
-                    let (k, v) = (k.insert_axis(Axis(0)), v.insert_axis(Axis(0)));
-                    let q_b = q.slice(s![b..b + 1, .., .., ..]).mapv(f64::from);
-                    let (qv, kv, vv) = (q_b.view(), k.view(), v.view());
-                    let exact =
-                        oracle::try_forward_keys(&case.spec, qv, kv, vv, range.clone()).unwrap();
-                    let rounded = oracle::try_forward_rounded_keys(
-                        &case.spec,
-                        qv,
-                        kv,
-                        vv,
-                        DType::F32,
-                        range.clone(),
-                    )
-                    .unwrap();
-                    let o_b = part.o().slice(s![b, .., .., ..]).mapv(f64::from);
-                    let lse_b = part.lse().slice(s![b, .., ..]).to_owned();
-                    let o_check = compare(&exact.o, &rounded.o, &o_b, DType::F32);
-                    let lse_check = compare(&exact.lse, &rounded.lse, &lse_b, DType::F32);
-                    prop_assert!(
-                        o_check.passed(),
-                        "keys {range:?}, sequence {b}: o {o_check}"
-                    );
-                    prop_assert!(
-                        lse_check.passed(),
-                        "keys {range:?}, sequence {b}: lse {lse_check}"
-                    );
-                }
+                let (o, lse) = (part.o(), part.lse());
+                check_partial(&case.spec, &q, (&cache, &seqs), range, (o, lse))?;
                 parts.push(part);
             }
             // Merged in another order than computed: merge does not care.

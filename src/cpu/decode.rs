@@ -25,7 +25,7 @@ use std::ops::Range;
 use ndarray::{Array3, Array4, ArrayView4, s};
 use rayon::prelude::*;
 
-use super::{simd, tiles};
+use super::{RowState, simd, tiles};
 use crate::cache::StorageKind;
 use crate::spec::AttentionSpec;
 
@@ -216,13 +216,6 @@ pub(super) struct Merged {
     pub lse: Array3<f64>,
 }
 
-/// One split's state for its rows.
-struct SplitState<'a> {
-    o: &'a mut [f32],
-    m: &'a mut [f32],
-    l: &'a mut [f64],
-}
-
 /// What a split reads.
 struct Split<'a> {
     spec: &'a AttentionSpec,
@@ -311,7 +304,7 @@ pub(super) fn decode(
                     pulp::Arch::new().dispatch(SplitRun {
                         split: &split,
                         scratch,
-                        state: SplitState { o, m, l },
+                        state: RowState { acc: o, m, l },
                     });
                 },
             );
@@ -365,7 +358,7 @@ struct Scratch {
 struct SplitRun<'a> {
     split: &'a Split<'a>,
     scratch: &'a mut Scratch,
-    state: SplitState<'a>,
+    state: RowState<'a>,
 }
 
 impl pulp::WithSimd for SplitRun<'_> {
@@ -388,7 +381,7 @@ impl pulp::WithSimd for SplitRun<'_> {
         let (dim, seq_q, group) = (pool.head_dim, split.seq_q, spec.group_size());
         let rows = group * seq_q;
         let mask = spec.mask();
-        let SplitState { o: acc, m, l } = state;
+        let RowState { acc, m, l } = state;
         acc.fill(0.0);
         m.fill(f32::NEG_INFINITY);
         l.fill(0.0);

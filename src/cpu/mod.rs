@@ -29,6 +29,14 @@ mod prefill;
 mod simd;
 mod tiles;
 
+/// Rows' running softmax state (prefill's per tile, decode's per split): unnormalised
+/// outputs (`rows × D`), maxima, and sums of `exp(s − m)` in f64.
+struct RowState<'a> {
+    acc: &'a mut [f32],
+    m: &'a mut [f32],
+    l: &'a mut [f64],
+}
+
 use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;

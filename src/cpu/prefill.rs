@@ -15,7 +15,7 @@ use ndarray::{
 };
 use rayon::prelude::*;
 
-use super::simd;
+use super::{RowState, simd};
 use crate::spec::{AttentionSpec, ProblemShape};
 
 /// Keys per block.
@@ -115,13 +115,6 @@ fn chunks<'a, A, D: ndarray::Dimension>(
     }
     pieces.push(view);
     pieces
-}
-
-/// The rows' running state: unnormalised outputs, maxima, sums.
-struct RowState<'a> {
-    acc: &'a mut [f32],
-    m: &'a mut [f32],
-    l: &'a mut [f64],
 }
 
 /// One work item's place in the problem.

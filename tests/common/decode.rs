@@ -265,3 +265,36 @@ where
     }
     Ok(worst)
 }
+
+/// Checks every sequence of an f32 partial (`o: [B, HQ, Lq, D]`, `lse` in f64) over `keys`
+/// against the oracle's partial over the same keys, under the tolerance rule for f32.
+pub fn check_partial<const HKV: usize, const D: usize, S: KvStorage>(
+    spec: &AttentionSpec,
+    q: &Array4<f32>,
+    (cache, seqs): (&KvCache<HKV, D, S>, &[gqa::cache::SeqId]),
+    keys: std::ops::Range<usize>,
+    (o, lse): (&Array4<f32>, &Array3<f64>),
+) -> Result<(), TestCaseError>
+where
+    gqa::heads::Rule: gqa::heads::Supported<HKV, HKV, D>,
+{
+    for (b, &seq) in seqs.iter().enumerate() {
+        let (k, v) = cache.read_exact(seq).unwrap();
+        let (k, v) = (k.insert_axis(Axis(0)), v.insert_axis(Axis(0)));
+        let q_b = q.slice(s![b..b + 1, .., .., ..]).mapv(f64::from);
+        let (qv, kv, vv) = (q_b.view(), k.view(), v.view());
+        let exact = oracle::try_forward_keys(spec, qv, kv, vv, keys.clone()).unwrap();
+        let rounded =
+            oracle::try_forward_rounded_keys(spec, qv, kv, vv, DType::F32, keys.clone()).unwrap();
+        let o_b = o.slice(s![b, .., .., ..]).mapv(f64::from);
+        let lse_b = lse.slice(s![b, .., ..]).to_owned();
+        let o_check = compare(&exact.o, &rounded.o, &o_b, DType::F32);
+        let lse_check = compare(&exact.lse, &rounded.lse, &lse_b, DType::F32);
+        prop_assert!(o_check.passed(), "keys {keys:?}, sequence {b}: o {o_check}");
+        prop_assert!(
+            lse_check.passed(),
+            "keys {keys:?}, sequence {b}: lse {lse_check}"
+        );
+    }
+    Ok(())
+}
