@@ -125,17 +125,19 @@ macro_rules! spec_builder_methods {
         /// Sets the softmax scale applied to `q·k` (default `1/√head_dim`).
         ///
         /// # Panics
-        /// If `scale` is NaN or infinite; [`Self::try_scale`] returns the error instead.
+        /// If `scale` is NaN, infinite or beyond `f32`'s range; [`Self::try_scale`] returns
+        /// the error instead.
         #[track_caller]
-        pub fn scale(self, scale: f32) -> Self {
+        pub fn scale(self, scale: f64) -> Self {
             match self.try_scale(scale) {
                 Ok(attention) => attention,
                 Err(error) => panic!("{error}"),
             }
         }
 
-        /// [`Self::scale`], returning [`Error::InvalidScale`] for NaN or infinity.
-        pub fn try_scale(self, scale: f32) -> Result<Self> {
+        /// [`Self::scale`], returning [`Error::InvalidScale`] for NaN, infinity or a value
+        /// beyond `f32`'s range.
+        pub fn try_scale(self, scale: f64) -> Result<Self> {
             Ok(Self {
                 spec: self.spec.try_with_scale(scale)?,
             })

@@ -68,7 +68,7 @@ pub fn try_forward_rounded_keys<T: Element>(
                     let dot = q_row.iter().zip(k_row).fold(0f32, |acc, (x, y)| {
                         acc + x.widen() as f32 * y.widen() as f32
                     });
-                    let mut s = spec.scale() * dot;
+                    let mut s = spec.scale_f32() * dot;
                     if let Some(cap) = spec.softcap() {
                         s = cap * (s / cap).tanh();
                     }

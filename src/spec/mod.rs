@@ -20,7 +20,7 @@ use crate::cache::KvCacheFootprint;
 use crate::element::DType;
 use crate::error::{Error, Result};
 use crate::heads::check_config;
-use score::Finite32;
+use score::{Finite32, Finite64};
 
 /// Which attention to compute: heads, head dim, mask and score modifiers (see [`score`] for the
 /// order in which modifiers apply, [`mask`] for the masks and their alignment).
@@ -30,7 +30,7 @@ pub struct AttentionSpec {
     kv_heads: usize,
     head_dim: usize,
     mask: Mask,
-    scale: Finite32,
+    scale: Finite64,
     softcap: Option<Finite32>,
     alibi: Option<AlibiSlopes>,
 }
@@ -40,13 +40,14 @@ impl AttentionSpec {
     /// rule ([`crate::heads::check_config`]).
     pub fn try_new(q_heads: usize, kv_heads: usize, head_dim: usize) -> Result<AttentionSpec> {
         check_config(q_heads, kv_heads, head_dim)?;
-        let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+        // In f64: the oracle computes the definition, and 1/√D is not an f32 number for most D.
+        let scale = 1.0 / (head_dim as f64).sqrt();
         Ok(AttentionSpec {
             q_heads,
             kv_heads,
             head_dim,
             mask: Mask::NONE,
-            scale: Finite32::new(scale).expect("1/sqrt(head_dim) is finite for head_dim >= 1"),
+            scale: Finite64::new(scale).expect("1/sqrt(head_dim) is finite for head_dim >= 1"),
             softcap: None,
             alibi: None,
         })
@@ -82,9 +83,15 @@ impl AttentionSpec {
         self.mask
     }
 
-    /// The factor applied to `q·k` (default `1/√head_dim`, rounded to `f32`).
-    pub fn scale(&self) -> f32 {
+    /// The factor applied to `q·k` (default `1/√head_dim`), in `f64`: what the oracle uses.
+    pub fn scale(&self) -> f64 {
         self.scale.get()
+    }
+
+    /// [`AttentionSpec::scale`] rounded to `f32`, once: what `f32` executors (the kernels, the
+    /// CPU backend) multiply by. Always finite ([`AttentionSpec::try_with_scale`] checks).
+    pub fn scale_f32(&self) -> f32 {
+        self.scale.get() as f32
     }
 
     /// The logit softcap, if any.
@@ -111,9 +118,10 @@ impl AttentionSpec {
         }
     }
 
-    /// This spec with a custom softmax scale (any finite value).
-    pub fn try_with_scale(self, scale: f32) -> Result<AttentionSpec> {
-        let scale = Finite32::new(scale).ok_or(Error::InvalidScale { scale })?;
+    /// This spec with a custom softmax scale: any value that is finite in `f32` as well (the
+    /// precision `f32` executors use), else [`Error::InvalidScale`].
+    pub fn try_with_scale(self, scale: f64) -> Result<AttentionSpec> {
+        let scale = Finite64::new(scale).ok_or(Error::InvalidScale { scale })?;
         Ok(AttentionSpec { scale, ..self })
     }
 
@@ -202,7 +210,12 @@ mod tests {
     #[test]
     fn defaults_are_maskless_with_inverse_sqrt_scale() {
         let s = spec();
-        assert_eq!(s.scale(), 0.125);
+        assert_eq!((s.scale(), s.scale_f32()), (0.125, 0.125));
+        // Not an f32 number: kept in f64 for the oracle, rounded once for f32 executors.
+        let odd = AttentionSpec::try_new(4, 2, 72).unwrap();
+        assert_eq!(odd.scale(), 1.0 / 72f64.sqrt());
+        assert_eq!(odd.scale_f32(), (1.0 / 72f64.sqrt()) as f32);
+        assert_ne!(odd.scale(), f64::from(odd.scale_f32()));
         assert_eq!(
             (s.group_size(), s.kv_head_of(3), s.kv_head_of(4)),
             (4, 0, 1)
@@ -221,13 +234,17 @@ mod tests {
             Err(Error::InvalidWindow { left: 3, right: -2 })
         );
         assert!(matches!(
-            spec().try_with_scale(f32::NAN),
+            spec().try_with_scale(f64::NAN),
             Err(Error::InvalidScale { .. })
         ));
         assert!(matches!(
-            spec().try_with_scale(f32::INFINITY),
+            spec().try_with_scale(f64::INFINITY),
             Err(Error::InvalidScale { .. })
         ));
+        assert_eq!(
+            spec().try_with_scale(1e39),
+            Err(Error::InvalidScale { scale: 1e39 })
+        );
         assert_eq!(
             spec().try_with_softcap(0.0),
             Err(Error::InvalidSoftcap { cap: 0.0 })

@@ -6,8 +6,10 @@
 //! 2. logit softcap (Gemma 2, Grok): `s = cap · tanh(s / cap)`;
 //! 3. ALiBi: `s = s − slope_h · |diag(i) − j|` (bottom-right: `|i + seq_k − seq_q − j|`).
 //!
-//! Values are stored as `f32`, the precision every executor (kernel, CPU, oracle) reads them in:
-//! the oracle widens the very same `f32` to `f64`, so a default scale is bit-identical everywhere.
+//! The scale is stored as `f64`, so that the oracle computes the definition in `f64` end to end
+//! (the default `1/√head_dim` is not an `f32` number for most head dims); `f32` executors take
+//! it rounded once ([`crate::AttentionSpec::scale_f32`]). Caps and slopes are `f32` values,
+//! exact in `f64`, which every executor reads alike.
 
 use crate::error::{Error, Result};
 use crate::heads::MAX_Q_HEADS;
@@ -25,6 +27,28 @@ impl Finite32 {
 
     pub(crate) fn get(self) -> f32 {
         f32::from_bits(self.0)
+    }
+}
+
+/// A finite `f64` that is also finite rounded to `f32` (what `f32` executors multiply by),
+/// compared and hashed by value (`-0.0` is stored as `0.0`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Finite64(u64);
+
+impl Finite64 {
+    /// `None` for NaN, ±∞ and magnitudes that overflow `f32`.
+    pub(crate) fn new(x: f64) -> Option<Finite64> {
+        (x.is_finite() && (x as f32).is_finite()).then(|| Finite64((x + 0.0).to_bits()))
+    }
+
+    pub(crate) fn get(self) -> f64 {
+        f64::from_bits(self.0)
+    }
+}
+
+impl std::fmt::Debug for Finite64 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
     }
 }
 
@@ -174,5 +198,16 @@ mod tests {
     fn negative_zero_equals_zero() {
         assert_eq!(Finite32::new(-0.0), Finite32::new(0.0));
         assert_eq!(Finite32::new(f32::INFINITY), None);
+        assert_eq!(Finite64::new(-0.0), Finite64::new(0.0));
+        assert_eq!(Finite64::new(f64::NAN), None);
+    }
+
+    #[test]
+    fn a_scale_must_stay_finite_in_f32() {
+        assert!(Finite64::new(f64::from(f32::MAX)).is_some());
+        assert_eq!(Finite64::new(1e39), None);
+        assert_eq!(Finite64::new(-1e300), None);
+        // Below f32's range is fine: it rounds to a (sub)normal or zero, never to ±∞.
+        assert!(Finite64::new(1e-50).is_some());
     }
 }
