@@ -17,9 +17,10 @@ pub enum Error {
     #[error("sliding window sides must be >= 0, got (left {left}, right {right})")]
     InvalidWindow { left: i64, right: i64 },
 
-    /// The softmax scale was NaN or infinite.
-    #[error("softmax scale must be finite, got {scale}")]
-    InvalidScale { scale: f32 },
+    /// The softmax scale was NaN or infinite, or too large for `f32` (the precision the kernels
+    /// and the CPU backend multiply in).
+    #[error("softmax scale must be finite, and finite in f32, got {scale}")]
+    InvalidScale { scale: f64 },
 
     /// The logit softcap was not a finite number `> 0`.
     #[error("logit softcap must be finite and > 0, got {cap}")]
@@ -88,7 +89,6 @@ pub enum Error {
     #[error("{op}: the kernel failed on the device: {reason}")]
     Kernel { op: &'static str, reason: String },
 
-    /// A model configuration (e.g. a Hugging Face `config.json`) could not be read.
     /// A KV-cache layout that cannot hold anything.
     #[error("{op}: invalid cache layout: {reason}")]
     CacheLayout { op: &'static str, reason: String },
@@ -112,11 +112,25 @@ pub enum Error {
         tensor: &'static str,
     },
 
+    /// A finite value that the storage would turn into ±∞ (f16 above 65504, any storage beyond
+    /// `f32`); nothing was written.
+    #[error(
+        "{op}: `{tensor}` holds {value}, which {storage} storage cannot represent (it would be stored as infinity)"
+    )]
+    Unrepresentable {
+        op: &'static str,
+        tensor: &'static str,
+        value: f64,
+        storage: &'static str,
+    },
+
     /// Partials that cannot be merged (different spec, cache, sequences or shapes, or keys
     /// counted twice), or a key range that is not one.
     #[error("{op}: {reason}")]
     Partial { op: &'static str, reason: String },
 
+    /// A model configuration (e.g. a Hugging Face `config.json`) could not be read, or holds a
+    /// field of the wrong type or an unknown value.
     #[error("model config: {reason}")]
     ModelConfig { reason: String },
 }

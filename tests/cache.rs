@@ -9,9 +9,10 @@
 //! - the oracle: decode is the last rows of a forward over the cache; merging split partials
 //!   gives the unsplit result; merge is associative.
 
+#[macro_use]
 mod common;
 
-use common::{build_spec, mask, modifiers, tensor};
+use common::{build_spec, mask, modifiers, runner, tensor};
 use gqa::cache::{
     BFloat16, Float16, Float32, Int4, Int8, KvCache, KvStorage, Layout, SeqId, StorageKind,
 };
@@ -41,6 +42,34 @@ enum Op {
     Read {
         which: usize,
     },
+    /// Append a batch to every live sequence in which one value is one the storage must refuse
+    /// (`bad`: NaN, ±∞, 7e4, 1e39 as an f64); it must be refused whole, changing nothing.
+    AppendBad {
+        tokens: usize,
+        bad: usize,
+        at: usize,
+    },
+}
+
+/// Values some storage cannot hold: non-finite (quantized storage refuses them), and finite
+/// values that would be stored as ∞ (f16 above 65504; beyond f32 everywhere).
+const BAD_VALUES: [f64; 5] = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 7.0e4, 1.0e39];
+
+/// Whether storage `kind` must refuse `value` ([`BAD_VALUES`]), restated from its definition:
+/// quantized storage holds no NaN or ∞; every storage rounds to f32 first (max ≈ 3.4e38); f16's
+/// largest finite value is 65504 (from 65520 on, rounding gives ∞); bf16 keeps f32's exponent but
+/// rounds its top half-ulp to ∞.
+fn must_refuse(kind: StorageKind, value: f64) -> bool {
+    if !value.is_finite() {
+        return kind.is_quantized();
+    }
+    // Rounding to nearest reaches ∞ from half an ulp above the largest finite value:
+    // f16 65504 + 16; bf16 (2 − 2⁻⁷)·2¹²⁷ + 2¹¹⁹; f32 (after the f64 → f32 rounding) its own.
+    let x = value.abs();
+    (x as f32).is_infinite()
+        || (kind == StorageKind::Float16 && x >= 65520.0)
+        || (kind == StorageKind::BFloat16
+            && f64::from(x as f32) >= (2.0 - 2f64.powi(-8)) * 2f64.powi(127))
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -50,6 +79,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<u32>().prop_map(|seed| Op::AppendAll { seed }),
         1 => (0..8usize).prop_map(|which| Op::Drop { which }),
         2 => (0..8usize).prop_map(|which| Op::Read { which }),
+        1 => (1..5usize, 0..BAD_VALUES.len(), any::<usize>()).prop_map(|(tokens, bad, at)| Op::AppendBad { tokens, bad, at }),
     ]
 }
 
@@ -115,13 +145,26 @@ impl Model {
 }
 
 /// `stored` equals what was appended, stored through `S` (exact for f32; within the storage's
-/// rounding otherwise).
+/// rounding otherwise; NaN and ±∞, which float storage keeps, as they were).
 fn assert_stored(kind: StorageKind, appended: &Array3<f32>, stored: &Array3<f32>) {
     assert_eq!(appended.shape(), stored.shape());
     for h in 0..HKV {
         for t in 0..appended.shape()[1] {
             let x = appended.slice(s![h, t, ..]);
             let y = stored.slice(s![h, t, ..]);
+            for (a, b) in x.iter().zip(y).filter(|(a, _)| !a.is_finite()) {
+                assert!(
+                    (a.is_nan() && b.is_nan()) || a == b,
+                    "{kind:?}: stored {b}, appended {a}"
+                );
+            }
+            let x: Vec<f32> = x.iter().copied().filter(|a| a.is_finite()).collect();
+            let y: Vec<f32> = y
+                .iter()
+                .zip(appended.slice(s![h, t, ..]))
+                .filter(|(_, a)| a.is_finite())
+                .map(|(b, _)| *b)
+                .collect();
             let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let bound = match kind {
                 StorageKind::Float32 => 0.0,
@@ -139,6 +182,32 @@ fn assert_stored(kind: StorageKind, appended: &Array3<f32>, stored: &Array3<f32>
             }
         }
     }
+}
+
+/// Everything a cache holds, bit for bit: its sequences, their lengths and pages, the free
+/// pages and the whole word pool with its scales.
+fn snapshot<S: KvStorage>(cache: &KvCache<HKV, D, S>) -> impl PartialEq + use<S> {
+    let (k, v, ks, vs) = cache.raw();
+    let seqs: Vec<_> = cache
+        .sequences()
+        .into_iter()
+        .map(|id| {
+            (
+                id,
+                cache.len(id).unwrap(),
+                cache.pages(id).unwrap().to_vec(),
+            )
+        })
+        .collect();
+    let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    (
+        seqs,
+        cache.free_pages(),
+        k.to_vec(),
+        v.to_vec(),
+        bits(ks),
+        bits(vs),
+    )
 }
 
 fn run_ops<S: KvStorage>(layout: Layout, ops: &[Op]) {
@@ -209,6 +278,56 @@ fn run_ops<S: KvStorage>(layout: Layout, ops: &[Op]) {
                 cache.try_drop_sequence(id).unwrap();
                 dropped.push(id);
             }
+            Op::AppendBad { tokens, bad, at } if !model.seqs.is_empty() => {
+                let value = BAD_VALUES[bad];
+                let before = snapshot(&cache);
+                let xs: Vec<ndarray::Array3<f64>> = (0..model.seqs.len())
+                    .map(|n| rows(tokens, n as u32 + 77).mapv(f64::from))
+                    .collect();
+                let mut xs = xs;
+                let n = at % xs.len();
+                let len = xs[n].len();
+                xs[n].as_slice_mut().unwrap()[(at / 7) % len] = value;
+                let items: Vec<_> = model
+                    .seqs
+                    .iter()
+                    .zip(&xs)
+                    .map(|((id, _), x)| (*id, x.view(), x.view()))
+                    .collect();
+                let result = cache.try_append_batch(&items);
+                if must_refuse(S::KIND, value) {
+                    assert!(
+                        matches!(
+                            result,
+                            Err(Error::NonFinite { .. } | Error::Unrepresentable { .. })
+                        ),
+                        "{:?} accepted {value}: {result:?}",
+                        S::KIND
+                    );
+                    assert!(
+                        snapshot(&cache) == before,
+                        "a refused append changed the cache"
+                    );
+                } else {
+                    // Float storage keeps NaN and ∞ as they are: accepted, unless the pool is
+                    // full, which also changes nothing.
+                    match result {
+                        Ok(()) => {
+                            for (seq, x) in model.seqs.iter_mut().zip(xs) {
+                                let x = x.mapv(|v| v as f32);
+                                seq.1.push((x.clone(), x));
+                            }
+                        }
+                        Err(Error::CacheFull { .. }) => {
+                            assert!(
+                                snapshot(&cache) == before,
+                                "a refused append changed the cache"
+                            )
+                        }
+                        Err(e) => panic!("{:?} refused {value}: {e}", S::KIND),
+                    }
+                }
+            }
             Op::Read { which } if !model.seqs.is_empty() => {
                 let n = which % model.seqs.len();
                 let (k, v) = cache.read(model.seqs[n].0).unwrap();
@@ -248,10 +367,9 @@ fn run_ops<S: KvStorage>(layout: Layout, ops: &[Op]) {
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+properties! {
+    cases = runner::env_count("PROPTEST_CASES", 64), persist;
 
-    #[test]
     fn interleaved_operations_match_a_plain_model(
         layout in layout(),
         ops in proptest::collection::vec(op(), 1..40),
@@ -260,7 +378,6 @@ proptest! {
         run_ops::<Int8>(layout, &ops);
     }
 
-    #[test]
     fn every_storage_keeps_its_rounding_promise(
         layout in layout(),
         ops in proptest::collection::vec(op(), 1..25),
@@ -270,7 +387,6 @@ proptest! {
         run_ops::<Int4>(layout, &ops);
     }
 
-    #[test]
     fn paged_equals_contiguous(
         lens in proptest::collection::vec(0..20usize, 1..4),
         page_size in 1..7usize,
@@ -341,6 +457,60 @@ fn a_refused_append_changes_nothing() {
     assert_eq!(cache.len(a).unwrap(), 5);
 }
 
+/// f16 storage refuses a finite value above its range (it would be stored as ∞), with the
+/// value and the storage in the message, and appends nothing — not even the valid rows of the
+/// same batch; the same value in f32 storage is kept exactly.
+#[test]
+fn a_value_beyond_f16_is_refused_not_stored_as_infinity() {
+    let mut cache = KvCache::<HKV, D, Float16>::new(Layout::Paged {
+        page_size: 4,
+        pages: 4,
+    });
+    let (a, b) = (
+        cache.try_add_sequence().unwrap(),
+        cache.try_add_sequence().unwrap(),
+    );
+    let fine = rows(2, 1);
+    let mut big = rows(2, 2);
+    big[[1, 1, 3]] = 70000.0;
+    let before = snapshot(&cache);
+    let err = cache
+        .try_append_batch(&[(a, fine.view(), fine.view()), (b, fine.view(), big.view())])
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "KvCache::append: `v` holds 70000, which f16 storage cannot represent (it would be stored as infinity)"
+    );
+    assert!(snapshot(&cache) == before);
+    assert_eq!((cache.len(a).unwrap(), cache.len(b).unwrap()), (0, 0));
+    // 65504 is f16's largest value: kept.
+    big[[1, 1, 3]] = 65504.0;
+    cache.try_append(b, big.view(), big.view()).unwrap();
+    assert_eq!(cache.read(b).unwrap().1[[1, 1, 3]], 65504.0);
+    let mut wide = KvCache::<HKV, D, Float32>::new(Layout::Paged {
+        page_size: 4,
+        pages: 4,
+    });
+    let seq = wide.try_add_sequence().unwrap();
+    big[[1, 1, 3]] = 70000.0;
+    wide.try_append(seq, big.view(), big.view()).unwrap();
+    assert_eq!(wide.read(seq).unwrap().1[[1, 1, 3]], 70000.0);
+}
+
+/// A pool no allocator can provide (a pebibyte) is a typed error, not an abort.
+#[test]
+fn a_pool_too_large_to_allocate_is_a_typed_error() {
+    let layout = Layout::Paged {
+        page_size: 1 << 16,
+        pages: (1 << 16) - 1,
+    };
+    let err = KvCache::<256, 256, Float32>::try_new(layout).unwrap_err();
+    assert!(
+        matches!(err, Error::CacheLayout { .. }) && err.to_string().contains("cannot allocate"),
+        "{err}"
+    );
+}
+
 #[test]
 fn sizes_are_exact() {
     let layout = Layout::Paged {
@@ -369,11 +539,10 @@ fn sizes_are_exact() {
     assert_eq!(mha.bytes() as u128, mha_per_token * 160);
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+properties! {
+    cases = runner::env_count("PROPTEST_CASES", 48), persist;
 
     /// Decode against a cache equals the last rows of a forward over the same tokens.
-    #[test]
     fn decode_is_the_last_rows_of_a_forward(
         len in 1..12usize,
         seq_q in 1..4usize,
@@ -408,7 +577,6 @@ proptest! {
 
     /// Merging partials over a split of the keys gives the unsplit result, and merge is
     /// associative.
-    #[test]
     fn merged_splits_equal_the_whole_and_merge_is_associative(
         problem in common::problem(),
         cuts in (0..10usize, 0..10usize),
@@ -435,12 +603,11 @@ proptest! {
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(32))]
+properties! {
+    cases = runner::env_count("PROPTEST_CASES", 32), persist;
 
     /// Typed partials (`gqa::partial`) of the oracle's decode over a 3-way cut of the keys
     /// merge, in either grouping, into the decode itself; only the full union is complete.
-    #[test]
     fn typed_partials_merge_into_the_decode_in_any_grouping(
         lens in proptest::collection::vec(1..12usize, 1..3),
         cuts in (0..14usize, 0..14usize),

@@ -42,18 +42,31 @@ impl KvCacheFootprint {
     }
 
     /// Bytes one token adds across `layers` layers.
+    ///
+    /// # Panics
+    /// If the count does not fit in a `u128` (above 3.4 · 10³⁸ bytes), as for [`Self::bytes`].
+    #[track_caller]
     pub fn bytes_per_token(&self, layers: usize) -> u128 {
-        layers as u128 * self.bytes_per_token_per_layer()
+        times(layers, self.bytes_per_token_per_layer())
     }
 
     /// Bytes of one sequence of `context` tokens across `layers` layers.
+    ///
+    /// # Panics
+    /// If the count does not fit in a `u128`, as for [`Self::bytes`].
+    #[track_caller]
     pub fn bytes_per_sequence(&self, layers: usize, context: usize) -> u128 {
-        context as u128 * self.bytes_per_token(layers)
+        times(context, self.bytes_per_token(layers))
     }
 
     /// Bytes of a whole model's cache: `layers` layers, `batch` sequences of `context` tokens.
+    ///
+    /// # Panics
+    /// If the count does not fit in a `u128` (above 3.4 · 10³⁸ bytes: only numbers far
+    /// beyond any machine get there), rather than wrapping around to a wrong size.
+    #[track_caller]
     pub fn bytes(&self, layers: usize, batch: usize, context: usize) -> u128 {
-        batch as u128 * self.bytes_per_sequence(layers, context)
+        times(batch, self.bytes_per_sequence(layers, context))
     }
 
     /// The same cache if every query head kept its own KV head (multi-head attention).
@@ -68,6 +81,14 @@ impl KvCacheFootprint {
     pub fn reduction_vs_mha(&self) -> usize {
         self.q_heads / self.kv_heads
     }
+}
+
+/// `n · bytes`, or the documented panic of [`KvCacheFootprint::bytes`].
+#[track_caller]
+fn times(n: usize, bytes: u128) -> u128 {
+    (n as u128)
+        .checked_mul(bytes)
+        .unwrap_or_else(|| panic!("KV-cache size overflows u128: {n} × {bytes} bytes"))
 }
 
 #[cfg(test)]
@@ -105,5 +126,11 @@ mod tests {
             big.bytes(1 << 12, 1 << 16, 1 << 24),
             (2u128 * 256 * 256 * 8) << (12 + 16 + 24)
         );
+    }
+
+    #[test]
+    #[should_panic(expected = "KV-cache size overflows u128")]
+    fn a_size_beyond_u128_is_a_documented_panic_not_a_wrapped_number() {
+        KvCacheFootprint::new(256, 256, 256, DType::F64).bytes(usize::MAX, usize::MAX, usize::MAX);
     }
 }

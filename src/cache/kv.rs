@@ -58,18 +58,26 @@ where
     pub const ROW_WORDS: usize = S::KIND.words_per_row(D);
 
     /// A cache with its whole pool allocated (zeroed). Errors: [`Error::CacheLayout`] for a
-    /// page size or page count of 0, or more than 2^32 token slots.
+    /// page size or page count of 0, more than 2^32 token slots, or a pool the allocator
+    /// cannot provide (never an abort).
     pub fn try_new(layout: Layout) -> Result<Self> {
-        let table = PageTable::try_new("KvCache::try_new", layout)?;
+        const OP: &str = "KvCache::try_new";
+        let table = PageTable::try_new(OP, layout)?;
         let rows = layout.pages() * layout.page_size() * HKV;
         let scales = if S::KIND.is_quantized() { rows } else { 0 };
+        let words = rows
+            .checked_mul(Self::ROW_WORDS)
+            .ok_or_else(|| Error::CacheLayout {
+                op: OP,
+                reason: format!("{layout:?}: the pool's size overflows"),
+            })?;
         Ok(KvCache {
             table,
             id: next_cache_id(),
-            k: vec![0; rows * Self::ROW_WORDS],
-            v: vec![0; rows * Self::ROW_WORDS],
-            k_scale: vec![0.0; scales],
-            v_scale: vec![0.0; scales],
+            k: zeroed(OP, words)?,
+            v: zeroed(OP, words)?,
+            k_scale: zeroed(OP, scales)?,
+            v_scale: zeroed(OP, scales)?,
             storage: PhantomData,
         })
     }
@@ -131,11 +139,16 @@ where
     }
 
     /// Appends to several sequences at once, each its own number of tokens. Everything is
-    /// checked first — shapes, finiteness (quantized storage), that every sequence exists and
-    /// that the pool has room for all of it — and on any error nothing is appended.
+    /// checked first — shapes, values the storage can hold, that every sequence exists and that
+    /// the pool has room for all of it — and on any error nothing is appended.
     ///
-    /// Errors: [`Error::Shape`], [`Error::NonFinite`], [`Error::UnknownSequence`],
-    /// [`Error::CacheFull`].
+    /// Values: float storage keeps NaN and ±∞ as they are (a NaN appended is a NaN read back),
+    /// but a *finite* value it would turn into ±∞ (above 65504 for f16, beyond `f32` for every
+    /// storage) is [`Error::Unrepresentable`]; quantized storage cannot scale a row holding NaN
+    /// or ±∞ ([`Error::NonFinite`]).
+    ///
+    /// Errors: [`Error::Shape`], [`Error::NonFinite`], [`Error::Unrepresentable`],
+    /// [`Error::UnknownSequence`], [`Error::CacheFull`].
     pub fn try_append_batch<T: Element>(
         &mut self,
         items: &[(SeqId, ArrayView3<T>, ArrayView3<T>)],
@@ -152,11 +165,23 @@ where
                         expected: format!("[{HKV}, tokens, {D}] (k and v alike)"),
                     });
                 }
-                if S::KIND.is_quantized() && x.iter().any(|e| !e.widen().is_finite()) {
-                    return Err(Error::NonFinite {
-                        op: OP,
-                        tensor: name,
-                    });
+                for e in x.iter() {
+                    let value = e.widen();
+                    if !value.is_finite() {
+                        if S::KIND.is_quantized() {
+                            return Err(Error::NonFinite {
+                                op: OP,
+                                tensor: name,
+                            });
+                        }
+                    } else if !S::KIND.represents(value) {
+                        return Err(Error::Unrepresentable {
+                            op: OP,
+                            tensor: name,
+                            value,
+                            storage: S::KIND.name(),
+                        });
+                    }
                 }
             }
             requests.push((*seq, k.shape()[1]));
@@ -182,8 +207,8 @@ where
                             &row,
                             &mut words[at * Self::ROW_WORDS..][..Self::ROW_WORDS],
                         );
-                        if let Some(s) = scales.get_mut(at) {
-                            *s = scale;
+                        if S::KIND.is_quantized() {
+                            scales[at] = scale;
                         }
                     }
                 }
@@ -216,7 +241,13 @@ where
                     (&mut k, &self.k, &self.k_scale),
                     (&mut v, &self.v, &self.v_scale),
                 ] {
-                    let scale = scales.get(at).copied().unwrap_or(1.0);
+                    // Quantized pools hold one scale per row (a missing one would be a bug
+                    // of this type, and panics); float rows have none and are not scaled.
+                    let scale = if S::KIND.is_quantized() {
+                        scales[at]
+                    } else {
+                        1.0
+                    };
                     let mut row = out.index_axis_mut(Axis(0), h);
                     let mut row = row.index_axis_mut(Axis(0), t);
                     S::KIND.decode_row_exact(
@@ -266,6 +297,31 @@ where
     /// `row · ROW_WORDS`.
     pub fn raw(&self) -> (&[u32], &[u32], &[f32], &[f32]) {
         (&self.k, &self.v, &self.k_scale, &self.v_scale)
+    }
+}
+
+/// `len` zeros, allocated as `vec![0; len]` would be (zeroed pages, touched only when used), but
+/// with a refusal from the allocator as an error instead of an abort.
+fn zeroed<T: bytemuck::Zeroable>(op: &'static str, len: usize) -> Result<Vec<T>> {
+    let refuse = |what: String| Error::CacheLayout {
+        op,
+        reason: format!("cannot allocate the pool: {what}"),
+    };
+    if len == 0 || size_of::<T>() == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<T>(len)
+        .map_err(|_| refuse(format!("{len} elements overflow the address space")))?;
+    // SAFETY: `layout` has a non-zero size (len > 0, T not zero-sized). The pointer, if not
+    // null, comes from the global allocator with exactly the layout `Vec<T>` uses for a
+    // capacity of `len`, and all-zero bytes are a valid `T` (`Zeroable`), so the vector owns
+    // `len` initialised elements and frees them with the same layout.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout).cast::<T>();
+        if ptr.is_null() {
+            return Err(refuse(format!("{} bytes", layout.size())));
+        }
+        Ok(Vec::from_raw_parts(ptr, len, len))
     }
 }
 

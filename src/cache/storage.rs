@@ -88,6 +88,20 @@ impl StorageKind {
         }
     }
 
+    /// Whether a finite input value `x` stays finite once stored: f16 (largest finite value
+    /// 65504) and bf16 round it from its `f32` value as the cache does (`f64 → f32 → storage`),
+    /// and every storage first rounds to `f32`. A finite value that would become ±∞ is one the
+    /// storage cannot represent; [`KvCache::try_append`](super::KvCache::try_append) refuses it.
+    pub fn represents(self, x: f64) -> bool {
+        let wide = x as f32;
+        match self {
+            _ if !x.is_finite() => false,
+            StorageKind::Float16 => f16::from_f32(wide).is_finite(),
+            StorageKind::BFloat16 => bf16::from_f32(wide).is_finite(),
+            StorageKind::Float32 | StorageKind::Int8 | StorageKind::Int4 => wide.is_finite(),
+        }
+    }
+
     /// Packs `x` (one row) into `words` (`words_per_row(x.len())` of them) and returns the
     /// row's scale (1 for float storage). Quantized storage needs finite input: the caller
     /// checks (a non-finite value has no scale).
@@ -256,6 +270,22 @@ mod tests {
         );
         assert_eq!(roundtrip(StorageKind::Int8, &[0.0; 9]), [0.0; 9]);
         assert_eq!(roundtrip(StorageKind::Int4, &[0.0; 3]), [0.0; 3]);
+    }
+
+    #[test]
+    fn finite_values_beyond_a_storages_range_are_not_represented() {
+        use StorageKind::*;
+        // f16's largest finite value is 65504; from 65520 on, round-to-nearest gives ∞.
+        assert!(Float16.represents(65504.0) && Float16.represents(65519.0));
+        assert!(!Float16.represents(65520.0) && !Float16.represents(-1e5));
+        // bf16 keeps f32's exponent: only the last half-ulp below f32::MAX rounds to ∞.
+        assert!(BFloat16.represents(3.0e38) && !BFloat16.represents(f64::from(f32::MAX)));
+        // Every storage rounds to f32 first: an f64 beyond its range is lost everywhere.
+        for kind in StorageKind::ALL {
+            assert!(!kind.represents(1e300), "{kind:?}");
+            assert!(!kind.represents(f64::NAN), "{kind:?}");
+            assert!(kind.represents(1.5), "{kind:?}");
+        }
     }
 
     #[test]
