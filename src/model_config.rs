@@ -35,24 +35,32 @@ pub struct ModelConfig {
     pub max_position_embeddings: Option<usize>,
     /// As written in the file; models differ on whether the window counts the query itself.
     pub sliding_window: Option<usize>,
-    /// Gemma 2's `attn_logit_softcapping`.
+    /// Gemma 2's `attn_logit_softcapping` (a number `> 0`; `null` is `None`).
     pub attn_logit_softcapping: Option<f64>,
-    /// `torch_dtype` (or `dtype`), if it names a floating type gqa knows.
+    /// `torch_dtype` (or `dtype`); a name gqa does not know is an error, not `None`.
     pub dtype: Option<DType>,
 }
 
 impl ModelConfig {
-    /// Parses the JSON text of a `config.json`.
+    /// Parses the JSON text of a `config.json`. Every field read must have its JSON type
+    /// (`null` counts as absent); a wrong type, an unknown dtype name or a softcap that is not a
+    /// number `> 0` is an [`Error::ModelConfig`] naming the field — never a silent default.
     pub fn from_json_str(json: &str) -> Result<ModelConfig> {
         let value: Value =
             serde_json::from_str(json).map_err(|e| reason(format!("not valid JSON: {e}")))?;
         let mut object = value
             .as_object()
             .ok_or_else(|| reason("the top level is not a JSON object".into()))?;
-        if !object.contains_key("num_attention_heads")
-            && let Some(text) = object.get("text_config").and_then(Value::as_object)
-        {
-            object = text;
+        if !object.contains_key("num_attention_heads") {
+            match object.get("text_config") {
+                None | Some(Value::Null) => {}
+                Some(Value::Object(text)) => object = text,
+                Some(other) => {
+                    return Err(reason(format!(
+                        "`text_config` must be a JSON object, got {other}"
+                    )));
+                }
+            }
         }
         ModelConfig::from_object(object)
     }
@@ -68,16 +76,19 @@ impl ModelConfig {
     fn from_object(object: &Map<String, Value>) -> Result<ModelConfig> {
         let num_attention_heads = count(object, "num_attention_heads")?
             .ok_or_else(|| reason("missing `num_attention_heads`".into()))?;
-        let multi_query = object.get("multi_query").and_then(Value::as_bool) == Some(true);
+        let multi_query = flag(object, "multi_query")? == Some(true);
         let num_key_value_heads = match count(object, "num_key_value_heads")? {
             Some(kv) => kv,
             None if multi_query => 1,
             None => num_attention_heads,
         };
+        // Read (and type-checked) even when `head_dim` makes it unnecessary: a malformed field
+        // is an error wherever it is.
+        let hidden_size = count(object, "hidden_size")?;
         let head_dim = match count(object, "head_dim")? {
             Some(d) => d,
             None => {
-                let hidden = count(object, "hidden_size")?.ok_or_else(|| {
+                let hidden = hidden_size.ok_or_else(|| {
                     reason("neither `head_dim` nor `hidden_size` is given".into())
                 })?;
                 if num_attention_heads == 0 || hidden % num_attention_heads != 0 {
@@ -88,10 +99,35 @@ impl ModelConfig {
                 hidden / num_attention_heads
             }
         };
-        let dtype = ["torch_dtype", "dtype"]
-            .iter()
-            .find_map(|key| object.get(*key).and_then(Value::as_str))
-            .and_then(DType::from_name);
+        // transformers writes `torch_dtype` (and, since v4.56, `dtype`): both are read, and
+        // must agree when both are given.
+        let mut dtype = None;
+        for key in ["torch_dtype", "dtype"] {
+            let Some(name) = text(object, key)? else {
+                continue;
+            };
+            let parsed = DType::from_name(name).ok_or_else(|| {
+                reason(format!(
+                    "`{key}` is {name:?}, not a floating type gqa knows (float64, float32, float16, bfloat16)"
+                ))
+            })?;
+            match dtype {
+                Some(earlier) if earlier != parsed => {
+                    return Err(reason(format!(
+                        "`torch_dtype` and `dtype` disagree ({earlier} and {parsed})"
+                    )));
+                }
+                _ => dtype = Some(parsed),
+            }
+        }
+        let attn_logit_softcapping = match number(object, "attn_logit_softcapping")? {
+            Some(cap) if !(cap.is_finite() && cap > 0.0) => {
+                return Err(reason(format!(
+                    "`attn_logit_softcapping` must be a number > 0 (or null), got {cap}"
+                )));
+            }
+            cap => cap,
+        };
         Ok(ModelConfig {
             num_attention_heads,
             num_key_value_heads,
@@ -99,7 +135,7 @@ impl ModelConfig {
             num_hidden_layers: count(object, "num_hidden_layers")?,
             max_position_embeddings: count(object, "max_position_embeddings")?,
             sliding_window: count(object, "sliding_window")?,
-            attn_logit_softcapping: object.get("attn_logit_softcapping").and_then(Value::as_f64),
+            attn_logit_softcapping,
             dtype,
         })
     }
@@ -109,20 +145,42 @@ fn reason(reason: String) -> Error {
     Error::ModelConfig { reason }
 }
 
-/// A non-negative integer field; `Ok(None)` when absent or `null`.
-fn count(object: &Map<String, Value>, key: &str) -> Result<Option<usize>> {
+/// A field of one JSON type: `Ok(None)` when absent or `null`, `Ok(Some(x))` when `get` reads
+/// it, else an error that names the field, what it should be and what it was.
+fn field<'a, T>(
+    object: &'a Map<String, Value>,
+    key: &str,
+    what: &str,
+    get: impl FnOnce(&'a Value) -> Option<T>,
+) -> Result<Option<T>> {
     match object.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(value) => value
-            .as_u64()
-            .and_then(|n| usize::try_from(n).ok())
+        Some(value) => get(value)
             .map(Some)
-            .ok_or_else(|| {
-                reason(format!(
-                    "`{key}` must be a non-negative integer, got {value}"
-                ))
-            }),
+            .ok_or_else(|| reason(format!("`{key}` must be {what}, got {value}"))),
     }
+}
+
+/// A non-negative integer field.
+fn count(object: &Map<String, Value>, key: &str) -> Result<Option<usize>> {
+    field(object, key, "a non-negative integer", |v| {
+        v.as_u64().and_then(|n| usize::try_from(n).ok())
+    })
+}
+
+/// A boolean field.
+fn flag(object: &Map<String, Value>, key: &str) -> Result<Option<bool>> {
+    field(object, key, "true or false", Value::as_bool)
+}
+
+/// A number field.
+fn number(object: &Map<String, Value>, key: &str) -> Result<Option<f64>> {
+    field(object, key, "a number", Value::as_f64)
+}
+
+/// A string field.
+fn text<'a>(object: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>> {
+    field(object, key, "a string", Value::as_str)
 }
 
 #[cfg(test)]
@@ -162,6 +220,85 @@ mod tests {
         );
     }
 
+    /// Every field read is checked for its type; nothing falls back to a default.
+    #[test]
+    fn every_field_read_refuses_a_wrong_type() {
+        let base = r#""num_attention_heads": 8, "head_dim": 64"#;
+        let err = |extra: &str| {
+            ModelConfig::from_json_str(&format!("{{{base}, {extra}}}"))
+                .unwrap_err()
+                .to_string()
+        };
+        for (extra, message) in [
+            (
+                r#""attn_logit_softcapping": "50""#,
+                "`attn_logit_softcapping` must be a number, got \"50\"",
+            ),
+            (
+                r#""attn_logit_softcapping": 0"#,
+                "`attn_logit_softcapping` must be a number > 0 (or null), got 0",
+            ),
+            (
+                r#""attn_logit_softcapping": -30.0"#,
+                "`attn_logit_softcapping` must be a number > 0 (or null), got -30",
+            ),
+            (
+                r#""torch_dtype": "float8_e4m3fn""#,
+                "`torch_dtype` is \"float8_e4m3fn\", not a floating type gqa knows (float64, float32, float16, bfloat16)",
+            ),
+            (r#""dtype": 16"#, "`dtype` must be a string, got 16"),
+            (
+                r#""torch_dtype": "bfloat16", "dtype": "float16""#,
+                "`torch_dtype` and `dtype` disagree (bfloat16 and float16)",
+            ),
+            (
+                r#""multi_query": "yes""#,
+                "`multi_query` must be true or false, got \"yes\"",
+            ),
+            (
+                r#""sliding_window": 4096.5"#,
+                "`sliding_window` must be a non-negative integer, got 4096.5",
+            ),
+            (
+                r#""num_hidden_layers": "32""#,
+                "`num_hidden_layers` must be a non-negative integer, got \"32\"",
+            ),
+            (
+                r#""max_position_embeddings": true"#,
+                "`max_position_embeddings` must be a non-negative integer, got true",
+            ),
+            (
+                r#""num_key_value_heads": [8]"#,
+                "`num_key_value_heads` must be a non-negative integer, got [8]",
+            ),
+            // Found by the fuzzer: with `head_dim` given, `hidden_size` was never looked at.
+            (
+                r#""hidden_size": -4096"#,
+                "`hidden_size` must be a non-negative integer, got -4096",
+            ),
+        ] {
+            assert_eq!(err(extra), format!("model config: {message}"), "{extra}");
+        }
+        // `null` is absent, as transformers writes it.
+        let nulls = ModelConfig::from_json_str(&format!(
+            r#"{{{base}, "attn_logit_softcapping": null, "torch_dtype": null, "sliding_window": null, "multi_query": null}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            (
+                nulls.attn_logit_softcapping,
+                nulls.dtype,
+                nulls.sliding_window
+            ),
+            (None, None, None)
+        );
+        let both = ModelConfig::from_json_str(&format!(
+            r#"{{{base}, "torch_dtype": "bfloat16", "dtype": "torch.bfloat16"}}"#
+        ))
+        .unwrap();
+        assert_eq!(both.dtype, Some(DType::BF16));
+    }
+
     #[test]
     fn bad_configs_say_why() {
         let err = |json: &str| ModelConfig::from_json_str(json).unwrap_err().to_string();
@@ -178,6 +315,10 @@ mod tests {
             "model config: no `head_dim`, and `hidden_size` 8 is not a multiple of `num_attention_heads` 3"
         );
         assert!(err("[1, 2]").contains("not a JSON object"));
+        assert_eq!(
+            err(r#"{"text_config": 3}"#),
+            "model config: `text_config` must be a JSON object, got 3"
+        );
         assert!(err("{").contains("not valid JSON"));
     }
 }
