@@ -274,6 +274,7 @@ pub(super) fn decode(
                     q_rows: vec![0.0f32; rows * dim],
                     scores: Vec::new(),
                     block: vec![0.0f32; BLOCK * dim],
+                    visible: Vec::with_capacity(seq_q),
                 },
                 |scratch, (item, ((o, m), l))| {
                     let (b, rest) = (item / (hkv * splits), item % (hkv * splits));
@@ -351,6 +352,8 @@ struct Scratch {
     q_rows: Vec<f32>,
     scores: Vec<f32>,
     block: Vec<f32>,
+    /// Per query index, its visible keys within the split (offsets from the split's start).
+    visible: Vec<Range<usize>>,
 }
 
 /// One split: every row of the group at once, in two passes over its keys, under the
@@ -375,6 +378,7 @@ impl pulp::WithSimd for SplitRun<'_> {
             q_rows,
             scores,
             block,
+            visible: ranges,
         } = scratch;
         let spec = split.spec;
         let pool = split.pool;
@@ -407,7 +411,7 @@ impl pulp::WithSimd for SplitRun<'_> {
                 q_rows,
                 k,
                 dim,
-                spec.scale(),
+                spec.scale_f32(),
                 &mut scores[j0..],
                 n,
                 next,
@@ -415,6 +419,7 @@ impl pulp::WithSimd for SplitRun<'_> {
         }
         // Score modifiers and the mask, row by row; then the split's exact max per row, so no
         // rescale: scores become probabilities.
+        ranges.clear();
         for ii in 0..seq_q {
             let visible = mask.visible_keys(ii, seq_q, split.len);
             let diag = mask.diagonal(ii, seq_q, split.len);
@@ -422,6 +427,7 @@ impl pulp::WithSimd for SplitRun<'_> {
                 visible.start.clamp(t0, t0 + n) - t0,
                 visible.end.clamp(t0, t0 + n) - t0,
             );
+            ranges.push(lo..hi.max(lo));
             for hh in 0..group {
                 let r = hh * seq_q + ii;
                 let row = &mut scores[r * n..][..n];
@@ -450,14 +456,47 @@ impl pulp::WithSimd for SplitRun<'_> {
                 }
             }
         }
-        // Pass 2, values: each block of value rows once, into every row that weighs it.
+        // Pass 2, values: each block of value rows once, into every row that weighs it. The
+        // keys every row with a visible key sees are `common`; in a block reaching outside it,
+        // a hidden row's weight is 0 and 0 · NaN is NaN, so where float storage holds a
+        // non-finite value at such a key the block goes row by row over each row's visible
+        // keys (quantized rows are finite by construction).
+        let common = ranges
+            .iter()
+            .filter(|r| !r.is_empty())
+            .fold(0..usize::MAX, |c, r| c.start.max(r.start)..c.end.min(r.end));
         let mut ahead = blocks(BLOCK_V).skip(AHEAD_V);
         for (j0, row, count) in blocks(BLOCK_V) {
             let next = ahead.next().map_or(tiles::Ahead::NONE, |(_, row, count)| {
                 pool.ahead(pool.v, row, count)
             });
             let v = pool.fetch(pool.v, pool.v_scale, row, count, block);
-            tiles::weighted_sum(simd, &scores[j0..], n, v, dim, acc, next);
+            let inside = common.start <= j0 && j0 + count <= common.end;
+            let hidden_non_finite = !(pool.storage.is_quantized() || inside)
+                && v.chunks_exact(dim)
+                    .enumerate()
+                    .filter(|(j, _)| !common.contains(&(j0 + j)))
+                    .any(|(_, values)| values.iter().any(|x| !x.is_finite()));
+            if !hidden_non_finite {
+                tiles::weighted_sum(simd, &scores[j0..], n, v, dim, acc, next);
+                continue;
+            }
+            for (ii, range) in ranges.iter().enumerate() {
+                let (a, b) = (
+                    range.start.clamp(j0, j0 + count),
+                    range.end.clamp(j0, j0 + count),
+                );
+                if a >= b {
+                    continue;
+                }
+                let values = &v[(a - j0) * dim..(b - j0) * dim];
+                for hh in 0..group {
+                    let r = hh * seq_q + ii;
+                    let weights = &scores[r * n + a..];
+                    let out = &mut acc[r * dim..][..dim];
+                    tiles::weighted_sum(simd, weights, n, values, dim, out, tiles::Ahead::NONE);
+                }
+            }
         }
         for r in 0..rows {
             if l[r] > 0.0 {

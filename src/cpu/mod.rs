@@ -17,12 +17,17 @@
 //!   of its own.
 //!
 //! Compute is `f32` for every storage type; `f16`/`bf16` inputs are widened to `f32` once
-//! before the computation (a copy of the inputs). Results are proven against the oracle by the
+//! before the computation (a copy of the inputs), and `f32` inputs that are not row-major are
+//! copied to row-major: any strides are accepted, and the result is the same bit for bit. Results are proven against the oracle by the
 //! same property suites and tolerance rule as the GPU kernels (`tests/cpu.rs`).
 //!
-//! One difference from the oracle worth knowing: a non-finite value *inside* a tensor (not in
-//! padding around it) reaches every row of the tile that reads its key block, including rows
-//! whose mask hides that key (`0 · NaN`), where the oracle never reads a masked key.
+//! **Non-finite values** follow the oracle, which never reads a masked key: a NaN or ±∞ at a
+//! key a row cannot see leaves that row unchanged, bit for bit. Masked scores are replaced
+//! (selected), never multiplied by 0; and where a block of keys is seen by some rows of a tile
+//! and hidden from others, a non-finite value among its hidden values sends the block through
+//! a row-by-row product over each row's own visible keys, so that `0 · NaN` never reaches a
+//! row (`prefill::Tile::accumulate_values`, `decode`'s value pass). What a row that *sees* a
+//! non-finite value gets is not specified (usually NaN).
 
 mod decode;
 mod prefill;
@@ -54,25 +59,41 @@ use crate::spec::AttentionSpec;
 
 /// The element types the CPU backend takes and returns (computing in `f32`).
 pub trait CpuElement: Element {
-    /// The tensor as `f32`: borrowed for `f32`, widened (a copy) otherwise.
+    /// The tensor as `f32` in standard (row-major) layout: borrowed for a row-major `f32`
+    /// view, copied otherwise — so that results do not depend on the inputs' strides (gemm
+    /// sums in another order for other layouts) and zero or negative strides never reach it.
     fn as_f32(x: ArrayView4<'_, Self>) -> CowArray<'_, f32, Ix4>;
 }
 
 impl CpuElement for f32 {
     fn as_f32(x: ArrayView4<'_, f32>) -> CowArray<'_, f32, Ix4> {
-        CowArray::from(x)
+        if x.is_standard_layout() {
+            CowArray::from(x)
+        } else {
+            CowArray::from(x.as_standard_layout().into_owned())
+        }
     }
 }
 
 impl CpuElement for f16 {
     fn as_f32(x: ArrayView4<'_, f16>) -> CowArray<'_, f32, Ix4> {
-        CowArray::from(x.mapv(f16::to_f32))
+        standard(x.mapv(f16::to_f32))
     }
 }
 
 impl CpuElement for bf16 {
     fn as_f32(x: ArrayView4<'_, bf16>) -> CowArray<'_, f32, Ix4> {
-        CowArray::from(x.mapv(bf16::to_f32))
+        standard(x.mapv(bf16::to_f32))
+    }
+}
+
+/// `x` in row-major layout (`mapv` keeps a contiguous input's memory order, reversed axes
+/// included).
+fn standard(x: Array4<f32>) -> CowArray<'static, f32, Ix4> {
+    if x.is_standard_layout() {
+        CowArray::from(x)
+    } else {
+        CowArray::from(x.as_standard_layout().into_owned())
     }
 }
 
@@ -190,7 +211,8 @@ impl Cpu {
                 });
             }
         }
-        self.install(|| prefill::forward_into(spec, shape, (q, k, v), o, lse));
+        let (q, k, v) = (f32::as_f32(q), f32::as_f32(k), f32::as_f32(v));
+        self.install(|| prefill::forward_into(spec, shape, (q.view(), k.view(), v.view()), o, lse));
         Ok(())
     }
 

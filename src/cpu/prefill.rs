@@ -183,6 +183,11 @@ impl Tile<'_> {
             l: l_buf,
         } = scratch;
         let q_tile = ArrayView2::from_shape((rows, dim), &q_buf[..]).expect("rows × D");
+        // The keys every row that sees any key sees: outside them a block is a boundary block,
+        // whose masked probabilities are 0 — but 0 · NaN is NaN, so `P·V` must not multiply
+        // a non-finite value there (see `accumulate_values`).
+        let live = visible.iter().filter(|r| !r.is_empty());
+        let common = live.fold(0..usize::MAX, |c, r| c.start.max(r.start)..c.end.min(r.end));
         let mut j0 = lo;
         while j0 < hi {
             let n = BLOCK_K.min(hi - j0);
@@ -192,7 +197,7 @@ impl Tile<'_> {
                 let scores = ArrayViewMut2::from_shape((rows, BLOCK_K), &mut s_buf[..])
                     .expect("rows × BLOCK_K");
                 let mut scores = scores.slice_move(s![.., ..n]);
-                matmul(&mut scores, &q_tile, &k_block.t(), spec.scale(), false);
+                matmul(&mut scores, &q_tile, &k_block.t(), spec.scale_f32(), false);
             }
             let state = RowState {
                 acc: acc_buf,
@@ -204,7 +209,8 @@ impl Tile<'_> {
                 ArrayView2::from_shape((rows, BLOCK_K), &s_buf[..]).expect("rows × BLOCK_K");
             let mut acc =
                 ArrayViewMut2::from_shape((rows, dim), &mut acc_buf[..]).expect("rows × D");
-            matmul(&mut acc, &probs.slice(s![.., ..n]), &v_block, 1.0, true);
+            let probs = probs.slice(s![.., ..n]);
+            self.accumulate_values(&mut acc, &probs, &v_block, j0, &visible, &common);
             j0 += n;
         }
         for hh in 0..group {
@@ -226,6 +232,57 @@ impl Tile<'_> {
                     out.fill(0.0);
                     lse_tile[[hh, ii]] = f32::NEG_INFINITY;
                 }
+            }
+        }
+    }
+}
+
+impl Tile<'_> {
+    /// `acc += P · V` for the block of keys `j0 ..` (`probs` is `rows × n`, 0 where masked).
+    ///
+    /// One product for the whole tile, unless the block holds a non-finite value at a key
+    /// that some row cannot see (outside `common`, the keys every row with any visible key
+    /// sees): then `0 · NaN` would reach that row, so each row is summed over its own visible
+    /// keys only. The oracle never reads a masked key; this keeps the CPU's rows equal to it
+    /// whatever the hidden keys hold. Checking costs a scan of the block's values outside
+    /// `common`, on boundary blocks only.
+    fn accumulate_values(
+        &self,
+        acc: &mut ArrayViewMut2<f32>,
+        probs: &ArrayView2<f32>,
+        v_block: &ArrayView2<f32>,
+        j0: usize,
+        visible: &[std::ops::Range<usize>],
+        common: &std::ops::Range<usize>,
+    ) {
+        let n = v_block.nrows();
+        let inside = common.start <= j0 && j0 + n <= common.end;
+        let hidden_non_finite = !inside
+            && v_block
+                .outer_iter()
+                .enumerate()
+                .filter(|(j, _)| !common.contains(&(j0 + j)))
+                .any(|(_, row)| row.iter().any(|x| !x.is_finite()));
+        if !hidden_non_finite {
+            matmul(acc, probs, v_block, 1.0, true);
+            return;
+        }
+        let (group, block_q) = (self.spec.group_size(), self.block_q);
+        for (ii, range) in visible.iter().enumerate() {
+            let a = range.start.clamp(j0, j0 + n) - j0;
+            let b = range.end.clamp(j0, j0 + n) - j0;
+            if a >= b {
+                continue;
+            }
+            for hh in 0..group {
+                let r = hh * block_q + ii;
+                matmul(
+                    &mut acc.slice_mut(s![r..r + 1, ..]),
+                    &probs.slice(s![r..r + 1, a..b]),
+                    &v_block.slice(s![a..b, ..]),
+                    1.0,
+                    true,
+                );
             }
         }
     }
