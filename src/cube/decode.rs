@@ -36,21 +36,16 @@ pub const STORAGE_INT4: u32 = 4;
 pub struct DecodeConfig {
     pub head_dim: usize,
     pub group: usize,
-    /// Queries per cube and per head.
-    pub lq_tile: usize,
     /// One of the `STORAGE_*` numbers.
     pub storage: u32,
     /// Words per cached row (`⌈head_dim / lanes⌉`).
     pub row_words: usize,
     /// Keys scored before each online-softmax rescale.
     pub block: usize,
-    /// The diagonal is bottom-right (`i + len − Lq`) rather than top-left (`i`).
-    pub bottom_right: bool,
     pub left_bounded: bool,
     pub right_bounded: bool,
     pub softcap: bool,
     pub alibi: bool,
-    pub split: bool,
 }
 
 /// IEEE half bits (in the low 16 bits) to f32, exactly: normals by moving the fields,
@@ -96,6 +91,11 @@ fn lane(words: &[u32], base: usize, c: usize, #[comptime] storage: u32) -> f32 {
 /// `[B, table_stride]`; `seq_lens`: `[B]`; scales are f32 bits (one word per row; a dummy for
 /// float storage); `o`: `[B, HQ, Lq, D]`, `lse`: `[B, HQ, Lq]`. Only keys in `key_lo..key_hi`
 /// are read (positions keep their meaning): the whole cache, or the keys of one partial.
+/// `bottom_right` (1 or 0) places the diagonal at `i + len − Lq` or at `i`, `lq_tile` is the
+/// number of queries per cube and head, and `partial_out` (1 or 0) writes the f32 partial state
+/// (split launches, and partials) instead of the final output: runtime numbers, as lengths and
+/// window sides are, so that one compiled kernel serves both alignments, every query count and
+/// both outputs (each distinct comptime configuration costs a compile).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn paged_decode<F: Float>(
@@ -116,6 +116,8 @@ pub fn paged_decode<F: Float>(
     kv_heads: u32,
     page_size: u32,
     table_stride: u32,
+    lq_tile: u32,
+    bottom_right: u32,
     left: i32,
     right: i32,
     scale: f32,
@@ -124,10 +126,10 @@ pub fn paged_decode<F: Float>(
     key_lo: u32,
     key_hi: u32,
     keys_per_split: u32,
+    partial_out: u32,
     #[comptime] cfg: DecodeConfig,
 ) {
     let dim = cfg.head_dim;
-    let lq_tile = cfg.lq_tile as u32;
     let row_words = cfg.row_words;
     let quantized = cfg.storage == STORAGE_INT8 || cfg.storage == STORAGE_INT4;
 
@@ -139,10 +141,7 @@ pub fn paged_decode<F: Float>(
 
     if i < seq_q {
         let len = seq_lens[batch as usize];
-        let mut diag = i as i32;
-        if cfg.bottom_right {
-            diag = i as i32 + len as i32 - seq_q as i32;
-        }
+        let diag = i as i32 + bottom_right as i32 * (len as i32 - seq_q as i32);
         // This row's visible keys within this split of the keys `key_lo..key_hi`.
         let mut lo = (key_lo + split * keys_per_split) as i32;
         let mut hi = min(min(len, key_hi), key_lo + (split + 1) * keys_per_split) as i32;
@@ -241,19 +240,36 @@ pub fn paged_decode<F: Float>(
 
         let out_row = ((batch * q_heads + head) * seq_q + i) as usize;
         let rows = (batch_size * q_heads * seq_q) as usize;
-        write_row::<F>(
-            &acc,
-            m,
-            l,
-            out_row,
-            split as usize * rows + out_row,
-            o,
-            lse,
-            o_partial,
-            lse_partial,
-            dim,
-            cfg.split,
-        );
+        let partial_row = split as usize * rows + out_row;
+        if partial_out == 1 {
+            write_row::<F>(
+                &acc,
+                m,
+                l,
+                out_row,
+                partial_row,
+                o,
+                lse,
+                o_partial,
+                lse_partial,
+                dim,
+                true,
+            );
+        } else {
+            write_row::<F>(
+                &acc,
+                m,
+                l,
+                out_row,
+                partial_row,
+                o,
+                lse,
+                o_partial,
+                lse_partial,
+                dim,
+                false,
+            );
+        }
     }
 }
 

@@ -367,7 +367,6 @@ impl Device {
         let config = DecodeConfig {
             head_dim,
             group,
-            lq_tile,
             storage: match input.storage {
                 StorageKind::Float32 => STORAGE_F32,
                 StorageKind::Float16 => STORAGE_F16,
@@ -377,14 +376,13 @@ impl Device {
             },
             row_words: input.storage.words_per_row(head_dim),
             block: 64,
-            bottom_right: mask.alignment() == crate::spec::Alignment::BottomRight,
             left_bounded: mask.left().is_some(),
             right_bounded: mask.right().is_some(),
             softcap: spec.softcap().is_some(),
             alibi: spec.alibi().is_some(),
-            // A partial is written by the split path (f32 output and LSE) even unsplit.
-            split: splits > 1 || input.partial,
         };
+        // A partial is written by the split path (f32 output and LSE) even unsplit.
+        let partial_out = splits > 1 || input.partial;
         let limit = i32::MAX as usize / 4;
         if max_len > limit {
             return Err(Error::DeviceLimit {
@@ -402,7 +400,7 @@ impl Device {
         let slopes = self.upload(op, &slopes)?;
         // An unsplit partial is written straight into `o` and `lse` (both f32 then).
         let direct = input.partial && splits == 1;
-        let partial_rows = if config.split && !direct {
+        let partial_rows = if partial_out && !direct {
             splits * rows
         } else {
             0
@@ -442,17 +440,20 @@ impl Device {
                 spec.kv_heads() as u32,
                 input.page_size as u32,
                 input.table_stride as u32,
+                lq_tile as u32,
+                u32::from(mask.alignment() == crate::spec::Alignment::BottomRight),
                 side(mask.left()),
                 side(mask.right()),
-                spec.scale(),
+                spec.scale_f32(),
                 spec.softcap().unwrap_or(1.0),
                 batch as u32,
                 key_lo as u32,
                 key_hi as u32,
                 keys_per_split as u32,
+                u32::from(partial_out),
                 config,
             );
-            if config.split && !direct {
+            if partial_out && !direct {
                 let (partials, out) = ((&o_partial, &lse_partial), (&o, &lse));
                 let shape = (rows, splits, head_dim);
                 if input.partial {
@@ -578,7 +579,7 @@ fn launch_scalars(
         diag_offset: mask.diagonal(0, seq_q, seq_k) as i32,
         left: side(mask.left()),
         right: side(mask.right()),
-        scale: spec.scale(),
+        scale: spec.scale_f32(),
         softcap: spec.softcap().unwrap_or(1.0),
         batch: batch as u32,
         keys_per_split: keys_per_split as u32,
