@@ -14,7 +14,7 @@ mod low_precision;
 mod tolerance;
 
 pub use low_precision::{try_forward_rounded, try_forward_rounded_keys};
-pub use tolerance::{Comparison, compare};
+pub use tolerance::{Comparison, compare, compare_lse, compare_rows};
 
 use std::ops::Range;
 
@@ -238,6 +238,64 @@ pub fn try_scores<T: Element>(
     Ok(scores_of_checked(spec, shape, &q, &k))
 }
 
+/// Per row `[batch, q_heads, seq_q]`, the magnitudes its result is computed from, over the keys
+/// it sees (0 for a row that sees none): they set the scale of an honest computation's
+/// rounding, which the tolerance rule's per-row form uses ([`compare_rows`], [`compare_lse`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowTerms {
+    /// The largest `|scale| · Σ_d |q_d · k_d|`: the terms a score is summed from (an LSE is a
+    /// soft maximum of scores).
+    pub scores: Array3<f64>,
+    /// The largest `|v_d|`: the terms of the output's convex combination.
+    pub values: Array3<f64>,
+}
+
+/// The [`RowTerms`] of a problem (shapes as [`try_forward`]).
+pub fn try_row_terms<T: Element>(
+    spec: &AttentionSpec,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+    v: ArrayView4<T>,
+) -> Result<RowTerms> {
+    try_row_terms_keys(spec, q, k, v, 0..usize::MAX)
+}
+
+/// [`try_row_terms`] over the keys in `keys` only (a partial's).
+pub fn try_row_terms_keys<T: Element>(
+    spec: &AttentionSpec,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+    v: ArrayView4<T>,
+    keys: Range<usize>,
+) -> Result<RowTerms> {
+    let ProblemShape {
+        batch,
+        seq_q,
+        seq_k,
+    } = spec.check_shapes("oracle::row_terms", q.shape(), k.shape(), v.shape())?;
+    let mut scores = Array3::zeros((batch, spec.q_heads(), seq_q));
+    let mut values = Array3::zeros((batch, spec.q_heads(), seq_q));
+    for ((b, h, i), t) in scores.indexed_iter_mut() {
+        let visible = spec.mask().visible_keys(i, seq_q, seq_k);
+        let g = spec.kv_head_of(h);
+        for j in visible.start.max(keys.start)..visible.end.min(keys.end) {
+            let sum: f64 = q
+                .slice(s![b, h, i, ..])
+                .iter()
+                .zip(k.slice(s![b, g, j, ..]))
+                .map(|(x, y)| (x.widen() * y.widen()).abs())
+                .sum();
+            *t = f64::max(*t, spec.scale().abs() * sum);
+            let largest = v
+                .slice(s![b, g, j, ..])
+                .iter()
+                .fold(0.0f64, |m, x| m.max(x.widen().abs()));
+            values[[b, h, i]] = f64::max(values[[b, h, i]], largest);
+        }
+    }
+    Ok(RowTerms { scores, values })
+}
+
 fn scores_of_checked<T: Element>(
     spec: &AttentionSpec,
     shape: ProblemShape,
@@ -303,7 +361,7 @@ pub fn score(
     seq_k: usize,
     dot: f64,
 ) -> f64 {
-    let mut s = f64::from(spec.scale()) * dot;
+    let mut s = spec.scale() * dot;
     if let Some(cap) = spec.softcap() {
         let cap = f64::from(cap);
         s = cap * (s / cap).tanh();
