@@ -35,9 +35,9 @@ macro_rules! config_tests {
                 }
             }
 
-            proptest! {
-                #![proptest_config(ProptestConfig { cases: cases(8), ..ProptestConfig::default() })]
-                #[test]
+            properties! {
+                cases = cases(8), persist;
+                /// The GQA law at this configuration's real head counts.
                 fn [<$name _gqa_equals_mha_on_repeated_kv>](
                     (spec, q, k, v) in (mask(), modifiers($hq), 1..=9usize, 1..=9usize).prop_flat_map(|(mask, mods, seq_q, seq_k)| {
                         let spec = build_spec($hq, $hkv, $d, mask, &mods);
@@ -58,10 +58,7 @@ macro_rules! config_tests {
 
 /// `PROPTEST_CASES` if set (for deeper local runs), else `default`.
 fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(default)
+    runner::env_count("PROPTEST_CASES", default)
 }
 
 for_each_config!(config_tests);

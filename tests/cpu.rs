@@ -1,16 +1,19 @@
 //! The CPU backend (`gqa::cpu`) against the f64 oracle: the same problems and tolerance rule as
 //! the GPU kernels (`tests/common/forward.rs`, `tests/common/decode.rs`), every configuration
-//! of the shared list, plus strided NaN-padded inputs, fully masked rows, long key ranges,
-//! thread counts, decode against every cache storage and typed partials.
+//! of the shared list, plus strided NaN-padded inputs, hidden non-finite keys, fully masked
+//! rows, long key ranges, thread counts, decode against every cache storage, typed partials and
+//! calls from several threads at once.
 //!
-//! `GQA_CPU_CASES` sets the cases per configuration and variant (default 4); `GQA_CPU_RANDOM=1`
-//! draws fresh cases instead of the fixed-seed ones CI runs.
+//! `GQA_CPU_CASES` sets the cases per configuration and variant (default 4); every test draws
+//! its own cases from a seed derived from its name (`GQA_SEED`, `GQA_RANDOM=1`: see
+//! `tests/common/runner.rs`).
 
 #[macro_use]
 mod common;
 
 use common::decode::{self as dec, Case, check_decoded, fill};
 use common::forward::{self, Variant};
+use common::runner::{self, Persist, env_count};
 use common::{Problem, nan_padded, nan_padded_view, tensor};
 use gqa::cache::{BFloat16, Float16, Float32, Int4, Int8, KvStorage, Layout};
 use gqa::cpu::{Cpu, CpuElement};
@@ -19,24 +22,24 @@ use gqa::{AttentionSpec, Error, Gqa, Mask};
 use half::{bf16, f16};
 use ndarray::{Array3, Array4, s};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
-fn runner() -> TestRunner {
-    common::seeded_runner(common::env_cases("GQA_CPU_CASES", 4), "GQA_CPU_RANDOM")
+fn cases() -> u32 {
+    env_count("GQA_CPU_CASES", 4)
 }
 
-fn run_forward<T: CpuElement>(variant: Variant, config: (usize, usize, usize)) {
-    forward::run_variant::<T, Cpu>(&Cpu::new(), runner(), "cpu", variant, config);
+fn run_forward<T: CpuElement>(test: &str, variant: Variant, config: (usize, usize, usize)) {
+    forward::run_variant::<T, Cpu>(&Cpu::new(), (test, cases()), "cpu", variant, config);
 }
 
 fn run_decode<T: CpuElement, const HQ: usize, const HKV: usize, const D: usize, S: KvStorage>(
+    test: &str,
     variant: dec::Variant,
 ) where
     gqa::heads::Rule: gqa::heads::Supported<HQ, HKV, D> + gqa::heads::Supported<HKV, HKV, D>,
 {
     let cpu = Cpu::new();
     dec::run_cases::<T, S>(
-        runner(),
+        (test, cases()),
         "cpu decode",
         variant,
         (HQ, HKV, D),
@@ -57,43 +60,47 @@ macro_rules! cpu_tests {
         paste::paste! {
             #[test]
             fn [<$name _plain_f32>]() {
-                run_forward::<f32>(Variant::Plain, ($hq, $hkv, $d));
+                run_forward::<f32>(stringify!([<$name _plain_f32>]), Variant::Plain, ($hq, $hkv, $d));
             }
             #[test]
-            fn [<$name _causal_softcap_f32>]() {
-                run_forward::<f32>(Variant::CausalSoftcap, ($hq, $hkv, $d));
+            fn [<$name _right_softcap_f32>]() {
+                run_forward::<f32>(stringify!([<$name _right_softcap_f32>]), Variant::RightSoftcap, ($hq, $hkv, $d));
+            }
+            #[test]
+            fn [<$name _left_band_f32>]() {
+                run_forward::<f32>(stringify!([<$name _left_band_f32>]), Variant::LeftBand, ($hq, $hkv, $d));
             }
             #[test]
             fn [<$name _window_alibi_f32>]() {
-                run_forward::<f32>(Variant::WindowAlibi, ($hq, $hkv, $d));
+                run_forward::<f32>(stringify!([<$name _window_alibi_f32>]), Variant::WindowAlibi, ($hq, $hkv, $d));
             }
             #[test]
             fn [<$name _everything_f16>]() {
-                run_forward::<f16>(Variant::Everything, ($hq, $hkv, $d));
+                run_forward::<f16>(stringify!([<$name _everything_f16>]), Variant::Everything, ($hq, $hkv, $d));
             }
             #[test]
             fn [<$name _everything_bf16>]() {
-                run_forward::<bf16>(Variant::Everything, ($hq, $hkv, $d));
+                run_forward::<bf16>(stringify!([<$name _everything_bf16>]), Variant::Everything, ($hq, $hkv, $d));
             }
             #[test]
             fn [<$name _decode_f32_cache>]() {
-                run_decode::<f32, $hq, $hkv, $d, Float32>(dec::Variant::Causal);
+                run_decode::<f32, $hq, $hkv, $d, Float32>(stringify!([<$name _decode_f32_cache>]), dec::Variant::NoMask);
             }
             #[test]
             fn [<$name _decode_f16_cache>]() {
-                run_decode::<f32, $hq, $hkv, $d, Float16>(dec::Variant::CausalSoftcap);
+                run_decode::<f32, $hq, $hkv, $d, Float16>(stringify!([<$name _decode_f16_cache>]), dec::Variant::RightSoftcap);
             }
             #[test]
             fn [<$name _decode_bf16_cache>]() {
-                run_decode::<f32, $hq, $hkv, $d, BFloat16>(dec::Variant::WindowAlibi);
+                run_decode::<f32, $hq, $hkv, $d, BFloat16>(stringify!([<$name _decode_bf16_cache>]), dec::Variant::LeftAlibi);
             }
             #[test]
             fn [<$name _decode_int8_cache_f16_queries>]() {
-                run_decode::<f16, $hq, $hkv, $d, Int8>(dec::Variant::Everything);
+                run_decode::<f16, $hq, $hkv, $d, Int8>(stringify!([<$name _decode_int8_cache_f16_queries>]), dec::Variant::Everything);
             }
             #[test]
             fn [<$name _decode_int4_cache>]() {
-                run_decode::<f32, $hq, $hkv, $d, Int4>(dec::Variant::Causal);
+                run_decode::<f32, $hq, $hkv, $d, Int4>(stringify!([<$name _decode_int4_cache>]), dec::Variant::Window);
             }
         }
     };
@@ -101,45 +108,183 @@ macro_rules! cpu_tests {
 
 for_each_config!(cpu_tests);
 
-/// Inputs as strided views into NaN-filled buffers give finite results identical to contiguous
-/// inputs: nothing outside the views is read.
-#[test]
-fn nan_padded_inputs_give_the_contiguous_result() {
-    let spec = AttentionSpec::try_new(12, 4, 80)
-        .unwrap()
-        .with_mask(Mask::NONE.causal().window(9, 0))
-        .with_alibi();
-    let q = Array4::from_shape_fn((2, 12, 45, 80), |(b, h, i, d)| {
-        ((b * 3 + h * 7 + i * 11 + d * 13) % 19) as f64 / 9.0 - 1.0
-    });
-    let k = Array4::from_shape_fn((2, 4, 300, 80), |(b, h, i, d)| {
-        ((b * 5 + h * 3 + i * 7 + d) % 23) as f64 / 11.0 - 1.0
-    });
-    let v = k.mapv(|x| 0.5 - x);
-    let f32s = |x: &Array4<f64>| x.mapv(|y| y as f32);
-    let cpu = Cpu::new();
-    let contiguous = cpu
-        .try_forward(&spec, f32s(&q).view(), f32s(&k).view(), f32s(&v).view())
-        .unwrap();
-    let (bq, bk, bv) = (
-        f32s(&nan_padded(&q)),
-        f32s(&nan_padded(&k)),
-        f32s(&nan_padded(&v)),
-    );
-    let padded = cpu
-        .try_forward(
-            &spec,
-            nan_padded_view(&bq, q.shape()),
-            nan_padded_view(&bk, k.shape()),
-            nan_padded_view(&bv, v.shape()),
-        )
-        .unwrap();
-    assert!(padded.o.iter().all(|x| x.is_finite()));
-    assert_eq!(padded.o, contiguous.o);
-    assert_eq!(padded.lse, contiguous.lse);
+fn f32s(x: &Array4<f64>) -> Array4<f32> {
+    x.mapv(|y| y as f32)
 }
 
-/// Rows that see no key (bottom-right causal with more queries than keys) give 0 and LSE −∞.
+/// Drawn problems of three configurations (ragged head dims, groups of 3, 16 and 1).
+fn mixed_problems() -> impl Strategy<Value = Problem> {
+    prop_oneof![
+        forward::problems(Variant::WindowAlibi, 12, 4, 80),
+        forward::problems(Variant::Everything, 9, 3, 3),
+        forward::problems(Variant::RightSoftcap, 16, 1, 17),
+    ]
+}
+
+/// Inputs as strided views into NaN-filled buffers give results bit-identical to contiguous
+/// inputs, on drawn shapes (more queries than keys, rows that see nothing, zero sizes):
+/// nothing outside the views is read.
+#[test]
+fn nan_padded_inputs_give_the_contiguous_result_bit_for_bit() {
+    let cpu = Cpu::new();
+    runner::check(
+        "nan_padded_inputs_give_the_contiguous_result_bit_for_bit",
+        2 * cases(),
+        Persist::No,
+        mixed_problems(),
+        |p| {
+            runner::log_case(forward::case_key(&p));
+            let (q, k, v) = (f32s(&p.q), f32s(&p.k), f32s(&p.v));
+            let contiguous = cpu
+                .try_forward(&p.spec, q.view(), k.view(), v.view())
+                .unwrap();
+            let (bq, bk, bv) = (
+                f32s(&nan_padded(&p.q)),
+                f32s(&nan_padded(&p.k)),
+                f32s(&nan_padded(&p.v)),
+            );
+            let padded = cpu
+                .try_forward(
+                    &p.spec,
+                    nan_padded_view(&bq, p.q.shape()),
+                    nan_padded_view(&bk, p.k.shape()),
+                    nan_padded_view(&bv, p.v.shape()),
+                )
+                .unwrap();
+            let bits = |x: &Array4<f32>| x.mapv(f32::to_bits);
+            prop_assert_eq!(bits(&padded.o), bits(&contiguous.o));
+            prop_assert_eq!(
+                padded.lse.mapv(f32::to_bits),
+                contiguous.lse.mapv(f32::to_bits)
+            );
+            forward::check_output(&p, (&q, &k, &v), &padded.o, &padded.lse)?;
+            Ok(())
+        },
+    );
+}
+
+/// The NaN contract: NaN or ±∞ at keys a row cannot see leaves that row as the oracle has it —
+/// finite and within the tolerance rule of the unpoisoned problem — however the poisoned keys
+/// share key blocks with rows that see them. (Not bit for bit: a block holding hidden
+/// non-finite values is summed row by row, in another order than the tile's product.)
+#[test]
+fn hidden_non_finite_keys_change_no_row_that_cannot_see_them() {
+    let cpu = Cpu::new();
+    let strategy = prop_oneof![
+        forward::hidden_key_problems(Variant::WindowAlibi, (8, 2, 64)),
+        forward::hidden_key_problems(Variant::RightSoftcap, (9, 3, 3)),
+        forward::hidden_key_problems(Variant::LeftBand, (16, 2, 200)),
+    ];
+    runner::check(
+        "hidden_non_finite_keys_change_no_row_that_cannot_see_them",
+        3 * cases(),
+        Persist::No,
+        strategy,
+        |(p, offset, stride)| {
+            let (poisoned, sees) = forward::poison_hidden_keys(&p, offset, stride);
+            let (q, k, v) = (f32s(&poisoned.q), f32s(&poisoned.k), f32s(&poisoned.v));
+            let out = cpu
+                .try_forward(&p.spec, q.view(), k.view(), v.view())
+                .unwrap();
+            // Rows that see a poisoned key take the oracle's values here, so that the check of
+            // the others is the ordinary one against the clean problem.
+            let (cq, ck, cv) = (f32s(&p.q), f32s(&p.k), f32s(&p.v));
+            let exact = gqa::oracle::forward(&p.spec, cq.view(), ck.view(), cv.view());
+            let (mut o, mut lse) = (out.o.clone(), out.lse.clone());
+            for ((b, h, i), &seen) in sees.indexed_iter() {
+                if seen {
+                    o.slice_mut(s![b, h, i, ..])
+                        .zip_mut_with(&exact.o.slice(s![b, h, i, ..]), |x, &e| *x = e as f32);
+                    lse[[b, h, i]] = exact.lse[[b, h, i]] as f32;
+                }
+            }
+            forward::check_output(&p, (&cq, &ck, &cv), &o, &lse)?;
+            Ok(())
+        },
+    );
+}
+
+/// Decode's NaN contract, bit for bit: an f32 cache holding NaN or ±∞ at keys some rows cannot
+/// see gives those rows exactly what the same cache with the clean values gives.
+#[test]
+fn hidden_non_finite_cached_keys_change_no_row_that_cannot_see_them() {
+    const HQ: usize = 8;
+    const HKV: usize = 2;
+    const D: usize = 72;
+    let cpu = Cpu::new();
+    let strategy = (
+        prop_oneof![
+            dec::case(dec::Variant::Window, HQ, HKV, D),
+            dec::case(dec::Variant::RightSoftcap, HQ, HKV, D),
+            dec::case(dec::Variant::LeftAlibi, HQ, HKV, D),
+        ],
+        0..4usize,
+        1..4usize,
+    );
+    runner::check(
+        "hidden_non_finite_cached_keys_change_no_row_that_cannot_see_them",
+        3 * cases(),
+        Persist::No,
+        strategy,
+        |(case, offset, stride)| {
+            runner::log_case(dec::case_key(&case));
+            let (poisoned, sees) = dec::poison_hidden_keys(&case, offset, stride);
+            let q = case.q.mapv(|x| x as f32);
+            let attention = Gqa::<HQ, HKV, D>::try_from(case.spec).unwrap();
+            let run = |case: &Case| {
+                let (cache, seqs) = fill::<HKV, D, Float32>(case);
+                attention
+                    .try_decode_cpu(&cpu, q.view(), &cache, &seqs)
+                    .unwrap()
+            };
+            let (clean, dirty) = (run(&case), run(&poisoned));
+            forward::unseen_rows_are_bit_identical(
+                &sees,
+                (&clean.o, &clean.lse),
+                (&dirty.o, &dirty.lse),
+            )?;
+            let (cache, seqs) = fill::<HKV, D, Float32>(&case);
+            check_decoded(&case, (&cache, &seqs), &q, (&clean.o, &clean.lse))?;
+            Ok(())
+        },
+    );
+}
+
+/// Decode reads its queries through any strides: a query view inside a NaN-filled buffer gives
+/// the contiguous result bit for bit.
+#[test]
+fn decode_of_nan_padded_queries_is_the_contiguous_result_bit_for_bit() {
+    const HQ: usize = 9;
+    const HKV: usize = 3;
+    const D: usize = 3;
+    let cpu = Cpu::new();
+    runner::check(
+        "decode_of_nan_padded_queries_is_the_contiguous_result_bit_for_bit",
+        cases(),
+        Persist::No,
+        dec::case(dec::Variant::Everything, HQ, HKV, D),
+        |case| {
+            runner::log_case(dec::case_key(&case));
+            let (cache, seqs) = fill::<HKV, D, Int8>(&case);
+            let attention = Gqa::<HQ, HKV, D>::try_from(case.spec).unwrap();
+            let q = f32s(&case.q);
+            let big = f32s(&nan_padded(&case.q));
+            let padded = nan_padded_view(&big, case.q.shape());
+            let a = attention
+                .try_decode_cpu(&cpu, q.view(), &cache, &seqs)
+                .unwrap();
+            let b = attention
+                .try_decode_cpu(&cpu, padded, &cache, &seqs)
+                .unwrap();
+            prop_assert_eq!(a.o.mapv(f32::to_bits), b.o.mapv(f32::to_bits));
+            prop_assert_eq!(a.lse.mapv(f32::to_bits), b.lse.mapv(f32::to_bits));
+            Ok(())
+        },
+    );
+}
+
+/// Rows that see no key (bottom-right causal with more queries than keys) give 0 and LSE −∞
+/// (by hand; the suites also force such rows in a quarter of their cases).
 #[test]
 fn fully_masked_rows_are_zero_with_minus_infinity_lse() {
     let spec = AttentionSpec::try_new(4, 1, 32)
@@ -163,7 +308,7 @@ fn fully_masked_rows_are_zero_with_minus_infinity_lse() {
 /// the oracle, on 1 and 2 threads with identical results.
 #[test]
 fn long_sequences_match_the_oracle_on_any_thread_count() {
-    for (spec, seq_q, seq_k) in [
+    for (n, (spec, seq_q, seq_k)) in [
         (
             AttentionSpec::try_new(8, 2, 64)
                 .unwrap()
@@ -187,7 +332,10 @@ fn long_sequences_match_the_oracle_on_any_thread_count() {
             9,
             1100,
         ),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let (hq, hkv, d) = (spec.q_heads(), spec.kv_heads(), spec.head_dim());
         let strategy = (
             tensor([1, hq, seq_q, d]),
@@ -195,17 +343,16 @@ fn long_sequences_match_the_oracle_on_any_thread_count() {
             tensor([1, hkv, seq_k, d]),
         )
             .prop_map(move |(q, k, v)| Problem { spec, q, k, v });
-        let mut runner = TestRunner::new_with_rng(
-            Config::with_cases(1),
-            TestRng::deterministic_rng(RngAlgorithm::ChaCha),
-        );
-        runner
-            .run(&strategy, |p| {
+        runner::check(
+            &format!("long_sequences_match_the_oracle_on_any_thread_count/{n}"),
+            1,
+            Persist::No,
+            strategy,
+            |p| {
                 let one = Cpu::with_threads(1).unwrap();
                 let two = Cpu::with_threads(2).unwrap();
                 forward::check::<f32, Cpu>(&two, &p)?;
-                let f = |x: &Array4<f64>| x.mapv(|y| y as f32);
-                let (q, k, v) = (f(&p.q), f(&p.k), f(&p.v));
+                let (q, k, v) = (f32s(&p.q), f32s(&p.k), f32s(&p.v));
                 let a = one
                     .try_forward(&p.spec, q.view(), k.view(), v.view())
                     .unwrap();
@@ -214,8 +361,8 @@ fn long_sequences_match_the_oracle_on_any_thread_count() {
                     .unwrap();
                 prop_assert_eq!(a, b);
                 Ok(())
-            })
-            .unwrap();
+            },
+        );
     }
 }
 
@@ -296,12 +443,12 @@ fn split_decode_and_partials_match_the_oracle() {
                 a.max(b),
             )
         });
-    let mut runner = TestRunner::new_with_rng(
-        Config::with_cases(2),
-        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
-    );
-    runner
-        .run(&strategy, |(case, cut1, cut2)| {
+    runner::check(
+        "split_decode_and_partials_match_the_oracle",
+        2,
+        Persist::No,
+        strategy,
+        |(case, cut1, cut2)| {
             let (cache, seqs) = fill::<HKV, D, Int8>(&case);
             let q = case.q.mapv(|x| x as f32);
             for threads in [1, 2] {
@@ -328,8 +475,8 @@ fn split_decode_and_partials_match_the_oracle() {
                 }
             }
             Ok(())
-        })
-        .unwrap();
+        },
+    );
 }
 
 /// `try_forward_into` writes every element of outputs the caller owns (strided, pre-filled
@@ -372,4 +519,87 @@ fn forward_into_caller_outputs_equals_forward() {
         cpu.try_forward_into(&spec, inputs, small.view_mut(), lse.view_mut()),
         Err(Error::Shape { tensor: "o", .. })
     ));
+}
+
+/// One `Cpu` used from several threads at once — forwards and decodes interleaved, every
+/// decode reading the same cache — gives bit-identical results to the same calls made one by
+/// one.
+#[test]
+fn calls_from_several_threads_equal_the_same_calls_one_by_one() {
+    const HQ: usize = 8;
+    const HKV: usize = 2;
+    const D: usize = 64;
+    let attention = Gqa::<HQ, HKV, D>::new()
+        .causal()
+        .window(90, 0)
+        .softcap(20.0);
+    let spec = *attention.spec();
+    let strategy = || {
+        (
+            proptest::collection::vec(
+                (
+                    tensor([1, HQ, 40, D]),
+                    tensor([1, HKV, 130, D]),
+                    tensor([1, HKV, 130, D]),
+                ),
+                3,
+            ),
+            dec::case(dec::Variant::Everything, HQ, HKV, D),
+        )
+    };
+    for cpu in [Cpu::new(), Cpu::with_threads(2).unwrap()] {
+        runner::check(
+            "calls_from_several_threads_equal_the_same_calls_one_by_one",
+            1,
+            Persist::No,
+            strategy(),
+            |(problems, case)| {
+                let (cache, seqs) = fill::<HKV, D, Int4>(&case);
+                let decode_spec = Gqa::<HQ, HKV, D>::try_from(case.spec).unwrap();
+                let q_dec = f32s(&case.q);
+                let forward = |n: usize| {
+                    let (q, k, v) = &problems[n];
+                    let (q, k, v) = (f32s(q), f32s(k), f32s(v));
+                    let out = cpu
+                        .try_forward(&spec, q.view(), k.view(), v.view())
+                        .unwrap();
+                    (out.o.mapv(f32::to_bits), out.lse.mapv(f32::to_bits))
+                };
+                let decode = || {
+                    let out = decode_spec
+                        .try_decode_cpu(&cpu, q_dec.view(), &cache, &seqs)
+                        .unwrap();
+                    (out.o.mapv(f32::to_bits), out.lse.mapv(f32::to_bits))
+                };
+                let one_by_one: Vec<_> = (0..3).map(forward).chain([decode()]).collect();
+                let together: Vec<Vec<_>> = std::thread::scope(|scope| {
+                    let handles: Vec<_> = (0..4)
+                        .map(|t| {
+                            scope.spawn(move || {
+                                (0..3)
+                                    .map(|r| {
+                                        if (t + r) % 4 == 3 {
+                                            decode()
+                                        } else {
+                                            forward((t + r) % 4)
+                                        }
+                                    })
+                                    .collect::<Vec<_>>()
+                            })
+                        })
+                        .collect();
+                    handles.into_iter().map(|h| h.join().unwrap()).collect()
+                });
+                for (t, results) in together.iter().enumerate() {
+                    for (r, result) in results.iter().enumerate() {
+                        prop_assert!(
+                            *result == one_by_one[(t + r) % 4],
+                            "thread {t}, call {r} differs from the same call made alone"
+                        );
+                    }
+                }
+                Ok(())
+            },
+        );
+    }
 }

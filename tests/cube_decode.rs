@@ -2,24 +2,26 @@
 //! finds (Mesa's lavapipe in CI).
 //!
 //! For every configuration of the shared list and every cache storage (f32, f16, bf16, int8,
-//! int4): a batch of 1–3 sequences of different lengths (1..=300 tokens) in a paged cache
-//! (page size 1..=32, pages interleaved between sequences and fragmented by a dropped one),
-//! 1–16 new queries per sequence, and one kernel specialisation per storage (masks and score
-//! modifiers below). Long sequences are split over several cubes and merged, so split-KV is
-//! exercised wherever the device's split rule cuts (on lavapipe: above 256 keys, and above
-//! ~150 keys at D = 128).
+//! int4): a batch of 0–3 sequences of different lengths (0..=300 tokens) in a paged cache
+//! (page size 1..=32, pages interleaved between sequences and fragmented by a dropped, poisoned
+//! one), 0–16 new queries per sequence, and one kernel specialisation per storage (no mask; a
+//! right-bounded band with softcap; a left-bounded band with ALiBi; everything; a two-sided
+//! window), with the alignment, the sides (up to `i64::MAX`), scales and magnitudes drawn. Long
+//! sequences are split over several cubes and merged, so split-KV is exercised wherever the
+//! device's split rule cuts (on lavapipe: above 256 keys, and above ~150 keys at D = 128).
 //!
 //! The yardstick is the oracle run on the cache's *stored* (dequantized) rows, under the
-//! tolerance rule. For quantized storage the error against the unquantized input is printed
-//! separately (`vs input`): that is quantization error, reported, not bounded.
+//! tolerance rule per row; against the unquantized input the error must stay within the
+//! storage's derived bound (`tests/common/decode.rs::storage_bound`).
 //!
-//! `GQA_CUBE_CASES` and `GQA_CUBE_RANDOM` work as in `cube_forward.rs`.
+//! `GQA_CUBE_CASES`, `GQA_SEED` and `GQA_RANDOM` work as in `cube_forward.rs`.
 
 #[macro_use]
 mod common;
 
-use common::cube::{cases, device, runner};
+use common::cube::{cases, device};
 use common::decode::*;
+use common::runner::{self, Persist};
 use gqa::cache::{BFloat16, Float16, Float32, Int4, Int8, KvCache, KvStorage, Layout};
 use gqa::cube::{CubeDevice, CubeElement};
 use gqa::{DType, Error};
@@ -27,16 +29,25 @@ use half::f16;
 use ndarray::{Array3, Array4, s};
 use proptest::prelude::*;
 
-fn check<T: CubeElement, const HKV: usize, const D: usize, S: KvStorage>(
+/// A filled cache, its sequences, and a decode's (o, lse) on the host.
+type Decoded<const HKV: usize, const D: usize, S, T> = (
+    KvCache<HKV, D, S>,
+    Vec<gqa::cache::SeqId>,
+    Array4<T>,
+    Array3<f32>,
+);
+
+/// Decodes `case` on the device from a cache filled by `fill`: (o, lse) on the host.
+fn decode<T: CubeElement, const HKV: usize, const D: usize, S: KvStorage>(
     device: &CubeDevice,
     case: &Case,
-) -> Result<Worst, TestCaseError>
+    q: &Array4<T>,
+) -> Result<Decoded<HKV, D, S, T>, TestCaseError>
 where
     gqa::heads::Rule: gqa::heads::Supported<HKV, HKV, D>,
 {
     let (cache, seqs) = fill::<HKV, D, S>(case);
     let mut copy = device.try_upload_cache(&cache).unwrap();
-    let q = case.q.mapv(T::narrow);
     let q_device = device.try_upload(q.view()).unwrap();
     let out = device
         .try_decode(&case.spec, &q_device, &cache, &mut copy, &seqs)
@@ -51,16 +62,29 @@ where
         .unwrap()
         .into_dimensionality()
         .unwrap();
+    Ok((cache, seqs, o, lse))
+}
+
+fn check<T: CubeElement, const HKV: usize, const D: usize, S: KvStorage>(
+    device: &CubeDevice,
+    case: &Case,
+) -> Result<Worst, TestCaseError>
+where
+    gqa::heads::Rule: gqa::heads::Supported<HKV, HKV, D>,
+{
+    let q = case.q.mapv(T::narrow);
+    let (cache, seqs, o, lse) = decode::<T, HKV, D, S>(device, case, &q)?;
     check_decoded(case, (&cache, &seqs), &q, (&o, &lse))
 }
 
 fn run<T: CubeElement, const HQ: usize, const HKV: usize, const D: usize, S: KvStorage>(
+    test: &str,
     variant: Variant,
 ) where
     gqa::heads::Rule: gqa::heads::Supported<HKV, HKV, D>,
 {
     let Some(device) = device() else { return };
-    run_cases::<T, S>(runner(cases()), "decode", variant, (HQ, HKV, D), |c| {
+    run_cases::<T, S>((test, cases()), "decode", variant, (HQ, HKV, D), |c| {
         check::<T, HKV, D, S>(device, &c)
     });
 }
@@ -70,29 +94,136 @@ macro_rules! decode_tests {
         paste::paste! {
             #[test]
             fn [<$name _decode_f32_cache>]() {
-                run::<f32, $hq, $hkv, $d, Float32>(Variant::Causal);
+                run::<f32, $hq, $hkv, $d, Float32>(stringify!([<$name _decode_f32_cache>]), Variant::NoMask);
             }
             #[test]
             fn [<$name _decode_f16_cache>]() {
-                run::<f32, $hq, $hkv, $d, Float16>(Variant::CausalSoftcap);
+                run::<f32, $hq, $hkv, $d, Float16>(stringify!([<$name _decode_f16_cache>]), Variant::RightSoftcap);
             }
             #[test]
             fn [<$name _decode_bf16_cache>]() {
-                run::<f32, $hq, $hkv, $d, BFloat16>(Variant::WindowAlibi);
+                run::<f32, $hq, $hkv, $d, BFloat16>(stringify!([<$name _decode_bf16_cache>]), Variant::LeftAlibi);
             }
             #[test]
             fn [<$name _decode_int8_cache_f16_queries>]() {
-                run::<f16, $hq, $hkv, $d, Int8>(Variant::Everything);
+                run::<f16, $hq, $hkv, $d, Int8>(stringify!([<$name _decode_int8_cache_f16_queries>]), Variant::Everything);
             }
             #[test]
             fn [<$name _decode_int4_cache>]() {
-                run::<f32, $hq, $hkv, $d, Int4>(Variant::Causal);
+                run::<f32, $hq, $hkv, $d, Int4>(stringify!([<$name _decode_int4_cache>]), Variant::Window);
             }
         }
     };
 }
 
 for_each_config!(decode_tests);
+
+/// Decode's NaN contract, bit for bit: a cache holding NaN or ±∞ at keys some rows cannot see
+/// gives those rows exactly what the same cache with the clean values gives. (On the f16 and
+/// bf16 kernels the suite compiles for `gqa_10_5_d72` anyway: float storage keeps NaN.)
+#[test]
+fn hidden_non_finite_cached_keys_change_no_row_that_cannot_see_them() {
+    fn hidden<S: KvStorage>(test: &str, variant: Variant) {
+        let Some(device) = device() else { return };
+        const HQ: usize = 10;
+        const HKV: usize = 5;
+        const D: usize = 72;
+        let strategy = (case(variant, HQ, HKV, D), 0..4usize, 1..4usize);
+        runner::check(
+            test,
+            2 * cases(),
+            Persist::No,
+            strategy,
+            |(case, offset, stride)| {
+                runner::log_case(case_key(&case));
+                let (poisoned, sees) = poison_hidden_keys(&case, offset, stride);
+                let q = case.q.mapv(|x| x as f32);
+                let (cache, seqs, o, lse) = decode::<f32, HKV, D, S>(device, &case, &q)?;
+                let (_, _, dirty_o, dirty_lse) = decode::<f32, HKV, D, S>(device, &poisoned, &q)?;
+                common::forward::unseen_rows_are_bit_identical(
+                    &sees,
+                    (&o, &lse),
+                    (&dirty_o, &dirty_lse),
+                )?;
+                check_decoded(&case, (&cache, &seqs), &q, (&o, &lse))?;
+                Ok(())
+            },
+        );
+    }
+    hidden::<Float16>(
+        "hidden_non_finite_cached_keys_change_no_row_that_cannot_see_them/f16",
+        Variant::RightSoftcap,
+    );
+    hidden::<BFloat16>(
+        "hidden_non_finite_cached_keys_change_no_row_that_cannot_see_them/bf16",
+        Variant::LeftAlibi,
+    );
+}
+
+/// One `CubeDevice` decoding from several threads at once — each thread with its own device
+/// copy of one shared host cache — gives bit-identical results to the same decodes one by one.
+#[test]
+fn decodes_from_several_threads_equal_the_same_decodes_one_by_one() {
+    let Some(device) = device() else { return };
+    const HQ: usize = 8;
+    const HKV: usize = 2;
+    const D: usize = 64;
+    let strategy = (
+        case(Variant::NoMask, HQ, HKV, D),
+        proptest::collection::vec(tensor_q(HQ, D), 3),
+    );
+    runner::check(
+        "decodes_from_several_threads_equal_the_same_decodes_one_by_one",
+        1,
+        Persist::No,
+        strategy,
+        |(case, queries)| {
+            let (cache, seqs) = fill::<HKV, D, Float32>(&case);
+            let run = |n: usize, copy: &mut gqa::cube::DeviceKvCache<HKV, D, Float32>| {
+                let q = queries[n]
+                    .slice(s![..seqs.len(), .., ..case.seq_q, ..])
+                    .mapv(|x| x as f32);
+                let q = device.try_upload(q.view()).unwrap();
+                let out = device
+                    .try_decode(&case.spec, &q, &cache, copy, &seqs)
+                    .unwrap();
+                let o = device.try_download(&out.o).unwrap().mapv(f32::to_bits);
+                let lse = device.try_download(&out.lse).unwrap().mapv(f32::to_bits);
+                (o, lse)
+            };
+            let mut copy = device.try_upload_cache(&cache).unwrap();
+            let one_by_one: Vec<_> = (0..3).map(|n| run(n, &mut copy)).collect();
+            let together: Vec<Vec<_>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..3)
+                    .map(|t| {
+                        let (run, cache) = (&run, &cache);
+                        scope.spawn(move || {
+                            let mut copy = device.try_upload_cache(cache).unwrap();
+                            (0..3)
+                                .map(|r| run((t + r) % 3, &mut copy))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (t, results) in together.iter().enumerate() {
+                for (r, result) in results.iter().enumerate() {
+                    prop_assert!(
+                        *result == one_by_one[(t + r) % 3],
+                        "thread {t}, decode {r} differs from the same decode made alone"
+                    );
+                }
+            }
+            Ok(())
+        },
+    );
+}
+
+/// Queries for up to 3 sequences and 16 queries each (cut to a case's shape).
+fn tensor_q(hq: usize, d: usize) -> impl Strategy<Value = Array4<f64>> {
+    common::tensor([3, hq, 16, d])
+}
 
 /// A generation loop: prefill, then one token at a time — append, sync (only the new rows
 /// travel), decode — each step against the oracle.
@@ -214,11 +345,15 @@ fn partials_over_key_ranges_merge_into_the_decode() {
     const D: usize = 128;
     type Config = gqa::Gqa<HQ, HKV, D>;
     let strategy = case(Variant::Everything, HQ, HKV, D).prop_flat_map(|case| {
-        let longest = case.kv.iter().map(|(k, _)| k.shape()[1]).max().unwrap();
+        let longest = case.kv.iter().map(|(k, _)| k.shape()[1]).max().unwrap_or(0);
         (Just(case), 0..=longest + 2, 0..=longest + 2)
     });
-    runner(cases())
-        .run(&strategy, |(case, a, b)| {
+    runner::check(
+        "partials_over_key_ranges_merge_into_the_decode",
+        cases(),
+        Persist::No,
+        strategy,
+        |(case, a, b)| {
             let (cut1, cut2) = (a.min(b), a.max(b));
             let (cache, seqs) = fill::<HKV, D, Int8>(&case);
             let mut copy = device.try_upload_cache(&cache).unwrap();
@@ -254,8 +389,8 @@ fn partials_over_key_ranges_merge_into_the_decode() {
                 prop_assert!(lse_check.passed(), "merged, sequence {b}: lse {lse_check}");
             }
             Ok(())
-        })
-        .unwrap();
+        },
+    );
 }
 
 /// Partials merge only when the type and the run-time facts agree; everything else is a

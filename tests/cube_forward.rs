@@ -1,23 +1,27 @@
 //! The cubecl forward kernel against the f64 oracle, on whatever device `CubeDevice::try_default`
 //! finds (Mesa's lavapipe in CI).
 //!
-//! Every configuration of the shared list runs four kernel specialisations — no mask; causal +
-//! softcap; sliding window + ALiBi (both in f32); and everything at once in f16 — each over
-//! random batch sizes, lengths (1..=300, `seq_q = 1` and `seq_q > seq_k` included), window sides,
-//! scales, caps, slopes and alignments, all of which are runtime values of one compiled kernel.
-//! Every result must pass the tolerance rule (`gqa::oracle::compare`).
+//! Every configuration of the shared list runs five kernel specialisations — no mask; a
+//! right-bounded band with softcap; a left-bounded band; a two-sided window with ALiBi (all
+//! f32); and everything at once in f16 — each over drawn batch sizes (0 included), lengths
+//! (0..=300, `seq_q > seq_k`, rows that see nothing), window sides up to `i64::MAX`, both
+//! alignments, scales, caps, slopes and query magnitudes that give scores in the hundreds: all
+//! runtime values of one compiled kernel, so the number of kernels compiled stays one per
+//! configuration and specialisation (plus the split copy for long keys). Every result must pass
+//! the tolerance rule per row (`gqa::oracle::compare_rows`).
 //!
 //! Without a device: in CI (`CI` set) the tests fail; elsewhere they say loudly that they were
 //! skipped and which package provides a software device.
 //!
-//! `GQA_CUBE_CASES` sets the cases per configuration and specialisation (default 3);
-//! `GQA_CUBE_RANDOM=1` draws fresh cases instead of the fixed-seed ones CI runs.
+//! `GQA_CUBE_CASES` sets the cases per configuration and specialisation (default 3); seeds come
+//! from each test's name (`GQA_SEED`, `GQA_RANDOM=1`: see `tests/common/runner.rs`).
 
 #[macro_use]
 mod common;
 
-use common::cube::{cases, device, runner};
+use common::cube::{cases, device};
 use common::forward::{self, Variant};
+use common::runner::{self, Persist};
 use common::*;
 use gqa::cube::{CubeDevice, CubeElement};
 use gqa::{AttentionSpec, DType, Error, Mask};
@@ -25,7 +29,7 @@ use half::f16;
 use ndarray::Array4;
 use proptest::prelude::*;
 
-fn run_variant<T: CubeElement>(variant: Variant, q_heads: usize, kv_heads: usize, head_dim: usize) {
+fn run_variant<T: CubeElement>(test: &str, variant: Variant, config: (usize, usize, usize)) {
     let Some(device) = device() else { return };
     if !device.supports(T::DTYPE) {
         panic!(
@@ -34,13 +38,7 @@ fn run_variant<T: CubeElement>(variant: Variant, q_heads: usize, kv_heads: usize
             T::DTYPE
         );
     }
-    forward::run_variant::<T, CubeDevice>(
-        device,
-        runner(cases()),
-        "cube",
-        variant,
-        (q_heads, kv_heads, head_dim),
-    );
+    forward::run_variant::<T, CubeDevice>(device, (test, cases()), "cube", variant, config);
 }
 
 macro_rules! kernel_tests {
@@ -48,25 +46,33 @@ macro_rules! kernel_tests {
         paste::paste! {
             #[test]
             fn [<$name _plain_f32_matches_the_oracle>]() {
-                run_variant::<f32>(Variant::Plain, $hq, $hkv, $d);
+                run_variant::<f32>(stringify!([<$name _plain_f32_matches_the_oracle>]), Variant::Plain, ($hq, $hkv, $d));
             }
             #[test]
-            fn [<$name _causal_softcap_f32_matches_the_oracle>]() {
-                run_variant::<f32>(Variant::CausalSoftcap, $hq, $hkv, $d);
+            fn [<$name _right_softcap_f32_matches_the_oracle>]() {
+                run_variant::<f32>(stringify!([<$name _right_softcap_f32_matches_the_oracle>]), Variant::RightSoftcap, ($hq, $hkv, $d));
+            }
+            #[test]
+            fn [<$name _left_band_f32_matches_the_oracle>]() {
+                run_variant::<f32>(stringify!([<$name _left_band_f32_matches_the_oracle>]), Variant::LeftBand, ($hq, $hkv, $d));
             }
             #[test]
             fn [<$name _window_alibi_f32_matches_the_oracle>]() {
-                run_variant::<f32>(Variant::WindowAlibi, $hq, $hkv, $d);
+                run_variant::<f32>(stringify!([<$name _window_alibi_f32_matches_the_oracle>]), Variant::WindowAlibi, ($hq, $hkv, $d));
             }
             #[test]
             fn [<$name _everything_f16_matches_the_oracle>]() {
-                run_variant::<f16>(Variant::Everything, $hq, $hkv, $d);
+                run_variant::<f16>(stringify!([<$name _everything_f16_matches_the_oracle>]), Variant::Everything, ($hq, $hkv, $d));
             }
         }
     };
 }
 
 for_each_config!(kernel_tests);
+
+fn f32s(x: &Array4<f64>) -> Array4<f32> {
+    x.mapv(|y| y as f32)
+}
 
 /// Two launches of the same problem give bit-identical results.
 #[test]
@@ -105,54 +111,104 @@ fn launches_are_deterministic() {
     );
 }
 
-/// Inputs placed inside larger NaN-filled buffers, with padded strides on every axis, give
-/// finite results identical to contiguous inputs: no read outside the views.
-#[test]
-fn nan_padded_inputs_give_the_contiguous_result() {
-    let Some(device) = device() else { return };
-    let spec = AttentionSpec::try_new(12, 4, 80)
+/// `x` on the device as a view into a NaN-filled buffer, with padded strides on every axis
+/// after a NaN prefix.
+fn upload_nan_padded(device: &CubeDevice, x: &Array4<f64>) -> gqa::cube::DeviceTensor<f32> {
+    let big = nan_padded(x).mapv(|y| y as f32);
+    let shape: Vec<usize> = big.shape().to_vec();
+    let strides: Vec<usize> = (0..4)
+        .map(|a| 2 * shape[a + 1..].iter().product::<usize>())
+        .collect();
+    let offset: usize = strides.iter().map(|s| s / 2).sum();
+    let buffer: Vec<f32> = big.iter().copied().collect();
+    device
+        .try_upload_strided(&buffer, offset, x.shape(), &strides)
         .unwrap()
-        .with_mask(Mask::NONE.causal().window(9, 0))
-        .with_alibi();
-    let q = Array4::from_shape_fn((2, 12, 45, 80), |(b, h, i, d)| {
-        ((b * 3 + h * 7 + i * 11 + d * 13) % 19) as f32 / 9.0 - 1.0
-    });
-    let k = Array4::from_shape_fn((2, 4, 70, 80), |(b, h, i, d)| {
-        ((b * 5 + h * 3 + i * 7 + d) % 23) as f32 / 11.0 - 1.0
-    });
-    let v = k.mapv(|x| 0.5 - x);
-    let contiguous = device
-        .try_forward(&spec, q.view(), k.view(), v.view())
-        .unwrap();
-    let padded = |x: &Array4<f32>| {
-        // Data at odd indices of a (2n + 1)-sized NaN buffer on every axis, after a NaN prefix.
-        let big = nan_padded(&x.mapv(f64::from)).mapv(|y| y as f32);
-        let shape: Vec<usize> = big.shape().to_vec();
-        let strides: Vec<usize> = (0..4)
-            .map(|a| 2 * shape[a + 1..].iter().product::<usize>())
-            .collect();
-        let offset: usize = strides.iter().map(|s| s / 2).sum();
-        let buffer: Vec<f32> = big.iter().copied().collect();
-        device
-            .try_upload_strided(&buffer, offset, x.shape(), &strides)
-            .unwrap()
-    };
-    let (qd, kd, vd) = (padded(&q), padded(&k), padded(&v));
-    let out = device.try_forward_device(&spec, &qd, &kd, &vd).unwrap();
-    let o = device.try_download(&out.o).unwrap();
-    let lse = device.try_download(&out.lse).unwrap();
-    assert!(o.iter().all(|x| x.is_finite()));
-    assert_eq!(
-        o.into_dimensionality::<ndarray::Ix4>().unwrap(),
-        contiguous.o
-    );
-    assert_eq!(
-        lse.into_dimensionality::<ndarray::Ix3>().unwrap(),
-        contiguous.lse
+}
+
+/// Inputs placed inside larger NaN-filled buffers, with padded strides on every axis, give
+/// results bit-identical to contiguous inputs, on drawn shapes (more queries than keys, rows
+/// that see nothing, zero sizes): no read outside the views.
+#[test]
+fn nan_padded_inputs_give_the_contiguous_result_bit_for_bit() {
+    let Some(device) = device() else { return };
+    // Specialisations the configuration tests compile anyway: no new kernel.
+    let strategy = prop_oneof![
+        forward::problems(Variant::WindowAlibi, 12, 4, 80),
+        forward::problems(Variant::RightSoftcap, 9, 3, 3),
+    ];
+    runner::check(
+        "nan_padded_inputs_give_the_contiguous_result_bit_for_bit",
+        2 * cases(),
+        Persist::No,
+        strategy,
+        |p| {
+            runner::log_case(forward::case_key(&p));
+            let (q, k, v) = (f32s(&p.q), f32s(&p.k), f32s(&p.v));
+            let contiguous = device
+                .try_forward(&p.spec, q.view(), k.view(), v.view())
+                .unwrap();
+            let (qd, kd, vd) = (
+                upload_nan_padded(device, &p.q),
+                upload_nan_padded(device, &p.k),
+                upload_nan_padded(device, &p.v),
+            );
+            let out = device.try_forward_device(&p.spec, &qd, &kd, &vd).unwrap();
+            let o = device.try_download(&out.o).unwrap();
+            let lse = device.try_download(&out.lse).unwrap();
+            prop_assert_eq!(
+                o.mapv(f32::to_bits),
+                contiguous.o.mapv(f32::to_bits).into_dyn()
+            );
+            prop_assert_eq!(
+                lse.mapv(f32::to_bits),
+                contiguous.lse.mapv(f32::to_bits).into_dyn()
+            );
+            forward::check_output(&p, (&q, &k, &v), &contiguous.o, &contiguous.lse)?;
+            Ok(())
+        },
     );
 }
 
-/// Rows that see no key (bottom-right causal with more queries than keys) give 0 and LSE −∞.
+/// The NaN contract, bit for bit: NaN or ±∞ at keys a row cannot see — loaded into the same
+/// shared-memory tiles as the keys it sees — leave that row exactly as the clean input gives it.
+#[test]
+fn hidden_non_finite_keys_change_no_row_that_cannot_see_them() {
+    let Some(device) = device() else { return };
+    let strategy = prop_oneof![
+        forward::hidden_key_problems(Variant::WindowAlibi, (8, 2, 64)),
+        forward::hidden_key_problems(Variant::LeftBand, (9, 3, 3)),
+        forward::hidden_key_problems(Variant::RightSoftcap, (16, 2, 200)),
+    ];
+    runner::check(
+        "hidden_non_finite_keys_change_no_row_that_cannot_see_them",
+        2 * cases(),
+        Persist::No,
+        strategy,
+        |(p, offset, stride)| {
+            runner::log_case(forward::case_key(&p));
+            let (poisoned, sees) = forward::poison_hidden_keys(&p, offset, stride);
+            let run = |p: &Problem| {
+                let (q, k, v) = (f32s(&p.q), f32s(&p.k), f32s(&p.v));
+                device
+                    .try_forward(&p.spec, q.view(), k.view(), v.view())
+                    .unwrap()
+            };
+            let (clean, dirty) = (run(&p), run(&poisoned));
+            forward::unseen_rows_are_bit_identical(
+                &sees,
+                (&clean.o, &clean.lse),
+                (&dirty.o, &dirty.lse),
+            )?;
+            let (q, k, v) = (f32s(&p.q), f32s(&p.k), f32s(&p.v));
+            forward::check_output(&p, (&q, &k, &v), &clean.o, &clean.lse)?;
+            Ok(())
+        },
+    );
+}
+
+/// Rows that see no key (bottom-right causal with more queries than keys) give 0 and LSE −∞
+/// (by hand; the suites also force such rows in a quarter of their cases).
 #[test]
 fn fully_masked_rows_are_zero_with_minus_infinity_lse() {
     let Some(device) = device() else { return };
@@ -218,7 +274,7 @@ fn bad_input_is_a_typed_error() {
 #[test]
 fn long_key_ranges_match_the_oracle() {
     let Some(device) = device() else { return };
-    for (spec, seq_q, seq_k) in [
+    for (n, (spec, seq_q, seq_k)) in [
         (
             AttentionSpec::try_new(8, 2, 64)
                 .unwrap()
@@ -242,19 +298,65 @@ fn long_key_ranges_match_the_oracle() {
             5,
             700,
         ),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let (hq, hkv, d) = (spec.q_heads(), spec.kv_heads(), spec.head_dim());
-        let mut runner = runner(1);
         let strategy = (
             tensor([1, hq, seq_q, d]),
             tensor([1, hkv, seq_k, d]),
             tensor([1, hkv, seq_k, d]),
         )
             .prop_map(move |(q, k, v)| Problem { spec, q, k, v });
-        runner
-            .run(&strategy, |p| {
-                forward::check::<f32, CubeDevice>(device, &p).map(|_| ())
-            })
-            .unwrap();
+        runner::check(
+            &format!("long_key_ranges_match_the_oracle/{n}"),
+            1,
+            Persist::No,
+            strategy,
+            |p| forward::check::<f32, CubeDevice>(device, &p).map(|_| ()),
+        );
     }
+}
+
+/// One `CubeDevice` used from several threads at once gives bit-identical results to the same
+/// launches made one by one.
+#[test]
+fn launches_from_several_threads_equal_the_same_launches_one_by_one() {
+    let Some(device) = device() else { return };
+    let strategy = proptest::collection::vec(forward::problems(Variant::WindowAlibi, 8, 2, 64), 4);
+    runner::check(
+        "launches_from_several_threads_equal_the_same_launches_one_by_one",
+        1,
+        Persist::No,
+        strategy,
+        |problems| {
+            let run = |n: usize| {
+                let p = &problems[n];
+                let (q, k, v) = (f32s(&p.q), f32s(&p.k), f32s(&p.v));
+                let out = device
+                    .try_forward(&p.spec, q.view(), k.view(), v.view())
+                    .unwrap();
+                (out.o.mapv(f32::to_bits), out.lse.mapv(f32::to_bits))
+            };
+            let one_by_one: Vec<_> = (0..4).map(run).collect();
+            let together: Vec<Vec<_>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..4)
+                    .map(|t| {
+                        scope.spawn(move || (0..4).map(|r| run((t + r) % 4)).collect::<Vec<_>>())
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (t, results) in together.iter().enumerate() {
+                for (r, result) in results.iter().enumerate() {
+                    prop_assert!(
+                        *result == one_by_one[(t + r) % 4],
+                        "thread {t}, launch {r} differs from the same launch made alone"
+                    );
+                }
+            }
+            Ok(())
+        },
+    );
 }

@@ -3,7 +3,6 @@
 use std::sync::OnceLock;
 
 use gqa::cube::CubeDevice;
-use proptest::test_runner::TestRunner;
 
 /// The device, opened once per test binary (`None`: no device outside CI).
 pub fn device() -> Option<&'static CubeDevice> {
@@ -28,12 +27,8 @@ pub fn device() -> Option<&'static CubeDevice> {
         .as_ref()
 }
 
+/// Cases per configuration and specialisation: `GQA_CUBE_CASES`, default 3 (each distinct
+/// kernel costs a compile; the cases vary runtime values only).
 pub fn cases() -> u32 {
-    super::env_cases("GQA_CUBE_CASES", 3)
-}
-
-/// A runner with a fixed seed, so that CI runs the cases a developer ran (each distinct kernel
-/// costs a compile, so the default case count is small); `GQA_CUBE_RANDOM=1` draws new cases.
-pub fn runner(cases: u32) -> TestRunner {
-    super::seeded_runner(cases, "GQA_CUBE_RANDOM")
+    super::runner::env_count("GQA_CUBE_CASES", 3)
 }

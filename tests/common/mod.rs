@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 #[macro_use]
+pub mod runner;
+#[macro_use]
 pub mod configs;
 pub mod cube;
 pub mod decode;
@@ -84,16 +86,32 @@ pub fn mask() -> impl Strategy<Value = Mask> {
     })
 }
 
+/// The mask's diagonal, restated: `diag(i) = i + seq_k − seq_q` (bottom-right) or `i`.
+fn diagonal_by_definition(mask: Mask, i: usize, seq_q: usize, seq_k: usize) -> i128 {
+    match mask.alignment() {
+        Alignment::BottomRight => i as i128 + seq_k as i128 - seq_q as i128,
+        Alignment::TopLeft => i as i128,
+    }
+}
+
 /// The mask's definition, restated independently of `Mask::visible_keys`: query `i` sees key
 /// `j` when `diag(i) - left <= j <= diag(i) + right`.
 pub fn visible_by_definition(mask: Mask, i: usize, j: usize, seq_q: usize, seq_k: usize) -> bool {
-    let diag = match mask.alignment() {
-        Alignment::BottomRight => i as i128 + seq_k as i128 - seq_q as i128,
-        Alignment::TopLeft => i as i128,
-    };
+    let diag = diagonal_by_definition(mask, i, seq_q, seq_k);
     let j = j as i128;
     mask.left().is_none_or(|left| j >= diag - left as i128)
         && mask.right().is_none_or(|right| j <= diag + right as i128)
+}
+
+/// Whether query `i` sees no key at all, by the same definition (in O(1): the band
+/// `[diag − left, diag + right]` misses `0..seq_k`).
+pub fn row_is_fully_masked(mask: Mask, i: usize, seq_q: usize, seq_k: usize) -> bool {
+    let diag = diagonal_by_definition(mask, i, seq_q, seq_k);
+    let lo = mask.left().map_or(0, |l| (diag - l as i128).max(0));
+    let hi = mask.right().map_or(seq_k as i128 - 1, |r| {
+        (diag + r as i128).min(seq_k as i128 - 1)
+    });
+    lo > hi
 }
 
 /// The score's definition, restated independently of the oracle: `scale · q·k`, then the
@@ -104,7 +122,7 @@ pub fn score_by_definition(p: &Problem, (b, h, i, j): (usize, usize, usize, usiz
     let dot: f64 = (0..spec.head_dim())
         .map(|c| p.q[[b, h, i, c]] * p.k[[b, g, j, c]])
         .sum();
-    let mut s = f64::from(spec.scale()) * dot;
+    let mut s = spec.scale() * dot;
     if let Some(cap) = spec.softcap() {
         s = f64::from(cap) * (s / f64::from(cap)).tanh();
     }
@@ -118,18 +136,57 @@ pub fn score_by_definition(p: &Problem, (b, h, i, j): (usize, usize, usize, usiz
     s
 }
 
+/// Attention restated from its definition, independently of the oracle: for each row the
+/// visible keys ([`visible_by_definition`]), their scores ([`score_by_definition`]),
+/// `p_j = exp(s_j − max) / Σ exp(s − max)`, `o = Σ p_j v_j`, `lse = max + ln Σ exp(s − max)`;
+/// 0 and −∞ for a row that sees nothing. `(o [B, HQ, Lq, D], lse [B, HQ, Lq])`.
+pub fn attention_by_definition(p: &Problem) -> (Array4<f64>, ndarray::Array3<f64>) {
+    let spec = &p.spec;
+    let (batch, hq, d) = (p.q.shape()[0], spec.q_heads(), spec.head_dim());
+    let (seq_q, seq_k) = (p.seq_q(), p.seq_k());
+    let g = hq / spec.kv_heads();
+    let mut o = Array4::zeros((batch, hq, seq_q, d));
+    let mut lse = ndarray::Array3::from_elem((batch, hq, seq_q), f64::NEG_INFINITY);
+    for b in 0..batch {
+        for h in 0..hq {
+            for i in 0..seq_q {
+                let keys: Vec<usize> = (0..seq_k)
+                    .filter(|&j| visible_by_definition(spec.mask(), i, j, seq_q, seq_k))
+                    .collect();
+                if keys.is_empty() {
+                    continue;
+                }
+                let scores: Vec<f64> = keys
+                    .iter()
+                    .map(|&j| score_by_definition(p, (b, h, i, j)))
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                lse[[b, h, i]] = max + total.ln();
+                for (&j, s) in keys.iter().zip(&scores) {
+                    let weight = (s - max).exp() / total;
+                    for c in 0..d {
+                        o[[b, h, i, c]] += weight * p.v[[b, h / g, j, c]];
+                    }
+                }
+            }
+        }
+    }
+    (o, lse)
+}
+
 /// The score modifiers, each present or not: a custom scale, a softcap, ALiBi (geometric or user
 /// slopes).
 #[derive(Debug, Clone)]
 pub struct Modifiers {
-    pub scale: Option<f32>,
+    pub scale: Option<f64>,
     pub softcap: Option<f32>,
     pub alibi: Option<Option<Vec<f32>>>,
 }
 
 pub fn modifiers(q_heads: usize) -> impl Strategy<Value = Modifiers> {
     (
-        proptest::option::of(-2.0f32..2.0),
+        proptest::option::of(-2.0f64..2.0),
         proptest::option::of(0.25f32..20.0),
         proptest::option::of(proptest::option::of(proptest::collection::vec(
             0.0f32..1.0,
@@ -175,14 +232,15 @@ pub fn tensor(shape: [usize; 4]) -> impl Strategy<Value = Array4<f64>> {
         .prop_map(move |data| Array4::from_shape_vec(shape, data).expect("length matches shape"))
 }
 
-/// A random problem: sizes, then mask, modifiers and data.
+/// A random problem: sizes, then mask, modifiers and data; in one case of five the queries are
+/// scaled up so that scores reach the hundreds.
 pub fn problem() -> impl Strategy<Value = Problem> {
-    sizes().prop_flat_map(|s| {
+    (sizes(), forward::query_gain()).prop_flat_map(|(s, gain)| {
         let q_heads = s.kv_heads * s.group;
         (
             mask(),
             modifiers(q_heads),
-            tensor([s.batch, q_heads, s.seq_q, s.head_dim]),
+            tensor([s.batch, q_heads, s.seq_q, s.head_dim]).prop_map(move |q| q * gain),
             tensor([s.batch, s.kv_heads, s.seq_k, s.head_dim]),
             tensor([s.batch, s.kv_heads, s.seq_k, s.head_dim]),
         )
@@ -233,28 +291,4 @@ fn nan_padded_view_mut<'a>(
 /// The data inside a [`nan_padded`] tensor, as a strided view.
 pub fn nan_padded_view<'a, A>(big: &'a Array4<A>, s: &[usize]) -> ndarray::ArrayView4<'a, A> {
     big.slice(window_of(s))
-}
-
-/// `name` from the environment as a case count, or `default`.
-pub fn env_cases(name: &str, default: u32) -> u32 {
-    std::env::var(name)
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A proptest runner of `cases` cases with a fixed seed (CI runs the cases a developer ran), or
-/// fresh random cases when the variable `random` is set.
-pub fn seeded_runner(cases: u32, random: &str) -> proptest::test_runner::TestRunner {
-    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
-    let config = Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    if std::env::var_os(random).is_some() {
-        TestRunner::new(config)
-    } else {
-        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha))
-    }
 }
