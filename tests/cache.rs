@@ -66,7 +66,9 @@ fn must_refuse(kind: StorageKind, value: f64) -> bool {
     // Rounding to nearest reaches ∞ from half an ulp above the largest finite value:
     // f16 65504 + 16; bf16 (2 − 2⁻⁷)·2¹²⁷ + 2¹¹⁹; f32 (after the f64 → f32 rounding) its own.
     let x = value.abs();
+    let q = kind.quant_max() as f32;
     (x as f32).is_infinite()
+        || (kind.is_quantized() && (q * ((x as f32) / q)).is_infinite())
         || (kind == StorageKind::Float16 && x >= 65520.0)
         || (kind == StorageKind::BFloat16
             && f64::from(x as f32) >= (2.0 - 2f64.powi(-8)) * 2f64.powi(127))

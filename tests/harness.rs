@@ -120,6 +120,20 @@ fn the_forward_problems_reach_every_region() {
     count("Lq = 0", &|p| p.seq_q() == 0);
     count("Lk = 0", &|p| p.seq_k() == 0);
     count("Lq > Lk > 0", &|p| p.seq_q() > p.seq_k() && p.seq_k() > 0);
+    let forced = problems
+        .iter()
+        .filter(|p| {
+            p.seq_q() > 0
+                && (0..p.seq_q()).any(|i| row_is_fully_masked(mask(p), i, p.seq_q(), p.seq_k()))
+        })
+        .count();
+    // A quarter of the cases are forced to have one (natural draws give about a fifth): a
+    // third or more shows the forcing at work.
+    eprintln!("some row sees no key: {forced} of {n}");
+    assert!(
+        forced * 3 >= n,
+        "rows that see no key in only {forced} of {n} cases"
+    );
     count("a fully masked row, with keys", &|p| {
         p.seq_k() > 0
             && (0..p.seq_q()).any(|i| row_is_fully_masked(mask(p), i, p.seq_q(), p.seq_k()))
@@ -188,6 +202,20 @@ fn the_decode_cases_reach_every_region() {
             len > 0 && (0..c.seq_q).any(|i| row_is_fully_masked(mask(c), i, c.seq_q, len))
         })
     });
+    let forced = cases
+        .iter()
+        .filter(|c| {
+            c.seq_q > 0
+                && c.lens()
+                    .iter()
+                    .any(|&len| (0..c.seq_q).any(|i| row_is_fully_masked(mask(c), i, c.seq_q, len)))
+        })
+        .count();
+    eprintln!("some row sees no key: {forced} of {n}");
+    assert!(
+        forced * 3 >= n,
+        "rows that see no key in only {forced} of {n} cases"
+    );
     count("no mask", &|c| mask(c).is_none());
     count("top-left", &|c| {
         !mask(c).is_none() && mask(c).alignment() == Alignment::TopLeft

@@ -88,17 +88,24 @@ impl StorageKind {
         }
     }
 
-    /// Whether a finite input value `x` stays finite once stored: f16 (largest finite value
-    /// 65504) and bf16 round it from its `f32` value as the cache does (`f64 → f32 → storage`),
-    /// and every storage first rounds to `f32`. A finite value that would become ±∞ is one the
-    /// storage cannot represent; [`KvCache::try_append`](super::KvCache::try_append) refuses it.
+    /// Whether a finite input value `x` stays finite once stored and read back: f16 (largest
+    /// finite value 65504) and bf16 round it from its `f32` value as the cache does
+    /// (`f64 → f32 → storage`); every storage first rounds to `f32`; a quantized row holding `x`
+    /// as its largest magnitude dequantizes it as `quant_max · (|x| / quant_max)` in `f32`,
+    /// which rounds up to ∞ within a few ulps of `f32::MAX`. A finite value that would become
+    /// ±∞ is one the storage cannot represent;
+    /// [`KvCache::try_append`](super::KvCache::try_append) refuses it.
     pub fn represents(self, x: f64) -> bool {
         let wide = x as f32;
         match self {
-            _ if !x.is_finite() => false,
+            _ if !x.is_finite() || !wide.is_finite() => false,
             StorageKind::Float16 => f16::from_f32(wide).is_finite(),
             StorageKind::BFloat16 => bf16::from_f32(wide).is_finite(),
-            StorageKind::Float32 | StorageKind::Int8 | StorageKind::Int4 => wide.is_finite(),
+            StorageKind::Float32 => true,
+            StorageKind::Int8 | StorageKind::Int4 => {
+                let max = self.quant_max() as f32;
+                (max * (wide.abs() / max)).is_finite()
+            }
         }
     }
 
@@ -280,6 +287,16 @@ mod tests {
         assert!(!Float16.represents(65520.0) && !Float16.represents(-1e5));
         // bf16 keeps f32's exponent: only the last half-ulp below f32::MAX rounds to ∞.
         assert!(BFloat16.represents(3.0e38) && !BFloat16.represents(f64::from(f32::MAX)));
+        // Found by the fuzzer: int8 of f32::MAX has scale MAX/127 (rounded up), and 127 · scale
+        // is ∞ in f32. (For int4, 7 · (MAX/7) happens to round back to MAX.)
+        assert!(Float32.represents(f64::from(f32::MAX)) && Int4.represents(f64::from(f32::MAX)));
+        assert!(!Int8.represents(f64::from(f32::MAX)));
+        assert!(Int8.represents(1e38) && Int4.represents(3.0e38));
+        let mut words = [0u32; 1];
+        let scale = Int8.encode_row(&[1e38, -5.0], &mut words);
+        let mut back = [0.0f32; 2];
+        Int8.decode_row(&words, scale, &mut back);
+        assert!(back[0].is_finite());
         // Every storage rounds to f32 first: an f64 beyond its range is lost everywhere.
         for kind in StorageKind::ALL {
             assert!(!kind.represents(1e300), "{kind:?}");

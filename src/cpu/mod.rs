@@ -27,7 +27,9 @@
 //! and hidden from others, a non-finite value among its hidden values sends the block through
 //! a row-by-row product over each row's own visible keys, so that `0 · NaN` never reaches a
 //! row (`prefill::Tile::accumulate_values`, `decode`'s value pass). What a row that *sees* a
-//! non-finite value gets is not specified (usually NaN).
+//! non-finite value gets is not specified (usually NaN). The weights are summed unnormalised
+//! (`Σ e^{s−max}·v`, divided once at the end), so values within a factor of a row's key count of
+//! `f32::MAX` may overflow to ±∞.
 
 mod decode;
 mod prefill;
