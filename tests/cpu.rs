@@ -570,34 +570,12 @@ fn calls_from_several_threads_equal_the_same_calls_one_by_one() {
                         .unwrap();
                     (out.o.mapv(f32::to_bits), out.lse.mapv(f32::to_bits))
                 };
-                let one_by_one: Vec<_> = (0..3).map(forward).chain([decode()]).collect();
-                let together: Vec<Vec<_>> = std::thread::scope(|scope| {
-                    let handles: Vec<_> = (0..4)
-                        .map(|t| {
-                            scope.spawn(move || {
-                                (0..3)
-                                    .map(|r| {
-                                        if (t + r) % 4 == 3 {
-                                            decode()
-                                        } else {
-                                            forward((t + r) % 4)
-                                        }
-                                    })
-                                    .collect::<Vec<_>>()
-                            })
-                        })
-                        .collect();
-                    handles.into_iter().map(|h| h.join().unwrap()).collect()
-                });
-                for (t, results) in together.iter().enumerate() {
-                    for (r, result) in results.iter().enumerate() {
-                        prop_assert!(
-                            *result == one_by_one[(t + r) % 4],
-                            "thread {t}, call {r} differs from the same call made alone"
-                        );
-                    }
-                }
-                Ok(())
+                // Calls 0-2 are forwards, call 3 the decode of the shared cache.
+                common::concurrent_calls_equal_one_by_one(
+                    (4, 4, 3),
+                    || (),
+                    |_, n| if n == 3 { decode() } else { forward(n) },
+                )
             },
         );
     }

@@ -191,31 +191,12 @@ fn decodes_from_several_threads_equal_the_same_decodes_one_by_one() {
                 let lse = device.try_download(&out.lse).unwrap().mapv(f32::to_bits);
                 (o, lse)
             };
-            let mut copy = device.try_upload_cache(&cache).unwrap();
-            let one_by_one: Vec<_> = (0..3).map(|n| run(n, &mut copy)).collect();
-            let together: Vec<Vec<_>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..3)
-                    .map(|t| {
-                        let (run, cache) = (&run, &cache);
-                        scope.spawn(move || {
-                            let mut copy = device.try_upload_cache(cache).unwrap();
-                            (0..3)
-                                .map(|r| run((t + r) % 3, &mut copy))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                handles.into_iter().map(|h| h.join().unwrap()).collect()
-            });
-            for (t, results) in together.iter().enumerate() {
-                for (r, result) in results.iter().enumerate() {
-                    prop_assert!(
-                        *result == one_by_one[(t + r) % 3],
-                        "thread {t}, decode {r} differs from the same decode made alone"
-                    );
-                }
-            }
-            Ok(())
+            // Each thread decodes through a device copy of its own of the one host cache.
+            common::concurrent_calls_equal_one_by_one(
+                (3, 3, 3),
+                || device.try_upload_cache(&cache).unwrap(),
+                |copy, n| run(n, copy),
+            )
         },
     );
 }

@@ -339,24 +339,7 @@ fn launches_from_several_threads_equal_the_same_launches_one_by_one() {
                     .unwrap();
                 (out.o.mapv(f32::to_bits), out.lse.mapv(f32::to_bits))
             };
-            let one_by_one: Vec<_> = (0..4).map(run).collect();
-            let together: Vec<Vec<_>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..4)
-                    .map(|t| {
-                        scope.spawn(move || (0..4).map(|r| run((t + r) % 4)).collect::<Vec<_>>())
-                    })
-                    .collect();
-                handles.into_iter().map(|h| h.join().unwrap()).collect()
-            });
-            for (t, results) in together.iter().enumerate() {
-                for (r, result) in results.iter().enumerate() {
-                    prop_assert!(
-                        *result == one_by_one[(t + r) % 4],
-                        "thread {t}, launch {r} differs from the same launch made alone"
-                    );
-                }
-            }
-            Ok(())
+            common::concurrent_calls_equal_one_by_one((4, 4, 4), || (), |_, n| run(n))
         },
     );
 }

@@ -292,3 +292,40 @@ fn nan_padded_view_mut<'a>(
 pub fn nan_padded_view<'a, A>(big: &'a Array4<A>, s: &[usize]) -> ndarray::ArrayView4<'a, A> {
     big.slice(window_of(s))
 }
+
+/// The concurrency law: `calls` calls `call(&mut state, n)` made one by one give, bit for bit
+/// (`R` holds bit patterns), what the same calls give when `threads` threads make them at once —
+/// thread `t` making calls `t, t + 1, …` (mod `calls`), `per_thread` of them, each thread with a
+/// state of its own from `state()` (a device copy of a cache, say).
+pub fn concurrent_calls_equal_one_by_one<S, R: PartialEq + Send>(
+    (calls, threads, per_thread): (usize, usize, usize),
+    state: impl Fn() -> S + Sync,
+    call: impl Fn(&mut S, usize) -> R + Sync,
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    let mut alone = state();
+    let one_by_one: Vec<R> = (0..calls).map(|n| call(&mut alone, n)).collect();
+    let (state, call) = (&state, &call);
+    let together: Vec<Vec<R>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    let mut own = state();
+                    (0..per_thread)
+                        .map(|r| call(&mut own, (t + r) % calls))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (t, results) in together.iter().enumerate() {
+        for (r, result) in results.iter().enumerate() {
+            prop_assert!(
+                *result == one_by_one[(t + r) % calls],
+                "thread {t}, call {r} (call {} of the sequence) differs from the same call made alone",
+                (t + r) % calls
+            );
+        }
+    }
+    Ok(())
+}
