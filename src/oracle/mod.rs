@@ -250,6 +250,18 @@ pub struct RowTerms {
     pub values: Array3<f64>,
 }
 
+impl RowTerms {
+    /// The scale of an output row's rounding: `V · max(1, T)` (values times score terms). An
+    /// output averages values of magnitude up to `V` with weights `e^s`, and a score off by
+    /// `δ` moves it by up to `2Vδ` — an honest score is off by about one rounding of its terms,
+    /// `u·T`. ([`compare_rows`] takes this per row.)
+    pub fn outputs(&self) -> Array3<f64> {
+        let mut out = self.values.clone();
+        out.zip_mut_with(&self.scores, |v, &t| *v *= t.max(1.0));
+        out
+    }
+}
+
 /// The [`RowTerms`] of a problem (shapes as [`try_forward`]).
 pub fn try_row_terms<T: Element>(
     spec: &AttentionSpec,

@@ -209,7 +209,7 @@ pub fn check_output<T: Element>(
         &o_wide,
         T::DTYPE,
         p.spec.head_dim(),
-        &terms.values,
+        &terms.outputs(),
     );
     prop_assert!(o_check.passed(), "o: {o_check}\n{}", context());
     let lse_wide: Vec<f64> = lse.iter().map(|&x| f64::from(x)).collect();

@@ -12,7 +12,7 @@ use gqa::oracle::{compare_lse, compare_rows};
 use gqa::{AttentionSpec, DType, Error};
 use ndarray::{Array3, Array4, Axis, s};
 
-use super::{datum, float, mask};
+use super::{data, float, mask};
 
 const HKV: usize = 2;
 /// Odd: every packed storage ends its rows in a partial word.
@@ -162,7 +162,7 @@ fn ops<S: KvStorage>(u: &mut Unstructured, t: &mut Trace) -> Result<()> {
                     };
                     let rows = |u: &mut Unstructured| -> Result<Array3<f64>> {
                         let n = shape.iter().product();
-                        let mut data = (0..n).map(|_| datum(u, 1.0)).collect::<Result<Vec<_>>>()?;
+                        let mut data = data(u, n, 1.0)?;
                         if n > 0 && u.ratio(1, 6)? {
                             let at = u.choose_index(n)?;
                             data[at] = float(u)?;
@@ -324,11 +324,7 @@ fn decode<S: KvStorage>(
         seqs.len()
     };
     let n = rows * hq * seq_q * D;
-    let q = Array4::from_shape_vec(
-        (rows, hq, seq_q, D),
-        (0..n).map(|_| datum(u, 1.0)).collect::<Result<Vec<_>>>()?,
-    )
-    .unwrap();
+    let q = Array4::from_shape_vec((rows, hq, seq_q, D), data(u, n, 1.0)?).unwrap();
     let keys = if u.arbitrary()? {
         0..usize::MAX
     } else {
@@ -393,7 +389,7 @@ fn decode<S: KvStorage>(
             gqa::oracle::try_row_terms_keys(&spec, q_b.view(), k.view(), v.view(), keys.clone())
                 .unwrap();
         let mut terms: Vec<f64> = row_terms.scores.iter().copied().collect();
-        let mut value_terms: Vec<f64> = row_terms.values.iter().copied().collect();
+        let mut value_terms: Vec<f64> = row_terms.outputs().iter().copied().collect();
         let mut o_b: Vec<f64> = o
             .slice(s![b, .., .., ..])
             .iter()

@@ -12,7 +12,7 @@ use gqa::partial::Partial;
 use gqa::{Error, Gqa};
 use ndarray::{Array3, Array4};
 
-use super::{datum, mask};
+use super::{data, mask};
 
 const HQ: usize = 4;
 const HKV: usize = 2;
@@ -30,9 +30,10 @@ pub fn run(u: &mut Unstructured, t: &mut Trace) -> Result<()> {
         let seq = cache.try_add_sequence().unwrap();
         let len = u.int_in_range(0..=20)?;
         let values = |u: &mut Unstructured| -> Result<Array3<f32>> {
-            let data = (0..HKV * len * D)
-                .map(|_| datum(u, 1.0).map(|x| x as f32))
-                .collect::<Result<Vec<_>>>()?;
+            let data = data(u, HKV * len * D, 1.0)?
+                .into_iter()
+                .map(|x| x as f32)
+                .collect::<Vec<_>>();
             Ok(Array3::from_shape_vec((HKV, len, D), data).unwrap())
         };
         let (k, v) = (values(u)?, values(u)?);
@@ -41,11 +42,7 @@ pub fn run(u: &mut Unstructured, t: &mut Trace) -> Result<()> {
     }
     let seq_q = u.int_in_range(0..=3)?;
     let n = seqs.len() * HQ * seq_q * D;
-    let q = Array4::from_shape_vec(
-        (seqs.len(), HQ, seq_q, D),
-        (0..n).map(|_| datum(u, 1.0)).collect::<Result<Vec<_>>>()?,
-    )
-    .unwrap();
+    let q = Array4::from_shape_vec((seqs.len(), HQ, seq_q, D), data(u, n, 1.0)?).unwrap();
     let longest = seqs
         .iter()
         .map(|&s| cache.len(s).unwrap())

@@ -43,10 +43,28 @@ pub fn float(u: &mut Unstructured) -> Result<f64> {
     })
 }
 
-/// A finite, modest value for tensor data: `[-4, 4)`, times 50 in one case of eight (scores
-/// in the hundreds).
-pub fn datum(u: &mut Unstructured, gain: f64) -> Result<f64> {
-    Ok(f64::from(u.int_in_range(-128i32..=127)?) / 32.0 * gain)
+/// `n` finite, modest values for tensor data: multiples of 1/32 in `[-4, 4)`, times `gain`. They
+/// come from the input while it lasts, then from a generator seeded by what was read: an input
+/// that runs out would otherwise give constant tensors (every value the range's lower end), which
+/// explore little but the rounding of exactly computable sums.
+pub fn data(u: &mut Unstructured, n: usize, gain: f64) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(n);
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..n {
+        let step = if u.is_empty() {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) % 256) as i32 - 128
+        } else {
+            let x = u.int_in_range(-128i32..=127)?;
+            state = state.rotate_left(7) ^ x as u64;
+            x
+        };
+        out.push(f64::from(step) / 32.0 * gain);
+    }
+    Ok(out)
 }
 
 /// A window side: small, about the lengths, or huge.
