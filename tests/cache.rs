@@ -186,32 +186,6 @@ fn assert_stored(kind: StorageKind, appended: &Array3<f32>, stored: &Array3<f32>
     }
 }
 
-/// Everything a cache holds, bit for bit: its sequences, their lengths and pages, the free
-/// pages and the whole word pool with its scales.
-fn snapshot<S: KvStorage>(cache: &KvCache<HKV, D, S>) -> impl PartialEq + use<S> {
-    let (k, v, ks, vs) = cache.raw();
-    let seqs: Vec<_> = cache
-        .sequences()
-        .into_iter()
-        .map(|id| {
-            (
-                id,
-                cache.len(id).unwrap(),
-                cache.pages(id).unwrap().to_vec(),
-            )
-        })
-        .collect();
-    let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-    (
-        seqs,
-        cache.free_pages(),
-        k.to_vec(),
-        v.to_vec(),
-        bits(ks),
-        bits(vs),
-    )
-}
-
 fn run_ops<S: KvStorage>(layout: Layout, ops: &[Op]) {
     let mut cache = KvCache::<HKV, D, S>::try_new(layout).unwrap();
     let mut model = Model::default();
@@ -282,7 +256,7 @@ fn run_ops<S: KvStorage>(layout: Layout, ops: &[Op]) {
             }
             Op::AppendBad { tokens, bad, at } if !model.seqs.is_empty() => {
                 let value = BAD_VALUES[bad];
-                let before = snapshot(&cache);
+                let before = cache.clone();
                 let xs: Vec<ndarray::Array3<f64>> = (0..model.seqs.len())
                     .map(|n| rows(tokens, n as u32 + 77).mapv(f64::from))
                     .collect();
@@ -307,7 +281,7 @@ fn run_ops<S: KvStorage>(layout: Layout, ops: &[Op]) {
                         S::KIND
                     );
                     assert!(
-                        snapshot(&cache) == before,
+                        cache.same_contents(&before),
                         "a refused append changed the cache"
                     );
                 } else {
@@ -322,7 +296,7 @@ fn run_ops<S: KvStorage>(layout: Layout, ops: &[Op]) {
                         }
                         Err(Error::CacheFull { .. }) => {
                             assert!(
-                                snapshot(&cache) == before,
+                                cache.same_contents(&before),
                                 "a refused append changed the cache"
                             )
                         }
@@ -462,6 +436,46 @@ fn a_refused_append_changes_nothing() {
 /// f16 storage refuses a finite value above its range (it would be stored as ∞), with the
 /// value and the storage in the message, and appends nothing — not even the valid rows of the
 /// same batch; the same value in f32 storage is kept exactly.
+/// The comparison that "a refused call changes nothing" rests on sees every kind of change:
+/// a token, a sequence, a dropped sequence, a scale's bits.
+#[test]
+fn same_contents_sees_every_change() {
+    let mut cache = KvCache::<HKV, D, Int8>::new(Layout::Paged {
+        page_size: 4,
+        pages: 4,
+    });
+    let a = cache.try_add_sequence().unwrap();
+    let x = rows(3, 5);
+    cache.try_append(a, x.view(), x.view()).unwrap();
+    let before = cache.clone();
+    assert!(cache.same_contents(&before), "a clone holds the same");
+    let mut appended = cache.clone();
+    appended.try_append(a, x.view(), x.view()).unwrap();
+    assert!(!appended.same_contents(&before), "one more token");
+    let mut added = cache.clone();
+    let b = added.try_add_sequence().unwrap();
+    assert!(!added.same_contents(&before), "one more sequence");
+    added.try_drop_sequence(b).unwrap();
+    assert!(!added.same_contents(&before), "a sequence id was used up");
+    let mut dropped = cache.clone();
+    dropped.try_drop_sequence(a).unwrap();
+    assert!(!dropped.same_contents(&before), "a dropped sequence");
+    // The same token written again with a value that changes only the scale of its row.
+    let mut rescaled = KvCache::<HKV, D, Int8>::new(Layout::Paged {
+        page_size: 4,
+        pages: 4,
+    });
+    let c = rescaled.try_add_sequence().unwrap();
+    rescaled
+        .try_append(c, x.mapv(|v| v * 2.0).view(), x.view())
+        .unwrap();
+    let (k, _, ks, _) = rescaled.raw();
+    let (k0, _, ks0, _) = cache.raw();
+    assert_eq!(k, k0, "the words are the same: only the scales differ");
+    assert_ne!(ks, ks0);
+    assert!(!rescaled.same_contents(&cache), "a scale's bits");
+}
+
 #[test]
 fn a_value_beyond_f16_is_refused_not_stored_as_infinity() {
     let mut cache = KvCache::<HKV, D, Float16>::new(Layout::Paged {
@@ -475,7 +489,7 @@ fn a_value_beyond_f16_is_refused_not_stored_as_infinity() {
     let fine = rows(2, 1);
     let mut big = rows(2, 2);
     big[[1, 1, 3]] = 70000.0;
-    let before = snapshot(&cache);
+    let before = cache.clone();
     let err = cache
         .try_append_batch(&[(a, fine.view(), fine.view()), (b, fine.view(), big.view())])
         .unwrap_err();
@@ -483,7 +497,7 @@ fn a_value_beyond_f16_is_refused_not_stored_as_infinity() {
         err.to_string(),
         "KvCache::append: `v` holds 70000, which f16 storage cannot represent (it would be stored as infinity)"
     );
-    assert!(snapshot(&cache) == before);
+    assert!(cache.same_contents(&before));
     assert_eq!((cache.len(a).unwrap(), cache.len(b).unwrap()), (0, 0));
     // 65504 is f16's largest value: kept.
     big[[1, 1, 3]] = 65504.0;

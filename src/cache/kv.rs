@@ -298,6 +298,33 @@ where
     pub fn raw(&self) -> (&[u32], &[u32], &[f32], &[f32]) {
         (&self.k, &self.v, &self.k_scale, &self.v_scale)
     }
+
+    /// Whether two caches hold the same thing, bit for bit: the same sequences with the same
+    /// lengths and pages, the same free pages in the same order, the same next sequence id, and
+    /// the same pool words and scales (scales compared as bits, so a NaN equals itself). Their
+    /// identities — which device copies mirror them — are not compared. This is what "a refused
+    /// call changes nothing" means:
+    ///
+    /// ```
+    /// use gqa::cache::{Float16, KvCache, Layout};
+    /// use ndarray::Array3;
+    ///
+    /// let mut cache = KvCache::<2, 8, Float16>::try_new(Layout::Paged { page_size: 4, pages: 2 })?;
+    /// let seq = cache.try_add_sequence()?;
+    /// let before = cache.clone();
+    /// let too_big = Array3::from_elem((2, 1, 8), 1e5_f32); // beyond f16's 65504
+    /// assert!(cache.try_append(seq, too_big.view(), too_big.view()).is_err());
+    /// assert!(cache.same_contents(&before));
+    /// # Ok::<(), gqa::Error>(())
+    /// ```
+    pub fn same_contents(&self, other: &Self) -> bool {
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        self.table == other.table
+            && self.k == other.k
+            && self.v == other.v
+            && bits(&self.k_scale) == bits(&other.k_scale)
+            && bits(&self.v_scale) == bits(&other.v_scale)
+    }
 }
 
 /// `len` zeros, allocated as `vec![0; len]` would be (zeroed pages, touched only when used), but

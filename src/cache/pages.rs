@@ -48,14 +48,14 @@ impl Layout {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Sequence {
     pages: Vec<u32>,
     len: usize,
 }
 
 /// Page allocation and block tables, without the data.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PageTable {
     layout: Layout,
     /// Free pages, popped from the end (lowest index first).
