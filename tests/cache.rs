@@ -12,6 +12,7 @@
 #[macro_use]
 mod common;
 
+use common::refusal::must_refuse;
 use common::{build_spec, mask, modifiers, runner, tensor};
 use gqa::cache::{
     BFloat16, Float16, Float32, Int4, Int8, KvCache, KvStorage, Layout, SeqId, StorageKind,
@@ -54,25 +55,6 @@ enum Op {
 /// Values some storage cannot hold: non-finite (quantized storage refuses them), and finite
 /// values that would be stored as ∞ (f16 above 65504; beyond f32 everywhere).
 const BAD_VALUES: [f64; 5] = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 7.0e4, 1.0e39];
-
-/// Whether storage `kind` must refuse `value` ([`BAD_VALUES`]), restated from its definition:
-/// quantized storage holds no NaN or ∞; every storage rounds to f32 first (max ≈ 3.4e38); f16's
-/// largest finite value is 65504 (from 65520 on, rounding gives ∞); bf16 keeps f32's exponent but
-/// rounds its top half-ulp to ∞.
-fn must_refuse(kind: StorageKind, value: f64) -> bool {
-    if !value.is_finite() {
-        return kind.is_quantized();
-    }
-    // Rounding to nearest reaches ∞ from half an ulp above the largest finite value:
-    // f16 65504 + 16; bf16 (2 − 2⁻⁷)·2¹²⁷ + 2¹¹⁹; f32 (after the f64 → f32 rounding) its own.
-    let x = value.abs();
-    let q = kind.quant_max() as f32;
-    (x as f32).is_infinite()
-        || (kind.is_quantized() && (q * ((x as f32) / q)).is_infinite())
-        || (kind == StorageKind::Float16 && x >= 65520.0)
-        || (kind == StorageKind::BFloat16
-            && f64::from(x as f32) >= (2.0 - 2f64.powi(-8)) * 2f64.powi(127))
-}
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![

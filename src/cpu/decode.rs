@@ -432,9 +432,7 @@ impl pulp::WithSimd for SplitRun<'_> {
                 let r = hh * seq_q + ii;
                 let row = &mut scores[r * n..][..n];
                 if let Some(cap) = spec.softcap() {
-                    for s in row.iter_mut() {
-                        *s = cap * (*s / cap).tanh();
-                    }
+                    simd::softcap(row, cap);
                 }
                 if let Some(alibi) = spec.alibi() {
                     let slope = alibi.slope(split.g * group + hh);

@@ -321,9 +321,7 @@ fn softmax_block(
             }
             let live = &mut row[lo..hi];
             if let Some(cap) = spec.softcap() {
-                for s in live.iter_mut() {
-                    *s = cap * (*s / cap).tanh();
-                }
+                simd::softcap(live, cap);
             }
             if let Some(alibi) = spec.alibi() {
                 let slope = alibi.slope(head);

@@ -10,6 +10,7 @@ pub mod configs;
 pub mod cube;
 pub mod decode;
 pub mod forward;
+pub mod refusal;
 
 use gqa::{Alignment, AttentionSpec, Mask};
 use ndarray::{Array4, Axis};

@@ -14,6 +14,11 @@ use ndarray::{Array3, Array4, Axis, s};
 
 use super::{data, float, mask};
 
+/// The refusal law, shared with the cache suite.
+#[path = "../../../tests/common/refusal.rs"]
+mod refusal;
+use refusal::must_refuse;
+
 const HKV: usize = 2;
 /// Odd: every packed storage ends its rows in a partial word.
 const D: usize = 5;
@@ -26,22 +31,6 @@ pub fn run(u: &mut Unstructured, t: &mut Trace) -> Result<()> {
         3 => ops::<Int8>(u, t),
         _ => ops::<Int4>(u, t),
     }
-}
-
-/// Whether `kind` must refuse `value`, from its definition.
-fn must_refuse(kind: StorageKind, value: f64) -> bool {
-    if !value.is_finite() {
-        return kind.is_quantized();
-    }
-    // Rounding to nearest reaches ∞ from half an ulp above the largest finite value:
-    // f16 65504 + 16; bf16 (2 − 2⁻⁷)·2¹²⁷ + 2¹¹⁹; f32 (after the f64 → f32 rounding) its own.
-    let x = value.abs();
-    let q = kind.quant_max() as f32;
-    (x as f32).is_infinite()
-        || (kind.is_quantized() && (q * ((x as f32) / q)).is_infinite())
-        || (kind == StorageKind::Float16 && x >= 65520.0)
-        || (kind == StorageKind::BFloat16
-            && f64::from(x as f32) >= (2.0 - 2f64.powi(-8)) * 2f64.powi(127))
 }
 
 /// The largest storage error of a row, by definition.
