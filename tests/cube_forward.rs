@@ -70,6 +70,55 @@ macro_rules! kernel_tests {
 
 for_each_config!(kernel_tests);
 
+/// The default tile is what every test above runs; these run the kernel cut otherwise — one row
+/// and one key per unit, tiles that divide neither the head dims nor the lengths, the largest
+/// default — over every mask side, softcap and ALiBi (`Variant::Everything`, f16) and with none.
+#[test]
+fn every_forward_tile_matches_the_oracle() {
+    let Some(_) = device() else { return };
+    let tiles = [(1, 1), (3, 5), (8, 4)];
+    for (rows, block_n) in tiles {
+        let tile = gqa::cube::ForwardTile { rows, block_n };
+        let tiled = CubeDevice::try_default()
+            .and_then(|device| device.try_with_forward_tile(tile))
+            .expect("the device again, with a tile");
+        assert_eq!(tiled.forward_tile(64), tile);
+        for config in [(4, 2, 8), (3, 1, 5), (8, 2, 64)] {
+            let test = format!("every_forward_tile_matches_the_oracle/{rows}x{block_n}/{config:?}");
+            forward::run_variant::<f32, CubeDevice>(
+                &tiled,
+                (&test, cases()),
+                "cube tile",
+                Variant::Plain,
+                config,
+            );
+            forward::run_variant::<f16, CubeDevice>(
+                &tiled,
+                (&test, cases()),
+                "cube tile",
+                Variant::Everything,
+                config,
+            );
+        }
+    }
+}
+
+/// A tile of no rows or keys, or larger than the kernel takes, is refused.
+#[test]
+fn a_forward_tile_out_of_range_is_refused() {
+    let Some(_) = device() else { return };
+    for (rows, block_n) in [(0, 4), (4, 0), (17, 4), (4, 17)] {
+        let tile = gqa::cube::ForwardTile { rows, block_n };
+        let refused = CubeDevice::try_default()
+            .unwrap()
+            .try_with_forward_tile(tile);
+        assert!(
+            matches!(refused, Err(Error::DeviceLimit { .. })),
+            "{tile:?}: {refused:?}"
+        );
+    }
+}
+
 fn f32s(x: &Array4<f64>) -> Array4<f32> {
     x.mapv(|y| y as f32)
 }

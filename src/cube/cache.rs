@@ -5,36 +5,14 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use super::runtime::{self, Buffer};
-use super::{CubeDevice, CubeElement, DeviceOutput, DeviceTensor, contiguous_strides};
+use super::{
+    CubeDevice, CubeElement, DecodeInputs, DeviceOutput, DeviceTensor, contiguous_strides,
+};
 use crate::cache::{KvCache, KvStorage, SeqId};
 use crate::error::{Error, Result};
 use crate::heads::{Rule, Supported};
 use crate::oracle::check_cache_spec;
 use crate::spec::AttentionSpec;
-
-/// What a decode launch reads (the runtime's side of [`CubeDevice::try_decode`]).
-#[cfg_attr(
-    not(any(feature = "wgpu", feature = "cuda", feature = "hip")),
-    allow(dead_code)
-)]
-pub(crate) struct DecodeInputs<'a> {
-    pub q: &'a Buffer,
-    pub k: &'a Buffer,
-    pub v: &'a Buffer,
-    pub k_scale: &'a Buffer,
-    pub v_scale: &'a Buffer,
-    /// `[sequences, table_stride]` page numbers.
-    pub table: &'a [u32],
-    pub table_stride: usize,
-    pub lens: &'a [u32],
-    pub seq_q: usize,
-    pub page_size: usize,
-    pub storage: crate::cache::StorageKind,
-    /// Only these key positions are read (`0..usize::MAX`: all of them).
-    pub keys: std::ops::Range<usize>,
-    /// The output is an f32 partial (output and LSE, for a later merge) rather than `T`.
-    pub partial: bool,
-}
 
 /// The most queries per sequence one decode call takes (speculative decoding's drafts).
 pub const MAX_DECODE_QUERIES: usize = 16;

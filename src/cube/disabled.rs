@@ -1,7 +1,7 @@
 //! Stand-ins for the cubecl side when no cubecl runtime feature is on: the API exists and says
 //! so through [`Error::NotCompiledWith`]; no device, and so nothing else, can be reached.
 
-use super::cache::DecodeInputs;
+use super::DecodeInputs;
 use crate::element::DType;
 use crate::error::{Error, Result};
 use crate::spec::{AttentionSpec, ProblemShape};
@@ -34,6 +34,12 @@ impl Device {
         match *self {}
     }
     pub fn supports(&self, _: DType) -> bool {
+        match *self {}
+    }
+    pub fn forward_tile(&self, _: usize) -> super::ForwardTile {
+        match *self {}
+    }
+    pub fn set_forward_tile(&mut self, _: super::ForwardTile) {
         match *self {}
     }
     pub fn sync(&self, _: &'static str) -> Result<()> {

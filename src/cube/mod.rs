@@ -12,10 +12,14 @@
 //! # Ok::<(), gqa::Error>(())
 //! ```
 //!
-//! The kernel ([`kernel`](self) docs in `kernel.rs`) is FlashAttention-2-shaped and GQA-aware:
-//! the query heads of one KV group share each K/V tile loaded into shared memory. Its
-//! compile-time configuration comes from the [`AttentionSpec`] (head dim, group, which mask
-//! sides, softcap, ALiBi) and the device (tile sizes from its shared memory and units per cube).
+//! The forward kernel (its docs are in `kernels/forward.rs`) is FlashAttention-2-shaped and
+//! GQA-aware: a cube holds every query head of one KV group, each unit a register tile of query
+//! rows of one head, and every K/V element loaded serves the whole group. Its compile-time
+//! configuration comes from the [`AttentionSpec`] (head dim, group, which mask sides, softcap,
+//! ALiBi) and the [`ForwardTile`] (rows per unit, keys per block).
+//!
+//! The room's layout: this file and `cache.rs` are the public API; `runtime.rs` the host side
+//! (device, buffers, launch plans); `kernels/` the kernel side (`#[cube]` code only).
 //!
 //! The API is the same in every build: with no cubecl runtime feature on,
 //! [`CubeDevice::try_default`] returns [`Error::NotCompiledWith`] and nothing else can be
@@ -27,9 +31,7 @@
 
 mod cache;
 #[cfg(any(feature = "wgpu", feature = "cuda", feature = "hip"))]
-mod decode;
-#[cfg(any(feature = "wgpu", feature = "cuda", feature = "hip"))]
-mod kernel;
+mod kernels;
 #[cfg(any(feature = "wgpu", feature = "cuda", feature = "hip"))]
 mod runtime;
 #[cfg(not(any(feature = "wgpu", feature = "cuda", feature = "hip")))]
@@ -73,6 +75,33 @@ impl CubeDevice {
     /// What cubecl calls the device.
     pub fn name(&self) -> &str {
         self.inner.name()
+    }
+
+    /// The forward kernel's tile for head dim `head_dim` on this device: the one set with
+    /// [`CubeDevice::try_with_forward_tile`], or the default (query rows per unit from the head
+    /// dim, 4 keys per block).
+    pub fn forward_tile(&self, head_dim: usize) -> ForwardTile {
+        self.inner.forward_tile(head_dim)
+    }
+
+    /// This device with the forward kernel cut into `tile` for every head dim: to compare
+    /// tiles (benchmarks do) or to prove one against the oracle (the kernel suites do).
+    ///
+    /// Errors: [`Error::DeviceLimit`] unless `1 <= rows <= 16` and `1 <= block_n <= 16` (larger
+    /// register tiles spill, and compile for minutes on lavapipe).
+    pub fn try_with_forward_tile(mut self, tile: ForwardTile) -> Result<CubeDevice> {
+        let valid = 1..=ForwardTile::MAX;
+        if !valid.contains(&tile.rows) || !valid.contains(&tile.block_n) {
+            return Err(Error::DeviceLimit {
+                op: "cube::forward_tile",
+                reason: format!(
+                    "a forward tile needs 1..={} rows and keys per block, got {tile:?}",
+                    ForwardTile::MAX
+                ),
+            });
+        }
+        self.inner.set_forward_tile(tile);
+        Ok(self)
     }
 
     /// Whether kernels can run on `dtype` here (`f64` never: it is the oracle's precision).
@@ -220,6 +249,20 @@ impl std::fmt::Debug for CubeDevice {
     }
 }
 
+/// How the forward kernel cuts its work: each unit owns `rows` consecutive query rows of one
+/// query head and scores `block_n` keys per register block (see the kernel's docs in
+/// `src/cube/kernels/forward.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ForwardTile {
+    pub rows: usize,
+    pub block_n: usize,
+}
+
+impl ForwardTile {
+    /// The largest `rows` and `block_n` accepted.
+    pub const MAX: usize = 16;
+}
+
 /// A tensor on a [`CubeDevice`]: a buffer and a strided view of it.
 pub struct DeviceTensor<T> {
     buffer: runtime::Buffer,
@@ -274,6 +317,30 @@ pub struct DeviceOutput<T> {
 }
 
 pub use crate::backend::HostOutput;
+
+/// What a decode launch reads (the runtime's side of [`CubeDevice::try_decode`]).
+#[cfg_attr(
+    not(any(feature = "wgpu", feature = "cuda", feature = "hip")),
+    allow(dead_code)
+)]
+pub(crate) struct DecodeInputs<'a> {
+    pub q: &'a runtime::Buffer,
+    pub k: &'a runtime::Buffer,
+    pub v: &'a runtime::Buffer,
+    pub k_scale: &'a runtime::Buffer,
+    pub v_scale: &'a runtime::Buffer,
+    /// `[sequences, table_stride]` page numbers.
+    pub table: &'a [u32],
+    pub table_stride: usize,
+    pub lens: &'a [u32],
+    pub seq_q: usize,
+    pub page_size: usize,
+    pub storage: crate::cache::StorageKind,
+    /// Only these key positions are read (`0..usize::MAX`: all of them).
+    pub keys: std::ops::Range<usize>,
+    /// The output is an f32 partial (output and LSE, for a later merge) rather than `T`.
+    pub partial: bool,
+}
 
 impl<T: CubeElement> crate::backend::Backend<T> for CubeDevice {
     fn try_forward(

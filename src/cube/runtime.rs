@@ -6,12 +6,14 @@ use std::sync::Arc;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use super::cache::DecodeInputs;
-use super::decode::{
+use super::DecodeInputs;
+use super::ForwardTile;
+use super::kernels::decode::{
     DecodeConfig, STORAGE_BF16, STORAGE_F16, STORAGE_F32, STORAGE_INT4, STORAGE_INT8, paged_decode,
     scatter_rows,
 };
-use super::kernel::{KernelConfig, LaunchScalars, combine_splits, flash_forward};
+use super::kernels::forward::{KernelConfig, LaunchScalars, tile_forward};
+use super::kernels::merge::combine_splits;
 use crate::cache::StorageKind;
 use crate::element::DType;
 use crate::error::{Error, Result};
@@ -29,8 +31,8 @@ pub struct Device {
     name: String,
     /// Distinguishes devices so that buffers of one are never handed to another.
     key: Arc<()>,
-    /// Whether kernels may use shared memory (see [`KernelConfig::shared_kv`]).
-    shared_memory: bool,
+    /// The forward tile set by [`Device::set_forward_tile`], if any.
+    forward_tile: Option<ForwardTile>,
 }
 
 impl Device {
@@ -41,17 +43,28 @@ impl Device {
         let device = pick_device()?;
         let client = device.client();
         let adapter = client.properties().identity.name.clone();
-        let shared_memory = shared_memory_compiles(&adapter);
-        let mut name = format!("{adapter} ({device:?})");
-        if !shared_memory {
-            name.push_str(", K/V read without shared memory");
-        }
+        let name = format!("{adapter} ({device:?})");
         Ok(Device {
             client,
             name,
             key: Arc::new(()),
-            shared_memory,
+            forward_tile: None,
         })
+    }
+
+    /// The forward tile for `head_dim`: the one set, or rows enough that a unit's query rows and
+    /// accumulators hold about 512 values each (up to 8 rows), 4 keys per block. More rows
+    /// feed more FMAs from each K/V load but compile longer: lavapipe's compile time grows with
+    /// `rows · head_dim` (`cargo bench --profile dev --bench jit`).
+    pub fn forward_tile(&self, head_dim: usize) -> ForwardTile {
+        self.forward_tile.unwrap_or(ForwardTile {
+            rows: (512 / head_dim.max(1)).clamp(1, 8),
+            block_n: 4,
+        })
+    }
+
+    pub fn set_forward_tile(&mut self, tile: ForwardTile) {
+        self.forward_tile = Some(tile);
     }
 
     pub fn name(&self) -> &str {
@@ -142,8 +155,9 @@ impl Device {
         if rows == 0 {
             return Ok((o, lse));
         }
-        let mut config = self.kernel_config(op, spec, size_of::<T>())?;
-        let keys_per_split = self.keys_per_split(&config, shape.seq_k);
+        let plan = self.forward_plan(op, spec)?;
+        let mut config = plan.config;
+        let keys_per_split = self.keys_per_split(&plan, shape.seq_k);
         let splits = shape.seq_k.div_ceil(keys_per_split).max(1);
         config.split = splits > 1;
         let scalars = launch_scalars(spec, shape, keys_per_split, op)?;
@@ -156,22 +170,22 @@ impl Device {
         let partial_rows = if config.split { splits * rows } else { 0 };
         let o_partial = self.empty(op, partial_rows * spec.head_dim(), size_of::<f32>())?;
         let lse_partial = self.empty(op, 2 * partial_rows, size_of::<f32>())?;
+        let block_m = plan.head_units * config.rows;
         let cubes = self.grid(
             op,
-            [
-                seq_q.div_ceil(config.block_m),
-                spec.kv_heads(),
-                splits * batch,
-            ],
+            [seq_q.div_ceil(block_m), spec.kv_heads(), splits * batch],
         )?;
         let combine_cubes = self.grid_1d(op, rows.div_ceil(64))?;
-        let units = CubeDim::new_1d((config.block_m * config.group) as u32);
-        // SAFETY: every index the kernel computes is bounded by the lengths and strides checked
-        // by the caller (`DeviceTensor` construction checks each view against its buffer); `o`,
-        // `lse` and the partial buffers hold exactly the rows the grid covers.
+        let units = CubeDim::new_1d((plan.head_units * config.group) as u32);
+        // SAFETY: the kernel is launched unchecked. It clamps every query row to `seq_q - 1`
+        // and every key to `seq_k - 1` before forming an address, and the q, k, v views (offset
+        // plus index times stride, for every index inside their shapes) were checked against
+        // their buffers when each `DeviceTensor` was made (`check_view`); `o`, `lse` and the
+        // partial buffers hold exactly the rows the grid covers, and rows past `seq_q` are not
+        // written. `layout` holds 15 words and `slopes` one per query head (or a dummy).
         unsafe {
             let arg = |b: &Buffer| BufferArg::from_raw_parts(b.handle.clone(), b.len.max(1));
-            flash_forward::launch::<T>(
+            tile_forward::launch_unchecked::<T>(
                 &self.client,
                 cubes,
                 units,
@@ -210,32 +224,26 @@ impl Device {
     }
 
     /// Keys one cube may process. On lavapipe, whose shader invocations silently stop looping
-    /// after 65 535 iterations in all, as many key tiles as keep a unit's loop count under
+    /// after 65 535 iterations in all, as many key blocks as keep a unit's loop count under
     /// 60 000 (the kernel docs say why); elsewhere the whole key range.
-    fn keys_per_split(&self, config: &KernelConfig, seq_k: usize) -> usize {
+    fn keys_per_split(&self, plan: &ForwardPlan, seq_k: usize) -> usize {
+        let config = &plan.config;
         let whole = seq_k.max(1).next_multiple_of(config.block_n);
         if !self.name.contains("llvmpipe") {
             return whole;
         }
-        let (block_n, head_dim) = (config.block_n, config.head_dim);
-        let units = config.block_m * config.group;
-        // Per tile: the cooperative load, the score loop (with its dot product), the rescale and
-        // the P·V loop; outside the tiles: loading q, writing o.
-        let per_tile =
-            (block_n * head_dim).div_ceil(units) + 2 * block_n * (head_dim + 1) + head_dim + 4;
-        let budget = 60_000usize.saturating_sub(4 * head_dim);
-        let tiles = (budget / per_tile).max(1);
-        (tiles * block_n).min(whole)
+        // Run-time loop iterations: loading q and writing o, `rows · head_dim` each; per key
+        // block, the two head-dim loops of `head_dim / chunk` iterations and the block loop's own.
+        let fixed = 2 * config.rows * config.head_dim + 16;
+        let per_block = 2 * (config.head_dim / config.chunk) + 1;
+        let blocks = (60_000usize.saturating_sub(fixed) / per_block).max(1);
+        (blocks * config.block_n).min(whole)
     }
 
-    /// Tiles from the device's limits: as many keys per shared-memory tile as fit (up to 64,
-    /// K and V tiles together), and about 64 units per cube split over the group's heads.
-    fn kernel_config(
-        &self,
-        op: &'static str,
-        spec: &AttentionSpec,
-        element_bytes: usize,
-    ) -> Result<KernelConfig> {
+    /// The forward kernel's tiles for `spec` on this device. A unit owns `rows` query rows of
+    /// one head and scores `block_n` keys at a time; `head_units` units per query head make a
+    /// cube of `group · head_units` units, about one plane (SIMD group) or more.
+    fn forward_plan(&self, op: &'static str, spec: &AttentionSpec) -> Result<ForwardPlan> {
         let hardware = &self.client.properties().hardware;
         let head_dim = spec.head_dim();
         let group = spec.group_size();
@@ -249,42 +257,37 @@ impl Device {
                 ),
             });
         }
-        // Without shared memory, block_n only sizes the per-unit score registers.
-        let smem = if self.shared_memory {
-            hardware.max_shared_memory_size
-        } else {
-            usize::MAX
-        };
-        let mut block_n = 64;
-        while block_n > 1 && 2 * block_n * head_dim * element_bytes > smem {
-            block_n /= 2;
-        }
-        if 2 * block_n * head_dim * element_bytes > smem {
-            return Err(Error::DeviceLimit {
-                op,
-                reason: format!(
-                    "head dim {head_dim} needs {} bytes of shared memory for one key; {} has {}",
-                    2 * head_dim * element_bytes,
-                    self.name,
-                    hardware.max_shared_memory_size
-                ),
-            });
-        }
-        let block_m = (64 / group).clamp(1, max_units / group);
+        let ForwardTile { rows, block_n } = self.forward_tile(head_dim);
+        let plane = (hardware.plane_size_max as usize).max(1);
+        let head_units = (plane / group).clamp(1, max_units / group);
+        let chunk = [4, 2, 1]
+            .into_iter()
+            .find(|c| head_dim.is_multiple_of(*c))
+            .expect("1 divides every head dim");
         let mask = spec.mask();
-        Ok(KernelConfig {
-            head_dim,
-            group,
-            block_m,
-            block_n,
-            left_bounded: mask.left().is_some(),
-            right_bounded: mask.right().is_some(),
-            softcap: spec.softcap().is_some(),
-            alibi: spec.alibi().is_some(),
-            shared_kv: self.shared_memory,
-            split: false,
+        Ok(ForwardPlan {
+            head_units,
+            config: KernelConfig {
+                head_dim,
+                group,
+                rows,
+                block_n,
+                chunk,
+                left_bounded: mask.left().is_some(),
+                right_bounded: mask.right().is_some(),
+                softcap: spec.softcap().is_some(),
+                alibi: spec.alibi().is_some(),
+                split: false,
+            },
         })
     }
+}
+
+/// How a forward launch is cut: the kernel's configuration and the units per query head.
+#[derive(Clone, Copy, Debug)]
+struct ForwardPlan {
+    config: KernelConfig,
+    head_units: usize,
 }
 
 impl Device {
@@ -528,7 +531,8 @@ impl Device {
     /// multiprocessor it reports, 64 when it reports neither), at least 256 keys each (a shorter
     /// split costs a merge and buys little); on
     /// lavapipe also few enough keys that a unit stays under its loop limit (see
-    /// `kernel.rs`): a key costs about `2 · head_dim` loop iterations, plus the rescale of a chunk.
+    /// `kernels/forward.rs`): a key costs about `2 · head_dim` loop iterations, plus the rescale
+    /// of a chunk.
     fn decode_keys_per_split(&self, head_dim: usize, max_len: usize, cubes: usize) -> usize {
         let hardware = &self.client.properties().hardware;
         let cores = hardware
@@ -591,48 +595,6 @@ fn kernel_error(op: &'static str, error: impl std::fmt::Display) -> Error {
         op,
         reason: error.to_string(),
     }
-}
-
-/// Whether cubecl can compile shared memory for this adapter. cubecl 0.11.3's SPIR-V compiler
-/// (the `vulkan` feature) declares shared memory correctly only through
-/// `VK_KHR_workgroup_memory_explicit_layout`; without that extension it emits a workgroup
-/// variable of pointer type, which Mesa 22's lavapipe crashes on (SIGSEGV while creating the
-/// pipeline). The kernels then read K/V from global memory instead. Every other compiler
-/// (WGSL, CUDA, HIP) declares shared memory correctly.
-#[cfg(feature = "vulkan")]
-fn shared_memory_compiles(adapter_name: &str) -> bool {
-    use std::future::Future;
-    use std::task::{Context, Poll, Waker};
-    let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle();
-    descriptor.backends = wgpu::Backends::VULKAN;
-    let instance = wgpu::Instance::new(descriptor);
-    // Native wgpu resolves adapter enumeration immediately; one poll suffices.
-    let mut enumerate = std::pin::pin!(instance.enumerate_adapters(wgpu::Backends::VULKAN));
-    let Poll::Ready(adapters) = enumerate
-        .as_mut()
-        .poll(&mut Context::from_waker(Waker::noop()))
-    else {
-        return false;
-    };
-    let extension = c"VK_KHR_workgroup_memory_explicit_layout";
-    adapters
-        .iter()
-        .filter(|adapter| adapter.get_info().name == adapter_name)
-        // SAFETY: the hal adapter is only read, and dropped before `adapter`.
-        .filter_map(|adapter| {
-            unsafe { adapter.as_hal::<wgpu::hal::api::Vulkan>() }.map(|hal| {
-                hal.physical_device_capabilities()
-                    .supports_extension(extension)
-            })
-        })
-        .next()
-        // An adapter that cannot be found again is not trusted with shared memory.
-        .unwrap_or(false)
-}
-
-#[cfg(not(feature = "vulkan"))]
-fn shared_memory_compiles(_adapter_name: &str) -> bool {
-    true
 }
 
 #[cfg(any(feature = "cuda", feature = "hip"))]

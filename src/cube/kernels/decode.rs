@@ -22,7 +22,8 @@
 
 use cubecl::prelude::*;
 
-use super::kernel::{NEG_BIG, accurate_exp, accurate_tanh, write_row};
+use super::math::{NEG_BIG, accurate_exp, accurate_tanh};
+use super::merge::write_row;
 
 /// How rows are packed; `StorageKind` as the kernel's comptime number.
 pub const STORAGE_F32: u32 = 0;
@@ -244,6 +245,7 @@ pub fn paged_decode<F: Float>(
         if partial_out == 1 {
             write_row::<F>(
                 &acc,
+                0usize,
                 m,
                 l,
                 out_row,
@@ -258,6 +260,7 @@ pub fn paged_decode<F: Float>(
         } else {
             write_row::<F>(
                 &acc,
+                0usize,
                 m,
                 l,
                 out_row,

@@ -1,0 +1,374 @@
+//! The forward kernel: a register tile per unit, the query heads of one KV group packed into
+//! one cube, specialised per spec.
+//!
+//! **Work.** One cube computes `block_m` queries for *all* `group` query heads of one KV head
+//! of one batch entry: `CUBE_POS_X` = query tile, `CUBE_POS_Y` = KV head, `CUBE_POS_Z = split ·
+//! batch + b`. Its units are `group × head_units`: unit `u` serves query head
+//! `kv_head · group + u / head_units` and owns `rows` consecutive queries of it (so
+//! `block_m = head_units · rows`). Every unit of the cube walks the same keys, so a key or value
+//! element it loads has the same address in every unit: one load serves every query head of
+//! the group and every row the unit owns (FlashAttention-3's and FlashInfer's "pack GQA"). On
+//! lavapipe such a uniform load is one scalar load for the whole SIMD group; on a GPU, one
+//! broadcast. KV heads are never repeated, in memory or in loads, and no shared memory or
+//! barrier is needed.
+//!
+//! **Register tile.** Per key block of `block_n` keys, a unit holds the `rows × block_n` scores
+//! and probabilities, its rows' running max and sum, and one K (then V) element per key, in
+//! arrays indexed only by unrolled (compile-time) loop counters, so that they become registers.
+//! The head dimension is a run-time loop, `chunk` channels per iteration (unrolled); per
+//! channel, `block_n` loads of K feed `rows · block_n` FMAs, and for P·V `block_n` loads of V
+//! feed as many. The query rows and the f32 output accumulators (`rows × head_dim` each) are
+//! arrays indexed by the uniform channel counter.
+//!
+//! **Softmax.** Online, branch-free: per block, `m' = max(m, max s)`, `α = e^{m − m'}`
+//! (exactly 1 when the max did not move), `l ← α·l + Σ p`, and the rescale `acc ← α·acc` is
+//! folded into the P·V pass (one read and one write of the accumulator per block). The output
+//! is normalised once at the end. Storage may be f16/bf16; arithmetic is f32.
+//!
+//! **Masks.** Key blocks entirely outside the cube's band are never visited; blocks entirely
+//! inside it skip the mask test (a uniform branch); only boundary blocks evaluate it.
+//!
+//! **Specialisation.** Everything that changes code is `#[comptime]` ([`KernelConfig`]): head
+//! dim, group, tile sizes, which mask sides are bounded, softcap, ALiBi. Lengths, scale, cap,
+//! window sides, slopes and strides are runtime arguments, so one compiled kernel serves every
+//! sequence length and window size.
+//!
+//! **Bounds.** The kernel is launched unchecked (no per-access bounds test). Every index it
+//! forms is in bounds by construction: query rows are clamped to `seq_q − 1` and keys to
+//! `seq_k − 1` before they address memory (their results are discarded or masked), the views
+//! were checked against their buffers on the host (`check_view`, when each `DeviceTensor` was
+//! made), and the outputs hold exactly the rows the grid covers (`host` sizes them).
+//!
+//! **Split keys.** Mesa's lavapipe silently stops a shader invocation's loops after about 65 000
+//! iterations in total (its `LP_MAX_TGSI_LOOP_ITERATIONS`), which a long key range exceeds. The
+//! host then splits the keys over several cubes (`KernelConfig::split`), each writing an f32
+//! partial output and LSE, and [`super::merge::combine_splits`] merges them.
+//!
+//! WGSL cannot spell infinity, so the running max starts at a finite sentinel and a fully
+//! masked row's LSE is written as the bit pattern of −∞.
+
+use cubecl::prelude::*;
+
+use super::math::{NEG_BIG, accurate_exp, accurate_tanh};
+use super::merge::write_row;
+
+/// Everything that changes the generated code; one compiled kernel per distinct value.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct KernelConfig {
+    pub head_dim: usize,
+    /// Query heads per KV head.
+    pub group: usize,
+    /// Consecutive query rows one unit owns.
+    pub rows: usize,
+    /// Keys per register block.
+    pub block_n: usize,
+    /// Channels per iteration of the head-dim loops (unrolled; divides `head_dim`).
+    pub chunk: usize,
+    /// The mask bounds keys before the diagonal (`diag - left <= j`).
+    pub left_bounded: bool,
+    /// The mask bounds keys after the diagonal (`j <= diag + right`; causal is `right = 0`).
+    pub right_bounded: bool,
+    pub softcap: bool,
+    pub alibi: bool,
+    /// The key range is split over several cubes (`CUBE_POS_Z = split · batch + b`): write f32
+    /// partial results for `combine_splits` instead of the final output.
+    pub split: bool,
+}
+
+/// Runtime numbers of one launch (the kernel's `u32`/`i32`/`f32` scalars, packed as a struct
+/// for the host side only).
+#[derive(Clone, Copy, Debug)]
+pub struct LaunchScalars {
+    pub q_heads: u32,
+    pub seq_q: u32,
+    pub seq_k: u32,
+    /// `diag(i) = i + diag_offset` (`seq_k - seq_q` bottom-right, 0 top-left).
+    pub diag_offset: i32,
+    pub left: i32,
+    pub right: i32,
+    pub scale: f32,
+    pub softcap: f32,
+    pub batch: u32,
+    /// Keys per split (a multiple of `block_n`); `seq_k` or more when not split.
+    pub keys_per_split: u32,
+}
+
+/// Attention forward. `layout` holds `[offset, stride_b, stride_h, stride_s, stride_d]` of q, k
+/// and v (in elements, in that order); `o` is contiguous `[B, HQ, Lq, D]`, `lse` contiguous
+/// `[B, HQ, Lq]`; `slopes` has one ALiBi slope per query head (a dummy when ALiBi is off).
+#[cube(launch_unchecked)]
+// Kernel code keeps to the operations cubecl expands (no `div_ceil`), and a comptime `if` stays
+// apart from the runtime one it guards.
+#[allow(
+    clippy::too_many_arguments,
+    clippy::manual_div_ceil,
+    clippy::collapsible_if
+)]
+pub fn tile_forward<F: Float>(
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    layout: &[u32],
+    slopes: &[f32],
+    o: &mut [F],
+    lse: &mut [f32],
+    o_partial: &mut [f32],
+    lse_partial: &mut [f32],
+    q_heads: u32,
+    seq_q: u32,
+    seq_k: u32,
+    diag_offset: i32,
+    left: i32,
+    right: i32,
+    scale: f32,
+    softcap: f32,
+    batch_size: u32,
+    keys_per_split: u32,
+    #[comptime] cfg: KernelConfig,
+) {
+    let dim = cfg.head_dim;
+    let rows = cfg.rows;
+    let block_n = cfg.block_n;
+    let chunk = cfg.chunk;
+    let chunks = dim / chunk;
+    let head_units = CUBE_DIM / cfg.group as u32;
+    let block_m = head_units * rows as u32;
+
+    let q_tile = CUBE_POS_X;
+    let kv_head = CUBE_POS_Y;
+    let batch = CUBE_POS_Z % batch_size;
+    let split = CUBE_POS_Z / batch_size;
+    let head = kv_head * cfg.group as u32 + UNIT_POS / head_units;
+    let row0 = q_tile * block_m + (UNIT_POS % head_units) * rows as u32;
+
+    // The band of keys any row of this cube may see, and which keys are inside it for every row
+    // (blocks of those skip the mask test). Uniform over the cube: every unit walks the same
+    // key blocks, which is what makes each K/V load one load for the whole group.
+    let first_row = (q_tile * block_m) as i32;
+    let last_row = min(seq_q, (q_tile + 1) * block_m) as i32 - 1;
+    let mut band_lo = (split * keys_per_split) as i32;
+    let mut band_hi = min(seq_k, (split + 1) * keys_per_split) as i32; // exclusive
+    let mut inside_lo = band_lo; // keys >= inside_lo are right of every row's left bound
+    let mut inside_hi = band_hi; // keys < inside_hi are left of every row's right bound
+    if cfg.left_bounded {
+        band_lo = max(band_lo, first_row + diag_offset - left);
+        inside_lo = max(inside_lo, last_row + diag_offset - left);
+    }
+    if cfg.right_bounded {
+        band_hi = min(band_hi, last_row + diag_offset + right + 1);
+        inside_hi = min(inside_hi, first_row + diag_offset + right + 1);
+    }
+    let mut tile_lo = 0u32;
+    let mut tile_hi = 0u32;
+    if band_hi > band_lo {
+        tile_lo = band_lo as u32 / block_n as u32;
+        tile_hi = (band_hi as u32 + block_n as u32 - 1) / block_n as u32;
+    }
+
+    let (q_s, q_d) = (layout[3], layout[4]);
+    let k_base = layout[5] + batch * layout[6] + kv_head * layout[7];
+    let (k_s, k_d) = (layout[8], layout[9]);
+    let v_base = layout[10] + batch * layout[11] + kv_head * layout[12];
+    let (v_s, v_d) = (layout[13], layout[14]);
+
+    // The unit's query rows (rows past `seq_q` read the last row: in bounds, never written) and
+    // its f32 output accumulators, `rows × dim` each, row-major. (The scale multiplies the dot
+    // product, as the definition has it: pre-scaling q would add a rounding per element.)
+    let mut q_reg = Sequence::<Array<f32>>::new();
+    let mut acc = Sequence::<Array<f32>>::new();
+    let q_base = layout[0] + batch * layout[1] + head * layout[2];
+    #[unroll]
+    for i in 0..rows {
+        let q_at = q_base + min(row0 + i as u32, seq_q - 1) * q_s;
+        let mut q_row = Array::<f32>::new(dim);
+        let mut acc_row = Array::<f32>::new(dim);
+        for d in 0..dim {
+            q_row[d] = f32::cast_from(q[(q_at + d as u32 * q_d) as usize]);
+            acc_row[d] = 0.0f32;
+        }
+        q_reg.push(q_row);
+        acc.push(acc_row);
+    }
+    let mut slope = 0.0f32;
+    if cfg.alibi {
+        slope = slopes[head as usize];
+    }
+
+    // Registers (every index below is an unrolled counter).
+    let mut m = Array::<f32>::new(rows);
+    let mut l = Array::<f32>::new(rows);
+    let mut alpha = Array::<f32>::new(rows);
+    let mut s = Array::<f32>::new(rows * block_n);
+    let mut kv = Array::<f32>::new(block_n * chunk);
+    let mut k_at = Array::<u32>::new(block_n);
+    let mut v_at = Array::<u32>::new(block_n);
+    #[unroll]
+    for i in 0..rows {
+        m[i] = NEG_BIG.runtime();
+        l[i] = 0.0f32;
+    }
+
+    for t in tile_lo..tile_hi {
+        let key0 = t * block_n as u32;
+        // Keys past `seq_k` read the last key (in bounds) and are masked below.
+        #[unroll]
+        for j in 0..block_n {
+            let key = min(key0 + j as u32, seq_k - 1);
+            k_at[j] = k_base + key * k_s;
+            v_at[j] = v_base + key * v_s;
+        }
+        #[unroll]
+        for x in 0..rows * block_n {
+            s[x] = 0.0f32;
+        }
+        // S = Q·Kᵀ for the block: per channel, `block_n` loads feed `rows · block_n` FMAs.
+        for c in 0..chunks {
+            #[unroll]
+            for e in 0..chunk {
+                let d = c * chunk + e;
+                #[unroll]
+                for j in 0..block_n {
+                    kv[j * chunk + e] = f32::cast_from(k[(k_at[j] + d as u32 * k_d) as usize]);
+                }
+            }
+            #[unroll]
+            for i in 0..rows {
+                #[unroll]
+                for e in 0..chunk {
+                    let qd = q_reg.index(i)[c * chunk + e];
+                    #[unroll]
+                    for j in 0..block_n {
+                        s[i * block_n + j] += qd * kv[j * chunk + e];
+                    }
+                }
+            }
+        }
+
+        // Scores, mask (boundary blocks only), online softmax.
+        let inside = key0 as i32 >= inside_lo && (key0 + block_n as u32) as i32 <= inside_hi;
+        #[unroll]
+        for i in 0..rows {
+            let diag = (row0 + i as u32) as i32 + diag_offset;
+            let mut m_new = m[i];
+            #[unroll]
+            for j in 0..block_n {
+                let key = key0 + j as u32;
+                let mut x = scale * s[i * block_n + j];
+                if cfg.softcap {
+                    x = softcap * accurate_tanh(x / softcap);
+                }
+                if cfg.alibi {
+                    x -= slope * f32::cast_from(diag - key as i32).abs();
+                }
+                if !inside {
+                    let kj = key as i32;
+                    let mut visible = key < seq_k;
+                    if cfg.left_bounded {
+                        visible = visible && kj >= diag - left;
+                    }
+                    if cfg.right_bounded {
+                        visible = visible && kj <= diag + right;
+                    }
+                    x = select(visible, x, NEG_BIG);
+                }
+                s[i * block_n + j] = x;
+                m_new = max(m_new, x);
+            }
+            // Exactly 1 when the max did not move (e^0 is exact), 0 from the sentinel.
+            let a = accurate_exp(m[i] - m_new);
+            let mut sum = 0.0f32;
+            #[unroll]
+            for j in 0..block_n {
+                let x = s[i * block_n + j];
+                let p = select(x > NEG_BIG, accurate_exp(x - m_new), 0.0f32);
+                s[i * block_n + j] = p;
+                sum += p;
+            }
+            alpha[i] = a;
+            l[i] = a * l[i] + sum;
+            m[i] = m_new;
+        }
+
+        // acc ← α·acc + P·V. On a boundary block a masked key's value is skipped, not
+        // multiplied by its zero probability: 0 · NaN would leak a hidden key's non-finite value
+        // into a row that cannot see it. Blocks inside the band need no such test.
+        if inside {
+            accumulate_pv::<F>(v, &v_at, v_d, &s, &alpha, &mut acc, &mut kv, cfg, false);
+        } else {
+            accumulate_pv::<F>(v, &v_at, v_d, &s, &alpha, &mut acc, &mut kv, cfg, true);
+        }
+    }
+
+    let all_rows = (batch_size * q_heads * seq_q) as usize;
+    #[unroll]
+    for i in 0..rows {
+        let row = row0 + i as u32;
+        if row < seq_q {
+            let out_row = ((batch * q_heads + head) * seq_q + row) as usize;
+            write_row::<F>(
+                acc.index(i),
+                0usize,
+                m[i],
+                l[i],
+                out_row,
+                split as usize * all_rows + out_row,
+                o,
+                lse,
+                o_partial,
+                lse_partial,
+                dim,
+                cfg.split,
+            );
+        }
+    }
+}
+
+/// `acc ← α·acc + P·V` for one key block: per channel, `block_n` loads of V feed
+/// `rows · block_n` FMAs. `p` holds the block's probabilities (`rows × block_n`), `v_at` each
+/// key's row offset in `v`. `guarded`: a zero probability contributes nothing (not `0 · v`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn accumulate_pv<F: Float>(
+    v: &[F],
+    v_at: &Array<u32>,
+    v_d: u32,
+    p: &Array<f32>,
+    alpha: &Array<f32>,
+    acc: &mut Sequence<Array<f32>>,
+    kv: &mut Array<f32>,
+    #[comptime] cfg: KernelConfig,
+    #[comptime] guarded: bool,
+) {
+    let dim = cfg.head_dim;
+    let chunk = cfg.chunk;
+    let block_n = cfg.block_n;
+    for c in 0..dim / chunk {
+        #[unroll]
+        for e in 0..chunk {
+            let d = c * chunk + e;
+            #[unroll]
+            for j in 0..block_n {
+                kv[j * chunk + e] = f32::cast_from(v[(v_at[j] + d as u32 * v_d) as usize]);
+            }
+        }
+        #[unroll]
+        for i in 0..cfg.rows {
+            #[unroll]
+            for e in 0..chunk {
+                let at = c * chunk + e;
+                let acc_row = acc.index_mut(i);
+                let mut a = alpha[i] * acc_row[at];
+                #[unroll]
+                for j in 0..block_n {
+                    let p_ij = p[i * block_n + j];
+                    if guarded {
+                        a += select(p_ij > 0.0f32, p_ij * kv[j * chunk + e], 0.0f32);
+                    } else {
+                        a += p_ij * kv[j * chunk + e];
+                    }
+                }
+                acc_row[at] = a;
+            }
+        }
+    }
+}
