@@ -12,7 +12,9 @@
 //!
 //! Each timed run is launch(es) then a full device sync; the first launch of each kernel (JIT,
 //! seconds on lavapipe) is a warm-up outside the timing; the median of `GQA_PEER_RUNS` runs
-//! (default 5) is reported. `GQA_PEER_SEQ` sets L (default 256).
+//! (default 5) is reported. `GQA_PEER_SEQS` lists the lengths L (default 256,512,1024; without a
+//! mask only up to `GQA_PEER_UNMASKED_MAX`, default 512). The table ends with the issue's targets:
+//! our time at most 0.5x cubek's with the causal mask, 1.0x without.
 //!
 //! Run: `cargo bench --manifest-path benches/peers/Cargo.toml`.
 
@@ -370,10 +372,25 @@ fn run_case(
     }
 }
 
+/// The issue's targets: our time over cubek's (pre-repeated K/V), at most this.
+fn target(causal: bool) -> f64 {
+    if causal { 0.5 } else { 1.0 }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
-    let seq = env_usize("GQA_PEER_SEQ", 256);
+    let seqs: Vec<usize> = std::env::var("GQA_PEER_SEQS")
+        .unwrap_or_else(|_| "256,512,1024".into())
+        .split(',')
+        .map(|x| {
+            x.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("GQA_PEER_SEQS: {x:?} is not a number"))
+        })
+        .collect();
     let runs = env_usize("GQA_PEER_RUNS", 5).max(1);
+    // Without a mask only up to this length (the targets name L = 256 and 512).
+    let unmasked_max = env_usize("GQA_PEER_UNMASKED_MAX", 512);
 
     let device = CubeDevice::try_default().expect("a cubecl device (lavapipe without a GPU)");
     // The same device gqa opens (wgpu's default adapter, WGSL; gqa built without `vulkan`):
@@ -387,99 +404,119 @@ fn main() {
         client.properties().identity.name
     );
     println!(
-        "f32, B = {BATCH}, D = {HEAD_DIM}, Lq = Lk = {seq}, median of {runs} runs after 1 warm-up; \
-         cubek-attention 0.3.1, Unit routine"
+        "f32, B = {BATCH}, D = {HEAD_DIM}, Lq = Lk in {seqs:?}, median of {runs} runs after 1 warm-up; \
+         cubek-attention 0.3.1, Unit routine; our forward tile at D {HEAD_DIM}: {:?}",
+        device.forward_tile(HEAD_DIM)
     );
 
-    let q = lcg_array((BATCH, Q_HEADS, seq, HEAD_DIM), 1);
-    let k = lcg_array((BATCH, KV_HEADS, seq, HEAD_DIM), 2);
-    let v = lcg_array((BATCH, KV_HEADS, seq, HEAD_DIM), 3);
-    let k_mha = lcg_array((BATCH, Q_HEADS, seq, HEAD_DIM), 4);
-    let v_mha = lcg_array((BATCH, Q_HEADS, seq, HEAD_DIM), 5);
-
-    // All uploads and the host-side repeat happen here, outside every timed region.
-    let up = |x: &Array4<f32>| device.try_upload(x.view()).expect("upload");
-    let gqa_inputs = Inputs {
-        q: up(&q),
-        k: up(&k),
-        v: up(&v),
-        cq: CubeTensor::upload(&client, q.view()),
-        ck: CubeTensor::upload(&client, k.view()),
-        cv: CubeTensor::upload(&client, v.view()),
-        ck_rep: Some(CubeTensor::upload(
-            &client,
-            repeat_heads_host(k.view(), GROUP).view(),
-        )),
-        cv_rep: Some(CubeTensor::upload(
-            &client,
-            repeat_heads_host(v.view(), GROUP).view(),
-        )),
-    };
-    let mha_inputs = Inputs {
-        q: up(&q),
-        k: up(&k_mha),
-        v: up(&v_mha),
-        cq: CubeTensor::upload(&client, q.view()),
-        ck: CubeTensor::upload(&client, k_mha.view()),
-        cv: CubeTensor::upload(&client, v_mha.view()),
-        ck_rep: None,
-        cv_rep: None,
-    };
-
-    let gqa_shape = format!("GQA {Q_HEADS}/{KV_HEADS}/{HEAD_DIM} L={seq}");
-    let mha_shape = format!("MHA {Q_HEADS}/{Q_HEADS}/{HEAD_DIM} L={seq}");
     let gqa_layer = Gqa::<Q_HEADS, KV_HEADS, HEAD_DIM>::new();
     let mha_layer = Mha::<Q_HEADS, HEAD_DIM>::new();
     let mut rows = Vec::new();
-    for causal in [true, false] {
-        let (g, m) = if causal {
-            (gqa_layer.causal(), mha_layer.causal())
-        } else {
-            (gqa_layer, mha_layer)
+    for &seq in &seqs {
+        let q = lcg_array((BATCH, Q_HEADS, seq, HEAD_DIM), 1);
+        let k = lcg_array((BATCH, KV_HEADS, seq, HEAD_DIM), 2);
+        let v = lcg_array((BATCH, KV_HEADS, seq, HEAD_DIM), 3);
+        let k_mha = lcg_array((BATCH, Q_HEADS, seq, HEAD_DIM), 4);
+        let v_mha = lcg_array((BATCH, Q_HEADS, seq, HEAD_DIM), 5);
+
+        // All uploads and the host-side repeat happen here, outside every timed region.
+        let up = |x: &Array4<f32>| device.try_upload(x.view()).expect("upload");
+        let gqa_inputs = Inputs {
+            q: up(&q),
+            k: up(&k),
+            v: up(&v),
+            cq: CubeTensor::upload(&client, q.view()),
+            ck: CubeTensor::upload(&client, k.view()),
+            cv: CubeTensor::upload(&client, v.view()),
+            ck_rep: Some(CubeTensor::upload(
+                &client,
+                repeat_heads_host(k.view(), GROUP).view(),
+            )),
+            cv_rep: Some(CubeTensor::upload(
+                &client,
+                repeat_heads_host(v.view(), GROUP).view(),
+            )),
         };
-        rows.push(run_case(
-            &device,
-            &client,
-            g.spec(),
-            &gqa_inputs,
-            gqa_shape.clone(),
-            causal,
-            runs,
-        ));
-        rows.push(run_case(
-            &device,
-            &client,
-            m.spec(),
-            &mha_inputs,
-            mha_shape.clone(),
-            causal,
-            runs,
-        ));
+        let mha_inputs = Inputs {
+            q: up(&q),
+            k: up(&k_mha),
+            v: up(&v_mha),
+            cq: CubeTensor::upload(&client, q.view()),
+            ck: CubeTensor::upload(&client, k_mha.view()),
+            cv: CubeTensor::upload(&client, v_mha.view()),
+            ck_rep: None,
+            cv_rep: None,
+        };
+        let gqa_shape = format!("GQA {Q_HEADS}/{KV_HEADS}/{HEAD_DIM} L={seq}");
+        let mha_shape = format!("MHA {Q_HEADS}/{Q_HEADS}/{HEAD_DIM} L={seq}");
+        for causal in [true, false] {
+            if !causal && seq > unmasked_max {
+                continue;
+            }
+            let (g, m) = if causal {
+                (gqa_layer.causal(), mha_layer.causal())
+            } else {
+                (gqa_layer, mha_layer)
+            };
+            rows.push(run_case(
+                &device,
+                &client,
+                g.spec(),
+                &gqa_inputs,
+                gqa_shape.clone(),
+                causal,
+                runs,
+            ));
+            rows.push(run_case(
+                &device,
+                &client,
+                m.spec(),
+                &mha_inputs,
+                mha_shape.clone(),
+                causal,
+                runs,
+            ));
+        }
     }
 
     println!();
     println!(
-        "| {:<22} | {:<6} | {:>9} | {:>9} | {:>15} | {:>10} | {:>17} |",
-        "shape", "mask", "ours ms", "cubek ms", "cubek+repeat ms", "cubek/ours", "(cubek+rep)/ours"
+        "| {:<22} | {:<6} | {:>9} | {:>9} | {:>15} | {:>10} | {:>17} | {:>18} |",
+        "shape",
+        "mask",
+        "ours ms",
+        "cubek ms",
+        "cubek+repeat ms",
+        "ours/cubek",
+        "ours/(cubek+rep)",
+        "target ours/cubek"
     );
     println!(
-        "|{:-<24}|{:-<8}|{:->11}|{:->11}|{:->17}|{:->12}|{:->19}|",
-        "", "", "", "", "", "", ""
+        "|{:-<24}|{:-<8}|{:->11}|{:->11}|{:->17}|{:->12}|{:->19}|{:->20}|",
+        "", "", "", "", "", "", "", ""
     );
     for row in &rows {
         let (rep_ms, rep_ratio) = match &row.cubek_repeat {
-            Some(r) => (ms(r), ratio(r, &row.ours)),
+            Some(r) => (ms(r), ratio(&row.ours, r)),
             None => ("n/a".into(), "n/a".into()),
         };
+        let causal = row.mask == "causal";
+        let verdict = match (&row.ours, &row.cubek) {
+            (Ok(a), Ok(b)) if a / b <= target(causal) => "met",
+            (Ok(_), Ok(_)) => "missed",
+            _ => "-",
+        };
         println!(
-            "| {:<22} | {:<6} | {:>9} | {:>9} | {:>15} | {:>10} | {:>17} |",
+            "| {:<22} | {:<6} | {:>9} | {:>9} | {:>15} | {:>10} | {:>17} | {:>11} {:>6} |",
             row.shape,
             row.mask,
             ms(&row.ours),
             ms(&row.cubek),
             rep_ms,
-            ratio(&row.cubek, &row.ours),
+            ratio(&row.ours, &row.cubek),
             rep_ratio,
+            format!("<= {:.1}", target(causal)),
+            verdict,
         );
     }
 }
