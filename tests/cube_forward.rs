@@ -103,6 +103,65 @@ fn every_forward_tile_matches_the_oracle() {
     }
 }
 
+/// `try_forward_into` overwrites every element of outputs it is handed (here: outputs that hold
+/// another problem's result) with exactly what `try_forward_device` returns, launch after launch;
+/// outputs of the wrong shape are a typed error.
+#[test]
+fn forward_into_reused_outputs_equals_forward() {
+    let Some(device) = device() else { return };
+    let spec = AttentionSpec::try_new(6, 2, 24)
+        .unwrap()
+        .with_mask(Mask::NONE.causal())
+        .with_alibi();
+    let host = |seed: usize, heads: usize, len: usize| {
+        Array4::from_shape_fn((2, heads, len, 24), |(b, h, i, d)| {
+            ((b * 7 + h * 5 + i * 3 + d + seed) % 23) as f64 / 11.0 - 1.0
+        })
+    };
+    let input = |seed: usize, heads: usize, len: usize| {
+        device
+            .try_upload(f32s(&host(seed, heads, len)).view())
+            .unwrap()
+    };
+    let bits = |x: &gqa::cube::DeviceTensor<f32>| -> Vec<u32> {
+        device
+            .try_download(x)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    let mut out = device.try_forward_output::<f32>(&spec, 2, 40).unwrap();
+    for seed in 0..3 {
+        // The fresh path against the oracle (the tolerance rule), then the reused outputs
+        // against the fresh path, bit for bit.
+        let problem = Problem {
+            spec,
+            q: host(seed, 6, 40),
+            k: host(seed + 1, 2, 70),
+            v: host(seed + 2, 2, 70),
+        };
+        forward::check::<f32, CubeDevice>(device, &problem).unwrap();
+        let (q, k, v) = (
+            input(seed, 6, 40),
+            input(seed + 1, 2, 70),
+            input(seed + 2, 2, 70),
+        );
+        device
+            .try_forward_into(&spec, &q, &k, &v, &mut out)
+            .unwrap();
+        let fresh = device.try_forward_device(&spec, &q, &k, &v).unwrap();
+        assert_eq!(bits(&out.o), bits(&fresh.o), "o, launch {seed}");
+        assert_eq!(bits(&out.lse), bits(&fresh.lse), "lse, launch {seed}");
+    }
+    let (q, k) = (input(0, 6, 41), input(1, 2, 70));
+    let refused = device.try_forward_into(&spec, &q, &k, &k, &mut out);
+    assert!(
+        matches!(refused, Err(Error::Shape { tensor: "o", .. })),
+        "{refused:?}"
+    );
+}
+
 /// A tile of no rows or keys, or larger than the kernel takes, is refused.
 #[test]
 fn a_forward_tile_out_of_range_is_refused() {

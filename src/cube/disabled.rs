@@ -76,7 +76,11 @@ impl Device {
         _: ProblemShape,
         _: (&Buffer, &Buffer, &Buffer),
         _: [u32; 15],
-    ) -> Result<(Buffer, Buffer)> {
+        _: (&Buffer, &Buffer),
+    ) -> Result<()> {
+        match *self {}
+    }
+    pub fn empty(&self, _: &'static str, _: usize, _: usize) -> Result<Buffer> {
         match *self {}
     }
 }

@@ -164,7 +164,8 @@ impl CubeDevice {
 
     /// Attention of device tensors `q: [batch, q_heads, seq_q, head_dim]`, `k`, `v: [batch,
     /// kv_heads, seq_k, head_dim]` (any strides) as `spec` defines it. Returns contiguous `o`
-    /// and an `f32` LSE `[batch, q_heads, seq_q]`.
+    /// and an `f32` LSE `[batch, q_heads, seq_q]`, allocated here: a serving loop reuses its
+    /// outputs with [`CubeDevice::try_forward_into`] instead.
     pub fn try_forward_device<T: CubeElement>(
         &self,
         spec: &AttentionSpec,
@@ -172,10 +173,100 @@ impl CubeDevice {
         k: &DeviceTensor<T>,
         v: &DeviceTensor<T>,
     ) -> Result<DeviceOutput<T>> {
+        let shape = spec.check_shapes("cube::forward", &q.shape, &k.shape, &v.shape)?;
+        let mut out = self.try_forward_output(spec, shape.batch, shape.seq_q)?;
+        self.try_forward_into(spec, q, k, v, &mut out)?;
+        Ok(out)
+    }
+
+    /// Outputs for [`CubeDevice::try_forward_into`]: contiguous `o: [batch, q_heads, seq_q,
+    /// head_dim]` and `lse: [batch, q_heads, seq_q]`, uninitialised until a forward writes them.
+    pub fn try_forward_output<T: CubeElement>(
+        &self,
+        spec: &AttentionSpec,
+        batch: usize,
+        seq_q: usize,
+    ) -> Result<DeviceOutput<T>> {
+        const OP: &str = "cube::forward_output";
+        let rows = [batch, spec.q_heads(), seq_q];
+        let len = rows.iter().try_fold(1usize, |n, &x| n.checked_mul(x));
+        let Some(len) = len.and_then(|n| n.checked_mul(spec.head_dim()).map(|o| (n, o))) else {
+            return Err(Error::DeviceLimit {
+                op: OP,
+                reason: format!(
+                    "an output of {rows:?} rows of {} overflows",
+                    spec.head_dim()
+                ),
+            });
+        };
+        let key = self.inner.key().clone();
+        let o_shape = vec![batch, spec.q_heads(), seq_q, spec.head_dim()];
+        Ok(DeviceOutput {
+            o: DeviceTensor::contiguous(
+                self.inner.empty(OP, len.1, size_of::<T>())?,
+                key.clone(),
+                o_shape,
+            ),
+            lse: DeviceTensor::contiguous(
+                self.inner.empty(OP, len.0, size_of::<f32>())?,
+                key,
+                rows.to_vec(),
+            ),
+        })
+    }
+
+    /// [`CubeDevice::try_forward_device`] writing into `out` (made by
+    /// [`CubeDevice::try_forward_output`] for this problem's batch and `seq_q`, or returned by
+    /// an earlier forward of the same shape). Launch constants (strides, ALiBi slopes) are
+    /// uploaded on first use and reused, so a steady-state call allocates and uploads nothing,
+    /// except the f32 partials of a key range split over several cubes (lavapipe's loop limit,
+    /// see the kernel's docs), which come from cubecl's memory pool.
+    ///
+    /// Errors: as [`CubeDevice::try_forward_device`], and [`Error::Shape`] when `out` is not
+    /// the contiguous `o` and `lse` of this problem.
+    pub fn try_forward_into<T: CubeElement>(
+        &self,
+        spec: &AttentionSpec,
+        q: &DeviceTensor<T>,
+        k: &DeviceTensor<T>,
+        v: &DeviceTensor<T>,
+        out: &mut DeviceOutput<T>,
+    ) -> Result<()> {
         const OP: &str = "cube::forward";
         let shape = spec.check_shapes(OP, &q.shape, &k.shape, &v.shape)?;
         for tensor in [q, k, v] {
             self.check_owns(OP, &tensor.device)?;
+        }
+        self.check_owns(OP, &out.o.device)?;
+        self.check_owns(OP, &out.lse.device)?;
+        let rows = [shape.batch, spec.q_heads(), shape.seq_q];
+        let o_shape = [rows[0], rows[1], rows[2], spec.head_dim()];
+        let views = [
+            (
+                "o",
+                &out.o.shape,
+                out.o.offset,
+                &out.o.strides,
+                &o_shape[..],
+            ),
+            (
+                "lse",
+                &out.lse.shape,
+                out.lse.offset,
+                &out.lse.strides,
+                &rows[..],
+            ),
+        ];
+        for (name, got, offset, strides, expected) in views {
+            if got.as_slice() != expected || offset != 0 || *strides != contiguous_strides(expected)
+            {
+                return Err(Error::Shape {
+                    op: OP,
+                    tensor: name,
+                    got: got.clone(),
+                    expected: format!("{expected:?}, contiguous"),
+                });
+            }
         }
         if !self.supports(T::DTYPE) {
             return Err(Error::UnsupportedDType {
@@ -194,15 +285,14 @@ impl CubeDevice {
                 })?;
             }
         }
-        let (o, lse) =
-            self.inner
-                .forward::<T>(OP, spec, shape, (&q.buffer, &k.buffer, &v.buffer), layout)?;
-        let rows = [shape.batch, spec.q_heads(), shape.seq_q];
-        let o_shape = vec![rows[0], rows[1], rows[2], spec.head_dim()];
-        Ok(DeviceOutput {
-            o: DeviceTensor::contiguous(o, self.inner.key().clone(), o_shape),
-            lse: DeviceTensor::contiguous(lse, self.inner.key().clone(), rows.to_vec()),
-        })
+        self.inner.forward::<T>(
+            OP,
+            spec,
+            shape,
+            (&q.buffer, &k.buffer, &v.buffer),
+            layout,
+            (&out.o.buffer, &out.lse.buffer),
+        )
     }
 
     /// [`CubeDevice::try_forward_device`] on host arrays: uploads, runs, downloads.

@@ -1,7 +1,8 @@
 //! The cubecl side of the backend: device, buffers, kernel configuration and launch. Compiled
 //! when a cubecl runtime feature (`wgpu`, `vulkan`, `cuda`, `hip`) is on.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -33,7 +34,12 @@ pub struct Device {
     key: Arc<()>,
     /// The forward tile set by [`Device::set_forward_tile`], if any.
     forward_tile: Option<ForwardTile>,
+    /// Launch constants by content (see [`Device::constant`]).
+    constants: Mutex<HashMap<Vec<u32>, Buffer>>,
 }
+
+/// How many launch constants a device keeps (each a few words to a few hundred).
+const CONSTANTS_KEPT: usize = 256;
 
 impl Device {
     /// The best device this build can reach: CUDA or ROCm when compiled in and present,
@@ -49,18 +55,23 @@ impl Device {
             name,
             key: Arc::new(()),
             forward_tile: None,
+            constants: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The forward tile for `head_dim`: the one set, or rows enough that a unit's query rows and
-    /// accumulators hold about 512 values each (up to 8 rows), 4 keys per block. More rows
-    /// feed more FMAs from each K/V load but compile longer: lavapipe's compile time grows with
-    /// `rows · head_dim` (`cargo bench --profile dev --bench jit`).
+    /// The forward tile for `head_dim`: the one set, or 8 rows per unit up to head dim 128
+    /// (fewer above, so that a unit's query rows hold about 512 values), 4 keys per block. More
+    /// rows feed more FMAs from each K/V load but compile longer: lavapipe's compile time grows
+    /// with `rows · head_dim`. Measured on lavapipe, GQA 32/8/128 unmasked, L 512 (`cargo bench
+    /// --profile dev --bench jit`): 4 rows 0.60 s (compile 5.6 s), 8 rows 0.37 s (12.8 s).
     pub fn forward_tile(&self, head_dim: usize) -> ForwardTile {
-        self.forward_tile.unwrap_or(ForwardTile {
-            rows: (512 / head_dim.max(1)).clamp(1, 8),
-            block_n: 4,
-        })
+        let rows = if head_dim <= 128 {
+            8
+        } else {
+            (512 / head_dim).max(1)
+        };
+        self.forward_tile
+            .unwrap_or(ForwardTile { rows, block_n: 4 })
     }
 
     pub fn set_forward_tile(&mut self, tile: ForwardTile) {
@@ -128,7 +139,8 @@ impl Device {
         cubecl::future::block_on(self.client.sync()).map_err(|e| kernel_error(op, format!("{e:?}")))
     }
 
-    fn empty(&self, op: &'static str, len: usize, element_bytes: usize) -> Result<Buffer> {
+    /// A buffer of `len` elements of `element_bytes` each, uninitialised.
+    pub fn empty(&self, op: &'static str, len: usize, element_bytes: usize) -> Result<Buffer> {
         let bytes = len.max(1) * element_bytes;
         self.check_buffer(op, bytes)?;
         Ok(Buffer {
@@ -137,8 +149,34 @@ impl Device {
         })
     }
 
-    /// Launches the forward kernel. `layout` is `[offset, stride_b, stride_h, stride_s,
-    /// stride_d]` for q, k and v; returns the contiguous `o` and `lse` buffers.
+    /// A launch constant (a layout, ALiBi slopes) on the device: uploaded on first use and
+    /// reused by every later launch that needs the same words, so that steady-state calls
+    /// upload nothing. At most [`CONSTANTS_KEPT`] are kept (then the table starts afresh).
+    fn constant(&self, op: &'static str, words: &[u32]) -> Result<Buffer> {
+        let mut table = self.constants.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(buffer) = table.get(words) {
+            return Ok(buffer.clone());
+        }
+        if table.len() >= CONSTANTS_KEPT {
+            table.clear();
+        }
+        let buffer = self.upload(op, words)?;
+        table.insert(words.to_vec(), buffer.clone());
+        Ok(buffer)
+    }
+
+    /// The ALiBi slopes of `spec` (one per query head; a dummy without ALiBi) as a constant.
+    fn slopes(&self, op: &'static str, spec: &AttentionSpec) -> Result<Buffer> {
+        let bits: Vec<u32> = match spec.alibi() {
+            Some(alibi) => alibi.to_vec().iter().map(|s| s.to_bits()).collect(),
+            None => vec![0],
+        };
+        self.constant(op, &bits)
+    }
+
+    /// Launches the forward kernel, writing the contiguous `o` (`[B, HQ, Lq, D]`) and `lse`
+    /// (`[B, HQ, Lq]`) buffers, which the caller sized. `layout` is `[offset, stride_b,
+    /// stride_h, stride_s, stride_d]` for q, k and v.
     #[allow(clippy::too_many_arguments)]
     pub fn forward<T: KernelElement>(
         &self,
@@ -147,13 +185,13 @@ impl Device {
         shape: ProblemShape,
         (q, k, v): (&Buffer, &Buffer, &Buffer),
         layout: [u32; 15],
-    ) -> Result<(Buffer, Buffer)> {
+        (o, lse): (&Buffer, &Buffer),
+    ) -> Result<()> {
         let ProblemShape { batch, seq_q, .. } = shape;
         let rows = batch * spec.q_heads() * seq_q;
-        let o = self.empty(op, rows * spec.head_dim(), size_of::<T>())?;
-        let lse = self.empty(op, rows, size_of::<f32>())?;
+        debug_assert!(o.len == rows * spec.head_dim() && lse.len == rows);
         if rows == 0 {
-            return Ok((o, lse));
+            return Ok(());
         }
         let plan = self.forward_plan(op, spec)?;
         let mut config = plan.config;
@@ -161,12 +199,9 @@ impl Device {
         let splits = shape.seq_k.div_ceil(keys_per_split).max(1);
         config.split = splits > 1;
         let scalars = launch_scalars(spec, shape, keys_per_split, op)?;
-        let layout = self.upload(op, &layout)?;
-        let slopes = match spec.alibi() {
-            Some(alibi) => alibi.to_vec(),
-            None => vec![0.0],
-        };
-        let slopes = self.upload(op, &slopes)?;
+        let layout = self.constant(op, &layout)?;
+        let slopes = self.slopes(op, spec)?;
+        // Split launches need f32 partials: from cubecl's memory pool, per call.
         let partial_rows = if config.split { splits * rows } else { 0 };
         let o_partial = self.empty(op, partial_rows * spec.head_dim(), size_of::<f32>())?;
         let lse_partial = self.empty(op, 2 * partial_rows, size_of::<f32>())?;
@@ -194,8 +229,8 @@ impl Device {
                 arg(v),
                 arg(&layout),
                 arg(&slopes),
-                arg(&o),
-                arg(&lse),
+                arg(o),
+                arg(lse),
                 arg(&o_partial),
                 arg(&lse_partial),
                 scalars.q_heads,
@@ -214,13 +249,13 @@ impl Device {
                 self.combine::<T>(
                     combine_cubes,
                     (&o_partial, &lse_partial),
-                    (&o, &lse),
+                    (o, lse),
                     (rows, splits, spec.head_dim()),
                     false,
                 );
             }
         }
-        Ok((o, lse))
+        Ok(())
     }
 
     /// Keys one cube may process. On lavapipe, whose shader invocations silently stop looping
@@ -396,11 +431,7 @@ impl Device {
         let side = |s: Option<usize>| s.map_or(0, |s| s.min(max_len + seq_q) as i32);
         let table = self.upload(op, input.table)?;
         let lens = self.upload(op, input.lens)?;
-        let slopes = match spec.alibi() {
-            Some(alibi) => alibi.to_vec(),
-            None => vec![0.0],
-        };
-        let slopes = self.upload(op, &slopes)?;
+        let slopes = self.slopes(op, spec)?;
         // An unsplit partial is written straight into `o` and `lse` (both f32 then).
         let direct = input.partial && splits == 1;
         let partial_rows = if partial_out && !direct {
@@ -548,7 +579,8 @@ impl Device {
     }
 }
 
-/// A device buffer of `len` elements.
+/// A device buffer of `len` elements (a clone is another handle to the same memory).
+#[derive(Clone)]
 pub struct Buffer {
     handle: Handle,
     len: usize,
