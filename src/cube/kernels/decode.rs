@@ -4,18 +4,20 @@
 //! **Work.** One cube serves one KV head of one sequence over one split of its keys:
 //! `CUBE_POS_X` = query tile, `CUBE_POS_Y` = KV head, `CUBE_POS_Z = split · batch + b`. Its
 //! `group · lq_tile` units each own one (query head, query) row, so all query heads of a KV
-//! group run in the same cube and each cached row is fetched once per group (the units of
-//! the cube read the same row together; there is no shared memory — decode has no reuse
-//! beyond the group, and the rows are read straight from the pool).
+//! group run in the same cube. Every unit walks the same keys (the union of the cube's rows'
+//! visible keys; a row masks the ones it cannot see), so each cached word is one load for the
+//! whole group — on lavapipe one scalar load per SIMD group. There is no shared memory: decode
+//! has no reuse beyond the group, and rows are read straight from the pool.
 //!
 //! **Cache.** Row `(page · kv_heads + kv_head) · page_size + slot` of the word pool holds one
 //! token of one KV head, packed per [`crate::cache::storage`]; a sequence's block table maps
-//! its token `t` to page `table[t / page_size]`. Quantized rows are dequantized in registers,
-//! channel by channel (`lane · scale`), never into a copy of the cache.
+//! its token `t` to page `table[t / page_size]`. A row is read a whole 32-bit word at a time
+//! (one f32, two f16/bf16, four int8, eight int4 lanes) and dequantized in registers
+//! (`lane · scale`), never into a copy of the cache.
 //!
-//! **Masks** are per row: each unit loops exactly over its visible keys within its split
-//! (no mask test in the loop). Keys are taken in chunks of `block`: their scores first, then one
-//! online-softmax rescale per chunk.
+//! **Blocks.** Keys are taken `block` at a time, held in registers (every index an unrolled
+//! counter): their scores, then one branch-free online-softmax update (`α = e^{m − m'}`,
+//! exactly 1 when the max did not move, folded into the P·V pass).
 //!
 //! **Splits.** With more than one split each cube writes an f32 partial (output, LSE) and the
 //! forward kernel's `combine_splits` merges them.
@@ -41,7 +43,9 @@ pub struct DecodeConfig {
     pub storage: u32,
     /// Words per cached row (`⌈head_dim / lanes⌉`).
     pub row_words: usize,
-    /// Keys scored before each online-softmax rescale.
+    /// Channels per storage word (1 for f32, 2 for f16/bf16, 4 for int8, 8 for int4).
+    pub lanes: usize,
+    /// Keys per register block (scored together, then one online-softmax update).
     pub block: usize,
     pub left_bounded: bool,
     pub right_bounded: bool,
@@ -49,41 +53,40 @@ pub struct DecodeConfig {
     pub alibi: bool,
 }
 
-/// IEEE half bits (in the low 16 bits) to f32, exactly: normals by moving the fields,
-/// subnormals by scaling the mantissa, infinities and NaNs by the all-ones exponent.
+/// IEEE half bits (in the low 16 bits) to f32, exactly and branch-free (it runs unrolled in the
+/// kernel's inner loops): normals by moving the fields, subnormals by scaling the mantissa,
+/// infinities and NaNs by the all-ones exponent.
 #[cube]
 fn half_bits_to_f32(bits: u32) -> f32 {
-    let sign = (bits >> 15) & 1;
     let exponent = (bits >> 10) & 0x1f;
     let mantissa = bits & 0x3ff;
-    let magnitude = if exponent == 0 {
-        f32::cast_from(mantissa) * 5.960_464_5e-8f32 // 2^-24
-    } else if exponent == 31 {
-        f32::reinterpret(0x7f80_0000u32 | (mantissa << 13))
-    } else {
-        f32::reinterpret(((exponent + 112) << 23) | (mantissa << 13))
-    };
-    if sign == 1 { -magnitude } else { magnitude }
+    let subnormal = f32::cast_from(mantissa) * 5.960_464_5e-8f32; // 2^-24
+    let special = f32::reinterpret(0x7f80_0000u32 | (mantissa << 13));
+    let normal = f32::reinterpret(((exponent + 112) << 23) | (mantissa << 13));
+    let magnitude = select(
+        exponent == 0,
+        subnormal,
+        select(exponent == 31, special, normal),
+    );
+    select(((bits >> 15) & 1) == 1, -magnitude, magnitude)
 }
 
-/// Channel `c` of the row starting at word `base`: the float value, or the integer lane of a
-/// quantized row (the caller multiplies by the row's scale).
+/// Lane `e` of a storage word: the float value, or the integer lane of a quantized row (the
+/// caller multiplies by the row's scale).
 #[cube]
-fn lane(words: &[u32], base: usize, c: usize, #[comptime] storage: u32) -> f32 {
+fn unpack(word: u32, #[comptime] e: usize, #[comptime] storage: u32) -> f32 {
     if storage == STORAGE_F32 {
-        f32::reinterpret(words[base + c])
+        f32::reinterpret(word)
     } else if storage == STORAGE_F16 {
-        let word = words[base + c / 2];
-        half_bits_to_f32((word >> (((c % 2) * 16) as u32)) & 0xffff)
+        half_bits_to_f32((word >> (e * 16) as u32) & 0xffff)
     } else if storage == STORAGE_BF16 {
-        let word = words[base + c / 2];
-        f32::reinterpret(((word >> (((c % 2) * 16) as u32)) & 0xffff) << 16)
+        f32::reinterpret(((word >> (e * 16) as u32) & 0xffff) << 16)
     } else if storage == STORAGE_INT8 {
         // Two's complement byte: subtract 256 from the upper half.
-        let bits = (words[base + c / 4] >> (((c % 4) * 8) as u32)) & 0xff;
+        let bits = (word >> (e * 8) as u32) & 0xff;
         f32::cast_from(bits) - f32::cast_from(bits >> 7) * 256.0f32
     } else {
-        let bits = (words[base + c / 8] >> (((c % 8) * 4) as u32)) & 0xf;
+        let bits = (word >> (e * 4) as u32) & 0xf;
         f32::cast_from(bits) - f32::cast_from(bits >> 3) * 16.0f32
     }
 }
@@ -132,113 +135,166 @@ pub fn paged_decode<F: Float>(
 ) {
     let dim = cfg.head_dim;
     let row_words = cfg.row_words;
+    let lanes = cfg.lanes;
+    let block = cfg.block;
+    let padded = row_words * lanes;
     let quantized = cfg.storage == STORAGE_INT8 || cfg.storage == STORAGE_INT4;
 
     let kv_head = CUBE_POS_Y;
     let batch = CUBE_POS_Z % batch_size;
     let split = CUBE_POS_Z / batch_size;
     let head = kv_head * cfg.group as u32 + UNIT_POS / lq_tile;
-    let i = CUBE_POS_X * lq_tile + UNIT_POS % lq_tile;
+    let first_query = CUBE_POS_X * lq_tile;
+    let query = first_query + UNIT_POS % lq_tile;
+    let active = query < seq_q;
+    // Units past the last query compute a copy of it (in bounds), which is never written.
+    let i = min(query, seq_q - 1);
+    let last_query = min(seq_q, first_query + lq_tile) - 1;
 
-    if i < seq_q {
-        let len = seq_lens[batch as usize];
-        let diag = i as i32 + bottom_right as i32 * (len as i32 - seq_q as i32);
-        // This row's visible keys within this split of the keys `key_lo..key_hi`.
-        let mut lo = (key_lo + split * keys_per_split) as i32;
-        let mut hi = min(min(len, key_hi), key_lo + (split + 1) * keys_per_split) as i32;
-        if cfg.left_bounded {
-            lo = max(lo, diag - left);
-        }
-        if cfg.right_bounded {
-            hi = min(hi, diag + right + 1);
-        }
+    let len = seq_lens[batch as usize];
+    let shift = bottom_right as i32 * (len as i32 - seq_q as i32);
+    let diag = i as i32 + shift;
+    // This split's keys, then this row's visible ones and the cube's (the union over its rows,
+    // whose diagonals grow with the query index). Every unit walks the cube's keys, so each
+    // cached word is one load for the whole group; a row masks the keys it cannot see.
+    let split_lo = (key_lo + split * keys_per_split) as i32;
+    let split_hi = min(min(len, key_hi), key_lo + (split + 1) * keys_per_split) as i32;
+    let mut lo = split_lo;
+    let mut hi = split_hi;
+    let mut band_lo = split_lo;
+    let mut band_hi = split_hi;
+    if cfg.left_bounded {
+        lo = max(lo, diag - left);
+        band_lo = max(band_lo, first_query as i32 + shift - left);
+    }
+    if cfg.right_bounded {
+        hi = min(hi, diag + right + 1);
+        band_hi = min(band_hi, last_query as i32 + shift + right + 1);
+    }
 
-        let mut q_row = Array::<f32>::new(dim);
-        let mut acc = Array::<f32>::new(dim);
-        let q_at = (((batch * q_heads + head) * seq_q + i) as usize) * dim;
-        for c in 0..dim {
-            q_row[c] = f32::cast_from(q[q_at + c]);
-            acc[c] = 0.0f32;
+    // The query row and the f32 accumulator, padded to whole words with zeros.
+    let mut q_row = Array::<f32>::new(padded);
+    let mut acc = Array::<f32>::new(padded);
+    let q_at = (((batch * q_heads + head) * seq_q + i) as usize) * dim;
+    for c in 0..padded {
+        let mut x = 0.0f32;
+        if c < dim {
+            x = f32::cast_from(q[q_at + c]);
         }
-        let mut slope = 0.0f32;
-        if cfg.alibi {
-            slope = slopes[head as usize];
-        }
-        let mut m = NEG_BIG.runtime();
-        let mut l = 0.0f32;
-        let table_at = batch * table_stride;
+        q_row[c] = x;
+        acc[c] = 0.0f32;
+    }
+    let mut slope = 0.0f32;
+    if cfg.alibi {
+        slope = slopes[head as usize];
+    }
+    let mut m = NEG_BIG.runtime();
+    let mut l = 0.0f32;
+    let table_at = batch * table_stride;
 
-        // Keys in chunks of `block`: scores first, then one rescale per chunk (a rescale per key
-        // would round the accumulator once for every new maximum).
-        let block = cfg.block;
-        let mut scores = Array::<f32>::new(block);
-        let mut rows = Array::<u32>::new(block);
-        let mut part = Array::<f32>::new(2usize);
-        let mut start = lo;
-        loop {
-            if start >= hi {
-                break;
+    // Registers (indexed by unrolled counters only).
+    let mut s = Array::<f32>::new(block);
+    let mut word_at = Array::<u32>::new(block);
+    let mut row_scale = Array::<f32>::new(block);
+    let mut words = Array::<u32>::new(block);
+
+    let mut start = band_lo;
+    loop {
+        if start >= band_hi {
+            break;
+        }
+        // The block's cached rows: a key past the band reads the band's first (in bounds, and
+        // masked below).
+        #[unroll]
+        for j in 0..block {
+            let t = start + j as i32;
+            let token = select(t < band_hi, t, band_lo) as u32;
+            let page = block_table[(table_at + token / page_size) as usize];
+            let row = (page * kv_heads + kv_head) * page_size + token % page_size;
+            word_at[j] = row * row_words as u32;
+            let mut k_row_scale = 1.0f32;
+            if quantized {
+                k_row_scale = f32::reinterpret(k_scale[row as usize]);
             }
-            let mut m_chunk = NEG_BIG.runtime();
+            row_scale[j] = k_row_scale;
+            s[j] = 0.0f32;
+        }
+        // Scores: one load per cached word, dequantised lane by lane in registers.
+        for w in 0..row_words {
+            #[unroll]
             for j in 0..block {
-                let t = start + j as i32;
-                let mut s = NEG_BIG.runtime();
-                if t < hi {
-                    let token = t as u32;
-                    let page = block_table[(table_at + token / page_size) as usize];
-                    let row = (page * kv_heads + kv_head) * page_size + token % page_size;
-                    rows[j] = row;
-                    let base = row as usize * row_words;
-                    // Dequantized channel by channel (`lane · scale`, the values the cache
-                    // stores); four partial sums as in the forward kernel's `tile_scores`.
-                    let mut k_row_scale = 1.0f32;
-                    if quantized {
-                        k_row_scale = f32::reinterpret(k_scale[row as usize]);
-                    }
-                    part[0] = 0.0f32;
-                    part[1] = 0.0f32;
-                    for c in 0..dim {
-                        part[0] += q_row[c] * (lane(k_words, base, c, cfg.storage) * k_row_scale);
-                    }
-                    let dot = part[0];
-                    s = scale * dot;
-                    if cfg.softcap {
-                        s = softcap * accurate_tanh(s / softcap);
-                    }
-                    if cfg.alibi {
-                        s -= slope * f32::cast_from(diag - t).abs();
-                    }
-                    m_chunk = max(m_chunk, s);
-                }
-                scores[j] = s;
+                words[j] = k_words[(word_at[j] + w as u32) as usize];
             }
-            if m_chunk > m {
-                let alpha = accurate_exp(m - m_chunk);
-                l *= alpha;
-                for c in 0..dim {
-                    acc[c] *= alpha;
-                }
-                m = m_chunk;
-            }
-            for j in 0..block {
-                let s = scores[j];
-                if s > NEG_BIG {
-                    let row = rows[j];
-                    let p = accurate_exp(s - m);
-                    l += p;
-                    let base = row as usize * row_words;
-                    let mut v_row_scale = 1.0f32;
-                    if quantized {
-                        v_row_scale = f32::reinterpret(v_scale[row as usize]);
-                    }
-                    for c in 0..dim {
-                        acc[c] += p * (lane(v_words, base, c, cfg.storage) * v_row_scale);
-                    }
+            #[unroll]
+            for e in 0..lanes {
+                let qc = q_row[w * lanes + e];
+                #[unroll]
+                for j in 0..block {
+                    s[j] += qc * (unpack(words[j], e, cfg.storage) * row_scale[j]);
                 }
             }
-            start += block as i32;
         }
+        let mut m_new = m;
+        #[unroll]
+        for j in 0..block {
+            let t = start + j as i32;
+            let mut x = scale * s[j];
+            if cfg.softcap {
+                x = softcap * accurate_tanh(x / softcap);
+            }
+            if cfg.alibi {
+                x -= slope * f32::cast_from(diag - t).abs();
+            }
+            x = select(t >= lo && t < hi, x, NEG_BIG);
+            s[j] = x;
+            m_new = max(m_new, x);
+        }
+        // Branch-free online softmax: α is exactly 1 when the max did not move.
+        let alpha = accurate_exp(m - m_new);
+        let mut sum = 0.0f32;
+        #[unroll]
+        for j in 0..block {
+            let x = s[j];
+            let p = select(x > NEG_BIG, accurate_exp(x - m_new), 0.0f32);
+            s[j] = p;
+            sum += p;
+        }
+        l = alpha * l + sum;
+        m = m_new;
+        #[unroll]
+        for j in 0..block {
+            let mut v_row_scale = 1.0f32;
+            if quantized {
+                v_row_scale = f32::reinterpret(v_scale[(word_at[j] / row_words as u32) as usize]);
+            }
+            row_scale[j] = v_row_scale;
+        }
+        // acc ← α·acc + P·V; a key the row cannot see adds nothing (not 0 · its value).
+        for w in 0..row_words {
+            #[unroll]
+            for j in 0..block {
+                words[j] = v_words[(word_at[j] + w as u32) as usize];
+            }
+            #[unroll]
+            for e in 0..lanes {
+                let c = w * lanes + e;
+                let mut a = alpha * acc[c];
+                #[unroll]
+                for j in 0..block {
+                    let p = s[j];
+                    a += select(
+                        p > 0.0f32,
+                        p * (unpack(words[j], e, cfg.storage) * row_scale[j]),
+                        0.0f32,
+                    );
+                }
+                acc[c] = a;
+            }
+        }
+        start += block as i32;
+    }
 
+    if active {
         let out_row = ((batch * q_heads + head) * seq_q + i) as usize;
         let rows = (batch_size * q_heads * seq_q) as usize;
         let partial_row = split as usize * rows + out_row;
