@@ -189,8 +189,9 @@ impl CubeDevice {
     ) -> Result<DeviceOutput<T>> {
         const OP: &str = "cube::forward_output";
         let rows = [batch, spec.q_heads(), seq_q];
-        let len = rows.iter().try_fold(1usize, |n, &x| n.checked_mul(x));
-        let Some(len) = len.and_then(|n| n.checked_mul(spec.head_dim()).map(|o| (n, o))) else {
+        let lens = (rows.iter().try_fold(1usize, |n, &x| n.checked_mul(x)))
+            .and_then(|n| Some((n, n.checked_mul(spec.head_dim())?)));
+        let Some((lse_len, o_len)) = lens else {
             return Err(Error::DeviceLimit {
                 op: OP,
                 reason: format!(
@@ -203,12 +204,12 @@ impl CubeDevice {
         let o_shape = vec![batch, spec.q_heads(), seq_q, spec.head_dim()];
         Ok(DeviceOutput {
             o: DeviceTensor::contiguous(
-                self.inner.empty(OP, len.1, size_of::<T>())?,
+                self.inner.empty(OP, o_len, size_of::<T>())?,
                 key.clone(),
                 o_shape,
             ),
             lse: DeviceTensor::contiguous(
-                self.inner.empty(OP, len.0, size_of::<f32>())?,
+                self.inner.empty(OP, lse_len, size_of::<f32>())?,
                 key,
                 rows.to_vec(),
             ),

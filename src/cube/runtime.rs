@@ -36,6 +36,9 @@ pub struct Device {
     forward_tile: Option<ForwardTile>,
     /// Launch constants by content (see [`Device::constant`]).
     constants: Mutex<HashMap<Vec<u32>, Buffer>>,
+    /// Two one-word buffers bound as the partial outputs of launches that write none (an
+    /// unsplit forward or decode): allocated once, never written.
+    scratch: (Buffer, Buffer),
 }
 
 /// How many launch constants a device keeps (each a few words to a few hundred).
@@ -51,11 +54,21 @@ impl Device {
         let adapter = client.properties().identity.name.clone();
         let name = format!("{adapter} ({device:?})");
         Ok(Device {
-            client,
             name,
             key: Arc::new(()),
             forward_tile: None,
             constants: Mutex::new(HashMap::new()),
+            scratch: (
+                Buffer {
+                    handle: client.empty(size_of::<f32>()),
+                    len: 0,
+                },
+                Buffer {
+                    handle: client.empty(size_of::<f32>()),
+                    len: 0,
+                },
+            ),
+            client,
         })
     }
 
@@ -165,6 +178,24 @@ impl Device {
         Ok(buffer)
     }
 
+    /// The f32 partial outputs and state pairs of `rows` rows for a split launch, or the
+    /// never-written scratch pair when the launch writes none.
+    fn partials(
+        &self,
+        op: &'static str,
+        needed: bool,
+        rows: usize,
+        head_dim: usize,
+    ) -> Result<(Buffer, Buffer)> {
+        if !needed {
+            return Ok(self.scratch.clone());
+        }
+        Ok((
+            self.empty(op, rows * head_dim, size_of::<f32>())?,
+            self.empty(op, 2 * rows, size_of::<f32>())?,
+        ))
+    }
+
     /// The ALiBi slopes of `spec` (one per query head; a dummy without ALiBi) as a constant.
     fn slopes(&self, op: &'static str, spec: &AttentionSpec) -> Result<Buffer> {
         let bits: Vec<u32> = match spec.alibi() {
@@ -202,9 +233,8 @@ impl Device {
         let layout = self.constant(op, &layout)?;
         let slopes = self.slopes(op, spec)?;
         // Split launches need f32 partials: from cubecl's memory pool, per call.
-        let partial_rows = if config.split { splits * rows } else { 0 };
-        let o_partial = self.empty(op, partial_rows * spec.head_dim(), size_of::<f32>())?;
-        let lse_partial = self.empty(op, 2 * partial_rows, size_of::<f32>())?;
+        let (o_partial, lse_partial) =
+            self.partials(op, config.split, splits * rows, spec.head_dim())?;
         let block_m = plan.head_units * config.rows;
         let cubes = self.grid(
             op,
@@ -440,13 +470,8 @@ impl Device {
         let slopes = self.slopes(op, spec)?;
         // An unsplit partial is written straight into `o` and `lse` (both f32 then).
         let direct = input.partial && splits == 1;
-        let partial_rows = if partial_out && !direct {
-            splits * rows
-        } else {
-            0
-        };
-        let o_partial = self.empty(op, partial_rows * head_dim, size_of::<f32>())?;
-        let lse_partial = self.empty(op, 2 * partial_rows, size_of::<f32>())?;
+        let (o_partial, lse_partial) =
+            self.partials(op, partial_out && !direct, splits * rows, head_dim)?;
         let (o_split, lse_split) = if direct {
             (&o, &lse)
         } else {

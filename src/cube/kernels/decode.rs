@@ -194,7 +194,7 @@ pub fn paged_decode<F: Float>(
 
     // Registers (indexed by unrolled counters only).
     let mut s = Array::<f32>::new(block);
-    let mut word_at = Array::<u32>::new(block);
+    let mut row_at = Array::<u32>::new(block);
     let mut row_scale = Array::<f32>::new(block);
     let mut words = Array::<u32>::new(block);
 
@@ -211,7 +211,7 @@ pub fn paged_decode<F: Float>(
             let token = select(t < band_hi, t, band_lo) as u32;
             let page = block_table[(table_at + token / page_size) as usize];
             let row = (page * kv_heads + kv_head) * page_size + token % page_size;
-            word_at[j] = row * row_words as u32;
+            row_at[j] = row;
             let mut k_row_scale = 1.0f32;
             if quantized {
                 k_row_scale = f32::reinterpret(k_scale[row as usize]);
@@ -223,7 +223,7 @@ pub fn paged_decode<F: Float>(
         for w in 0..row_words {
             #[unroll]
             for j in 0..block {
-                words[j] = k_words[(word_at[j] + w as u32) as usize];
+                words[j] = k_words[(row_at[j] * row_words as u32 + w as u32) as usize];
             }
             #[unroll]
             for e in 0..lanes {
@@ -265,7 +265,7 @@ pub fn paged_decode<F: Float>(
         for j in 0..block {
             let mut v_row_scale = 1.0f32;
             if quantized {
-                v_row_scale = f32::reinterpret(v_scale[(word_at[j] / row_words as u32) as usize]);
+                v_row_scale = f32::reinterpret(v_scale[row_at[j] as usize]);
             }
             row_scale[j] = v_row_scale;
         }
@@ -273,7 +273,7 @@ pub fn paged_decode<F: Float>(
         for w in 0..row_words {
             #[unroll]
             for j in 0..block {
-                words[j] = v_words[(word_at[j] + w as u32) as usize];
+                words[j] = v_words[(row_at[j] * row_words as u32 + w as u32) as usize];
             }
             #[unroll]
             for e in 0..lanes {

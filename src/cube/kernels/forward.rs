@@ -223,14 +223,7 @@ pub fn tile_forward<F: Float>(
         }
         // S = Q·Kᵀ for the block: per channel, `block_n` loads feed `rows · block_n` FMAs.
         for c in 0..chunks {
-            #[unroll]
-            for e in 0..chunk {
-                let d = c * chunk + e;
-                #[unroll]
-                for j in 0..block_n {
-                    kv[j * chunk + e] = f32::cast_from(k[(k_at[j] + d as u32 * k_d) as usize]);
-                }
-            }
+            load_chunk::<F>(k, &k_at, k_d, c, &mut kv, cfg);
             #[unroll]
             for i in 0..rows {
                 #[unroll]
@@ -323,6 +316,28 @@ pub fn tile_forward<F: Float>(
     }
 }
 
+/// Channels `c·chunk..(c + 1)·chunk` of the block's `block_n` key (or value) rows, whose offsets
+/// in `x` are `at`, into `kv[j·chunk + e]` as f32: the uniform loads both products share.
+#[cube]
+fn load_chunk<F: Float>(
+    x: &[F],
+    at: &Array<u32>,
+    stride_d: u32,
+    c: usize,
+    kv: &mut Array<f32>,
+    #[comptime] cfg: KernelConfig,
+) {
+    let chunk = cfg.chunk;
+    #[unroll]
+    for e in 0..chunk {
+        let d = (c * chunk + e) as u32;
+        #[unroll]
+        for j in 0..cfg.block_n {
+            kv[j * chunk + e] = f32::cast_from(x[(at[j] + d * stride_d) as usize]);
+        }
+    }
+}
+
 /// `acc ← α·acc + P·V` for one key block: per channel, `block_n` loads of V feed
 /// `rows · block_n` FMAs. `p` holds the block's probabilities (`rows × block_n`), `v_at` each
 /// key's row offset in `v`. `guarded`: a zero probability contributes nothing (not `0 · v`).
@@ -343,14 +358,7 @@ fn accumulate_pv<F: Float>(
     let chunk = cfg.chunk;
     let block_n = cfg.block_n;
     for c in 0..dim / chunk {
-        #[unroll]
-        for e in 0..chunk {
-            let d = c * chunk + e;
-            #[unroll]
-            for j in 0..block_n {
-                kv[j * chunk + e] = f32::cast_from(v[(v_at[j] + d as u32 * v_d) as usize]);
-            }
-        }
+        load_chunk::<F>(v, v_at, v_d, c, kv, cfg);
         #[unroll]
         for i in 0..cfg.rows {
             #[unroll]
