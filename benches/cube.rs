@@ -148,9 +148,11 @@ fn heads_table(device: &CubeDevice) {
         "\nMHA vs GQA vs MQA: {HQ} query heads, D {D}, causal, f32, B {BATCH}, L {len}, median of {runs}"
     );
     println!(
-        "{:<10} {:>10} {:>12} {:>14} {:>12}",
-        "config", "ms", "GFLOP/s", "K/V MiB read", "vs MHA"
+        "{:<10} {:>10} {:>12} {:>14} {:>12} {:>12}",
+        "config", "ms", "GFLOP/s", "K/V MiB read", "vs MHA", "of f32 peak"
     );
+    // The device's f32 peak in TFLOP/s, when given (scripts/gpu-check sets it for known GPUs).
+    let peak = common::env_f64("GQA_PEAK_TFLOPS_F32");
     let mut mha_time = None;
     for (label, hkv, spec) in rows {
         let inputs = Inputs::new(device, HQ, hkv, D, len);
@@ -158,12 +160,17 @@ fn heads_table(device: &CubeDevice) {
         let mha = *mha_time.get_or_insert(time);
         // K and V once per KV head (the kernel loads each K/V tile once per group).
         let kv_bytes = 2 * BATCH * hkv * len * D * size_of::<f32>();
+        let flops = causal_flops(HQ, D, len) as f64 / time;
         println!(
-            "{label:<10} {:>10.2} {:>12.2} {:>14.2} {:>11.2}x",
+            "{label:<10} {:>10.2} {:>12.2} {:>14.2} {:>11.2}x {:>12}",
             time * 1e3,
-            causal_flops(HQ, D, len) as f64 / time / 1e9,
+            flops / 1e9,
             kv_bytes as f64 / (1 << 20) as f64,
-            mha / time
+            mha / time,
+            peak.map_or("-".into(), |p| format!(
+                "{:.1}%",
+                100.0 * flops / (p * 1e12)
+            )),
         );
     }
 }
@@ -177,13 +184,16 @@ fn main() {
         }
     };
     eprintln!("device: {}", device.name());
-    let mut criterion = Criterion::default().configure_from_args();
-    macro_rules! run {
-        ($name:ident, $($rest:tt)*) => {
-            paste::paste! { [<cube_forward_ $name>](&mut criterion, &device); }
-        };
+    // GQA_BENCH_TABLE_ONLY=1: the table alone (scripts/gpu-check, at long sequences).
+    if std::env::var_os("GQA_BENCH_TABLE_ONLY").is_none() {
+        let mut criterion = Criterion::default().configure_from_args();
+        macro_rules! run {
+            ($name:ident, $($rest:tt)*) => {
+                paste::paste! { [<cube_forward_ $name>](&mut criterion, &device); }
+            };
+        }
+        for_each_config!(run);
+        criterion.final_summary();
     }
-    for_each_config!(run);
     heads_table(&device);
-    criterion.final_summary();
 }

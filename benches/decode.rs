@@ -5,8 +5,11 @@
 //! `Lk` from `GQA_DECODE_LENGTHS` (comma-separated, default `1024,4096,16384`). Each row:
 //! median of `GQA_BENCH_RUNS` decodes (default 5) after one untimed one, the K/V bytes a decode
 //! step reads (every cached row of every KV head once, scales included), and for GQA and MQA
-//! the speedup over MHA at the same storage and length next to its ideal `q_heads / kv_heads`.
-//! Measured in one run; the caches are built and uploaded outside the timed region.
+//! the speedup over MHA at the same storage and length next to its ideal `q_heads / kv_heads`;
+//! then the median time of a kernel that only reads the same cache bytes once
+//! (`CubeDevice::try_stream_cache`, alternating with the decodes) and decode's time over it (the
+//! issue's target: within 2x). Measured in one run; the caches are built and uploaded, and the
+//! outputs allocated, outside the timed region (`try_decode_into`).
 //!
 //! A plain bench binary (no criterion): the figures are ratios within one run.
 
@@ -35,7 +38,7 @@ fn time_decode<const HKV: usize, S: KvStorage>(
     batch: usize,
     len: usize,
     runs: usize,
-) -> gqa::Result<(f64, usize)>
+) -> gqa::Result<Timed>
 where
     Rule: Supported<HQ, HKV, D> + Supported<HKV, HKV, D>,
 {
@@ -66,21 +69,44 @@ where
         ((b * 5 + h * 11 + c) as f32 * 0.23).cos()
     });
     let q = device.try_upload(q.view())?;
-    let mut step = || -> gqa::Result<f64> {
+    let mut out = device.try_forward_output::<f32>(&spec, batch, 1)?;
+    let mut bytes = 0;
+    // The decode step and the bytes-once read alternate, so that drift hits both alike.
+    let mut step = |stream: bool| -> gqa::Result<f64> {
         let start = Instant::now();
-        let out = device.try_decode(&spec, &q, &cache, &mut copy, &seqs)?;
+        if stream {
+            bytes = device.try_stream_cache(&cache, &mut copy, &seqs)?;
+        } else {
+            device.try_decode_into(&spec, &q, &cache, &mut copy, &seqs, &mut out)?;
+        }
         device.try_sync()?;
-        let time = start.elapsed().as_secs_f64();
-        drop(out);
-        Ok(time)
+        Ok(start.elapsed().as_secs_f64())
     };
-    step()?; // compiles the kernel
-    let mut times = (0..runs.max(1))
-        .map(|_| step())
-        .collect::<gqa::Result<Vec<f64>>>()?;
-    times.sort_by(f64::total_cmp);
-    let bytes = 2 * batch * len * HKV * S::KIND.bytes_per_row(D);
-    Ok((times[times.len() / 2], bytes))
+    // Compiles both kernels.
+    step(false)?;
+    step(true)?;
+    let (mut decode, mut stream) = (Vec::new(), Vec::new());
+    for _ in 0..runs.max(1) {
+        decode.push(step(false)?);
+        stream.push(step(true)?);
+    }
+    let median = |mut times: Vec<f64>| {
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+    Ok(Timed {
+        decode: median(decode),
+        stream: median(stream),
+        bytes,
+    })
+}
+
+/// One row's figures: median seconds of a decode step and of the bytes-once read of the same
+/// cache rows ([`CubeDevice::try_stream_cache`]), and those bytes.
+struct Timed {
+    decode: f64,
+    stream: f64,
+    bytes: usize,
 }
 
 fn main() {
@@ -97,9 +123,21 @@ fn main() {
         device.name()
     );
     println!(
-        "{:<6} {:>6} {:>3} {:<9} {:>10} {:>12} {:>9} {:>14}",
-        "store", "Lk", "B", "heads", "ms", "K/V MiB", "GB/s", "vs MHA (ideal)"
+        "{:<6} {:>6} {:>3} {:<9} {:>10} {:>12} {:>9} {:>14} {:>10} {:>9}",
+        "store",
+        "Lk",
+        "B",
+        "heads",
+        "ms",
+        "K/V MiB",
+        "GB/s",
+        "vs MHA (ideal)",
+        "read ms",
+        "vs read"
     );
+    // The device's memory bandwidth in GB/s, when given (scripts/gpu-check sets it for known
+    // GPUs): decode's GB/s as a fraction of it follows each row.
+    let peak = common::env_f64("GQA_PEAK_GBS");
     macro_rules! storage_rows {
         ($storage:ty, $batch:expr, $len:expr) => {{
             let name = <$storage as KvStorage>::KIND.name();
@@ -108,17 +146,23 @@ fn main() {
                 ("GQA 32/8", time_decode::<8, $storage>(&device, $batch, $len, runs), 4),
                 ("MQA 32/1", time_decode::<1, $storage>(&device, $batch, $len, runs), 32),
             ];
-            let mha = rows[0].1.as_ref().ok().map(|r| r.0);
+            let mha = rows[0].1.as_ref().ok().map(|r| r.decode);
             for (label, result, ideal) in rows {
                 match result {
-                    Ok((time, bytes)) => println!(
-                        "{name:<6} {:>6} {:>3} {label:<9} {:>10.3} {:>12.2} {:>9.2} {:>8} ({ideal}x)",
+                    Ok(t) => println!(
+                        "{name:<6} {:>6} {:>3} {label:<9} {:>10.3} {:>12.2} {:>9.2} {:>8} ({ideal}x) {:>10.3} {:>8.2}x{}",
                         $len,
                         $batch,
-                        time * 1e3,
-                        bytes as f64 / (1 << 20) as f64,
-                        bytes as f64 / time / 1e9,
-                        mha.map_or("-".to_string(), |m| format!("{:.2}x", m / time)),
+                        t.decode * 1e3,
+                        t.bytes as f64 / (1 << 20) as f64,
+                        t.bytes as f64 / t.decode / 1e9,
+                        mha.map_or("-".to_string(), |m| format!("{:.2}x", m / t.decode)),
+                        t.stream * 1e3,
+                        t.decode / t.stream,
+                        peak.map_or(String::new(), |p| format!(
+                            " {:.1}% of {p} GB/s",
+                            100.0 * t.bytes as f64 / t.decode / 1e9 / p
+                        )),
                     ),
                     Err(error) => println!("{name:<6} {:>6} {:>3} {label:<9} not run: {error}", $len, $batch),
                 }

@@ -206,8 +206,10 @@ fn tensor_q(hq: usize, d: usize) -> impl Strategy<Value = Array4<f64>> {
     common::tensor([3, hq, 16, d])
 }
 
-/// A generation loop: prefill, then one token at a time — append, sync (only the new rows
-/// travel), decode — each step against the oracle.
+/// A generation loop: prefill, then a few tokens at a time — append, sync (only the new rows,
+/// lengths and pages travel), decode into reused outputs — each step against the oracle. On the
+/// way a sequence is dropped and another takes its place (its slot on the device reused), the
+/// batch changes order and grows, and a sequence outgrows the device's block-table width.
 #[test]
 fn generation_steps_match_the_oracle() {
     let Some(device) = device() else { return };
@@ -219,33 +221,40 @@ fn generation_steps_match_the_oracle() {
         page_size: 7,
         pages: 16,
     });
-    let seqs = [
-        cache.try_add_sequence().unwrap(),
-        cache.try_add_sequence().unwrap(),
-    ];
     let x = |n: usize, phase: f32| {
         Array3::from_shape_fn((HKV, n, D), |(h, t, c)| {
             ((h * 17 + t * 5 + c) as f32 * 0.21 + phase).sin()
         })
     };
-    cache
-        .try_append(seqs[0], x(20, 0.0).view(), x(20, 1.0).view())
-        .unwrap();
-    cache
-        .try_append(seqs[1], x(5, 2.0).view(), x(5, 3.0).view())
-        .unwrap();
+    let add = |cache: &mut KvCache<HKV, D, Int8>, n: usize, phase: f32| {
+        let seq = cache.try_add_sequence().unwrap();
+        cache
+            .try_append(seq, x(n, phase).view(), x(n, phase + 1.0).view())
+            .unwrap();
+        seq
+    };
+    let mut live = vec![add(&mut cache, 20, 0.0), add(&mut cache, 5, 2.0)];
     let mut copy = device.try_upload_cache(&cache).unwrap();
-    for step in 0..4 {
-        let q = Array4::from_shape_fn((2, HQ, 1, D), |(b, h, _, c)| {
+    let mut out = device.try_forward_output::<f32>(&spec, 2, 1).unwrap();
+    for step in 0..6 {
+        if step == 2 {
+            cache.try_drop_sequence(live[0]).unwrap();
+            live = vec![live[1], add(&mut cache, 3, 4.0)];
+        }
+        if step == 4 {
+            live.push(add(&mut cache, 10, 5.0));
+            out = device.try_forward_output(&spec, live.len(), 1).unwrap();
+        }
+        let q = Array4::from_shape_fn((live.len(), HQ, 1, D), |(b, h, _, c)| {
             ((b * 3 + h * 7 + c + step) as f32 * 0.13).cos()
         });
         let q_device = device.try_upload(q.view()).unwrap();
-        let out = device
-            .try_decode(&spec, &q_device, &cache, &mut copy, &seqs)
+        device
+            .try_decode_into(&spec, &q_device, &cache, &mut copy, &live, &mut out)
             .unwrap();
         let o = device.try_download(&out.o).unwrap();
         let lse = device.try_download(&out.lse).unwrap();
-        for (b, &seq) in seqs.iter().enumerate() {
+        for (b, &seq) in live.iter().enumerate() {
             let q_b = q.slice(s![b..b + 1, .., .., ..]).mapv(f64::from);
             let o_b: Vec<f64> = o
                 .slice(s![b, .., .., ..])
@@ -265,11 +274,29 @@ fn generation_steps_match_the_oracle() {
                 "step {step}, sequence {b}: lse {lse_check}"
             );
         }
-        for &seq in &seqs {
-            let t = x(1, step as f32);
-            cache.try_append(seq, t.view(), t.view()).unwrap();
+        if step < 5 {
+            for &seq in &live {
+                let t = x(6, step as f32);
+                cache.try_append(seq, t.view(), t.view()).unwrap();
+            }
         }
     }
+    // The bytes-once reference reads K and V rows of every token, an int8 row being D bytes and
+    // one f32 scale.
+    let tokens: usize = live.iter().map(|&seq| cache.len(seq).unwrap()).sum();
+    assert_eq!(
+        device.try_stream_cache(&cache, &mut copy, &live).unwrap(),
+        2 * tokens * HKV * (D + 4)
+    );
+    // A decode into outputs of another shape is refused, naming the tensor.
+    let q = device
+        .try_upload(Array4::<f32>::zeros((live.len(), HQ, 2, D)).view())
+        .unwrap();
+    let err = device.try_decode_into(&spec, &q, &cache, &mut copy, &live, &mut out);
+    assert!(
+        matches!(err, Err(Error::Shape { tensor: "o", .. })),
+        "{err:?}"
+    );
 }
 
 #[test]

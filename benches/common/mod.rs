@@ -16,3 +16,14 @@ pub fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| default.to_vec())
 }
+
+/// `name` from the environment as a number, if set; a malformed value is an error.
+pub fn env_f64(name: &str) -> Option<f64> {
+    let value = std::env::var(name).ok()?;
+    Some(
+        value
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value:?} is not a number")),
+    )
+}

@@ -34,7 +34,124 @@ where
     device: Arc<()>,
     /// Tokens of each sequence already on the device.
     synced: BTreeMap<SeqId, usize>,
+    /// The sequences' lengths and block tables on the device.
+    tables: BlockTables,
     storage: PhantomData<S>,
+}
+
+/// The device copy of a cache's sequence lengths and block tables, kept in step like its rows:
+/// a sync writes only the lengths that changed and the pages added since the last one.
+///
+/// One buffer of `slots + slots · width` words: each live sequence has a slot, its length at
+/// word `slot` and its pages from word `slots + slot · width`. A sequence that outgrows `width`
+/// pages, or more live sequences than `slots`, makes a new buffer of twice the size, written
+/// whole (amortised: a doubling per growth by half). A decode names its sequences by slot
+/// (`batch`, re-uploaded only when the list of sequences changes).
+struct BlockTables {
+    buffer: Option<Buffer>,
+    slots: usize,
+    width: usize,
+    slot_of: BTreeMap<SeqId, usize>,
+    /// Per sequence: (length, pages) as last written.
+    written: BTreeMap<SeqId, (usize, usize)>,
+    /// The sequences of the last decode and their slots on the device.
+    batch: Option<(Vec<SeqId>, Buffer)>,
+}
+
+impl BlockTables {
+    fn new() -> BlockTables {
+        BlockTables {
+            buffer: None,
+            slots: 0,
+            width: 0,
+            slot_of: BTreeMap::new(),
+            written: BTreeMap::new(),
+            batch: None,
+        }
+    }
+
+    /// Brings lengths and tables up to `cache`'s live sequences.
+    fn sync<const HKV: usize, const D: usize, S: KvStorage>(
+        &mut self,
+        device: &runtime::Device,
+        op: &'static str,
+        cache: &KvCache<HKV, D, S>,
+        live: &[SeqId],
+    ) -> Result<()>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        let live_set: std::collections::BTreeSet<SeqId> = live.iter().copied().collect();
+        self.slot_of.retain(|seq, _| live_set.contains(seq));
+        self.written.retain(|seq, _| live_set.contains(seq));
+        let mut taken: Vec<bool> = vec![false; self.slots.max(live.len())];
+        for &slot in self.slot_of.values() {
+            taken[slot] = true;
+        }
+        let mut free = (0..taken.len()).filter(|&s| !taken[s]);
+        for &seq in live {
+            self.slot_of
+                .entry(seq)
+                .or_insert_with(|| free.next().expect("as many slots as live sequences"));
+        }
+        let needed_slots = self.slot_of.values().map(|s| s + 1).max().unwrap_or(0);
+        let mut needed_width = 0;
+        for &seq in live {
+            needed_width = needed_width.max(cache.pages(seq)?.len());
+        }
+        if self.buffer.is_none() || needed_slots > self.slots || needed_width > self.width {
+            // Grow (or make) the buffer: twice what is needed, written whole.
+            self.slots = needed_slots.max(self.slots).max(1).next_power_of_two();
+            self.width = needed_width.max(self.width).max(1).next_power_of_two();
+            let mut words = vec![0u32; self.slots + self.slots * self.width];
+            self.written.clear();
+            for &seq in live {
+                let slot = self.slot_of[&seq];
+                let (len, pages) = (cache.len(seq)?, cache.pages(seq)?);
+                words[slot] = len as u32;
+                words[self.slots + slot * self.width..][..pages.len()].copy_from_slice(pages);
+                self.written.insert(seq, (len, pages.len()));
+            }
+            self.buffer = Some(device.upload(op, &words)?);
+            self.batch = None;
+            return Ok(());
+        }
+        let (mut at, mut values) = (Vec::new(), Vec::new());
+        for &seq in live {
+            let slot = self.slot_of[&seq];
+            let (len, pages) = (cache.len(seq)?, cache.pages(seq)?);
+            let (old_len, old_pages) = self.written.get(&seq).copied().unwrap_or((usize::MAX, 0));
+            if len != old_len {
+                at.push(slot as u32);
+                values.push(len as u32);
+            }
+            for (n, &page) in pages.iter().enumerate().skip(old_pages) {
+                at.push((self.slots + slot * self.width + n) as u32);
+                values.push(page);
+            }
+            self.written.insert(seq, (len, pages.len()));
+        }
+        let buffer = self.buffer.as_ref().expect("made above");
+        device.scatter_rows(op, buffer, &values, &at, 1)
+    }
+
+    /// The slots of `seqs` on the device (uploaded when the list changed since the last call).
+    fn batch(
+        &mut self,
+        device: &runtime::Device,
+        op: &'static str,
+        seqs: &[SeqId],
+    ) -> Result<Buffer> {
+        if let Some((last, buffer)) = &self.batch
+            && last.as_slice() == seqs
+        {
+            return Ok(buffer.clone());
+        }
+        let slots: Vec<u32> = seqs.iter().map(|seq| self.slot_of[seq] as u32).collect();
+        let buffer = device.upload(op, &slots)?;
+        self.batch = Some((seqs.to_vec(), buffer.clone()));
+        Ok(buffer)
+    }
 }
 
 impl<const HKV: usize, const D: usize, S: KvStorage> std::fmt::Debug for DeviceKvCache<HKV, D, S>
@@ -82,6 +199,7 @@ impl CubeDevice {
             cache_id: cache.id(),
             device: self.inner.key().clone(),
             synced: BTreeMap::new(),
+            tables: BlockTables::new(),
             storage: PhantomData,
         };
         self.try_sync_cache(&mut copy, cache)?;
@@ -136,10 +254,10 @@ impl CubeDevice {
                     .scatter_rows(OP, &copy.v_scale, &gather(&bits(v_scale), 1), &rows, 1)?;
             }
         }
-        for seq in live {
+        for &seq in &live {
             copy.synced.insert(seq, cache.len(seq)?);
         }
-        Ok(())
+        copy.tables.sync(&self.inner, OP, cache, &live)
     }
 
     /// Decode: `q: [sequences, q_heads, seq_q, head_dim]` (contiguous, `1 <= seq_q <= 16`)
@@ -147,6 +265,7 @@ impl CubeDevice {
     /// `seqs[b]` has cached, as `spec` defines it (masks aligned to the cache's end unless the
     /// spec says top-left). Syncs `copy` first. Long sequences are split over several cubes and
     /// merged (Flash-Decoding); the split count follows the longest sequence and the device.
+    /// Allocates its outputs: a serving loop reuses them with [`CubeDevice::try_decode_into`].
     ///
     /// Errors: [`Error::ConfigMismatch`] (spec vs cache), [`Error::Shape`],
     /// [`Error::UnknownSequence`], [`Error::UnsupportedDType`], [`Error::DeviceLimit`],
@@ -162,17 +281,53 @@ impl CubeDevice {
     where
         Rule: Supported<HKV, HKV, D>,
     {
-        let decoded = self.decode_keys(
-            "cube::decode",
+        let seq_q = q.shape().get(2).copied().unwrap_or(0);
+        let mut out = self.try_forward_output(spec, seqs.len(), seq_q)?;
+        self.try_decode_into(spec, q, cache, copy, seqs, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`CubeDevice::try_decode`] writing into `out`: the contiguous `o: [sequences, q_heads,
+    /// seq_q, head_dim]` and `lse: [sequences, q_heads, seq_q]` made by
+    /// [`CubeDevice::try_forward_output`]`(spec, seqs.len(), seq_q)`, or returned by an earlier
+    /// decode of the same shape. The sync uploads only what changed (new rows, lengths, pages);
+    /// launch constants are reused, and the list of sequences is uploaded only when it changes,
+    /// so a steady-state step uploads the new token's rows and lengths and allocates nothing
+    /// except the f32 partials of a split launch, which come from cubecl's memory pool.
+    ///
+    /// Errors: as [`CubeDevice::try_decode`], and [`Error::Shape`] when `out` is not this
+    /// decode's contiguous `o` and `lse`.
+    pub fn try_decode_into<T: CubeElement, const HKV: usize, const D: usize, S: KvStorage>(
+        &self,
+        spec: &AttentionSpec,
+        q: &DeviceTensor<T>,
+        cache: &KvCache<HKV, D, S>,
+        copy: &mut DeviceKvCache<HKV, D, S>,
+        seqs: &[SeqId],
+        out: &mut DeviceOutput<T>,
+    ) -> Result<()>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        const OP: &str = "cube::decode";
+        let seq_q = self.check_decode(OP, spec, q, seqs, HKV, D)?;
+        self.check_output(
+            OP,
+            out,
+            [seqs.len(), spec.q_heads(), seq_q],
+            spec.head_dim(),
+        )?;
+        self.decode_keys(
+            OP,
             spec,
             q,
             cache,
             copy,
             seqs,
             0..usize::MAX,
+            (&out.o, &out.lse),
             false,
-        )?;
-        Ok(self.decoded(decoded, false))
+        )
     }
 
     /// [`CubeDevice::try_decode`] over the cached keys at positions in `keys` only, as an f32
@@ -197,56 +352,113 @@ impl CubeDevice {
     where
         Rule: Supported<HKV, HKV, D>,
     {
-        let decoded = self.decode_keys(
-            "cube::decode_partial",
+        const OP: &str = "cube::decode_partial";
+        if keys.start > keys.end {
+            return Err(Error::Partial {
+                op: OP,
+                reason: format!("{}..{} is not a key range", keys.start, keys.end),
+            });
+        }
+        let seq_q = self.check_decode(OP, spec, q, seqs, HKV, D)?;
+        let shape = [seqs.len(), spec.q_heads(), seq_q, D];
+        let rows = shape[..3].iter().product::<usize>();
+        let key = self.inner.key().clone();
+        let out = DeviceOutput {
+            o: DeviceTensor::contiguous(
+                self.inner.empty(OP, rows * D, size_of::<f32>())?,
+                key.clone(),
+                shape.to_vec(),
+            ),
+            lse: DeviceTensor::contiguous(
+                self.inner.empty(OP, rows * 2, size_of::<f32>())?,
+                key,
+                vec![shape[0], shape[1], shape[2], 2],
+            ),
+        };
+        self.decode_keys(
+            OP,
             spec,
             q,
             cache,
             copy,
             seqs,
             keys,
+            (&out.o, &out.lse),
             true,
         )?;
-        Ok(self.decoded(decoded, true))
+        Ok(out)
     }
 
-    /// The decode launch behind both: `T` output, or f32 partial when `partial`.
-    #[allow(clippy::too_many_arguments)]
-    fn decode_keys<T: CubeElement, const HKV: usize, const D: usize, S: KvStorage>(
+    /// Reads every cached word (and scale) of the sequences `seqs` once, and nothing else: the
+    /// memory traffic of a decode step over them without its arithmetic, which `benches/decode`
+    /// measures decode against. Syncs `copy` first; returns the bytes read.
+    ///
+    /// Errors: [`Error::UnknownSequence`], [`Error::DeviceLimit`], [`Error::CacheMismatch`],
+    /// [`Error::WrongDevice`].
+    pub fn try_stream_cache<const HKV: usize, const D: usize, S: KvStorage>(
+        &self,
+        cache: &KvCache<HKV, D, S>,
+        copy: &mut DeviceKvCache<HKV, D, S>,
+        seqs: &[SeqId],
+    ) -> Result<usize>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        const OP: &str = "cube::stream_cache";
+        self.check_owns(OP, &copy.device)?;
+        self.try_sync_cache(copy, cache)?;
+        let (mut max_len, mut tokens) = (0, 0);
+        for &seq in seqs {
+            let len = cache.len(seq)?;
+            (max_len, tokens) = (max_len.max(len), tokens + len);
+        }
+        let slots = copy.tables.batch(&self.inner, OP, seqs)?;
+        let tables = &copy.tables;
+        self.inner.stream(
+            OP,
+            HKV,
+            DecodeInputs {
+                q: &copy.k,
+                k: &copy.k,
+                v: &copy.v,
+                k_scale: &copy.k_scale,
+                v_scale: &copy.v_scale,
+                tables: tables.buffer.as_ref().expect("made by the sync"),
+                table_base: tables.slots,
+                table_stride: tables.width,
+                slots: &slots,
+                batch: seqs.len(),
+                max_len,
+                seq_q: 0,
+                head_dim: D,
+                page_size: cache.layout().page_size(),
+                storage: S::KIND,
+                keys: 0..usize::MAX,
+                partial: false,
+            },
+        )?;
+        Ok(2 * tokens * HKV * S::KIND.bytes_per_row(D))
+    }
+
+    /// Checks a decode's spec (against the cache's `kv_heads`, `head_dim`), `q` and element
+    /// type; returns `seq_q`.
+    fn check_decode<T: CubeElement>(
         &self,
         op: &'static str,
         spec: &AttentionSpec,
         q: &DeviceTensor<T>,
-        cache: &KvCache<HKV, D, S>,
-        copy: &mut DeviceKvCache<HKV, D, S>,
         seqs: &[SeqId],
-        keys: std::ops::Range<usize>,
-        partial: bool,
-    ) -> Result<(Buffer, Buffer, [usize; 4])>
-    where
-        Rule: Supported<HKV, HKV, D>,
-    {
-        if keys.start > keys.end {
-            return Err(Error::Partial {
-                op,
-                reason: format!("{}..{} is not a key range", keys.start, keys.end),
-            });
-        }
-        check_cache_spec(spec, HKV, D)?;
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<usize> {
+        check_cache_spec(spec, kv_heads, head_dim)?;
         self.check_owns(op, &q.device)?;
-        let expected = || {
-            format!(
-                "[{}, {}, 1..={MAX_DECODE_QUERIES}, {D}], contiguous",
-                seqs.len(),
-                spec.q_heads()
-            )
-        };
         let shape = q.shape();
         if shape.len() != 4
             || shape[0] != seqs.len()
             || shape[1] != spec.q_heads()
             || shape[2] > MAX_DECODE_QUERIES
-            || shape[3] != D
+            || shape[3] != head_dim
             || (q.strides() != contiguous_strides(shape).as_slice() && !shape.contains(&0))
             || q.offset != 0
         {
@@ -254,7 +466,11 @@ impl CubeDevice {
                 op,
                 tensor: "q",
                 got: shape.to_vec(),
-                expected: expected(),
+                expected: format!(
+                    "[{}, {}, 1..={MAX_DECODE_QUERIES}, {head_dim}], contiguous",
+                    seqs.len(),
+                    spec.q_heads()
+                ),
             });
         }
         if !self.supports(T::DTYPE) {
@@ -264,20 +480,36 @@ impl CubeDevice {
                 device: self.name().to_string(),
             });
         }
+        Ok(shape[2])
+    }
+
+    /// The decode launch behind all three, into `o` and `lse`: the `T` output, or with
+    /// `partial` the f32 partial state (`U` = f32, `lse` holding a pair per row).
+    #[allow(clippy::too_many_arguments)]
+    fn decode_keys<T: CubeElement, U: CubeElement, const HKV: usize, const D: usize, S: KvStorage>(
+        &self,
+        op: &'static str,
+        spec: &AttentionSpec,
+        q: &DeviceTensor<T>,
+        cache: &KvCache<HKV, D, S>,
+        copy: &mut DeviceKvCache<HKV, D, S>,
+        seqs: &[SeqId],
+        keys: std::ops::Range<usize>,
+        (o, lse): (&DeviceTensor<U>, &DeviceTensor<f32>),
+        partial: bool,
+    ) -> Result<()>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        self.check_owns(op, &copy.device)?;
         self.try_sync_cache(copy, cache)?;
-        let mut lens = Vec::with_capacity(seqs.len());
-        let mut tables = Vec::with_capacity(seqs.len());
+        let mut max_len = 0;
         for &seq in seqs {
-            lens.push(cache.len(seq)? as u32);
-            tables.push(cache.pages(seq)?.to_vec());
+            max_len = max_len.max(cache.len(seq)?);
         }
-        let stride = tables.iter().map(Vec::len).max().unwrap_or(0).max(1);
-        let mut table = vec![0u32; stride * seqs.len().max(1)];
-        for (b, pages) in tables.iter().enumerate() {
-            table[b * stride..][..pages.len()].copy_from_slice(pages);
-        }
-        let seq_q = shape[2];
-        let (o, lse) = self.inner.decode::<T>(
+        let slots = copy.tables.batch(&self.inner, op, seqs)?;
+        let tables = &copy.tables;
+        self.inner.decode::<T>(
             op,
             spec,
             DecodeInputs {
@@ -286,34 +518,20 @@ impl CubeDevice {
                 v: &copy.v,
                 k_scale: &copy.k_scale,
                 v_scale: &copy.v_scale,
-                table: &table,
-                table_stride: stride,
-                lens: &lens,
-                seq_q,
+                tables: tables.buffer.as_ref().expect("made by the sync"),
+                table_base: tables.slots,
+                table_stride: tables.width,
+                slots: &slots,
+                batch: seqs.len(),
+                max_len,
+                seq_q: q.shape()[2],
+                head_dim: D,
                 page_size: cache.layout().page_size(),
                 storage: S::KIND,
                 keys,
                 partial,
             },
-        )?;
-        Ok((o, lse, [seqs.len(), spec.q_heads(), seq_q, D]))
-    }
-
-    /// The output and LSE buffers of `decode_keys` as tensors of `shape` (`[B, HQ, Lq, D]`);
-    /// `pairs`: the LSE buffer holds two numbers per row.
-    fn decoded<T: CubeElement>(
-        &self,
-        (o, lse, shape): (Buffer, Buffer, [usize; 4]),
-        pairs: bool,
-    ) -> DeviceOutput<T> {
-        let key = self.inner.key().clone();
-        let mut lse_shape = shape[..3].to_vec();
-        if pairs {
-            lse_shape.push(2);
-        }
-        DeviceOutput {
-            o: DeviceTensor::contiguous(o, key.clone(), shape.to_vec()),
-            lse: DeviceTensor::contiguous(lse, key, lse_shape),
-        }
+            (&o.buffer, &lse.buffer),
+        )
     }
 }

@@ -238,37 +238,12 @@ impl CubeDevice {
         for tensor in [q, k, v] {
             self.check_owns(OP, &tensor.device)?;
         }
-        self.check_owns(OP, &out.o.device)?;
-        self.check_owns(OP, &out.lse.device)?;
-        let rows = [shape.batch, spec.q_heads(), shape.seq_q];
-        let o_shape = [rows[0], rows[1], rows[2], spec.head_dim()];
-        let views = [
-            (
-                "o",
-                &out.o.shape,
-                out.o.offset,
-                &out.o.strides,
-                &o_shape[..],
-            ),
-            (
-                "lse",
-                &out.lse.shape,
-                out.lse.offset,
-                &out.lse.strides,
-                &rows[..],
-            ),
-        ];
-        for (name, got, offset, strides, expected) in views {
-            if got.as_slice() != expected || offset != 0 || *strides != contiguous_strides(expected)
-            {
-                return Err(Error::Shape {
-                    op: OP,
-                    tensor: name,
-                    got: got.clone(),
-                    expected: format!("{expected:?}, contiguous"),
-                });
-            }
-        }
+        self.check_output(
+            OP,
+            out,
+            [shape.batch, spec.q_heads(), shape.seq_q],
+            spec.head_dim(),
+        )?;
         if !self.supports(T::DTYPE) {
             return Err(Error::UnsupportedDType {
                 op: OP,
@@ -293,6 +268,46 @@ impl CubeDevice {
             (&q.buffer, &k.buffer, &v.buffer),
             layout,
             (&out.o.buffer, &out.lse.buffer),
+        )
+    }
+
+    /// Checks that `out` is this device's contiguous `o: [rows.., head_dim]` and `lse: [rows..]`
+    /// (the outputs of a forward or decode of `rows = [batch, q_heads, seq_q]`).
+    pub(crate) fn check_output<T: CubeElement>(
+        &self,
+        op: &'static str,
+        out: &DeviceOutput<T>,
+        rows: [usize; 3],
+        head_dim: usize,
+    ) -> Result<()> {
+        self.check_owns(op, &out.o.device)?;
+        self.check_owns(op, &out.lse.device)?;
+        let o_shape = [rows[0], rows[1], rows[2], head_dim];
+        let check = |name: &'static str,
+                     shape: &Vec<usize>,
+                     offset: usize,
+                     strides: &Vec<usize>,
+                     expected: &[usize]| {
+            if shape.as_slice() != expected
+                || offset != 0
+                || *strides != contiguous_strides(expected)
+            {
+                return Err(Error::Shape {
+                    op,
+                    tensor: name,
+                    got: shape.clone(),
+                    expected: format!("{expected:?}, contiguous"),
+                });
+            }
+            Ok(())
+        };
+        check("o", &out.o.shape, out.o.offset, &out.o.strides, &o_shape)?;
+        check(
+            "lse",
+            &out.lse.shape,
+            out.lse.offset,
+            &out.lse.strides,
+            &rows,
         )
     }
 
@@ -420,11 +435,18 @@ pub(crate) struct DecodeInputs<'a> {
     pub v: &'a runtime::Buffer,
     pub k_scale: &'a runtime::Buffer,
     pub v_scale: &'a runtime::Buffer,
-    /// `[sequences, table_stride]` page numbers.
-    pub table: &'a [u32],
+    /// The cache's lengths and block tables ([`cache`]'s `BlockTables`): sequence lengths at
+    /// `slot`, pages from `table_base + slot · table_stride`.
+    pub tables: &'a runtime::Buffer,
+    pub table_base: usize,
     pub table_stride: usize,
-    pub lens: &'a [u32],
+    /// `[batch]`: the slot of each decoded sequence.
+    pub slots: &'a runtime::Buffer,
+    pub batch: usize,
+    /// The longest decoded sequence.
+    pub max_len: usize,
     pub seq_q: usize,
+    pub head_dim: usize,
     pub page_size: usize,
     pub storage: crate::cache::StorageKind,
     /// Only these key positions are read (`0..usize::MAX`: all of them).

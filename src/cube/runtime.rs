@@ -11,7 +11,7 @@ use super::DecodeInputs;
 use super::ForwardTile;
 use super::kernels::decode::{
     DecodeConfig, STORAGE_BF16, STORAGE_F16, STORAGE_F32, STORAGE_INT4, STORAGE_INT8, paged_decode,
-    scatter_rows,
+    scatter_rows, stream_cache,
 };
 use super::kernels::forward::{KernelConfig, LaunchScalars, tile_forward};
 use super::kernels::merge::combine_splits;
@@ -388,27 +388,21 @@ impl Device {
         Ok(())
     }
 
-    /// Launches decode over a paged cache; returns the contiguous `o` and `lse` buffers.
+    /// Launches decode over a paged cache into the contiguous `o` (`T`, or f32 for a partial)
+    /// and `lse` (per row one f32, or a partial's state pair), which the caller sized.
     pub fn decode<T: KernelElement>(
         &self,
         op: &'static str,
         spec: &AttentionSpec,
         input: DecodeInputs<'_>,
-    ) -> Result<(Buffer, Buffer)> {
-        let batch = input.lens.len();
+        (o, lse): (&Buffer, &Buffer),
+    ) -> Result<()> {
+        let batch = input.batch;
         let seq_q = input.seq_q;
         let (head_dim, group) = (spec.head_dim(), spec.group_size());
         let rows = batch * spec.q_heads() * seq_q;
-        let out_size = if input.partial {
-            size_of::<f32>()
-        } else {
-            size_of::<T>()
-        };
-        let o = self.empty(op, rows * head_dim, out_size)?;
-        // A partial's state is the pair (max score, Σ exp(s − max)) per row.
-        let lse = self.empty(op, rows * (1 + input.partial as usize), size_of::<f32>())?;
         if rows == 0 {
-            return Ok((o, lse));
+            return Ok(());
         }
         let hardware = &self.client.properties().hardware;
         let max_units = hardware.max_units_per_cube as usize;
@@ -423,7 +417,8 @@ impl Device {
         }
         let lq_tile = seq_q.min(max_units / group).max(1);
         let q_tiles = seq_q.div_ceil(lq_tile);
-        let max_len = input.lens.iter().copied().max().unwrap_or(0) as usize;
+        let unit_rows = decode_unit_rows(group * lq_tile, hardware.plane_size_max as usize);
+        let max_len = input.max_len;
         // The keys read: `key_lo..key_hi`, within the longest sequence.
         let key_hi = input.keys.end.min(max_len);
         let key_lo = input.keys.start.min(key_hi);
@@ -450,6 +445,7 @@ impl Device {
                 StorageKind::Int4 => 8,
             },
             block: 4,
+            rows: unit_rows,
             left_bounded: mask.left().is_some(),
             right_bounded: mask.right().is_some(),
             softcap: spec.softcap().is_some(),
@@ -465,45 +461,46 @@ impl Device {
             });
         }
         let side = |s: Option<usize>| s.map_or(0, |s| s.min(max_len + seq_q) as i32);
-        let table = self.upload(op, input.table)?;
-        let lens = self.upload(op, input.lens)?;
         let slopes = self.slopes(op, spec)?;
         // An unsplit partial is written straight into `o` and `lse` (both f32 then).
         let direct = input.partial && splits == 1;
         let (o_partial, lse_partial) =
             self.partials(op, partial_out && !direct, splits * rows, head_dim)?;
         let (o_split, lse_split) = if direct {
-            (&o, &lse)
+            (o, lse)
         } else {
             (&o_partial, &lse_partial)
         };
         let decode_cubes = self.grid(op, [q_tiles, spec.kv_heads(), splits * batch])?;
         let combine_cubes = self.grid_1d(op, rows.div_ceil(64))?;
         // SAFETY: the kernel reads q rows `< batch · q_heads · seq_q` (q was checked to be that
-        // contiguous shape), pool rows named by the block table (pages of the cache the copy
-        // mirrors) and writes only the rows the grid covers.
+        // contiguous shape), the lengths and tables of the slots named (the copy's tables hold
+        // every live sequence), pool rows of the pages named by those tables (pages of the cache
+        // the copy mirrors, slots clamped to the page) and writes only the rows the grid covers,
+        // into outputs the caller sized for them.
         unsafe {
             let arg = |b: &Buffer| BufferArg::from_raw_parts(b.handle.clone(), b.len.max(1));
             paged_decode::launch::<T>(
                 &self.client,
                 decode_cubes,
-                CubeDim::new_1d((lq_tile * group) as u32),
+                CubeDim::new_1d((lq_tile * group / unit_rows) as u32),
                 arg(input.q),
                 arg(input.k),
                 arg(input.v),
                 arg(input.k_scale),
                 arg(input.v_scale),
-                arg(&table),
-                arg(&lens),
+                arg(input.tables),
+                arg(input.slots),
                 arg(&slopes),
-                arg(&o),
-                arg(&lse),
+                arg(o),
+                arg(lse),
                 arg(o_split),
                 arg(lse_split),
                 spec.q_heads() as u32,
                 seq_q as u32,
                 spec.kv_heads() as u32,
                 input.page_size as u32,
+                input.table_base as u32,
                 input.table_stride as u32,
                 lq_tile as u32,
                 u32::from(mask.alignment() == crate::spec::Alignment::BottomRight),
@@ -519,7 +516,7 @@ impl Device {
                 config,
             );
             if partial_out && !direct {
-                let (partials, out) = ((&o_partial, &lse_partial), (&o, &lse));
+                let (partials, out) = ((&o_partial, &lse_partial), (o, lse));
                 let shape = (rows, splits, head_dim);
                 if input.partial {
                     self.combine::<f32>(combine_cubes, partials, out, shape, true);
@@ -528,7 +525,51 @@ impl Device {
                 }
             }
         }
-        Ok((o, lse))
+        Ok(())
+    }
+
+    /// Launches [`stream_cache`] over the sequences of `input` (its `q`, `seq_q`, `keys` and
+    /// `partial` unused): every cached word and scale of them read once, into a scratch sink.
+    pub fn stream(&self, op: &'static str, kv_heads: usize, input: DecodeInputs<'_>) -> Result<()> {
+        if input.batch == 0 || input.max_len == 0 {
+            return Ok(());
+        }
+        const UNITS: usize = 64;
+        // 32 tokens per unit: far under lavapipe's loop limit at any head dim.
+        let keys_per_cube = UNITS * 32;
+        let chunks = input.max_len.div_ceil(keys_per_cube);
+        let cubes = self.grid(op, [chunks, kv_heads, input.batch])?;
+        let sink = self.empty(
+            op,
+            chunks * kv_heads * input.batch * UNITS,
+            size_of::<u32>(),
+        )?;
+        // SAFETY: the kernel reads the tables of the slots named (every live sequence has one),
+        // pool rows of the pages they name (tokens below each length), and writes one sink word
+        // per unit of the grid, which `sink` holds.
+        unsafe {
+            let arg = |b: &Buffer| BufferArg::from_raw_parts(b.handle.clone(), b.len.max(1));
+            stream_cache::launch(
+                &self.client,
+                cubes,
+                CubeDim::new_1d(UNITS as u32),
+                arg(input.k),
+                arg(input.v),
+                arg(input.k_scale),
+                arg(input.v_scale),
+                arg(input.tables),
+                arg(input.slots),
+                arg(&sink),
+                kv_heads as u32,
+                input.page_size as u32,
+                input.table_base as u32,
+                input.table_stride as u32,
+                keys_per_cube as u32,
+                input.storage.words_per_row(input.head_dim),
+                input.storage.is_quantized(),
+            );
+        }
+        Ok(())
     }
 
     /// Merges `splits` f32 partial states of `rows` rows into `o` and `lse`, or into `o` and
@@ -608,6 +649,18 @@ impl Device {
         }
         keys.max(1)
     }
+}
+
+/// Rows per decode unit for a cube of `cube_rows` (query head, query) rows on a device whose
+/// planes (SIMD groups, warps) hold `plane` lanes: one while the rows fill a plane, so that no
+/// lane idles; beyond that up to 4, so that a plane's units share each key's load and dequant
+/// among more rows instead of the cube running several planes that repeat them. It divides
+/// `cube_rows`.
+fn decode_unit_rows(cube_rows: usize, plane: usize) -> usize {
+    [4, 2]
+        .into_iter()
+        .find(|&r| cube_rows.is_multiple_of(r) && cube_rows / r >= plane.max(1))
+        .unwrap_or(1)
 }
 
 /// A device buffer of `len` elements (a clone is another handle to the same memory).

@@ -3,15 +3,18 @@
 //!
 //! **Work.** One cube serves one KV head of one sequence over one split of its keys:
 //! `CUBE_POS_X` = query tile, `CUBE_POS_Y` = KV head, `CUBE_POS_Z = split · batch + b`. Its
-//! `group · lq_tile` units each own one (query head, query) row, so all query heads of a KV
-//! group run in the same cube. Every unit walks the same keys (the union of the cube's rows'
+//! `group · lq_tile` (query head, query) rows are packed `R` per unit (`DecodeConfig::rows`: 1
+//! while the rows fill a plane, up to 4 beyond, so that MQA's 32 rows take one 8-lane plane on
+//! lavapipe rather than four that each repeat the loads), so all query heads of a KV group run
+//! in the same cube and each dequantised lane feeds `R` rows from registers. Every unit walks the same keys (the union of the cube's rows'
 //! visible keys; a row masks the ones it cannot see), so each cached word is one load for the
 //! whole group — on lavapipe one scalar load per SIMD group. There is no shared memory: decode
 //! has no reuse beyond the group, and rows are read straight from the pool.
 //!
 //! **Cache.** Row `(page · kv_heads + kv_head) · page_size + slot` of the word pool holds one
 //! token of one KV head, packed per [`crate::cache::storage`]; a sequence's block table maps
-//! its token `t` to page `table[t / page_size]`. A row is read a whole 32-bit word at a time
+//! its token `t` to page `table[t / page_size]`, looked up once per page: the kernel walks the
+//! keys page by page, and a page's rows are consecutive in the pool. A row is read a whole 32-bit word at a time
 //! (one f32, two f16/bf16, four int8, eight int4 lanes) and dequantized in registers
 //! (`lane · scale`), never into a copy of the cache.
 //!
@@ -47,6 +50,8 @@ pub struct DecodeConfig {
     pub lanes: usize,
     /// Keys per register block (scored together, then one online-softmax update).
     pub block: usize,
+    /// Rows (query head, query) per unit; divides the cube's `group · lq_tile` rows.
+    pub rows: usize,
     pub left_bounded: bool,
     pub right_bounded: bool,
     pub softcap: bool,
@@ -91,8 +96,9 @@ fn unpack(word: u32, #[comptime] e: usize, #[comptime] storage: u32) -> f32 {
     }
 }
 
-/// Decode attention over a paged cache. `q`: `[B, HQ, Lq, D]` contiguous; `block_table`:
-/// `[B, table_stride]`; `seq_lens`: `[B]`; scales are f32 bits (one word per row; a dummy for
+/// Decode attention over a paged cache. `q`: `[B, HQ, Lq, D]` contiguous; sequence `b` is the
+/// cache's slot `seq_slots[b]`, of `tables[slot]` tokens in the pages listed from
+/// `tables[table_base + slot · table_stride]`; scales are f32 bits (one word per row; a dummy for
 /// float storage); `o`: `[B, HQ, Lq, D]`, `lse`: `[B, HQ, Lq]`. Only keys in `key_lo..key_hi`
 /// are read (positions keep their meaning): the whole cache, or the keys of one partial.
 /// `bottom_right` (1 or 0) places the diagonal at `i + len − Lq` or at `i`, `lq_tile` is the
@@ -100,6 +106,11 @@ fn unpack(word: u32, #[comptime] e: usize, #[comptime] storage: u32) -> f32 {
 /// (split launches, and partials) instead of the final output: runtime numbers, as lengths and
 /// window sides are, so that one compiled kernel serves both alignments, every query count and
 /// both outputs (each distinct comptime configuration costs a compile).
+///
+/// A cube's rows are `group · lq_tile` (query head, query) pairs, row `r` being head
+/// `r / lq_tile`, query `r % lq_tile` of the tile; unit `u` owns rows `u · R .. u · R + R`
+/// (`R = cfg.rows`, which divides the row count). Each key's lanes are dequantised once per unit
+/// and feed its `R` rows from registers.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn paged_decode<F: Float>(
@@ -108,8 +119,8 @@ pub fn paged_decode<F: Float>(
     v_words: &[u32],
     k_scale: &[u32],
     v_scale: &[u32],
-    block_table: &[u32],
-    seq_lens: &[u32],
+    tables: &[u32],
+    seq_slots: &[u32],
     slopes: &[f32],
     o: &mut [F],
     lse: &mut [f32],
@@ -119,6 +130,7 @@ pub fn paged_decode<F: Float>(
     seq_q: u32,
     kv_heads: u32,
     page_size: u32,
+    table_base: u32,
     table_stride: u32,
     lq_tile: u32,
     bottom_right: u32,
@@ -137,197 +149,256 @@ pub fn paged_decode<F: Float>(
     let row_words = cfg.row_words;
     let lanes = cfg.lanes;
     let block = cfg.block;
+    let rows = cfg.rows;
     let padded = row_words * lanes;
     let quantized = cfg.storage == STORAGE_INT8 || cfg.storage == STORAGE_INT4;
 
     let kv_head = CUBE_POS_Y;
     let batch = CUBE_POS_Z % batch_size;
     let split = CUBE_POS_Z / batch_size;
-    let head = kv_head * cfg.group as u32 + UNIT_POS / lq_tile;
     let first_query = CUBE_POS_X * lq_tile;
-    let query = first_query + UNIT_POS % lq_tile;
-    let active = query < seq_q;
-    // Units past the last query compute a copy of it (in bounds), which is never written.
-    let i = min(query, seq_q - 1);
     let last_query = min(seq_q, first_query + lq_tile) - 1;
 
-    let len = seq_lens[batch as usize];
+    let slot = seq_slots[batch as usize];
+    let len = tables[slot as usize];
     let shift = bottom_right as i32 * (len as i32 - seq_q as i32);
-    let diag = i as i32 + shift;
-    // This split's keys, then this row's visible ones and the cube's (the union over its rows,
-    // whose diagonals grow with the query index). Every unit walks the cube's keys, so each
-    // cached word is one load for the whole group; a row masks the keys it cannot see.
+    // This split's keys, then the cube's (the union over its rows, whose diagonals grow with
+    // the query index). Every unit walks the cube's keys, so each cached word is one load for
+    // the whole group; a row masks the keys it cannot see.
     let split_lo = (key_lo + split * keys_per_split) as i32;
     let split_hi = min(min(len, key_hi), key_lo + (split + 1) * keys_per_split) as i32;
-    let mut lo = split_lo;
-    let mut hi = split_hi;
     let mut band_lo = split_lo;
     let mut band_hi = split_hi;
     if cfg.left_bounded {
-        lo = max(lo, diag - left);
         band_lo = max(band_lo, first_query as i32 + shift - left);
     }
     if cfg.right_bounded {
-        hi = min(hi, diag + right + 1);
         band_hi = min(band_hi, last_query as i32 + shift + right + 1);
     }
 
-    // The query row and the f32 accumulator, padded to whole words with zeros.
-    let mut q_row = Array::<f32>::new(padded);
-    let mut acc = Array::<f32>::new(padded);
-    let q_at = (((batch * q_heads + head) * seq_q + i) as usize) * dim;
-    for c in 0..padded {
-        let mut x = 0.0f32;
-        if c < dim {
-            x = f32::cast_from(q[q_at + c]);
+    // Per row (indexed by unrolled counters only): its query, diagonal, visible keys
+    // `lo..hi` (within the band: `band_lo <= lo`, `hi <= band_hi`), slope and softmax state.
+    let mut head = Array::<u32>::new(rows);
+    let mut query = Array::<u32>::new(rows);
+    let mut diag = Array::<i32>::new(rows);
+    let mut lo = Array::<i32>::new(rows);
+    let mut hi = Array::<i32>::new(rows);
+    let mut slope = Array::<f32>::new(rows);
+    let mut m = Array::<f32>::new(rows);
+    let mut l = Array::<f32>::new(rows);
+    let mut alpha = Array::<f32>::new(rows);
+    // The query rows and the f32 accumulators, `padded` channels each (zeros past `dim`).
+    let mut q_row = Array::<f32>::new(rows * padded);
+    let mut acc = Array::<f32>::new(rows * padded);
+    #[unroll]
+    for r in 0..rows {
+        let row = UNIT_POS * rows as u32 + r as u32;
+        let h = kv_head * cfg.group as u32 + row / lq_tile;
+        // A row past the last query computes a copy of it (in bounds), which is never written.
+        let qi = first_query + row % lq_tile;
+        let i = min(qi, seq_q - 1);
+        head[r] = h;
+        query[r] = qi;
+        let d = i as i32 + shift;
+        diag[r] = d;
+        let mut row_lo = split_lo;
+        let mut row_hi = split_hi;
+        if cfg.left_bounded {
+            row_lo = max(row_lo, d - left);
         }
-        q_row[c] = x;
-        acc[c] = 0.0f32;
+        if cfg.right_bounded {
+            row_hi = min(row_hi, d + right + 1);
+        }
+        lo[r] = row_lo;
+        hi[r] = row_hi;
+        let mut sl = 0.0f32;
+        if cfg.alibi {
+            sl = slopes[h as usize];
+        }
+        slope[r] = sl;
+        m[r] = NEG_BIG;
+        l[r] = 0.0f32;
+        let q_at = (((batch * q_heads + h) * seq_q + i) as usize) * dim;
+        for c in 0..padded {
+            let mut x = 0.0f32;
+            if c < dim {
+                x = f32::cast_from(q[q_at + c]);
+            }
+            q_row[r * padded + c] = x;
+            acc[r * padded + c] = 0.0f32;
+        }
     }
-    let mut slope = 0.0f32;
-    if cfg.alibi {
-        slope = slopes[head as usize];
-    }
-    let mut m = NEG_BIG.runtime();
-    let mut l = 0.0f32;
-    let table_at = batch * table_stride;
+    let table_at = table_base + slot * table_stride;
 
-    // Registers (indexed by unrolled counters only).
-    let mut s = Array::<f32>::new(block);
-    let mut row_at = Array::<u32>::new(block);
+    // Registers (indexed by unrolled counters only): a block's scores per row, its keys' scales,
+    // words and dequantised lanes.
+    let mut s = Array::<f32>::new(rows * block);
     let mut row_scale = Array::<f32>::new(block);
     let mut words = Array::<u32>::new(block);
+    let mut lane = Array::<f32>::new(block);
 
-    let mut start = band_lo;
+    // Page by page: one block-table lookup per page; within it, blocks of `block` keys whose
+    // rows are consecutive in the pool. A block's keys outside the band, or past the page's end,
+    // read a row of the same page (in the pool: slots are clamped to the page) and are masked.
+    let mut page_start = band_lo - band_lo % page_size as i32;
     loop {
-        if start >= band_hi {
+        if page_start >= band_hi {
             break;
         }
-        // The block's cached rows: a key past the band reads the band's first (in bounds, and
-        // masked below).
-        #[unroll]
-        for j in 0..block {
-            let t = start + j as i32;
-            let token = select(t < band_hi, t, band_lo) as u32;
-            let page = block_table[(table_at + token / page_size) as usize];
-            let row = (page * kv_heads + kv_head) * page_size + token % page_size;
-            row_at[j] = row;
-            let mut k_row_scale = 1.0f32;
-            if quantized {
-                k_row_scale = f32::reinterpret(k_scale[row as usize]);
+        let page_end = min(page_start + page_size as i32, band_hi);
+        let page = tables[(table_at + page_start as u32 / page_size) as usize];
+        let page_row = (page * kv_heads + kv_head) * page_size;
+        let last_slot = page_size - 1;
+        let first = max(band_lo, page_start);
+        let mut start = first - (first - page_start) % block as i32;
+        loop {
+            if start >= page_end {
+                break;
             }
-            row_scale[j] = k_row_scale;
-            s[j] = 0.0f32;
-        }
-        // Scores: one load per cached word, dequantised lane by lane in registers.
-        for w in 0..row_words {
+            let slot = (start - page_start) as u32;
             #[unroll]
             for j in 0..block {
-                words[j] = k_words[(row_at[j] * row_words as u32 + w as u32) as usize];
-            }
-            #[unroll]
-            for e in 0..lanes {
-                let qc = q_row[w * lanes + e];
+                let mut k_row_scale = 1.0f32;
+                if quantized {
+                    let row = page_row + min(slot + j as u32, last_slot);
+                    k_row_scale = f32::reinterpret(k_scale[row as usize]);
+                }
+                row_scale[j] = k_row_scale;
                 #[unroll]
-                for j in 0..block {
-                    s[j] += qc * (unpack(words[j], e, cfg.storage) * row_scale[j]);
+                for r in 0..rows {
+                    s[r * block + j] = 0.0f32;
                 }
             }
-        }
-        let mut m_new = m;
-        #[unroll]
-        for j in 0..block {
-            let t = start + j as i32;
-            let mut x = scale * s[j];
-            if cfg.softcap {
-                x = softcap * accurate_tanh(x / softcap);
+            // Scores: one load per cached word, its lanes dequantised once for all rows.
+            for w in 0..row_words {
+                #[unroll]
+                for j in 0..block {
+                    let row = page_row + min(slot + j as u32, last_slot);
+                    words[j] = k_words[(row * row_words as u32 + w as u32) as usize];
+                }
+                #[unroll]
+                for e in 0..lanes {
+                    #[unroll]
+                    for j in 0..block {
+                        lane[j] = unpack(words[j], e, cfg.storage) * row_scale[j];
+                    }
+                    #[unroll]
+                    for r in 0..rows {
+                        let qc = q_row[r * padded + w * lanes + e];
+                        #[unroll]
+                        for j in 0..block {
+                            s[r * block + j] += qc * lane[j];
+                        }
+                    }
+                }
             }
-            if cfg.alibi {
-                x -= slope * f32::cast_from(diag - t).abs();
+            #[unroll]
+            for r in 0..rows {
+                let mut m_new = m[r];
+                #[unroll]
+                for j in 0..block {
+                    let t = start + j as i32;
+                    let mut x = scale * s[r * block + j];
+                    if cfg.softcap {
+                        x = softcap * accurate_tanh(x / softcap);
+                    }
+                    if cfg.alibi {
+                        x -= slope[r] * f32::cast_from(diag[r] - t).abs();
+                    }
+                    x = select(t >= lo[r] && t < hi[r] && t < page_end, x, NEG_BIG);
+                    s[r * block + j] = x;
+                    m_new = max(m_new, x);
+                }
+                // Branch-free online softmax: α is exactly 1 when the max did not move.
+                alpha[r] = accurate_exp(m[r] - m_new);
+                let mut sum = 0.0f32;
+                #[unroll]
+                for j in 0..block {
+                    let x = s[r * block + j];
+                    let p = select(x > NEG_BIG, accurate_exp(x - m_new), 0.0f32);
+                    s[r * block + j] = p;
+                    sum += p;
+                }
+                l[r] = alpha[r] * l[r] + sum;
+                m[r] = m_new;
             }
-            x = select(t >= lo && t < hi, x, NEG_BIG);
-            s[j] = x;
-            m_new = max(m_new, x);
-        }
-        // Branch-free online softmax: α is exactly 1 when the max did not move.
-        let alpha = accurate_exp(m - m_new);
-        let mut sum = 0.0f32;
-        #[unroll]
-        for j in 0..block {
-            let x = s[j];
-            let p = select(x > NEG_BIG, accurate_exp(x - m_new), 0.0f32);
-            s[j] = p;
-            sum += p;
-        }
-        l = alpha * l + sum;
-        m = m_new;
-        #[unroll]
-        for j in 0..block {
-            let mut v_row_scale = 1.0f32;
-            if quantized {
-                v_row_scale = f32::reinterpret(v_scale[row_at[j] as usize]);
-            }
-            row_scale[j] = v_row_scale;
-        }
-        // acc ← α·acc + P·V; a key the row cannot see adds nothing (not 0 · its value).
-        for w in 0..row_words {
             #[unroll]
             for j in 0..block {
-                words[j] = v_words[(row_at[j] * row_words as u32 + w as u32) as usize];
+                let mut v_row_scale = 1.0f32;
+                if quantized {
+                    let row = page_row + min(slot + j as u32, last_slot);
+                    v_row_scale = f32::reinterpret(v_scale[row as usize]);
+                }
+                row_scale[j] = v_row_scale;
             }
-            #[unroll]
-            for e in 0..lanes {
-                let c = w * lanes + e;
-                let mut a = alpha * acc[c];
+            // acc ← α·acc + P·V; a key a row cannot see adds nothing (not 0 · its value).
+            for w in 0..row_words {
                 #[unroll]
                 for j in 0..block {
-                    let p = s[j];
-                    a += select(
-                        p > 0.0f32,
-                        p * (unpack(words[j], e, cfg.storage) * row_scale[j]),
-                        0.0f32,
-                    );
+                    let row = page_row + min(slot + j as u32, last_slot);
+                    words[j] = v_words[(row * row_words as u32 + w as u32) as usize];
                 }
-                acc[c] = a;
+                #[unroll]
+                for e in 0..lanes {
+                    let c = w * lanes + e;
+                    #[unroll]
+                    for j in 0..block {
+                        lane[j] = unpack(words[j], e, cfg.storage) * row_scale[j];
+                    }
+                    #[unroll]
+                    for r in 0..rows {
+                        let mut a = alpha[r] * acc[r * padded + c];
+                        #[unroll]
+                        for j in 0..block {
+                            let p = s[r * block + j];
+                            a += select(p > 0.0f32, p * lane[j], 0.0f32);
+                        }
+                        acc[r * padded + c] = a;
+                    }
+                }
             }
+            start += block as i32;
         }
-        start += block as i32;
+        page_start += page_size as i32;
     }
 
-    if active {
-        let out_row = ((batch * q_heads + head) * seq_q + i) as usize;
-        let rows = (batch_size * q_heads * seq_q) as usize;
-        let partial_row = split as usize * rows + out_row;
-        if partial_out == 1 {
-            write_row::<F>(
-                &acc,
-                0usize,
-                m,
-                l,
-                out_row,
-                partial_row,
-                o,
-                lse,
-                o_partial,
-                lse_partial,
-                dim,
-                true,
-            );
-        } else {
-            write_row::<F>(
-                &acc,
-                0usize,
-                m,
-                l,
-                out_row,
-                partial_row,
-                o,
-                lse,
-                o_partial,
-                lse_partial,
-                dim,
-                false,
-            );
+    let out_rows = (batch_size * q_heads * seq_q) as usize;
+    #[unroll]
+    for r in 0..rows {
+        if query[r] < seq_q {
+            let out_row = ((batch * q_heads + head[r]) * seq_q + query[r]) as usize;
+            let partial_row = split as usize * out_rows + out_row;
+            if partial_out == 1 {
+                write_row::<F>(
+                    &acc,
+                    r * padded,
+                    m[r],
+                    l[r],
+                    out_row,
+                    partial_row,
+                    o,
+                    lse,
+                    o_partial,
+                    lse_partial,
+                    dim,
+                    true,
+                );
+            } else {
+                write_row::<F>(
+                    &acc,
+                    r * padded,
+                    m[r],
+                    l[r],
+                    out_row,
+                    partial_row,
+                    o,
+                    lse,
+                    o_partial,
+                    lse_partial,
+                    dim,
+                    false,
+                );
+            }
         }
     }
 }
@@ -350,4 +421,52 @@ pub fn scatter_rows(
         let w = at % words;
         dst[(rows[r as usize] * words + w) as usize] = src[at as usize];
     }
+}
+
+/// The memory floor of a decode step, for the benches to measure decode against: reads every
+/// cached word and scale of `keys_per_cube`-token chunks of each sequence, once, and nothing
+/// else, folding them into one word per unit (`sink`, so that the reads are not optimised away).
+/// Tables as in [`paged_decode`]; `CUBE_POS_X` = chunk, `CUBE_POS_Y` = KV head,
+/// `CUBE_POS_Z` = sequence. Unit `u` reads tokens `u, u + units, …` of its chunk.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn stream_cache(
+    k_words: &[u32],
+    v_words: &[u32],
+    k_scale: &[u32],
+    v_scale: &[u32],
+    tables: &[u32],
+    seq_slots: &[u32],
+    sink: &mut [u32],
+    kv_heads: u32,
+    page_size: u32,
+    table_base: u32,
+    table_stride: u32,
+    keys_per_cube: u32,
+    #[comptime] row_words: usize,
+    #[comptime] quantized: bool,
+) {
+    let kv_head = CUBE_POS_Y;
+    let slot = seq_slots[CUBE_POS_Z as usize];
+    let len = tables[slot as usize];
+    let hi = min(len, (CUBE_POS_X + 1) * keys_per_cube);
+    let mut folded = 0u32;
+    let mut t = CUBE_POS_X * keys_per_cube + UNIT_POS;
+    loop {
+        if t >= hi {
+            break;
+        }
+        let page = tables[(table_base + slot * table_stride + t / page_size) as usize];
+        let row = (page * kv_heads + kv_head) * page_size + t % page_size;
+        for w in 0..row_words {
+            let at = (row * row_words as u32 + w as u32) as usize;
+            folded ^= k_words[at] ^ v_words[at];
+        }
+        if quantized {
+            folded ^= k_scale[row as usize] ^ v_scale[row as usize];
+        }
+        t += CUBE_DIM_X;
+    }
+    let cube = (CUBE_POS_Z * CUBE_COUNT_Y + CUBE_POS_Y) * CUBE_COUNT_X + CUBE_POS_X;
+    sink[(cube * CUBE_DIM_X + UNIT_POS) as usize] = folded;
 }
