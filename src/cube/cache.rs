@@ -39,6 +39,46 @@ where
     storage: PhantomData<S>,
 }
 
+impl<const HKV: usize, const D: usize, S: KvStorage> DeviceKvCache<HKV, D, S>
+where
+    Rule: Supported<HKV, HKV, D>,
+{
+    /// A launch over this (synced) copy's sequences `seqs`, whose slots are `slots`, reading
+    /// queries `q`: `(seq_q, keys, partial)` as [`DecodeInputs`] has them.
+    fn inputs<'a>(
+        &'a self,
+        cache: &KvCache<HKV, D, S>,
+        q: &'a Buffer,
+        slots: &'a Buffer,
+        seqs: &[SeqId],
+        (seq_q, keys, partial): (usize, std::ops::Range<usize>, bool),
+    ) -> Result<DecodeInputs<'a>> {
+        let mut max_len = 0;
+        for &seq in seqs {
+            max_len = max_len.max(cache.len(seq)?);
+        }
+        Ok(DecodeInputs {
+            q,
+            k: &self.k,
+            v: &self.v,
+            k_scale: &self.k_scale,
+            v_scale: &self.v_scale,
+            tables: self.tables.buffer.as_ref().expect("made by the sync"),
+            table_base: self.tables.slots,
+            table_stride: self.tables.width,
+            slots,
+            batch: seqs.len(),
+            max_len,
+            seq_q,
+            head_dim: D,
+            page_size: cache.layout().page_size(),
+            storage: S::KIND,
+            keys,
+            partial,
+        })
+    }
+}
+
 /// The device copy of a cache's sequence lengths and block tables, kept in step like its rows:
 /// a sync writes only the lengths that changed and the pages added since the last one.
 ///
@@ -407,36 +447,13 @@ impl CubeDevice {
         const OP: &str = "cube::stream_cache";
         self.check_owns(OP, &copy.device)?;
         self.try_sync_cache(copy, cache)?;
-        let (mut max_len, mut tokens) = (0, 0);
+        let mut tokens = 0;
         for &seq in seqs {
-            let len = cache.len(seq)?;
-            (max_len, tokens) = (max_len.max(len), tokens + len);
+            tokens += cache.len(seq)?;
         }
         let slots = copy.tables.batch(&self.inner, OP, seqs)?;
-        let tables = &copy.tables;
-        self.inner.stream(
-            OP,
-            HKV,
-            DecodeInputs {
-                q: &copy.k,
-                k: &copy.k,
-                v: &copy.v,
-                k_scale: &copy.k_scale,
-                v_scale: &copy.v_scale,
-                tables: tables.buffer.as_ref().expect("made by the sync"),
-                table_base: tables.slots,
-                table_stride: tables.width,
-                slots: &slots,
-                batch: seqs.len(),
-                max_len,
-                seq_q: 0,
-                head_dim: D,
-                page_size: cache.layout().page_size(),
-                storage: S::KIND,
-                keys: 0..usize::MAX,
-                partial: false,
-            },
-        )?;
+        let input = copy.inputs(cache, &copy.k, &slots, seqs, (0, 0..usize::MAX, false))?;
+        self.inner.stream(OP, HKV, input)?;
         Ok(2 * tokens * HKV * S::KIND.bytes_per_row(D))
     }
 
@@ -503,35 +520,15 @@ impl CubeDevice {
     {
         self.check_owns(op, &copy.device)?;
         self.try_sync_cache(copy, cache)?;
-        let mut max_len = 0;
-        for &seq in seqs {
-            max_len = max_len.max(cache.len(seq)?);
-        }
         let slots = copy.tables.batch(&self.inner, op, seqs)?;
-        let tables = &copy.tables;
-        self.inner.decode::<T>(
-            op,
-            spec,
-            DecodeInputs {
-                q: &q.buffer,
-                k: &copy.k,
-                v: &copy.v,
-                k_scale: &copy.k_scale,
-                v_scale: &copy.v_scale,
-                tables: tables.buffer.as_ref().expect("made by the sync"),
-                table_base: tables.slots,
-                table_stride: tables.width,
-                slots: &slots,
-                batch: seqs.len(),
-                max_len,
-                seq_q: q.shape()[2],
-                head_dim: D,
-                page_size: cache.layout().page_size(),
-                storage: S::KIND,
-                keys,
-                partial,
-            },
-            (&o.buffer, &lse.buffer),
-        )
+        let input = copy.inputs(
+            cache,
+            &q.buffer,
+            &slots,
+            seqs,
+            (q.shape()[2], keys, partial),
+        )?;
+        self.inner
+            .decode::<T>(op, spec, input, (&o.buffer, &lse.buffer))
     }
 }
