@@ -148,8 +148,8 @@ fn heads_table(device: &CubeDevice) {
         "\nMHA vs GQA vs MQA: {HQ} query heads, D {D}, causal, f32, B {BATCH}, L {len}, median of {runs}"
     );
     println!(
-        "{:<10} {:>10} {:>12} {:>14} {:>12} {:>12}",
-        "config", "ms", "GFLOP/s", "K/V MiB read", "vs MHA", "of f32 peak"
+        "{:<10} {:>10} {:>12} {:>14} {:>12} {:>12} {:>6}",
+        "config", "ms", "GFLOP/s", "K/V MiB read", "vs MHA", "of f32 peak", "tile"
     );
     // The device's f32 peak in TFLOP/s, when given (scripts/gpu-check sets it for known GPUs).
     let peak = common::env_f64("GQA_PEAK_TFLOPS_F32");
@@ -161,8 +161,12 @@ fn heads_table(device: &CubeDevice) {
         // K and V once per KV head (the kernel loads each K/V tile once per group).
         let kv_bytes = 2 * BATCH * hkv * len * D * size_of::<f32>();
         let flops = causal_flops(HQ, D, len) as f64 / time;
+        // The tile autotune settled on (the warm-up launch tuned it).
+        let tile = device
+            .tuned_forward_tile::<f32>(&spec, BATCH, len, len)
+            .map_or("-".into(), |t| t.to_string());
         println!(
-            "{label:<10} {:>10.2} {:>12.2} {:>14.2} {:>11.2}x {:>12}",
+            "{label:<10} {:>10.2} {:>12.2} {:>14.2} {:>11.2}x {:>12} {tile:>6}",
             time * 1e3,
             flops / 1e9,
             kv_bytes as f64 / (1 << 20) as f64,

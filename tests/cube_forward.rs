@@ -23,7 +23,7 @@ use common::cube::{cases, device};
 use common::forward::{self, Variant};
 use common::runner::{self, Persist};
 use common::*;
-use gqa::cube::{CubeDevice, CubeElement};
+use gqa::cube::{CubeDevice, CubeElement, ForwardTile};
 use gqa::{AttentionSpec, DType, Error, Mask};
 use half::f16;
 use ndarray::Array4;
@@ -70,19 +70,30 @@ macro_rules! kernel_tests {
 
 for_each_config!(kernel_tests);
 
-/// The default tile is what every test above runs; these run the kernel cut otherwise — one row
-/// and one key per unit, tiles that divide neither the head dims nor the lengths, the largest
-/// default — over every mask side, softcap and ALiBi (`Variant::Everything`, f16) and with none.
+/// The untuned tile is what every test above runs; these run the kernel cut otherwise — one row
+/// and one key per unit, a tile that divides neither the head dims nor the lengths, and every
+/// tile autotune times (at head dims up to 128; above, the same shapes with fewer rows) — over
+/// every mask side, softcap and ALiBi (`Variant::Everything`, f16) and with none.
 #[test]
 fn every_forward_tile_matches_the_oracle() {
     let Some(_) = device() else { return };
-    let tiles = [(1, 1), (3, 5), (8, 4)];
-    for (rows, block_n) in tiles {
-        let tile = gqa::cube::ForwardTile { rows, block_n };
+    let mut tiles = vec![
+        ForwardTile {
+            rows: 1,
+            block_n: 1,
+        },
+        ForwardTile {
+            rows: 3,
+            block_n: 5,
+        },
+    ];
+    tiles.extend(ForwardTile::candidates(64));
+    for tile in tiles {
+        let ForwardTile { rows, block_n } = tile;
         let tiled = CubeDevice::try_default()
             .and_then(|device| device.try_with_forward_tile(tile))
             .expect("the device again, with a tile");
-        assert_eq!(tiled.forward_tile(64), tile);
+        assert_eq!(tiled.pinned_forward_tile(), Some(tile));
         for config in [(4, 2, 8), (3, 1, 5), (8, 2, 64)] {
             let test = format!("every_forward_tile_matches_the_oracle/{rows}x{block_n}/{config:?}");
             forward::run_variant::<f32, CubeDevice>(
@@ -167,7 +178,7 @@ fn forward_into_reused_outputs_equals_forward() {
 fn a_forward_tile_out_of_range_is_refused() {
     let Some(_) = device() else { return };
     for (rows, block_n) in [(0, 4), (4, 0), (17, 4), (4, 17)] {
-        let tile = gqa::cube::ForwardTile { rows, block_n };
+        let tile = ForwardTile { rows, block_n };
         let refused = CubeDevice::try_default()
             .unwrap()
             .try_with_forward_tile(tile);
@@ -176,6 +187,67 @@ fn a_forward_tile_out_of_range_is_refused() {
             "{tile:?}: {refused:?}"
         );
     }
+}
+
+/// Autotune, the default: a key's first launch times the candidate tiles and settles on one of
+/// them, whose results pass the tolerance rule (drawn problems, each a key, and a second
+/// problem of a tuned key); f16 is another key; a device with a pinned tile never tunes.
+#[test]
+fn autotune_settles_on_a_candidate_that_matches_the_oracle() {
+    let Some(_) = device() else { return };
+    let tuned = CubeDevice::try_default().unwrap();
+    assert_eq!(tuned.pinned_forward_tile(), None);
+    let test = "autotune_settles_on_a_candidate_that_matches_the_oracle";
+    forward::run_variant::<f32, CubeDevice>(
+        &tuned,
+        (test, cases()),
+        "cube autotune",
+        Variant::Plain,
+        (4, 2, 8),
+    );
+    let spec = AttentionSpec::try_new(6, 2, 24)
+        .unwrap()
+        .with_mask(Mask::NONE.causal());
+    let host = |seed: usize, heads: usize, len: usize| {
+        Array4::from_shape_fn((2, heads, len, 24), |(b, h, i, d)| {
+            ((b * 7 + h * 5 + i * 3 + d + seed) % 23) as f64 / 11.0 - 1.0
+        })
+    };
+    assert_eq!(tuned.tuned_forward_tile::<f32>(&spec, 2, 40, 70), None);
+    for (seed, (seq_q, seq_k)) in [(40, 70), (33, 65)].into_iter().enumerate() {
+        let problem = Problem {
+            spec,
+            q: host(seed, 6, seq_q),
+            k: host(seed + 1, 2, seq_k),
+            v: host(seed + 2, 2, seq_k),
+        };
+        forward::check::<f32, CubeDevice>(&tuned, &problem).unwrap();
+    }
+    // (40, 70) and (33, 65) share a key: lengths are bucketed by powers of two.
+    let tile = tuned.tuned_forward_tile::<f32>(&spec, 2, 40, 70);
+    assert!(
+        tile.is_some_and(|tile| ForwardTile::candidates(24).contains(&tile)),
+        "{tile:?}"
+    );
+    assert_eq!(tuned.tuned_forward_tile::<f32>(&spec, 2, 33, 65), tile);
+    assert_eq!(tuned.tuned_forward_tile::<f16>(&spec, 2, 40, 70), None);
+
+    let pinned = CubeDevice::try_default()
+        .and_then(|device| {
+            device.try_with_forward_tile(ForwardTile {
+                rows: 2,
+                block_n: 4,
+            })
+        })
+        .unwrap();
+    let problem = Problem {
+        spec,
+        q: host(0, 6, 200),
+        k: host(1, 2, 10),
+        v: host(2, 2, 10),
+    };
+    forward::check::<f32, CubeDevice>(&pinned, &problem).unwrap();
+    assert_eq!(tuned.tuned_forward_tile::<f32>(&spec, 2, 200, 10), None);
 }
 
 fn f32s(x: &Array4<f64>) -> Array4<f32> {

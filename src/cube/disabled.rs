@@ -37,10 +37,23 @@ impl Device {
     pub fn supports(&self, _: DType) -> bool {
         match *self {}
     }
-    pub fn forward_tile(&self, _: usize) -> super::ForwardTile {
+    pub fn pinned_forward_tile(&self) -> Option<super::ForwardTile> {
         match *self {}
     }
     pub fn set_forward_tile(&mut self, _: super::ForwardTile) {
+        match *self {}
+    }
+    pub fn set_untuned(&mut self) {
+        match *self {}
+    }
+    pub fn tuned_forward_tile<T>(
+        &self,
+        _: &AttentionSpec,
+        _: ProblemShape,
+    ) -> Option<super::ForwardTile> {
+        match *self {}
+    }
+    pub fn matrix_core_shapes(&self, _: DType) -> Vec<(u32, u32, u32)> {
         match *self {}
     }
     pub fn sync(&self, _: &'static str) -> Result<()> {
@@ -74,15 +87,7 @@ impl Device {
     pub fn stream(&self, _: &'static str, _: usize, _: DecodeInputs<'_>) -> Result<()> {
         match *self {}
     }
-    pub fn forward<T>(
-        &self,
-        _: &'static str,
-        _: &AttentionSpec,
-        _: ProblemShape,
-        _: (&Buffer, &Buffer, &Buffer),
-        _: [u32; 15],
-        _: (&Buffer, &Buffer),
-    ) -> Result<()> {
+    pub fn forward<T>(&self, _: super::ForwardCall<'_>) -> Result<()> {
         match *self {}
     }
     pub fn empty(&self, _: &'static str, _: usize, _: usize) -> Result<Buffer> {

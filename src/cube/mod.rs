@@ -37,6 +37,8 @@ mod runtime;
 #[cfg(not(any(feature = "wgpu", feature = "cuda", feature = "hip")))]
 #[path = "disabled.rs"]
 mod runtime;
+#[cfg(any(feature = "wgpu", feature = "cuda", feature = "hip"))]
+mod tune;
 
 use std::marker::PhantomData;
 
@@ -46,7 +48,7 @@ use ndarray::{ArrayView4, Dimension};
 
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
-use crate::spec::AttentionSpec;
+use crate::spec::{AttentionSpec, ProblemShape};
 
 /// An element type the kernels run on: `f32`, [`half::f16`], [`half::bf16`].
 pub trait CubeElement: Element + runtime::KernelElement {}
@@ -77,11 +79,47 @@ impl CubeDevice {
         self.inner.name()
     }
 
-    /// The forward kernel's tile for head dim `head_dim` on this device: the one set with
-    /// [`CubeDevice::try_with_forward_tile`], or the default (query rows per unit from the head
-    /// dim, 4 keys per block).
-    pub fn forward_tile(&self, head_dim: usize) -> ForwardTile {
-        self.inner.forward_tile(head_dim)
+    /// The tile every forward launch on this device uses, if one was pinned with
+    /// [`CubeDevice::try_with_forward_tile`]. Without one, each launch uses the tile autotune
+    /// measured fastest for its problem ([`CubeDevice::tuned_forward_tile`]), or
+    /// [`ForwardTile::untuned`] on a device made [`CubeDevice::untuned`].
+    pub fn pinned_forward_tile(&self) -> Option<ForwardTile> {
+        self.inner.pinned_forward_tile()
+    }
+
+    /// This device with the forward kernel's tile chosen without measuring
+    /// ([`ForwardTile::untuned`]): one compile per specialisation and no timing on a key's
+    /// first launch. The kernel suites run so; serving code wants the autotuned default.
+    pub fn untuned(mut self) -> CubeDevice {
+        self.inner.set_untuned();
+        self
+    }
+
+    /// The tile autotune settled on for a forward of `spec` over `T` with these sizes (their
+    /// key: see `src/cube/tune.rs`), or `None` while no launch of that key has been tuned.
+    pub fn tuned_forward_tile<T: CubeElement>(
+        &self,
+        spec: &AttentionSpec,
+        batch: usize,
+        seq_q: usize,
+        seq_k: usize,
+    ) -> Option<ForwardTile> {
+        self.inner.tuned_forward_tile::<T>(
+            spec,
+            ProblemShape {
+                batch,
+                seq_q,
+                seq_k,
+            },
+        )
+    }
+
+    /// The cooperative-matrix products (`m`, `n`, `k`) the device reports for `dtype` operands
+    /// with f32 accumulators: what a matrix-core path of the forward kernel could use. Empty on
+    /// lavapipe. No such path is in this crate yet (the forward kernel's tile-product seam,
+    /// `src/cube/kernels/products.rs`, says why); every launch uses the register products.
+    pub fn matrix_core_shapes(&self, dtype: DType) -> Vec<(u32, u32, u32)> {
+        self.inner.matrix_core_shapes(dtype)
     }
 
     /// This device with the forward kernel cut into `tile` for every head dim: to compare
@@ -261,14 +299,17 @@ impl CubeDevice {
                 })?;
             }
         }
-        self.inner.forward::<T>(
-            OP,
+        self.inner.forward::<T>(ForwardCall {
+            op: OP,
             spec,
             shape,
-            (&q.buffer, &k.buffer, &v.buffer),
+            q: &q.buffer,
+            k: &k.buffer,
+            v: &v.buffer,
             layout,
-            (&out.o.buffer, &out.lse.buffer),
-        )
+            o: &out.o.buffer,
+            lse: &out.lse.buffer,
+        })
     }
 
     /// Checks that `out` is this device's contiguous `o: [rows.., head_dim]` and `lse: [rows..]`
@@ -367,6 +408,44 @@ pub struct ForwardTile {
 impl ForwardTile {
     /// The largest `rows` and `block_n` accepted.
     pub const MAX: usize = 16;
+
+    /// The tile used without measuring ([`CubeDevice::untuned`]): 8 rows per unit up to head
+    /// dim 128 (fewer above, so that a unit's query rows hold about 512 values), 4 keys per
+    /// block. More rows feed more FMAs from each K/V load but compile longer: lavapipe's compile
+    /// time grows with `rows · head_dim`. Measured on lavapipe, GQA 32/8/128 unmasked, L 512
+    /// (`cargo bench --profile dev --bench jit`): 4 rows 0.60 s (compile 5.6 s), 8 rows 0.37 s
+    /// (12.8 s).
+    pub fn untuned(head_dim: usize) -> ForwardTile {
+        let rows = if head_dim <= 128 {
+            8
+        } else {
+            (512 / head_dim).max(1)
+        };
+        ForwardTile { rows, block_n: 4 }
+    }
+
+    /// The tiles autotune times at `head_dim`, the untuned one first: it and the tiles of half
+    /// and a quarter of its rows (at least one), 4 keys per block.
+    pub fn candidates(head_dim: usize) -> Vec<ForwardTile> {
+        let untuned = ForwardTile::untuned(head_dim);
+        let mut tiles = vec![untuned];
+        for rows in [untuned.rows / 2, untuned.rows / 4] {
+            let tile = ForwardTile {
+                rows: rows.max(1),
+                ..untuned
+            };
+            if !tiles.contains(&tile) {
+                tiles.push(tile);
+            }
+        }
+        tiles
+    }
+}
+
+impl std::fmt::Display for ForwardTile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.rows, self.block_n)
+    }
 }
 
 /// A tensor on a [`CubeDevice`]: a buffer and a strided view of it.
@@ -423,6 +502,26 @@ pub struct DeviceOutput<T> {
 }
 
 pub use crate::backend::HostOutput;
+
+/// One forward launch: the spec, the problem, the q, k, v buffers and their layout (`[offset,
+/// stride_b, stride_h, stride_s, stride_d]` of each), and the contiguous outputs the caller
+/// sized.
+#[derive(Clone, Copy)]
+#[cfg_attr(
+    not(any(feature = "wgpu", feature = "cuda", feature = "hip")),
+    allow(dead_code)
+)]
+pub(crate) struct ForwardCall<'a> {
+    pub op: &'static str,
+    pub spec: &'a AttentionSpec,
+    pub shape: crate::spec::ProblemShape,
+    pub q: &'a runtime::Buffer,
+    pub k: &'a runtime::Buffer,
+    pub v: &'a runtime::Buffer,
+    pub layout: [u32; 15],
+    pub o: &'a runtime::Buffer,
+    pub lse: &'a runtime::Buffer,
+}
 
 /// What a decode launch reads (the runtime's side of [`CubeDevice::try_decode`]).
 #[cfg_attr(

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use super::DecodeInputs;
 use super::ForwardTile;
 use super::kernels::decode::{
     DecodeConfig, STORAGE_BF16, STORAGE_F16, STORAGE_F32, STORAGE_INT4, STORAGE_INT8, paged_decode,
@@ -15,6 +14,8 @@ use super::kernels::decode::{
 };
 use super::kernels::forward::{KernelConfig, LaunchScalars, tile_forward};
 use super::kernels::merge::combine_splits;
+use super::kernels::products::RegisterProducts;
+use super::{DecodeInputs, ForwardCall};
 use crate::cache::StorageKind;
 use crate::element::DType;
 use crate::error::{Error, Result};
@@ -32,8 +33,8 @@ pub struct Device {
     name: String,
     /// Distinguishes devices so that buffers of one are never handed to another.
     key: Arc<()>,
-    /// The forward tile set by [`Device::set_forward_tile`], if any.
-    forward_tile: Option<ForwardTile>,
+    /// How the forward kernel's tile is chosen.
+    tiles: TilePolicy,
     /// Launch constants by content (see [`Device::constant`]).
     constants: Mutex<HashMap<Vec<u32>, Buffer>>,
     /// Two one-word buffers bound as the partial outputs of launches that write none (an
@@ -56,7 +57,7 @@ impl Device {
         Ok(Device {
             name,
             key: Arc::new(()),
-            forward_tile: None,
+            tiles: TilePolicy::Autotune,
             constants: Mutex::new(HashMap::new()),
             scratch: (
                 Buffer {
@@ -72,23 +73,50 @@ impl Device {
         })
     }
 
-    /// The forward tile for `head_dim`: the one set, or 8 rows per unit up to head dim 128
-    /// (fewer above, so that a unit's query rows hold about 512 values), 4 keys per block. More
-    /// rows feed more FMAs from each K/V load but compile longer: lavapipe's compile time grows
-    /// with `rows · head_dim`. Measured on lavapipe, GQA 32/8/128 unmasked, L 512 (`cargo bench
-    /// --profile dev --bench jit`): 4 rows 0.60 s (compile 5.6 s), 8 rows 0.37 s (12.8 s).
-    pub fn forward_tile(&self, head_dim: usize) -> ForwardTile {
-        let rows = if head_dim <= 128 {
-            8
-        } else {
-            (512 / head_dim).max(1)
-        };
-        self.forward_tile
-            .unwrap_or(ForwardTile { rows, block_n: 4 })
+    /// The tile every forward launch uses, when one is pinned.
+    pub fn pinned_forward_tile(&self) -> Option<ForwardTile> {
+        match self.tiles {
+            TilePolicy::Pinned(tile) => Some(tile),
+            TilePolicy::Untuned | TilePolicy::Autotune => None,
+        }
     }
 
     pub fn set_forward_tile(&mut self, tile: ForwardTile) {
-        self.forward_tile = Some(tile);
+        self.tiles = TilePolicy::Pinned(tile);
+    }
+
+    pub fn set_untuned(&mut self) {
+        self.tiles = TilePolicy::Untuned;
+    }
+
+    pub fn tuned_forward_tile<T: KernelElement>(
+        &self,
+        spec: &AttentionSpec,
+        shape: ProblemShape,
+    ) -> Option<ForwardTile> {
+        super::tune::tuned_tile::<T>(self, spec, shape)
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// What the device says its matrix cores multiply: `(m, n, k)` of each cooperative-matrix
+    /// product with `dtype` operands and f32 accumulators (none on lavapipe).
+    pub fn matrix_core_shapes(&self, dtype: DType) -> Vec<(u32, u32, u32)> {
+        use cubecl::ir::{ElemType, FloatKind};
+        let operand = ElemType::Float(match dtype {
+            DType::F16 => FloatKind::F16,
+            DType::BF16 => FloatKind::BF16,
+            DType::F32 => FloatKind::F32,
+            DType::F64 => return Vec::new(),
+        });
+        let accumulator = ElemType::Float(FloatKind::F32);
+        let cmma = &self.client.properties().features.matmul.cmma;
+        cmma.iter()
+            .filter(|c| c.a_type == operand && c.b_type == operand && c.cd_type == accumulator)
+            .map(|c| (c.m, c.n, c.k))
+            .collect()
     }
 
     pub fn name(&self) -> &str {
@@ -207,41 +235,95 @@ impl Device {
 
     /// Launches the forward kernel, writing the contiguous `o` (`[B, HQ, Lq, D]`) and `lse`
     /// (`[B, HQ, Lq]`) buffers, which the caller sized. `layout` is `[offset, stride_b,
-    /// stride_h, stride_s, stride_d]` for q, k and v.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward<T: KernelElement>(
-        &self,
-        op: &'static str,
-        spec: &AttentionSpec,
-        shape: ProblemShape,
-        (q, k, v): (&Buffer, &Buffer, &Buffer),
-        layout: [u32; 15],
-        (o, lse): (&Buffer, &Buffer),
-    ) -> Result<()> {
-        let ProblemShape { batch, seq_q, .. } = shape;
-        let rows = batch * spec.q_heads() * seq_q;
-        debug_assert!(o.len == rows * spec.head_dim() && lse.len == rows);
+    /// stride_h, stride_s, stride_d]` for q, k and v. The tile is the pinned one
+    /// ([`Device::set_forward_tile`]), the untuned rule's ([`Device::set_untuned`]), or the one
+    /// autotune measured fastest for the problem's key (`super::tune`).
+    pub fn forward<T: KernelElement>(&self, call: ForwardCall<'_>) -> Result<()> {
+        let rows = call.shape.batch * call.spec.q_heads() * call.shape.seq_q;
+        debug_assert!(call.o.len == rows * call.spec.head_dim() && call.lse.len == rows);
         if rows == 0 {
             return Ok(());
         }
-        let plan = self.forward_plan(op, spec)?;
+        match self.tiles {
+            TilePolicy::Pinned(tile) => self.forward_tiled::<T>(&call, tile),
+            TilePolicy::Untuned => {
+                self.forward_tiled::<T>(&call, ForwardTile::untuned(call.spec.head_dim()))
+            }
+            TilePolicy::Autotune => super::tune::forward::<T>(self, call),
+        }
+    }
+
+    /// Checks on the host everything [`Device::forward_tiled`] would refuse for `call` cut into
+    /// `tile`, launching and allocating nothing.
+    pub(super) fn check_forward_tile(
+        &self,
+        call: &ForwardCall<'_>,
+        tile: ForwardTile,
+    ) -> Result<()> {
+        self.forward_launch(call, tile).map(|_| ())
+    }
+
+    /// How `call` cut into `tile` is launched, checked against the device's limits.
+    fn forward_launch(&self, call: &ForwardCall<'_>, tile: ForwardTile) -> Result<ForwardLaunch> {
+        let &ForwardCall {
+            op, spec, shape, ..
+        } = call;
+        let ProblemShape { batch, seq_q, .. } = shape;
+        let rows = batch * spec.q_heads() * seq_q;
+        let plan = self.forward_plan(op, spec, tile)?;
         let mut config = plan.config;
         let keys_per_split = self.keys_per_split(&plan, shape.seq_k);
         let splits = shape.seq_k.div_ceil(keys_per_split).max(1);
         config.split = splits > 1;
-        let scalars = launch_scalars(spec, shape, keys_per_split, op)?;
+        if config.split {
+            let partial = (splits * rows * spec.head_dim()).checked_mul(size_of::<f32>());
+            self.check_buffer(op, partial.unwrap_or(usize::MAX))?;
+        }
+        let block_m = plan.head_units * config.rows;
+        Ok(ForwardLaunch {
+            config,
+            splits,
+            scalars: launch_scalars(spec, shape, keys_per_split, op)?,
+            cubes: self.grid(
+                op,
+                [seq_q.div_ceil(block_m), spec.kv_heads(), splits * batch],
+            )?,
+            combine_cubes: self.grid_1d(op, rows.div_ceil(64))?,
+            units: CubeDim::new_1d((plan.head_units * config.group) as u32),
+        })
+    }
+
+    /// The forward launch cut into `tile`.
+    pub(super) fn forward_tiled<T: KernelElement>(
+        &self,
+        call: &ForwardCall<'_>,
+        tile: ForwardTile,
+    ) -> Result<()> {
+        let &ForwardCall {
+            op,
+            spec,
+            shape,
+            q,
+            k,
+            v,
+            layout,
+            o,
+            lse,
+        } = call;
+        let rows = shape.batch * spec.q_heads() * shape.seq_q;
+        let ForwardLaunch {
+            config,
+            splits,
+            scalars,
+            cubes,
+            combine_cubes,
+            units,
+        } = self.forward_launch(call, tile)?;
         let layout = self.constant(op, &layout)?;
         let slopes = self.slopes(op, spec)?;
         // Split launches need f32 partials: from cubecl's memory pool, per call.
         let (o_partial, lse_partial) =
             self.partials(op, config.split, splits * rows, spec.head_dim())?;
-        let block_m = plan.head_units * config.rows;
-        let cubes = self.grid(
-            op,
-            [seq_q.div_ceil(block_m), spec.kv_heads(), splits * batch],
-        )?;
-        let combine_cubes = self.grid_1d(op, rows.div_ceil(64))?;
-        let units = CubeDim::new_1d((plan.head_units * config.group) as u32);
         // SAFETY: the kernel is launched unchecked. It clamps every query row to `seq_q - 1`
         // and every key to `seq_k - 1` before forming an address, and the q, k, v views (offset
         // plus index times stride, for every index inside their shapes) were checked against
@@ -249,8 +331,7 @@ impl Device {
         // partial buffers hold exactly the rows the grid covers, and rows past `seq_q` are not
         // written. `layout` holds 15 words and `slopes` one per query head (or a dummy).
         unsafe {
-            let arg = |b: &Buffer| BufferArg::from_raw_parts(b.handle.clone(), b.len.max(1));
-            tile_forward::launch_unchecked::<T>(
+            tile_forward::launch_unchecked::<T, RegisterProducts>(
                 &self.client,
                 cubes,
                 units,
@@ -308,7 +389,12 @@ impl Device {
     /// The forward kernel's tiles for `spec` on this device. A unit owns `rows` query rows of
     /// one head and scores `block_n` keys at a time; `head_units` units per query head make a
     /// cube of `group · head_units` units, about one plane (SIMD group) or more.
-    fn forward_plan(&self, op: &'static str, spec: &AttentionSpec) -> Result<ForwardPlan> {
+    fn forward_plan(
+        &self,
+        op: &'static str,
+        spec: &AttentionSpec,
+        tile: ForwardTile,
+    ) -> Result<ForwardPlan> {
         let hardware = &self.client.properties().hardware;
         let head_dim = spec.head_dim();
         let group = spec.group_size();
@@ -322,7 +408,7 @@ impl Device {
                 ),
             });
         }
-        let ForwardTile { rows, block_n } = self.forward_tile(head_dim);
+        let ForwardTile { rows, block_n } = tile;
         let plane = (hardware.plane_size_max as usize).max(1);
         let head_units = (plane / group).clamp(1, max_units / group);
         let chunk = [4, 2, 1]
@@ -346,6 +432,28 @@ impl Device {
             },
         })
     }
+}
+
+/// How a device chooses the forward kernel's tile.
+#[derive(Clone, Copy, Debug)]
+enum TilePolicy {
+    /// The tile autotune measured fastest for the problem's key (the default).
+    Autotune,
+    /// [`ForwardTile::untuned`], measuring nothing (the kernel suites, to keep one compile per
+    /// specialisation).
+    Untuned,
+    /// One tile for every launch.
+    Pinned(ForwardTile),
+}
+
+/// A forward launch's grid and numbers, checked against the device's limits.
+struct ForwardLaunch {
+    config: KernelConfig,
+    splits: usize,
+    scalars: LaunchScalars,
+    cubes: CubeCount,
+    combine_cubes: CubeCount,
+    units: CubeDim,
 }
 
 /// How a forward launch is cut: the kernel's configuration and the units per query head.
@@ -378,9 +486,9 @@ impl Device {
                 &self.client,
                 cubes,
                 CubeDim::new_1d(256),
-                BufferArg::from_raw_parts(src.handle.clone(), src.len),
-                BufferArg::from_raw_parts(rows_buffer.handle.clone(), rows_buffer.len),
-                BufferArg::from_raw_parts(dst.handle.clone(), dst.len.max(1)),
+                arg(&src),
+                arg(&rows_buffer),
+                arg(dst),
                 rows.len() as u32,
                 row_words,
             );
@@ -479,7 +587,6 @@ impl Device {
         // the copy mirrors, slots clamped to the page) and writes only the rows the grid covers,
         // into outputs the caller sized for them.
         unsafe {
-            let arg = |b: &Buffer| BufferArg::from_raw_parts(b.handle.clone(), b.len.max(1));
             paged_decode::launch::<T>(
                 &self.client,
                 decode_cubes,
@@ -548,7 +655,6 @@ impl Device {
         // pool rows of the pages they name (tokens below each length), and writes one sink word
         // per unit of the grid, which `sink` holds.
         unsafe {
-            let arg = |b: &Buffer| BufferArg::from_raw_parts(b.handle.clone(), b.len.max(1));
             stream_cache::launch(
                 &self.client,
                 cubes,
@@ -589,7 +695,6 @@ impl Device {
     ) {
         // SAFETY: the caller's contract above.
         unsafe {
-            let arg = |b: &Buffer| BufferArg::from_raw_parts(b.handle.clone(), b.len.max(1));
             combine_splits::launch::<T>(
                 &self.client,
                 cubes,
@@ -661,6 +766,15 @@ fn decode_unit_rows(cube_rows: usize, plane: usize) -> usize {
         .into_iter()
         .find(|&r| cube_rows.is_multiple_of(r) && cube_rows / r >= plane.max(1))
         .unwrap_or(1)
+}
+
+/// `buffer` as a kernel argument (a zero-length buffer binds its one placeholder element).
+///
+/// # Safety
+/// As [`BufferArg::from_raw_parts`]: the kernel it is bound to must not access past `len`
+/// elements (the launches' SAFETY comments say why each does not).
+unsafe fn arg(buffer: &Buffer) -> BufferArg {
+    unsafe { BufferArg::from_raw_parts(buffer.handle.clone(), buffer.len.max(1)) }
 }
 
 /// A device buffer of `len` elements (a clone is another handle to the same memory).

@@ -4,14 +4,17 @@ use std::sync::OnceLock;
 
 use gqa::cube::CubeDevice;
 
-/// The device, opened once per test binary (`None`: no device outside CI).
+/// The device, opened once per test binary (`None`: no device outside CI). Its forward tile is
+/// the untuned rule's (`CubeDevice::untuned`): autotune would compile and time every candidate
+/// tile of every specialisation the suites draw; `cube_forward.rs` proves the other candidates
+/// and autotune itself on a few.
 pub fn device() -> Option<&'static CubeDevice> {
     static DEVICE: OnceLock<Option<CubeDevice>> = OnceLock::new();
     DEVICE
         .get_or_init(|| match CubeDevice::try_default() {
             Ok(device) => {
                 eprintln!("cube tests run on {}", device.name());
-                Some(device)
+                Some(device.untuned())
             }
             Err(error) if std::env::var_os("CI").is_some() => {
                 panic!("CI needs a GPU device for the kernel tests: {error}")

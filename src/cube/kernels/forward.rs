@@ -12,6 +12,11 @@
 //! broadcast. KV heads are never repeated, in memory or in loads, and no shared memory or
 //! barrier is needed.
 //!
+//! **Tile products.** The two products of a key block, `S = Q·Kᵀ` and `O ← α·O + P·V`, and the
+//! unit state they keep (query rows, accumulators) are a [`TileProducts`] (`products.rs`): the
+//! seam for a matrix-core implementation. What follows describes [`super::products::RegisterProducts`],
+//! the one the host launches today.
+//!
 //! **Register tile.** Per key block of `block_n` keys, a unit holds the `rows × block_n` scores
 //! and probabilities, its rows' running max and sum, and one K (then V) element per key, in
 //! arrays indexed only by unrolled (compile-time) loop counters, so that they become registers.
@@ -50,7 +55,7 @@
 use cubecl::prelude::*;
 
 use super::math::{NEG_BIG, accurate_exp, accurate_tanh};
-use super::merge::write_row;
+use super::products::TileProducts;
 
 /// Everything that changes the generated code; one compiled kernel per distinct value.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -104,7 +109,7 @@ pub struct LaunchScalars {
     clippy::manual_div_ceil,
     clippy::collapsible_if
 )]
-pub fn tile_forward<F: Float>(
+pub fn tile_forward<F: Float, P: TileProducts>(
     q: &[F],
     k: &[F],
     v: &[F],
@@ -126,11 +131,8 @@ pub fn tile_forward<F: Float>(
     keys_per_split: u32,
     #[comptime] cfg: KernelConfig,
 ) {
-    let dim = cfg.head_dim;
     let rows = cfg.rows;
     let block_n = cfg.block_n;
-    let chunk = cfg.chunk;
-    let chunks = dim / chunk;
     let head_units = CUBE_DIM / cfg.group as u32;
     let block_m = head_units * rows as u32;
 
@@ -172,23 +174,15 @@ pub fn tile_forward<F: Float>(
     let (v_s, v_d) = (layout[13], layout[14]);
 
     // The unit's query rows (rows past `seq_q` read the last row: in bounds, never written) and
-    // its f32 output accumulators, `rows × dim` each, row-major. (The scale multiplies the dot
+    // its f32 output accumulators, kept by the tile products. (The scale multiplies the dot
     // product, as the definition has it: pre-scaling q would add a rounding per element.)
-    let mut q_reg = Sequence::<Array<f32>>::new();
-    let mut acc = Sequence::<Array<f32>>::new();
     let q_base = layout[0] + batch * layout[1] + head * layout[2];
+    let mut q_at = Array::<u32>::new(rows);
     #[unroll]
     for i in 0..rows {
-        let q_at = q_base + min(row0 + i as u32, seq_q - 1) * q_s;
-        let mut q_row = Array::<f32>::new(dim);
-        let mut acc_row = Array::<f32>::new(dim);
-        for d in 0..dim {
-            q_row[d] = f32::cast_from(q[(q_at + d as u32 * q_d) as usize]);
-            acc_row[d] = 0.0f32;
-        }
-        q_reg.push(q_row);
-        acc.push(acc_row);
+        q_at[i] = q_base + min(row0 + i as u32, seq_q - 1) * q_s;
     }
+    let mut tile = P::load_query::<F>(q, &q_at, q_d, cfg);
     let mut slope = 0.0f32;
     if cfg.alibi {
         slope = slopes[head as usize];
@@ -199,7 +193,6 @@ pub fn tile_forward<F: Float>(
     let mut l = Array::<f32>::new(rows);
     let mut alpha = Array::<f32>::new(rows);
     let mut s = Array::<f32>::new(rows * block_n);
-    let mut kv = Array::<f32>::new(block_n * chunk);
     let mut k_at = Array::<u32>::new(block_n);
     let mut v_at = Array::<u32>::new(block_n);
     #[unroll]
@@ -217,25 +210,8 @@ pub fn tile_forward<F: Float>(
             k_at[j] = k_base + key * k_s;
             v_at[j] = v_base + key * v_s;
         }
-        #[unroll]
-        for x in 0..rows * block_n {
-            s[x] = 0.0f32;
-        }
-        // S = Q·Kᵀ for the block: per channel, `block_n` loads feed `rows · block_n` FMAs.
-        for c in 0..chunks {
-            load_chunk::<F>(k, &k_at, k_d, c, &mut kv, cfg);
-            #[unroll]
-            for i in 0..rows {
-                #[unroll]
-                for e in 0..chunk {
-                    let qd = q_reg.index(i)[c * chunk + e];
-                    #[unroll]
-                    for j in 0..block_n {
-                        s[i * block_n + j] += qd * kv[j * chunk + e];
-                    }
-                }
-            }
-        }
+        // S = Q·Kᵀ for the block.
+        P::scores::<F>(&mut tile, k, &k_at, k_d, &mut s, cfg);
 
         // Scores, mask (boundary blocks only), online softmax.
         let inside = key0 as i32 >= inside_lo && (key0 + block_n as u32) as i32 <= inside_hi;
@@ -286,9 +262,9 @@ pub fn tile_forward<F: Float>(
         // multiplied by its zero probability: 0 · NaN would leak a hidden key's non-finite value
         // into a row that cannot see it. Blocks inside the band need no such test.
         if inside {
-            accumulate_pv::<F>(v, &v_at, v_d, &s, &alpha, &mut acc, &mut kv, cfg, false);
+            P::accumulate::<F>(&mut tile, v, &v_at, v_d, &s, &alpha, cfg, false);
         } else {
-            accumulate_pv::<F>(v, &v_at, v_d, &s, &alpha, &mut acc, &mut kv, cfg, true);
+            P::accumulate::<F>(&mut tile, v, &v_at, v_d, &s, &alpha, cfg, true);
         }
     }
 
@@ -298,9 +274,9 @@ pub fn tile_forward<F: Float>(
         let row = row0 + i as u32;
         if row < seq_q {
             let out_row = ((batch * q_heads + head) * seq_q + row) as usize;
-            write_row::<F>(
-                acc.index(i),
-                0usize,
+            P::write::<F>(
+                &tile,
+                i,
                 m[i],
                 l[i],
                 out_row,
@@ -309,74 +285,8 @@ pub fn tile_forward<F: Float>(
                 lse,
                 o_partial,
                 lse_partial,
-                dim,
-                cfg.split,
+                cfg,
             );
-        }
-    }
-}
-
-/// Channels `c·chunk..(c + 1)·chunk` of the block's `block_n` key (or value) rows, whose offsets
-/// in `x` are `at`, into `kv[j·chunk + e]` as f32: the uniform loads both products share.
-#[cube]
-fn load_chunk<F: Float>(
-    x: &[F],
-    at: &Array<u32>,
-    stride_d: u32,
-    c: usize,
-    kv: &mut Array<f32>,
-    #[comptime] cfg: KernelConfig,
-) {
-    let chunk = cfg.chunk;
-    #[unroll]
-    for e in 0..chunk {
-        let d = (c * chunk + e) as u32;
-        #[unroll]
-        for j in 0..cfg.block_n {
-            kv[j * chunk + e] = f32::cast_from(x[(at[j] + d * stride_d) as usize]);
-        }
-    }
-}
-
-/// `acc ← α·acc + P·V` for one key block: per channel, `block_n` loads of V feed
-/// `rows · block_n` FMAs. `p` holds the block's probabilities (`rows × block_n`), `v_at` each
-/// key's row offset in `v`. `guarded`: a zero probability contributes nothing (not `0 · v`).
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn accumulate_pv<F: Float>(
-    v: &[F],
-    v_at: &Array<u32>,
-    v_d: u32,
-    p: &Array<f32>,
-    alpha: &Array<f32>,
-    acc: &mut Sequence<Array<f32>>,
-    kv: &mut Array<f32>,
-    #[comptime] cfg: KernelConfig,
-    #[comptime] guarded: bool,
-) {
-    let dim = cfg.head_dim;
-    let chunk = cfg.chunk;
-    let block_n = cfg.block_n;
-    for c in 0..dim / chunk {
-        load_chunk::<F>(v, v_at, v_d, c, kv, cfg);
-        #[unroll]
-        for i in 0..cfg.rows {
-            #[unroll]
-            for e in 0..chunk {
-                let at = c * chunk + e;
-                let acc_row = acc.index_mut(i);
-                let mut a = alpha[i] * acc_row[at];
-                #[unroll]
-                for j in 0..block_n {
-                    let p_ij = p[i * block_n + j];
-                    if guarded {
-                        a += select(p_ij > 0.0f32, p_ij * kv[j * chunk + e], 0.0f32);
-                    } else {
-                        a += p_ij * kv[j * chunk + e];
-                    }
-                }
-                acc_row[at] = a;
-            }
         }
     }
 }

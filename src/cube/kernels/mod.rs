@@ -1,8 +1,9 @@
 //! The kernel side of the cube backend: `#[cube]` code only, one file per kernel family. What
-//! launches them (configurations, grids, buffers) lives in `super::host`.
+//! launches them (configurations, grids, buffers, autotune) lives in `super::runtime`.
 //!
 //! - [`forward`]: prefill/forward attention, a register tile per unit, GQA groups packed.
 //! - [`decode`]: a few queries against a paged, possibly quantized KV cache.
+//! - [`products`]: the forward kernel's two tile products behind a trait (the matrix-core seam).
 //! - [`merge`]: writing finished rows and merging key splits (shared by both).
 //! - [`math`]: ulp-accurate `exp`, `ln`, `tanh`, and the sentinels WGSL needs.
 
@@ -10,3 +11,4 @@ pub mod decode;
 pub mod forward;
 pub mod math;
 pub mod merge;
+pub mod products;

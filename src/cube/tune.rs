@@ -1,0 +1,127 @@
+//! Autotune of the forward kernel's tile, on cubecl's `LocalTuner`: the first launch of a key
+//! times every candidate tile on the call's own buffers and keeps the fastest for every later
+//! launch with that key (and, where cubecl persists autotune results, for later processes).
+//!
+//! **Key.** Everything that changes the generated code (dtype, head dim, group, mask sides,
+//! softcap, ALiBi) and the problem's size in powers of two: `seq_q`, `seq_k` and the number of
+//! (batch, KV head) cubes, each rounded up to the next power of two. One device's results are
+//! kept apart from another's (the tuner is per adapter name).
+//!
+//! **Candidates.** [`ForwardTile::candidates`]: the untuned rule's tile and tiles of fewer rows
+//! per unit (shorter queries waste less of a large tile; a smaller tile compiles faster, which
+//! is what it costs on lavapipe: about 4, 6 and 13 s for 2, 4 and 8 rows at head dim 128).
+//! A candidate the host refuses for a problem (a grid the device cannot dispatch) is not timed;
+//! when none is left the untuned tile's own error is returned.
+//!
+//! **Errors.** cubecl's tuner panics if the tile it chose then fails on the call it was timed
+//! on. Host-side checks are deterministic, so that cannot happen here: every candidate is
+//! first checked on the host ([`Device::check_forward_tile`]) and only those that pass are timed.
+
+use cubecl::tune::{LocalTuner, Tunable, TunableSet, TuneGroup, TuneInputs, local_tuner};
+
+use super::runtime::{Device, KernelElement};
+use super::{ForwardCall, ForwardTile};
+use crate::error::Result;
+use crate::spec::{AttentionSpec, ProblemShape};
+
+/// Results by device (its adapter name) and key.
+static FORWARD: LocalTuner<String, String> = local_tuner!("forward-tile");
+
+/// The tuner's view of a forward call: [`ForwardCall`] borrows its buffers.
+struct ForwardInputs;
+
+impl TuneInputs for ForwardInputs {
+    type At<'a> = (&'a Device, ForwardCall<'a>);
+}
+
+type ForwardSet = TunableSet<String, ForwardInputs, (), ForwardTile>;
+
+/// The autotune key of `call` (see the module docs).
+fn key<T: KernelElement>(spec: &AttentionSpec, shape: ProblemShape) -> String {
+    let mask = spec.mask();
+    let bucket = |n: usize| n.max(1).next_power_of_two();
+    format!(
+        "{} d{} g{} left{} right{} softcap{} alibi{} q{} k{} cubes{}",
+        std::any::type_name::<T>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("?"),
+        spec.head_dim(),
+        spec.group_size(),
+        mask.left().is_some(),
+        mask.right().is_some(),
+        spec.softcap().is_some(),
+        spec.alibi().is_some(),
+        bucket(shape.seq_q),
+        bucket(shape.seq_k),
+        bucket(shape.batch * spec.kv_heads()),
+    )
+}
+
+/// Every candidate tile any head dim can have, each a tunable that launches the call with it
+/// (or fails, for a head dim it is not a candidate of: the tuner then does not time it).
+fn forward_set<T: KernelElement>() -> ForwardSet {
+    let group = TuneGroup::<String>::new("forward tiles", |_| 1);
+    let mut all: Vec<ForwardTile> = Vec::new();
+    for head_dim in [8, 64, 128, 256, 512] {
+        for tile in ForwardTile::candidates(head_dim) {
+            if !all.contains(&tile) {
+                all.push(tile);
+            }
+        }
+    }
+    let mut set = ForwardSet::new_cloning_inputs(|(_, call): &(&Device, ForwardCall<'_>)| {
+        key::<T>(call.spec, call.shape)
+    });
+    for tile in all {
+        set = set.with(
+            Tunable::identified(tile, move |(device, call): (&Device, ForwardCall<'_>)| {
+                if !ForwardTile::candidates(call.spec.head_dim()).contains(&tile) {
+                    return Err(format!("{tile} is not a candidate at this head dim"));
+                }
+                device
+                    .forward_tiled::<T>(&call, tile)
+                    .map_err(|e| e.to_string())
+            })
+            .group(&group, |_| 1),
+        );
+    }
+    set
+}
+
+/// The forward launch with the fastest candidate tile for its key, timing them all on the
+/// first launch of a key.
+pub(super) fn forward<T: KernelElement>(device: &Device, call: ForwardCall<'_>) -> Result<()> {
+    let id = device.name().to_string();
+    let set = FORWARD.init(&id, forward_set::<T>);
+    let key = key::<T>(call.spec, call.shape);
+    if let Some(tile) = FORWARD.fastest_identity(&id, &set, &key) {
+        return device.forward_tiled::<T>(&call, tile);
+    }
+    let head_dim = call.spec.head_dim();
+    let untuned = ForwardTile::untuned(head_dim);
+    let fit: Vec<ForwardTile> = ForwardTile::candidates(head_dim)
+        .into_iter()
+        .filter(|&tile| device.check_forward_tile(&call, tile).is_ok())
+        .collect();
+    match fit.as_slice() {
+        // The untuned tile's own error (it is always a candidate).
+        [] => device.check_forward_tile(&call, untuned),
+        [only] => device.forward_tiled::<T>(&call, *only),
+        _ => {
+            FORWARD.execute(&id, device.client(), set, (device, call));
+            Ok(())
+        }
+    }
+}
+
+/// The tile autotune settled on for the key of `spec` and `shape` on `device`, if it has.
+pub(super) fn tuned_tile<T: KernelElement>(
+    device: &Device,
+    spec: &AttentionSpec,
+    shape: ProblemShape,
+) -> Option<ForwardTile> {
+    let id = device.name().to_string();
+    let set = FORWARD.init(&id, forward_set::<T>);
+    FORWARD.fastest_identity(&id, &set, &key::<T>(spec, shape))
+}
