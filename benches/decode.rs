@@ -1,7 +1,8 @@
 //! Decode against the KV cache on the default device: `cargo bench --bench decode`.
 //!
 //! One new query per sequence, 32 query heads, head dim 128, causal, f32 queries; caches of
-//! MHA 32/32, GQA 32/8 and MQA 32/1, stored as f32, f16, int8 and 4-bit; batch 1 and 8;
+//! MHA 32/32, GQA 32/8 and MQA 32/1, stored as f32, f16, int8 and 4-bit; batch 1 and 8
+//! (`GQA_DECODE_BATCHES`);
 //! `Lk` from `GQA_DECODE_LENGTHS` (comma-separated, default `1024,4096,16384`). Each row:
 //! median of `GQA_BENCH_RUNS` decodes (default 5) after one untimed one, the K/V bytes a decode
 //! step reads (every cached row of every KV head once, scales included), and for GQA and MQA
@@ -170,7 +171,7 @@ fn main() {
         }};
     }
     for len in lengths() {
-        for batch in [1, 8] {
+        for batch in env_list("GQA_DECODE_BATCHES", &[1, 8]) {
             storage_rows!(Float32, batch, len);
             storage_rows!(Float16, batch, len);
             storage_rows!(Int8, batch, len);

@@ -525,14 +525,19 @@ impl Device {
         }
         let lq_tile = seq_q.min(max_units / group).max(1);
         let q_tiles = seq_q.div_ceil(lq_tile);
-        let unit_rows = decode_unit_rows(group * lq_tile, hardware.plane_size_max as usize);
+        let plane = hardware.plane_size_max as usize;
+        let unit_rows = decode_unit_rows(group * lq_tile, plane);
+        let units_per_head = lq_tile * group / unit_rows;
+        let heads_per_cube =
+            decode_heads_per_cube(spec.kv_heads(), units_per_head, plane, max_units);
+        let head_cubes = spec.kv_heads() / heads_per_cube;
         let max_len = input.max_len;
         // The keys read: `key_lo..key_hi`, within the longest sequence.
         let key_hi = input.keys.end.min(max_len);
         let key_lo = input.keys.start.min(key_hi);
         let span = key_hi - key_lo;
         let keys_per_split =
-            self.decode_keys_per_split(head_dim, span, q_tiles * spec.kv_heads() * batch);
+            self.decode_keys_per_split(head_dim, span, q_tiles * head_cubes * batch);
         let splits = span.div_ceil(keys_per_split).max(1);
         let mask = spec.mask();
         let config = DecodeConfig {
@@ -579,7 +584,7 @@ impl Device {
         } else {
             (&o_partial, &lse_partial)
         };
-        let decode_cubes = self.grid(op, [q_tiles, spec.kv_heads(), splits * batch])?;
+        let decode_cubes = self.grid(op, [q_tiles, head_cubes, splits * batch])?;
         let combine_cubes = self.grid_1d(op, rows.div_ceil(64))?;
         // SAFETY: the kernel reads q rows `< batch · q_heads · seq_q` (q was checked to be that
         // contiguous shape), the lengths and tables of the slots named (the copy's tables hold
@@ -590,7 +595,7 @@ impl Device {
             paged_decode::launch::<T>(
                 &self.client,
                 decode_cubes,
-                CubeDim::new_1d((lq_tile * group / unit_rows) as u32),
+                CubeDim::new_1d((heads_per_cube * units_per_head) as u32),
                 arg(input.q),
                 arg(input.k),
                 arg(input.v),
@@ -610,6 +615,7 @@ impl Device {
                 input.table_base as u32,
                 input.table_stride as u32,
                 lq_tile as u32,
+                heads_per_cube as u32,
                 u32::from(mask.alignment() == crate::spec::Alignment::BottomRight),
                 side(mask.left()),
                 side(mask.right()),
@@ -775,6 +781,24 @@ fn decode_unit_rows(cube_rows: usize, plane: usize) -> usize {
 /// elements (the launches' SAFETY comments say why each does not).
 unsafe fn arg(buffer: &Buffer) -> BufferArg {
     unsafe { BufferArg::from_raw_parts(buffer.handle.clone(), buffer.len.max(1)) }
+}
+
+/// KV heads per decode cube, for KV heads of `units_per_head` units each on a device whose
+/// planes hold `plane` lanes: one when a head's units fill a plane; otherwise the largest
+/// divisor of `kv_heads` whose units still fit in one plane (and the device's cube), so that
+/// the lanes a lone head would leave idle serve other heads (MHA's one row per head at Lq 1: a
+/// plane of 8 heads on lavapipe instead of 8 planes with one live lane each).
+fn decode_heads_per_cube(
+    kv_heads: usize,
+    units_per_head: usize,
+    plane: usize,
+    max_units: usize,
+) -> usize {
+    let fit = plane.min(max_units) / units_per_head.max(1);
+    (1..=fit.min(kv_heads))
+        .rev()
+        .find(|&h| kv_heads.is_multiple_of(h))
+        .unwrap_or(1)
 }
 
 /// A device buffer of `len` elements (a clone is another handle to the same memory).

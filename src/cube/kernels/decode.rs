@@ -1,14 +1,19 @@
 //! The decode kernel: a few new queries per sequence (Lq ≤ 16) against a paged, possibly
 //! quantized KV cache ([`crate::cache::KvCache`]), split over the keys (Flash-Decoding).
 //!
-//! **Work.** One cube serves one KV head of one sequence over one split of its keys:
-//! `CUBE_POS_X` = query tile, `CUBE_POS_Y` = KV head, `CUBE_POS_Z = split · batch + b`. Its
-//! `group · lq_tile` (query head, query) rows are packed `R` per unit (`DecodeConfig::rows`: 1
-//! while the rows fill a plane, up to 4 beyond, so that MQA's 32 rows take one 8-lane plane on
-//! lavapipe rather than four that each repeat the loads), so all query heads of a KV group run
-//! in the same cube and each dequantised lane feeds `R` rows from registers. Every unit walks the same keys (the union of the cube's rows'
+//! **Work.** One cube serves `heads_per_cube` KV heads (1 unless a KV head's rows leave most of
+//! a plane idle) of one sequence over one split of its keys: `CUBE_POS_X` = query tile,
+//! `CUBE_POS_Y` = KV heads `y · heads_per_cube ..`, `CUBE_POS_Z = split · batch + b`. A KV
+//! head's `group · lq_tile` (query head, query) rows are packed `R` per unit
+//! (`DecodeConfig::rows`: 1 while the rows fill a plane, up to 4 beyond, so that MQA's 32 rows
+//! take one 8-lane plane on lavapipe rather than four that each repeat the loads), so all query
+//! heads of a KV group run in the same cube and each dequantised lane feeds `R` rows from
+//! registers. Every unit of a KV head walks the same keys (the union of the cube's rows'
 //! visible keys; a row masks the ones it cannot see), so each cached word is one load for the
-//! whole group — on lavapipe one scalar load per SIMD group. There is no shared memory: decode
+//! whole group — on lavapipe one scalar load per SIMD group. Where a KV head has fewer rows
+//! than a plane has lanes (MHA: one row at Lq 1; GQA 32/8: four), the host packs several KV
+//! heads into the cube (`heads_per_cube`, a divisor of `kv_heads`) so that the lanes that would
+//! idle serve other heads; their loads then differ per lane. There is no shared memory: decode
 //! has no reuse beyond the group, and rows are read straight from the pool.
 //!
 //! **Cache.** Row `(page · kv_heads + kv_head) · page_size + slot` of the word pool holds one
@@ -107,9 +112,12 @@ fn unpack(word: u32, #[comptime] e: usize, #[comptime] storage: u32) -> f32 {
 /// window sides are, so that one compiled kernel serves both alignments, every query count and
 /// both outputs (each distinct comptime configuration costs a compile).
 ///
-/// A cube's rows are `group · lq_tile` (query head, query) pairs, row `r` being head
-/// `r / lq_tile`, query `r % lq_tile` of the tile; unit `u` owns rows `u · R .. u · R + R`
-/// (`R = cfg.rows`, which divides the row count). Each key's lanes are dequantised once per unit
+/// A KV head's rows are `group · lq_tile` (query head, query) pairs, row `r` being head
+/// `r / lq_tile`, query `r % lq_tile` of the tile; the cube's units are `heads_per_cube` runs of
+/// `units_per_head`, one run per KV head, and unit `u` of a run owns rows `u · R .. u · R + R`
+/// (`R = cfg.rows`, which divides the row count). Every KV head of a cube walks the same keys
+/// (the loop bounds depend on the sequence, split and queries only), so branches stay uniform;
+/// only the addresses of the rows read differ between the runs. Each key's lanes are dequantised once per unit
 /// and feed its `R` rows from registers.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -133,6 +141,7 @@ pub fn paged_decode<F: Float>(
     table_base: u32,
     table_stride: u32,
     lq_tile: u32,
+    heads_per_cube: u32,
     bottom_right: u32,
     left: i32,
     right: i32,
@@ -153,7 +162,10 @@ pub fn paged_decode<F: Float>(
     let padded = row_words * lanes;
     let quantized = cfg.storage == STORAGE_INT8 || cfg.storage == STORAGE_INT4;
 
-    let kv_head = CUBE_POS_Y;
+    // `heads_per_cube` KV heads share the cube, each `units_per_head` consecutive units.
+    let units_per_head = CUBE_DIM / heads_per_cube;
+    let kv_head = CUBE_POS_Y * heads_per_cube + UNIT_POS / units_per_head;
+    let head_unit = UNIT_POS % units_per_head;
     let batch = CUBE_POS_Z % batch_size;
     let split = CUBE_POS_Z / batch_size;
     let first_query = CUBE_POS_X * lq_tile;
@@ -192,7 +204,7 @@ pub fn paged_decode<F: Float>(
     let mut acc = Array::<f32>::new(rows * padded);
     #[unroll]
     for r in 0..rows {
-        let row = UNIT_POS * rows as u32 + r as u32;
+        let row = head_unit * rows as u32 + r as u32;
         let h = kv_head * cfg.group as u32 + row / lq_tile;
         // A row past the last query computes a copy of it (in bounds), which is never written.
         let qi = first_query + row % lq_tile;
