@@ -4,6 +4,7 @@
 //!
 //! Run: `cargo bench --profile dev --bench jit` (the dev profile shares the test build).
 //! `GQA_JIT_LEN` sets Lq = Lk (default 64); `GQA_JIT_ONLY=text` runs the specs whose label has it.
+//! The device is `CubeDevice::untuned` (the suites' tile, `ForwardTile::untuned`).
 //! Mesa caches compiled shaders (`~/.cache/mesa_shader_cache`): measure compile times with
 //! `MESA_SHADER_CACHE_DISABLE=true`.
 
@@ -41,7 +42,9 @@ fn time_forward(device: &CubeDevice, spec: &AttentionSpec, len: usize) -> (f64, 
 }
 
 fn main() {
-    let device = CubeDevice::try_default().expect("a cubecl device");
+    // Untuned: one compile per specialisation, as the kernel suites pay (autotune's first
+    // launch of a key would compile and time every candidate tile).
+    let device = CubeDevice::try_default().expect("a cubecl device").untuned();
     let len = env_usize("GQA_JIT_LEN", 64);
     println!("device: {}; Lq = Lk = {len}", device.name());
     println!("{:<34} {:>12} {:>12}", "spec", "first (s)", "second (s)");
