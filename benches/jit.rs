@@ -4,20 +4,23 @@
 //!
 //! Run: `cargo bench --profile dev --bench jit` (the dev profile shares the test build).
 //! `GQA_JIT_LEN` sets Lq = Lk (default 64); `GQA_JIT_ONLY=text` runs the specs whose label has it.
-//! The device is `CubeDevice::untuned` (the suites' tile, `ForwardTile::untuned`).
+//! The device is `CubeDevice::untuned` (the suites' tile, `ForwardTile::untuned`);
+//! `GQA_JIT_TILES=4x8p,8x4u` compiles and runs each spec with each of these tiles instead
+//! (rows x keys per block, then `p` for plane loads or `u` for uniform ones), and `GQA_JIT_RUNS` (default 1) launches after the first, the fastest
+//! printed: a tile's compile cost beside its run time, in one run.
 //! Mesa caches compiled shaders (`~/.cache/mesa_shader_cache`): measure compile times with
 //! `MESA_SHADER_CACHE_DISABLE=true`.
 
 use std::time::Instant;
 
-use gqa::cube::CubeDevice;
+use gqa::cube::{CubeDevice, ForwardTile, KvLoads};
 use gqa::{AttentionSpec, Gqa};
 use ndarray::Array4;
 
 mod common;
 use common::env_usize;
 
-fn time_forward(device: &CubeDevice, spec: &AttentionSpec, len: usize) -> (f64, f64) {
+fn time_forward(device: &CubeDevice, spec: &AttentionSpec, len: usize, runs: usize) -> (f64, f64) {
     let (hq, hkv, d) = (spec.q_heads(), spec.kv_heads(), spec.head_dim());
     let q =
         Array4::<f32>::from_shape_fn((1, hq, len, d), |(_, h, s, c)| ((h + s + c) as f32).sin());
@@ -28,7 +31,7 @@ fn time_forward(device: &CubeDevice, spec: &AttentionSpec, len: usize) -> (f64, 
         device.try_upload(q.view()).unwrap(),
         device.try_upload(k.view()).unwrap(),
     );
-    let mut times = [0.0; 2];
+    let mut times = vec![0.0; 1 + runs.max(1)];
     for time in &mut times {
         let start = Instant::now();
         let out = device
@@ -38,16 +41,47 @@ fn time_forward(device: &CubeDevice, spec: &AttentionSpec, len: usize) -> (f64, 
         drop(out);
         *time = start.elapsed().as_secs_f64();
     }
-    (times[0], times[1])
+    let fastest = times[1..].iter().copied().fold(f64::INFINITY, f64::min);
+    (times[0], fastest)
 }
 
 fn main() {
     // Untuned: one compile per specialisation, as the kernel suites pay (autotune's first
     // launch of a key would compile and time every candidate tile).
-    let device = CubeDevice::try_default().expect("a cubecl device").untuned();
+    let device = CubeDevice::try_default()
+        .expect("a cubecl device")
+        .untuned();
     let len = env_usize("GQA_JIT_LEN", 64);
+    let runs = env_usize("GQA_JIT_RUNS", 1);
+    let tiles: Vec<Option<ForwardTile>> = match std::env::var("GQA_JIT_TILES") {
+        Ok(list) => list
+            .split(',')
+            .map(|tile| {
+                let tile = tile.trim();
+                let (sizes, loads) = match tile.as_bytes().last() {
+                    Some(b'p') => (&tile[..tile.len() - 1], KvLoads::Plane),
+                    Some(b'u') => (&tile[..tile.len() - 1], KvLoads::Uniform),
+                    _ => panic!("GQA_JIT_TILES: {tile:?} does not end in p or u"),
+                };
+                let parsed = sizes
+                    .split_once('x')
+                    .and_then(|(r, n)| Some((r.parse().ok()?, n.parse().ok()?)));
+                let (rows, block_n) = parsed
+                    .unwrap_or_else(|| panic!("GQA_JIT_TILES: {tile:?} is not ROWSxKEYS[p|u]"));
+                Some(ForwardTile {
+                    rows,
+                    block_n,
+                    loads,
+                })
+            })
+            .collect(),
+        Err(_) => vec![None],
+    };
     println!("device: {}; Lq = Lk = {len}", device.name());
-    println!("{:<34} {:>12} {:>12}", "spec", "first (s)", "second (s)");
+    println!(
+        "{:<34} {:>6} {:>12} {:>12}",
+        "spec", "tile", "first (s)", "fastest (s)"
+    );
     let specs: [(&str, AttentionSpec); 6] = [
         (
             "GQA 32/8/128 causal",
@@ -70,7 +104,17 @@ fn main() {
         if only.as_deref().is_some_and(|o| !label.contains(o)) {
             continue;
         }
-        let (first, second) = time_forward(&device, &spec, len);
-        println!("{label:<34} {first:>12.2} {second:>12.3}");
+        for tile in &tiles {
+            let fresh = CubeDevice::try_default()
+                .expect("a cubecl device")
+                .untuned();
+            let device = match tile {
+                Some(tile) => fresh.try_with_forward_tile(*tile).expect("tile"),
+                None => fresh,
+            };
+            let (first, fastest) = time_forward(&device, &spec, len, runs);
+            let tile = tile.map_or("untuned".to_string(), |t| t.to_string());
+            println!("{label:<34} {tile:>6} {first:>12.2} {fastest:>12.3}");
+        }
     }
 }

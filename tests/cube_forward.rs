@@ -23,7 +23,7 @@ use common::cube::{cases, device};
 use common::forward::{self, Variant};
 use common::runner::{self, Persist};
 use common::*;
-use gqa::cube::{CubeDevice, CubeElement, ForwardTile};
+use gqa::cube::{CubeDevice, CubeElement, ForwardTile, KvLoads};
 use gqa::{AttentionSpec, DType, Error, Mask};
 use half::f16;
 use ndarray::Array4;
@@ -72,30 +72,48 @@ for_each_config!(kernel_tests);
 
 /// The untuned tile is what every test above runs; these run the kernel cut otherwise — one row
 /// and one key per unit, a tile that divides neither the head dims nor the lengths, and every
-/// tile autotune times (at head dims up to 128; above, the same shapes with fewer rows) — over
-/// every mask side, softcap and ALiBi (`Variant::Everything`, f16) and with none.
+/// tile autotune times (at head dims up to 128; above, the same shapes with fewer rows), with
+/// each way of loading K and V the device runs — over every mask side, softcap and ALiBi
+/// (`Variant::Everything`, f16) and with none. The configurations include a group of 3 (plane
+/// loads pad its cube with units that own no rows) and head dims of 5 and 12 (padded to whole
+/// chunks of 8 channels).
 #[test]
 fn every_forward_tile_matches_the_oracle() {
-    let Some(_) = device() else { return };
-    let mut tiles = vec![
-        ForwardTile {
+    let Some(device) = device() else { return };
+    let mut loads = vec![KvLoads::Uniform];
+    if device.plane_loads() {
+        loads.push(KvLoads::Plane);
+    } else {
+        eprintln!(
+            "{}: plane loads do not run here; only uniform tiles tested",
+            device.name()
+        );
+    }
+    let mut tiles = Vec::new();
+    for loads in loads {
+        tiles.push(ForwardTile {
             rows: 1,
             block_n: 1,
-        },
-        ForwardTile {
+            loads,
+        });
+        tiles.push(ForwardTile {
             rows: 3,
             block_n: 5,
-        },
-    ];
-    tiles.extend(ForwardTile::candidates(64));
+            loads,
+        });
+    }
+    tiles.extend(
+        ForwardTile::candidates(64)
+            .into_iter()
+            .filter(|tile| tile.loads == KvLoads::Uniform || device.plane_loads()),
+    );
     for tile in tiles {
-        let ForwardTile { rows, block_n } = tile;
         let tiled = CubeDevice::try_default()
             .and_then(|device| device.try_with_forward_tile(tile))
             .expect("the device again, with a tile");
         assert_eq!(tiled.pinned_forward_tile(), Some(tile));
-        for config in [(4, 2, 8), (3, 1, 5), (8, 2, 64)] {
-            let test = format!("every_forward_tile_matches_the_oracle/{rows}x{block_n}/{config:?}");
+        for config in [(4, 2, 8), (3, 1, 5), (6, 2, 12), (8, 2, 64)] {
+            let test = format!("every_forward_tile_matches_the_oracle/{tile}/{config:?}");
             forward::run_variant::<f32, CubeDevice>(
                 &tiled,
                 (&test, cases()),
@@ -111,6 +129,22 @@ fn every_forward_tile_matches_the_oracle() {
                 config,
             );
         }
+    }
+}
+
+/// lavapipe's subgroup broadcasts work, so the probe run when a device opens must find plane
+/// loads there, and the untuned tile must use them: were the probe to stop finding so, every
+/// launch would fall back to uniform loads, twice as slow there, and no other test would notice.
+#[test]
+fn lavapipe_runs_plane_loads() {
+    let Some(device) = device() else { return };
+    if !device.name().contains("llvmpipe") {
+        eprintln!("{}: not lavapipe; nothing to check", device.name());
+        return;
+    }
+    assert!(device.plane_loads(), "{}", device.name());
+    for head_dim in [1, 64, 128, 256] {
+        assert_eq!(device.untuned_forward_tile(head_dim).loads, KvLoads::Plane);
     }
 }
 
@@ -178,7 +212,11 @@ fn forward_into_reused_outputs_equals_forward() {
 fn a_forward_tile_out_of_range_is_refused() {
     let Some(_) = device() else { return };
     for (rows, block_n) in [(0, 4), (4, 0), (17, 4), (4, 17)] {
-        let tile = ForwardTile { rows, block_n };
+        let tile = ForwardTile {
+            rows,
+            block_n,
+            loads: KvLoads::Uniform,
+        };
         let refused = CubeDevice::try_default()
             .unwrap()
             .try_with_forward_tile(tile);
@@ -237,6 +275,7 @@ fn autotune_settles_on_a_candidate_that_matches_the_oracle() {
             device.try_with_forward_tile(ForwardTile {
                 rows: 2,
                 block_n: 4,
+                loads: KvLoads::Uniform,
             })
         })
         .unwrap();

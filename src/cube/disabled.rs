@@ -46,6 +46,12 @@ impl Device {
     pub fn set_untuned(&mut self) {
         match *self {}
     }
+    pub fn plane_loads(&self) -> bool {
+        match *self {}
+    }
+    pub fn untuned_forward_tile(&self, _: usize) -> super::ForwardTile {
+        match *self {}
+    }
     pub fn tuned_forward_tile<T>(
         &self,
         _: &AttentionSpec,

@@ -82,17 +82,30 @@ impl CubeDevice {
     /// The tile every forward launch on this device uses, if one was pinned with
     /// [`CubeDevice::try_with_forward_tile`]. Without one, each launch uses the tile autotune
     /// measured fastest for its problem ([`CubeDevice::tuned_forward_tile`]), or
-    /// [`ForwardTile::untuned`] on a device made [`CubeDevice::untuned`].
+    /// [`CubeDevice::untuned_forward_tile`] on a device made [`CubeDevice::untuned`].
     pub fn pinned_forward_tile(&self) -> Option<ForwardTile> {
         self.inner.pinned_forward_tile()
     }
 
     /// This device with the forward kernel's tile chosen without measuring
-    /// ([`ForwardTile::untuned`]): one compile per specialisation and no timing on a key's
-    /// first launch. The kernel suites run so; serving code wants the autotuned default.
+    /// ([`CubeDevice::untuned_forward_tile`]): one compile per specialisation and no timing on
+    /// a key's first launch. The kernel suites run so; serving code wants the autotuned default.
     pub fn untuned(mut self) -> CubeDevice {
         self.inner.set_untuned();
         self
+    }
+
+    /// The tile used without measuring at `head_dim`: [`ForwardTile::untuned`] with
+    /// [`KvLoads::Plane`] where this device runs plane loads, else with [`KvLoads::Uniform`].
+    pub fn untuned_forward_tile(&self, head_dim: usize) -> ForwardTile {
+        self.inner.untuned_forward_tile(head_dim)
+    }
+
+    /// Whether forward tiles with [`KvLoads::Plane`] run on this device: its planes have at
+    /// least 8 lanes, and a probe kernel, run when the device was opened, found their
+    /// broadcasts right.
+    pub fn plane_loads(&self) -> bool {
+        self.inner.plane_loads()
     }
 
     /// The tile autotune settled on for a forward of `spec` over `T` with these sizes (their
@@ -397,43 +410,67 @@ impl std::fmt::Debug for CubeDevice {
 }
 
 /// How the forward kernel cuts its work: each unit owns `rows` consecutive query rows of one
-/// query head and scores `block_n` keys per register block (see the kernel's docs in
-/// `src/cube/kernels/forward.rs`).
+/// query head and scores `block_n` keys per register block, and K and V reach the units as
+/// `loads` says (see the kernel's docs in `src/cube/kernels/forward.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ForwardTile {
     pub rows: usize,
     pub block_n: usize,
+    pub loads: KvLoads,
+}
+
+/// How the forward kernel's units get the K and V elements every one of them needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KvLoads {
+    /// Every unit loads every element, at the same address across the cube: one broadcast load
+    /// on a GPU.
+    Uniform,
+    /// The lanes of a plane (SIMD group, warp) load 8 consecutive channels of a key, one each,
+    /// and hand them to each other with plane broadcasts: each element is loaded once per plane.
+    /// What pays on a device whose every load is per lane whatever its address (lavapipe: a
+    /// loop over the SIMD lanes, for a uniform address too). It runs where the device's planes
+    /// have at least 8 lanes and a probe found their broadcasts right
+    /// ([`CubeDevice::plane_loads`]); elsewhere a tile with it is [`Error::DeviceLimit`].
+    Plane,
 }
 
 impl ForwardTile {
     /// The largest `rows` and `block_n` accepted.
     pub const MAX: usize = 16;
 
-    /// The tile used without measuring ([`CubeDevice::untuned`]): 8 rows per unit up to head
-    /// dim 128 (fewer above, so that a unit's query rows hold about 512 values), 4 keys per
-    /// block. More rows feed more FMAs from each K/V load but compile longer: lavapipe's compile
-    /// time grows with `rows · head_dim`. Measured on lavapipe, GQA 32/8/128 unmasked, L 512
-    /// (`cargo bench --profile dev --bench jit`): 4 rows 0.60 s (compile 5.6 s), 8 rows 0.37 s
-    /// (12.8 s).
-    pub fn untuned(head_dim: usize) -> ForwardTile {
-        let rows = if head_dim <= 128 {
-            8
-        } else {
-            (512 / head_dim).max(1)
+    /// The tile used without measuring ([`CubeDevice::untuned`]; the device picks `loads`:
+    /// [`KvLoads::Plane`] where it runs). More rows feed more FMAs from each K/V element loaded
+    /// but compile longer: lavapipe's compile time grows with `rows · head_dim`.
+    ///
+    /// - Plane loads: 4 rows per unit up to head dim 128 (fewer above, about 512 query values
+    ///   per unit), 8 keys per block. Measured on lavapipe, GQA 32/8/128 unmasked, L 512
+    ///   (`GQA_JIT_TILES=... cargo bench --profile dev --bench jit`): 4x8 0.170 s (compile
+    ///   5.9 s), 8x8 0.149 s (15.8 s), 2x16 0.195 s (2.9 s); uniform 8x4 0.366 s (12.7 s).
+    /// - Uniform loads: 8 rows up to head dim 128 (fewer above), 4 keys per block; on lavapipe
+    ///   4 rows took 0.49 s and 8 rows 0.366 s in the same run.
+    pub fn untuned(head_dim: usize, loads: KvLoads) -> ForwardTile {
+        let (rows, block_n) = match loads {
+            KvLoads::Plane => (4.min(512 / head_dim).max(1), 8),
+            KvLoads::Uniform => (8.min(512 / head_dim).max(1), 4),
         };
-        ForwardTile { rows, block_n: 4 }
+        ForwardTile {
+            rows,
+            block_n,
+            loads,
+        }
     }
 
-    /// The tiles autotune times at `head_dim`, the untuned one first: it and the tiles of half
-    /// and a quarter of its rows (at least one), 4 keys per block.
+    /// The tiles autotune times at `head_dim`: the untuned tile with plane loads and one of
+    /// twice its rows, then the untuned tile with uniform loads. A device skips the ones it
+    /// cannot run (plane loads where they do not run).
     pub fn candidates(head_dim: usize) -> Vec<ForwardTile> {
-        let untuned = ForwardTile::untuned(head_dim);
-        let mut tiles = vec![untuned];
-        for rows in [untuned.rows / 2, untuned.rows / 4] {
-            let tile = ForwardTile {
-                rows: rows.max(1),
-                ..untuned
-            };
+        let plane = ForwardTile::untuned(head_dim, KvLoads::Plane);
+        let more_rows = ForwardTile {
+            rows: (2 * plane.rows).min(ForwardTile::MAX),
+            ..plane
+        };
+        let mut tiles = vec![plane];
+        for tile in [more_rows, ForwardTile::untuned(head_dim, KvLoads::Uniform)] {
             if !tiles.contains(&tile) {
                 tiles.push(tile);
             }
@@ -443,8 +480,13 @@ impl ForwardTile {
 }
 
 impl std::fmt::Display for ForwardTile {
+    /// `4x8p`: rows × keys per block, then `p` for plane loads or `u` for uniform ones.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}x{}", self.rows, self.block_n)
+        let loads = match self.loads {
+            KvLoads::Plane => 'p',
+            KvLoads::Uniform => 'u',
+        };
+        write!(f, "{}x{}{loads}", self.rows, self.block_n)
     }
 }
 

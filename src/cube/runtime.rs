@@ -7,15 +7,16 @@ use std::sync::{Arc, Mutex};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use super::ForwardTile;
 use super::kernels::decode::{
     DecodeConfig, STORAGE_BF16, STORAGE_F16, STORAGE_F32, STORAGE_INT4, STORAGE_INT8, paged_decode,
     scatter_rows, stream_cache,
 };
 use super::kernels::forward::{KernelConfig, LaunchScalars, tile_forward};
 use super::kernels::merge::combine_splits;
+use super::kernels::probe::{PLANE_LOAD_LANES, plane_broadcast_probe};
 use super::kernels::products::RegisterProducts;
 use super::{DecodeInputs, ForwardCall};
+use super::{ForwardTile, KvLoads};
 use crate::cache::StorageKind;
 use crate::element::DType;
 use crate::error::{Error, Result};
@@ -40,6 +41,8 @@ pub struct Device {
     /// Two one-word buffers bound as the partial outputs of launches that write none (an
     /// unsplit forward or decode): allocated once, never written.
     scratch: (Buffer, Buffer),
+    /// Whether the forward kernel's plane loads run here ([`probe_plane_loads`]).
+    plane_loads: bool,
 }
 
 /// How many launch constants a device keeps (each a few words to a few hundred).
@@ -54,8 +57,10 @@ impl Device {
         let client = device.client();
         let adapter = client.properties().identity.name.clone();
         let name = format!("{adapter} ({device:?})");
+        let plane_loads = probe_plane_loads(&client);
         Ok(Device {
             name,
+            plane_loads,
             key: Arc::new(()),
             tiles: TilePolicy::Autotune,
             constants: Mutex::new(HashMap::new()),
@@ -87,6 +92,22 @@ impl Device {
 
     pub fn set_untuned(&mut self) {
         self.tiles = TilePolicy::Untuned;
+    }
+
+    /// Whether forward tiles with [`KvLoads::Plane`] run here.
+    pub fn plane_loads(&self) -> bool {
+        self.plane_loads
+    }
+
+    /// The tile used without measuring: [`ForwardTile::untuned`] with plane loads where they
+    /// run, uniform loads elsewhere.
+    pub fn untuned_forward_tile(&self, head_dim: usize) -> ForwardTile {
+        let loads = if self.plane_loads {
+            KvLoads::Plane
+        } else {
+            KvLoads::Uniform
+        };
+        ForwardTile::untuned(head_dim, loads)
     }
 
     pub fn tuned_forward_tile<T: KernelElement>(
@@ -247,7 +268,7 @@ impl Device {
         match self.tiles {
             TilePolicy::Pinned(tile) => self.forward_tiled::<T>(&call, tile),
             TilePolicy::Untuned => {
-                self.forward_tiled::<T>(&call, ForwardTile::untuned(call.spec.head_dim()))
+                self.forward_tiled::<T>(&call, self.untuned_forward_tile(call.spec.head_dim()))
             }
             TilePolicy::Autotune => super::tune::forward::<T>(self, call),
         }
@@ -279,7 +300,7 @@ impl Device {
             let partial = (splits * rows * spec.head_dim()).checked_mul(size_of::<f32>());
             self.check_buffer(op, partial.unwrap_or(usize::MAX))?;
         }
-        let block_m = plan.head_units * config.rows;
+        let block_m = config.head_units * config.rows;
         Ok(ForwardLaunch {
             config,
             splits,
@@ -289,7 +310,7 @@ impl Device {
                 [seq_q.div_ceil(block_m), spec.kv_heads(), splits * batch],
             )?,
             combine_cubes: self.grid_1d(op, rows.div_ceil(64))?,
-            units: CubeDim::new_1d((plan.head_units * config.group) as u32),
+            units: CubeDim::new_1d(plan.units as u32),
         })
     }
 
@@ -378,17 +399,20 @@ impl Device {
         if !self.name.contains("llvmpipe") {
             return whole;
         }
-        // Run-time loop iterations: loading q and writing o, `rows · head_dim` each; per key
-        // block, the two head-dim loops of `head_dim / chunk` iterations and the block loop's own.
-        let fixed = 2 * config.rows * config.head_dim + 16;
-        let per_block = 2 * (config.head_dim / config.chunk) + 1;
+        // Run-time loop iterations: loading q and writing o, `rows · padded_dim` each; per key
+        // block, the two head-dim loops of `padded_dim / chunk` iterations and the block loop's
+        // own.
+        let fixed = 2 * config.rows * config.padded_dim + 16;
+        let per_block = 2 * (config.padded_dim / config.chunk) + 1;
         let blocks = (60_000usize.saturating_sub(fixed) / per_block).max(1);
         (blocks * config.block_n).min(whole)
     }
 
     /// The forward kernel's tiles for `spec` on this device. A unit owns `rows` query rows of
     /// one head and scores `block_n` keys at a time; `head_units` units per query head make a
-    /// cube of `group · head_units` units, about one plane (SIMD group) or more.
+    /// cube of `group · head_units` units, about one plane (SIMD group) or more. Plane loads
+    /// pad the cube to whole planes (the extra units load their share of K and V and write
+    /// nothing) and the head dim to whole chunks of [`PLANE_LOAD_LANES`] channels.
     fn forward_plan(
         &self,
         op: &'static str,
@@ -408,22 +432,54 @@ impl Device {
                 ),
             });
         }
-        let ForwardTile { rows, block_n } = tile;
+        let ForwardTile {
+            rows,
+            block_n,
+            loads,
+        } = tile;
         let plane = (hardware.plane_size_max as usize).max(1);
         let head_units = (plane / group).clamp(1, max_units / group);
-        let chunk = [4, 2, 1]
-            .into_iter()
-            .find(|c| head_dim.is_multiple_of(*c))
-            .expect("1 divides every head dim");
+        let plane_loads = loads == KvLoads::Plane;
+        let (chunk, units) = if plane_loads {
+            if !self.plane_loads {
+                return Err(Error::DeviceLimit {
+                    op,
+                    reason: format!(
+                        "the forward tile {tile} loads K and V through plane broadcasts, which {} does not run (use uniform loads)",
+                        self.name
+                    ),
+                });
+            }
+            let units = (group * head_units).next_multiple_of(plane);
+            if units > max_units {
+                return Err(Error::DeviceLimit {
+                    op,
+                    reason: format!(
+                        "plane loads for a KV group of {group} query heads need {units} units per cube (whole planes of {plane}); {} allows {max_units}",
+                        self.name
+                    ),
+                });
+            }
+            (PLANE_LOAD_LANES as usize, units)
+        } else {
+            let chunk = [4, 2, 1]
+                .into_iter()
+                .find(|c| head_dim.is_multiple_of(*c))
+                .expect("1 divides every head dim");
+            (chunk, group * head_units)
+        };
         let mask = spec.mask();
         Ok(ForwardPlan {
-            head_units,
+            units,
             config: KernelConfig {
                 head_dim,
                 group,
                 rows,
                 block_n,
                 chunk,
+                padded_dim: head_dim.next_multiple_of(chunk),
+                head_units,
+                plane_loads,
                 left_bounded: mask.left().is_some(),
                 right_bounded: mask.right().is_some(),
                 softcap: spec.softcap().is_some(),
@@ -456,11 +512,11 @@ struct ForwardLaunch {
     units: CubeDim,
 }
 
-/// How a forward launch is cut: the kernel's configuration and the units per query head.
+/// How a forward launch is cut: the kernel's configuration and the units per cube.
 #[derive(Clone, Copy, Debug)]
 struct ForwardPlan {
     config: KernelConfig,
-    head_units: usize,
+    units: usize,
 }
 
 impl Device {
@@ -772,6 +828,39 @@ fn decode_unit_rows(cube_rows: usize, plane: usize) -> usize {
         .into_iter()
         .find(|&r| cube_rows.is_multiple_of(r) && cube_rows / r >= plane.max(1))
         .unwrap_or(1)
+}
+
+/// Whether `client`'s device runs the forward kernel's plane loads: its planes have at least
+/// [`PLANE_LOAD_LANES`] lanes, and [`plane_broadcast_probe`], launched on a cube of two planes,
+/// finds every broadcast right. cubecl's own plane feature flag is not asked: it is off for CPU
+/// adapters such as lavapipe, whose subgroup broadcasts work (and are what makes plane loads
+/// pay there). A probe that fails to compile or to run means no.
+fn probe_plane_loads(client: &Client) -> bool {
+    let hardware = &client.properties().hardware;
+    let (min, max) = (hardware.plane_size_min, hardware.plane_size_max);
+    if min < PLANE_LOAD_LANES || !max.is_multiple_of(PLANE_LOAD_LANES) {
+        return false;
+    }
+    let units = (2 * max).min(hardware.max_units_per_cube);
+    if units < max {
+        return false;
+    }
+    let out = client.empty(units as usize * size_of::<u32>());
+    // SAFETY: one cube of `units` units, each writing its own element of `out` (`units` words).
+    unsafe {
+        plane_broadcast_probe::launch(
+            client,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(units),
+            BufferArg::from_raw_parts(out.clone(), units as usize),
+        );
+    }
+    match client.read_one(out) {
+        Ok(bytes) => u32::from_bytes(&bytes)[..units as usize]
+            .iter()
+            .all(|&ok| ok == 1),
+        Err(_) => false,
+    }
 }
 
 /// `buffer` as a kernel argument (a zero-length buffer binds its one placeholder element).

@@ -7,11 +7,12 @@
 //! (batch, KV head) cubes, each rounded up to the next power of two. One device's results are
 //! kept apart from another's (the tuner is per adapter name).
 //!
-//! **Candidates.** [`ForwardTile::candidates`]: the untuned rule's tile and tiles of fewer rows
-//! per unit (shorter queries waste less of a large tile; a smaller tile compiles faster, which
-//! is what it costs on lavapipe: about 4, 6 and 13 s for 2, 4 and 8 rows at head dim 128).
-//! A candidate the host refuses for a problem (a grid the device cannot dispatch) is not timed;
-//! when none is left the untuned tile's own error is returned.
+//! **Candidates.** [`ForwardTile::candidates`]: the untuned tile with plane loads, one of twice
+//! its rows, and the untuned tile with uniform loads (which a GPU that broadcasts uniform loads
+//! may prefer). Each costs a compile on a key's first launch: on lavapipe about 6, 16 and 13 s
+//! at head dim 128. A candidate the host refuses for a problem or device (a grid the device
+//! cannot dispatch, plane loads where they do not run) is not timed; when none is left the
+//! device's untuned tile's own error is returned.
 //!
 //! **Errors.** cubecl's tuner panics if the tile it chose then fails on the call it was timed
 //! on. Host-side checks are deterministic, so that cannot happen here: every candidate is
@@ -99,7 +100,7 @@ pub(super) fn forward<T: KernelElement>(device: &Device, call: ForwardCall<'_>) 
         return device.forward_tiled::<T>(&call, tile);
     }
     let head_dim = call.spec.head_dim();
-    let untuned = ForwardTile::untuned(head_dim);
+    let untuned = device.untuned_forward_tile(head_dim);
     let fit: Vec<ForwardTile> = ForwardTile::candidates(head_dim)
         .into_iter()
         .filter(|&tile| device.check_forward_tile(&call, tile).is_ok())

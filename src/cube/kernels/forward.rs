@@ -67,8 +67,19 @@ pub struct KernelConfig {
     pub rows: usize,
     /// Keys per register block.
     pub block_n: usize,
-    /// Channels per iteration of the head-dim loops (unrolled; divides `head_dim`).
+    /// Channels per iteration of the head-dim loops (unrolled; divides `padded_dim`).
     pub chunk: usize,
+    /// `head_dim` rounded up to a multiple of `chunk`: the length of a unit's query rows and
+    /// accumulators (the channels past `head_dim` hold zeros in the query rows, so they add
+    /// nothing to a score, and are never written out).
+    pub padded_dim: usize,
+    /// Units per query head; the cube's first `group · head_units` units own query rows.
+    pub head_units: usize,
+    /// How K and V reach the units ([`super::products::RegisterProducts`]): `false`, every
+    /// unit loads every element (one address across the cube); `true`, the lanes of a plane
+    /// load `chunk` consecutive channels, one each, and hand them to each other with
+    /// `plane_broadcast` (see the module docs).
+    pub plane_loads: bool,
     /// The mask bounds keys before the diagonal (`diag - left <= j`).
     pub left_bounded: bool,
     /// The mask bounds keys after the diagonal (`j <= diag + right`; causal is `right = 0`).
@@ -133,14 +144,17 @@ pub fn tile_forward<F: Float, P: TileProducts>(
 ) {
     let rows = cfg.rows;
     let block_n = cfg.block_n;
-    let head_units = CUBE_DIM / cfg.group as u32;
+    let head_units = cfg.head_units as u32;
     let block_m = head_units * rows as u32;
 
     let q_tile = CUBE_POS_X;
     let kv_head = CUBE_POS_Y;
     let batch = CUBE_POS_Z % batch_size;
     let split = CUBE_POS_Z / batch_size;
-    let head = kv_head * cfg.group as u32 + UNIT_POS / head_units;
+    // Units past the group's (a cube padded to whole planes for plane loads) repeat the last
+    // head's rows, load their share of K and V, and write nothing.
+    let owner = UNIT_POS < cfg.group as u32 * head_units;
+    let head = kv_head * cfg.group as u32 + min(UNIT_POS / head_units, cfg.group as u32 - 1);
     let row0 = q_tile * block_m + (UNIT_POS % head_units) * rows as u32;
 
     // The band of keys any row of this cube may see, and which keys are inside it for every row
@@ -272,7 +286,7 @@ pub fn tile_forward<F: Float, P: TileProducts>(
     #[unroll]
     for i in 0..rows {
         let row = row0 + i as u32;
-        if row < seq_q {
+        if owner && row < seq_q {
             let out_row = ((batch * q_heads + head) * seq_q + row) as usize;
             P::write::<F>(
                 &tile,

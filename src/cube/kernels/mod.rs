@@ -6,9 +6,11 @@
 //! - [`products`]: the forward kernel's two tile products behind a trait (the matrix-core seam).
 //! - [`merge`]: writing finished rows and merging key splits (shared by both).
 //! - [`math`]: ulp-accurate `exp`, `ln`, `tanh`, and the sentinels WGSL needs.
+//! - [`probe`]: tiny kernels that check what a device does (plane broadcasts).
 
 pub mod decode;
 pub mod forward;
 pub mod math;
 pub mod merge;
+pub mod probe;
 pub mod products;

@@ -101,14 +101,19 @@ impl TileProducts for RegisterProducts {
         #[comptime] cfg: KernelConfig,
     ) -> RegisterTile {
         let dim = cfg.head_dim;
+        let padded = cfg.padded_dim;
         let mut q_reg = Sequence::<Array<f32>>::new();
         let mut acc = Sequence::<Array<f32>>::new();
         #[unroll]
         for i in 0..cfg.rows {
-            let mut q_row = Array::<f32>::new(dim);
-            let mut acc_row = Array::<f32>::new(dim);
-            for d in 0..dim {
-                q_row[d] = f32::cast_from(q[(q_at[i] + d as u32 * q_d) as usize]);
+            let mut q_row = Array::<f32>::new(padded);
+            let mut acc_row = Array::<f32>::new(padded);
+            for d in 0..padded {
+                let mut x = 0.0f32;
+                if d < dim {
+                    x = f32::cast_from(q[(q_at[i] + d as u32 * q_d) as usize]);
+                }
+                q_row[d] = x;
                 acc_row[d] = 0.0f32;
             }
             q_reg.push(q_row);
@@ -136,7 +141,7 @@ impl TileProducts for RegisterProducts {
             s[x] = 0.0f32;
         }
         // Per channel, `block_n` loads feed `rows · block_n` FMAs.
-        for c in 0..cfg.head_dim / chunk {
+        for c in 0..cfg.padded_dim / chunk {
             load_chunk::<F>(k, k_at, k_d, c, &mut tile.kv, cfg);
             #[unroll]
             for i in 0..cfg.rows {
@@ -166,7 +171,7 @@ impl TileProducts for RegisterProducts {
         let block_n = cfg.block_n;
         // Per channel, `block_n` loads of V feed `rows · block_n` FMAs; the rescale by α is
         // folded in (one read and one write of the accumulator per block).
-        for c in 0..cfg.head_dim / chunk {
+        for c in 0..cfg.padded_dim / chunk {
             load_chunk::<F>(v, v_at, v_d, c, &mut tile.kv, cfg);
             #[unroll]
             for i in 0..cfg.rows {
@@ -221,7 +226,18 @@ impl TileProducts for RegisterProducts {
 }
 
 /// Channels `c·chunk..(c + 1)·chunk` of the block's `block_n` key (or value) rows, whose offsets
-/// in `x` are `at`, into `kv[j·chunk + e]` as f32: the uniform loads both products share.
+/// in `x` are `at`, into `kv[j·chunk + e]` as f32: the loads both products share. Channels past
+/// the head dim (the last chunk of a padded row) read the row's last channel, in bounds; the
+/// query's zeros cancel them in `S`, and their accumulators are never written.
+///
+/// - Uniform loads: every unit loads all `block_n · chunk` elements, at the same addresses
+///   across the cube (a GPU broadcasts such a load).
+/// - Plane loads (`cfg.plane_loads`): lane `p` of each plane loads channel `c·chunk + p` of each
+///   of the block's keys, and `plane_broadcast` hands lane `e`'s value to every lane. A device
+///   whose loads are per-lane scalar loads whatever their addresses (lavapipe: a loop over its
+///   8 lanes for every load) then issues `1 / chunk` as many; the host launches this only where
+///   it verified that the device's planes broadcast (`Device::plane_broadcast_works`), with
+///   `chunk` no more than a plane's lanes and whole planes per cube.
 #[cube]
 fn load_chunk<F: Float>(
     x: &[F],
@@ -232,12 +248,32 @@ fn load_chunk<F: Float>(
     #[comptime] cfg: KernelConfig,
 ) {
     let chunk = cfg.chunk;
-    #[unroll]
-    for e in 0..chunk {
-        let d = (c * chunk + e) as u32;
+    let last = cfg.head_dim as u32 - 1;
+    let padded = cfg.padded_dim > cfg.head_dim;
+    if cfg.plane_loads {
+        let mut d = c as u32 * chunk as u32 + UNIT_POS_PLANE % chunk as u32;
+        if padded {
+            d = min(d, last);
+        }
         #[unroll]
         for j in 0..cfg.block_n {
-            kv[j * chunk + e] = f32::cast_from(x[(at[j] + d * stride_d) as usize]);
+            let mine = f32::cast_from(x[(at[j] + d * stride_d) as usize]);
+            #[unroll]
+            for e in 0..chunk {
+                kv[j * chunk + e] = plane_broadcast(mine, e as u32);
+            }
+        }
+    } else {
+        #[unroll]
+        for e in 0..chunk {
+            let mut d = (c * chunk + e) as u32;
+            if padded {
+                d = min(d, last);
+            }
+            #[unroll]
+            for j in 0..cfg.block_n {
+                kv[j * chunk + e] = f32::cast_from(x[(at[j] + d * stride_d) as usize]);
+            }
         }
     }
 }
