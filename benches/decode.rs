@@ -10,7 +10,14 @@
 //! then the median time of a kernel that only reads the same cache bytes once
 //! (`CubeDevice::try_stream_cache`, alternating with the decodes) and decode's time over it (the
 //! issue's target: within 2x). Measured in one run; the caches are built and uploaded, and the
-//! outputs allocated, outside the timed region (`try_decode_into`).
+//! outputs allocated, outside the timed region (`try_decode_into`). `first ms` is the first,
+//! untimed decode of a row: on lavapipe mostly the kernel's compile, where the row is the first
+//! of its specialisation (measure it with `MESA_SHADER_CACHE_DISABLE=true`).
+//!
+//! `GQA_DECODE_LAYOUTS` (default `plane,unit` where the device runs the plane decode kernel):
+//! the decode layouts timed, each over every row — `plane`, lanes across the head dim, and
+//! `unit`, rows per unit (`CubeDevice::with_unit_decode`). `GQA_DECODE_STORES` (default
+//! `f32,f16,int8,int4`) the cache storages.
 //!
 //! A plain bench binary (no criterion): the figures are ratios within one run.
 
@@ -84,7 +91,7 @@ where
         Ok(start.elapsed().as_secs_f64())
     };
     // Compiles both kernels.
-    step(false)?;
+    let first = step(false)?;
     step(true)?;
     let (mut decode, mut stream) = (Vec::new(), Vec::new());
     for _ in 0..runs.max(1) {
@@ -96,6 +103,7 @@ where
         times[times.len() / 2]
     };
     Ok(Timed {
+        first,
         decode: median(decode),
         stream: median(stream),
         bytes,
@@ -105,30 +113,53 @@ where
 /// One row's figures: median seconds of a decode step and of the bytes-once read of the same
 /// cache rows ([`CubeDevice::try_stream_cache`]), and those bytes.
 struct Timed {
+    first: f64,
     decode: f64,
     stream: f64,
     bytes: usize,
 }
 
 fn main() {
-    let device = match CubeDevice::try_default() {
-        Ok(device) => device,
+    let open = || match CubeDevice::try_default() {
+        Ok(device) => Some(device),
         Err(error) => {
             eprintln!("no device for the decode benchmark: {error}");
-            return;
+            None
         }
     };
+    let Some(device) = open() else { return };
+    let default_layouts = if device.plane_decode_lanes().is_some() {
+        "plane,unit"
+    } else {
+        "unit"
+    };
+    let layouts = std::env::var("GQA_DECODE_LAYOUTS").unwrap_or(default_layouts.into());
+    let stores = std::env::var("GQA_DECODE_STORES").unwrap_or("f32,f16,int8,int4".into());
+    let stores: Vec<&str> = stores.split(',').map(str::trim).collect();
+    let mut devices = Vec::new();
+    for layout in layouts.split(',').map(str::trim) {
+        match layout {
+            "plane" if device.plane_decode_lanes().is_some() => {
+                devices.push(("plane", open().expect("the device again")))
+            }
+            "plane" => println!("plane decode does not run on {}", device.name()),
+            "unit" => devices.push(("unit", open().expect("the device again").with_unit_decode())),
+            other => panic!("GQA_DECODE_LAYOUTS: {other:?} is neither plane nor unit"),
+        }
+    }
     let runs = env_usize("GQA_BENCH_RUNS", 5);
     println!(
         "decode on {}: {HQ} query heads, D {D}, 1 query per sequence, causal, median of {runs}",
         device.name()
     );
     println!(
-        "{:<6} {:>6} {:>3} {:<9} {:>10} {:>12} {:>9} {:>14} {:>10} {:>9}",
+        "{:<6} {:<6} {:>6} {:>3} {:<9} {:>10} {:>10} {:>12} {:>9} {:>14} {:>10} {:>9}",
+        "layout",
         "store",
         "Lk",
         "B",
         "heads",
+        "first ms",
         "ms",
         "K/V MiB",
         "GB/s",
@@ -140,20 +171,22 @@ fn main() {
     // GPUs): decode's GB/s as a fraction of it follows each row.
     let peak = common::env_f64("GQA_PEAK_GBS");
     macro_rules! storage_rows {
-        ($storage:ty, $batch:expr, $len:expr) => {{
+        ($layout:expr, $device:expr, $storage:ty, $batch:expr, $len:expr) => {{
+            let (layout, device) = ($layout, $device);
             let name = <$storage as KvStorage>::KIND.name();
             let rows = [
-                ("MHA 32/32", time_decode::<32, $storage>(&device, $batch, $len, runs), 1),
-                ("GQA 32/8", time_decode::<8, $storage>(&device, $batch, $len, runs), 4),
-                ("MQA 32/1", time_decode::<1, $storage>(&device, $batch, $len, runs), 32),
+                ("MHA 32/32", time_decode::<32, $storage>(device, $batch, $len, runs), 1),
+                ("GQA 32/8", time_decode::<8, $storage>(device, $batch, $len, runs), 4),
+                ("MQA 32/1", time_decode::<1, $storage>(device, $batch, $len, runs), 32),
             ];
             let mha = rows[0].1.as_ref().ok().map(|r| r.decode);
             for (label, result, ideal) in rows {
                 match result {
                     Ok(t) => println!(
-                        "{name:<6} {:>6} {:>3} {label:<9} {:>10.3} {:>12.2} {:>9.2} {:>8} ({ideal}x) {:>10.3} {:>8.2}x{}",
+                        "{layout:<6} {name:<6} {:>6} {:>3} {label:<9} {:>10.1} {:>10.3} {:>12.2} {:>9.2} {:>8} ({ideal}x) {:>10.3} {:>8.2}x{}",
                         $len,
                         $batch,
+                        t.first * 1e3,
                         t.decode * 1e3,
                         t.bytes as f64 / (1 << 20) as f64,
                         t.bytes as f64 / t.decode / 1e9,
@@ -165,17 +198,26 @@ fn main() {
                             100.0 * t.bytes as f64 / t.decode / 1e9 / p
                         )),
                     ),
-                    Err(error) => println!("{name:<6} {:>6} {:>3} {label:<9} not run: {error}", $len, $batch),
+                    Err(error) => println!("{layout:<6} {name:<6} {:>6} {:>3} {label:<9} not run: {error}", $len, $batch),
                 }
             }
         }};
     }
     for len in lengths() {
         for batch in env_list("GQA_DECODE_BATCHES", &[1, 8]) {
-            storage_rows!(Float32, batch, len);
-            storage_rows!(Float16, batch, len);
-            storage_rows!(Int8, batch, len);
-            storage_rows!(Int4, batch, len);
+            for (layout, device) in &devices {
+                for &store in &stores {
+                    match store {
+                        "f32" => storage_rows!(layout, device, Float32, batch, len),
+                        "f16" => storage_rows!(layout, device, Float16, batch, len),
+                        "int8" => storage_rows!(layout, device, Int8, batch, len),
+                        "int4" => storage_rows!(layout, device, Int4, batch, len),
+                        other => {
+                            panic!("GQA_DECODE_STORES: {other:?} is not f32, f16, int8 or int4")
+                        }
+                    }
+                }
+            }
         }
     }
 }

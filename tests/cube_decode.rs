@@ -84,9 +84,61 @@ fn run<T: CubeElement, const HQ: usize, const HKV: usize, const D: usize, S: KvS
     gqa::heads::Rule: gqa::heads::Supported<HKV, HKV, D>,
 {
     let Some(device) = device() else { return };
-    run_cases::<T, S>((test, cases()), "decode", variant, (HQ, HKV, D), |c| {
+    run_on::<T, HQ, HKV, D, S>(device, "decode", test, variant);
+}
+
+fn run_on<T: CubeElement, const HQ: usize, const HKV: usize, const D: usize, S: KvStorage>(
+    device: &CubeDevice,
+    label: &str,
+    test: &str,
+    variant: Variant,
+) where
+    gqa::heads::Rule: gqa::heads::Supported<HKV, HKV, D>,
+{
+    run_cases::<T, S>((test, cases()), label, variant, (HQ, HKV, D), |c| {
         check::<T, HKV, D, S>(device, &c)
     });
+}
+
+/// The tests above run the device's default decode layout: on lavapipe (and wherever a probe
+/// finds the device's plane sums right) the plane kernel, its lanes across the head dim. The
+/// per-unit layout, what devices without plane reductions run, is forced here on a few
+/// configurations and storages: an MHA, two GQA groups, an MQA of 16 query heads with a head
+/// dim of 17 (a partial last word in every packed row) and every mask variant.
+#[test]
+fn unit_layout_decodes_match_the_oracle() {
+    let Some(device) = device() else { return };
+    if device.plane_decode_lanes().is_none() {
+        eprintln!(
+            "{}: the suite's default layout is the unit one already",
+            device.name()
+        );
+    }
+    let unit = CubeDevice::try_default()
+        .expect("the device again")
+        .untuned()
+        .with_unit_decode();
+    assert_eq!(unit.plane_decode_lanes(), None);
+    let test = "unit_layout_decodes_match_the_oracle";
+    run_on::<f32, 4, 4, 32, Float16>(&unit, "decode unit", test, Variant::RightSoftcap);
+    run_on::<f32, 8, 2, 64, Float32>(&unit, "decode unit", test, Variant::NoMask);
+    run_on::<f16, 12, 4, 80, Int8>(&unit, "decode unit", test, Variant::Everything);
+    run_on::<f32, 16, 1, 17, Int4>(&unit, "decode unit", test, Variant::Window);
+    run_on::<f32, 10, 5, 72, Float32>(&unit, "decode unit", test, Variant::LeftAlibi);
+}
+
+/// lavapipe's subgroup sums and broadcasts work, so the probe run when a device opens must find
+/// the plane decode kernel runs there, with its 8 lanes: were the probe to stop finding so,
+/// decode would fall back to the unit layout, three times as slow there for GQA, and no other
+/// test would notice.
+#[test]
+fn lavapipe_runs_plane_decode() {
+    let Some(device) = device() else { return };
+    if !device.name().contains("llvmpipe") {
+        eprintln!("{}: not lavapipe; nothing to check", device.name());
+        return;
+    }
+    assert_eq!(device.plane_decode_lanes(), Some(8), "{}", device.name());
 }
 
 macro_rules! decode_tests {

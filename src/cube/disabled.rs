@@ -49,6 +49,12 @@ impl Device {
     pub fn plane_loads(&self) -> bool {
         match *self {}
     }
+    pub fn plane_decode_lanes(&self) -> Option<usize> {
+        match *self {}
+    }
+    pub fn set_unit_decode(&mut self) {
+        match *self {}
+    }
     pub fn untuned_forward_tile(&self, _: usize) -> super::ForwardTile {
         match *self {}
     }

@@ -101,6 +101,22 @@ impl CubeDevice {
         self.inner.untuned_forward_tile(head_dim)
     }
 
+    /// How many lanes of a plane share each row of the cache in decode, where the plane decode
+    /// kernel runs: the device's planes all have that many lanes and a probe kernel, run when
+    /// the device was opened, found their sums and broadcasts right. `None` where it does not
+    /// run (or after [`CubeDevice::with_unit_decode`]): decode then gives each unit rows of its
+    /// own (`src/cube/kernels/decode.rs` has both layouts).
+    pub fn plane_decode_lanes(&self) -> Option<usize> {
+        self.inner.plane_decode_lanes()
+    }
+
+    /// This device decoding with the per-unit layout even where the plane kernel runs: the
+    /// layout devices without plane reductions get, to prove or measure it on one that has them.
+    pub fn with_unit_decode(mut self) -> CubeDevice {
+        self.inner.set_unit_decode();
+        self
+    }
+
     /// Whether forward tiles with [`KvLoads::Plane`] run on this device: its planes have at
     /// least 8 lanes, and a probe kernel, run when the device was opened, found their
     /// broadcasts right.

@@ -9,11 +9,11 @@ use cubecl::server::Handle;
 
 use super::kernels::decode::{
     DecodeConfig, STORAGE_BF16, STORAGE_F16, STORAGE_F32, STORAGE_INT4, STORAGE_INT8, paged_decode,
-    scatter_rows, stream_cache,
+    plane_decode, scatter_rows, stream_cache,
 };
 use super::kernels::forward::{KernelConfig, LaunchScalars, tile_forward};
 use super::kernels::merge::combine_splits;
-use super::kernels::probe::{PLANE_LOAD_LANES, plane_broadcast_probe};
+use super::kernels::probe::{PLANE_LOAD_LANES, plane_probe};
 use super::kernels::products::RegisterProducts;
 use super::{DecodeInputs, ForwardCall};
 use super::{ForwardTile, KvLoads};
@@ -41,8 +41,20 @@ pub struct Device {
     /// Two one-word buffers bound as the partial outputs of launches that write none (an
     /// unsplit forward or decode): allocated once, never written.
     scratch: (Buffer, Buffer),
-    /// Whether the forward kernel's plane loads run here ([`probe_plane_loads`]).
-    plane_loads: bool,
+    /// What the device's planes were found to do ([`probe_planes`]).
+    planes: Planes,
+}
+
+/// What a device's planes (subgroups, warps) were found to do by [`probe_planes`].
+#[derive(Clone, Copy, Debug, Default)]
+struct Planes {
+    /// The forward kernel's plane loads run: planes of at least [`PLANE_LOAD_LANES`] lanes
+    /// whose broadcasts are right.
+    loads: bool,
+    /// The plane decode kernel runs, with planes of this many lanes: every plane has exactly
+    /// this many (the reported minimum and maximum agree), numbered `UNIT_POS % lanes`, and
+    /// their sums are right.
+    decode_lanes: Option<usize>,
 }
 
 /// How many launch constants a device keeps (each a few words to a few hundred).
@@ -57,10 +69,10 @@ impl Device {
         let client = device.client();
         let adapter = client.properties().identity.name.clone();
         let name = format!("{adapter} ({device:?})");
-        let plane_loads = probe_plane_loads(&client);
+        let planes = probe_planes(&client);
         Ok(Device {
             name,
-            plane_loads,
+            planes,
             key: Arc::new(()),
             tiles: TilePolicy::Autotune,
             constants: Mutex::new(HashMap::new()),
@@ -96,13 +108,23 @@ impl Device {
 
     /// Whether forward tiles with [`KvLoads::Plane`] run here.
     pub fn plane_loads(&self) -> bool {
-        self.plane_loads
+        self.planes.loads
+    }
+
+    /// The lanes per plane of the plane decode kernel, where it runs ([`Planes`]).
+    pub fn plane_decode_lanes(&self) -> Option<usize> {
+        self.planes.decode_lanes
+    }
+
+    /// Decode with [`paged_decode`] (rows per unit) even where the plane kernel runs.
+    pub fn set_unit_decode(&mut self) {
+        self.planes.decode_lanes = None;
     }
 
     /// The tile used without measuring: [`ForwardTile::untuned`] with plane loads where they
     /// run, uniform loads elsewhere.
     pub fn untuned_forward_tile(&self, head_dim: usize) -> ForwardTile {
-        let loads = if self.plane_loads {
+        let loads = if self.planes.loads {
             KvLoads::Plane
         } else {
             KvLoads::Uniform
@@ -441,7 +463,7 @@ impl Device {
         let head_units = (plane / group).clamp(1, max_units / group);
         let plane_loads = loads == KvLoads::Plane;
         let (chunk, units) = if plane_loads {
-            if !self.plane_loads {
+            if !self.planes.loads {
                 return Err(Error::DeviceLimit {
                     op,
                     reason: format!(
@@ -579,23 +601,55 @@ impl Device {
                 ),
             });
         }
-        let lq_tile = seq_q.min(max_units / group).max(1);
-        let q_tiles = seq_q.div_ceil(lq_tile);
-        let plane = hardware.plane_size_max as usize;
-        let unit_rows = decode_unit_rows(group * lq_tile, plane);
-        let units_per_head = lq_tile * group / unit_rows;
-        let heads_per_cube =
-            decode_heads_per_cube(spec.kv_heads(), units_per_head, plane, max_units);
-        let head_cubes = spec.kv_heads() / heads_per_cube;
+        let layout = match self.planes.decode_lanes {
+            Some(lanes) => {
+                // All (query, query head) rows of a KV head in one plane, up to a bound that
+                // keeps the unrolled tile's compile time in check; a power of two, so that the
+                // query counts (1 to 16) share few specialisations.
+                let rows = (group * seq_q).next_power_of_two().min(DECODE_PLANE_ROWS);
+                DecodeLayout::Plane {
+                    lanes,
+                    rows,
+                    row_tiles: (group * seq_q).div_ceil(rows),
+                }
+            }
+            None => {
+                let lq_tile = seq_q.min(max_units / group).max(1);
+                let plane = hardware.plane_size_max as usize;
+                let unit_rows = decode_unit_rows(group * lq_tile, plane);
+                let units_per_head = lq_tile * group / unit_rows;
+                DecodeLayout::Units {
+                    lq_tile,
+                    unit_rows,
+                    units_per_head,
+                    heads_per_cube: decode_heads_per_cube(
+                        spec.kv_heads(),
+                        units_per_head,
+                        plane,
+                        max_units,
+                    ),
+                }
+            }
+        };
+        // The grid's first two dimensions.
+        let (tiles, head_cubes) = match layout {
+            DecodeLayout::Plane { row_tiles, .. } => (row_tiles, spec.kv_heads()),
+            DecodeLayout::Units {
+                lq_tile,
+                heads_per_cube,
+                ..
+            } => (seq_q.div_ceil(lq_tile), spec.kv_heads() / heads_per_cube),
+        };
         let max_len = input.max_len;
         // The keys read: `key_lo..key_hi`, within the longest sequence.
         let key_hi = input.keys.end.min(max_len);
         let key_lo = input.keys.start.min(key_hi);
         let span = key_hi - key_lo;
         let keys_per_split =
-            self.decode_keys_per_split(head_dim, span, q_tiles * head_cubes * batch);
+            self.decode_keys_per_split(&layout, head_dim, span, tiles * head_cubes * batch);
         let splits = span.div_ceil(keys_per_split).max(1);
         let mask = spec.mask();
+        let row_words = input.storage.words_per_row(head_dim);
         let config = DecodeConfig {
             head_dim,
             group,
@@ -606,7 +660,7 @@ impl Device {
                 StorageKind::Int8 => STORAGE_INT8,
                 StorageKind::Int4 => STORAGE_INT4,
             },
-            row_words: input.storage.words_per_row(head_dim),
+            row_words,
             lanes: match input.storage {
                 StorageKind::Float32 => 1,
                 StorageKind::Float16 | StorageKind::BFloat16 => 2,
@@ -614,7 +668,18 @@ impl Device {
                 StorageKind::Int4 => 8,
             },
             block: 4,
-            rows: unit_rows,
+            rows: match layout {
+                DecodeLayout::Plane { rows, .. } => rows,
+                DecodeLayout::Units { unit_rows, .. } => unit_rows,
+            },
+            plane: match layout {
+                DecodeLayout::Plane { lanes, .. } => lanes,
+                DecodeLayout::Units { .. } => 0,
+            },
+            words_per_lane: match layout {
+                DecodeLayout::Plane { lanes, .. } => row_words.div_ceil(lanes),
+                DecodeLayout::Units { .. } => 0,
+            },
             left_bounded: mask.left().is_some(),
             right_bounded: mask.right().is_some(),
             softcap: spec.softcap().is_some(),
@@ -640,7 +705,8 @@ impl Device {
         } else {
             (&o_partial, &lse_partial)
         };
-        let decode_cubes = self.grid(op, [q_tiles, head_cubes, splits * batch])?;
+        let decode_cubes = self.grid(op, [tiles, head_cubes, splits * batch])?;
+        let bottom_right = u32::from(mask.alignment() == crate::spec::Alignment::BottomRight);
         let combine_cubes = self.grid_1d(op, rows.div_ceil(64))?;
         // SAFETY: the kernel reads q rows `< batch · q_heads · seq_q` (q was checked to be that
         // contiguous shape), the lengths and tables of the slots named (the copy's tables hold
@@ -648,42 +714,83 @@ impl Device {
         // the copy mirrors, slots clamped to the page) and writes only the rows the grid covers,
         // into outputs the caller sized for them.
         unsafe {
-            paged_decode::launch::<T>(
-                &self.client,
-                decode_cubes,
-                CubeDim::new_1d((heads_per_cube * units_per_head) as u32),
-                arg(input.q),
-                arg(input.k),
-                arg(input.v),
-                arg(input.k_scale),
-                arg(input.v_scale),
-                arg(input.tables),
-                arg(input.slots),
-                arg(&slopes),
-                arg(o),
-                arg(lse),
-                arg(o_split),
-                arg(lse_split),
-                spec.q_heads() as u32,
-                seq_q as u32,
-                spec.kv_heads() as u32,
-                input.page_size as u32,
-                input.table_base as u32,
-                input.table_stride as u32,
-                lq_tile as u32,
-                heads_per_cube as u32,
-                u32::from(mask.alignment() == crate::spec::Alignment::BottomRight),
-                side(mask.left()),
-                side(mask.right()),
-                spec.scale_f32(),
-                spec.softcap().unwrap_or(1.0),
-                batch as u32,
-                key_lo as u32,
-                key_hi as u32,
-                keys_per_split as u32,
-                u32::from(partial_out),
-                config,
-            );
+            match layout {
+                DecodeLayout::Plane { lanes, .. } => plane_decode::launch::<T>(
+                    &self.client,
+                    decode_cubes,
+                    CubeDim::new_1d(lanes as u32),
+                    arg(input.q),
+                    arg(input.k),
+                    arg(input.v),
+                    arg(input.k_scale),
+                    arg(input.v_scale),
+                    arg(input.tables),
+                    arg(input.slots),
+                    arg(&slopes),
+                    arg(o),
+                    arg(lse),
+                    arg(o_split),
+                    arg(lse_split),
+                    spec.q_heads() as u32,
+                    seq_q as u32,
+                    spec.kv_heads() as u32,
+                    input.page_size as u32,
+                    input.table_base as u32,
+                    input.table_stride as u32,
+                    bottom_right,
+                    side(mask.left()),
+                    side(mask.right()),
+                    spec.scale_f32(),
+                    spec.softcap().unwrap_or(1.0),
+                    batch as u32,
+                    key_lo as u32,
+                    key_hi as u32,
+                    keys_per_split as u32,
+                    u32::from(partial_out),
+                    config,
+                ),
+                DecodeLayout::Units {
+                    lq_tile,
+                    units_per_head,
+                    heads_per_cube,
+                    ..
+                } => paged_decode::launch::<T>(
+                    &self.client,
+                    decode_cubes,
+                    CubeDim::new_1d((heads_per_cube * units_per_head) as u32),
+                    arg(input.q),
+                    arg(input.k),
+                    arg(input.v),
+                    arg(input.k_scale),
+                    arg(input.v_scale),
+                    arg(input.tables),
+                    arg(input.slots),
+                    arg(&slopes),
+                    arg(o),
+                    arg(lse),
+                    arg(o_split),
+                    arg(lse_split),
+                    spec.q_heads() as u32,
+                    seq_q as u32,
+                    spec.kv_heads() as u32,
+                    input.page_size as u32,
+                    input.table_base as u32,
+                    input.table_stride as u32,
+                    lq_tile as u32,
+                    heads_per_cube as u32,
+                    bottom_right,
+                    side(mask.left()),
+                    side(mask.right()),
+                    spec.scale_f32(),
+                    spec.softcap().unwrap_or(1.0),
+                    batch as u32,
+                    key_lo as u32,
+                    key_hi as u32,
+                    keys_per_split as u32,
+                    u32::from(partial_out),
+                    config,
+                ),
+            }
             if partial_out && !direct {
                 let (partials, out) = ((&o_partial, &lse_partial), (o, lse));
                 let shape = (rows, splits, head_dim);
@@ -803,7 +910,13 @@ impl Device {
     /// lavapipe also few enough keys that a unit stays under its loop limit (see
     /// `kernels/forward.rs`): a key costs about `2 · head_dim` loop iterations, plus the rescale
     /// of a chunk.
-    fn decode_keys_per_split(&self, head_dim: usize, max_len: usize, cubes: usize) -> usize {
+    fn decode_keys_per_split(
+        &self,
+        layout: &DecodeLayout,
+        head_dim: usize,
+        max_len: usize,
+        cubes: usize,
+    ) -> usize {
         let hardware = &self.client.properties().hardware;
         let cores = hardware
             .num_streaming_multiprocessors
@@ -812,10 +925,44 @@ impl Device {
         let splits = (cores / cubes.max(1)).max(1);
         let mut keys = max_len.div_ceil(splits).max(256);
         if self.name.contains("llvmpipe") {
-            keys = keys.min(60_000 / (3 * head_dim + 8));
+            keys = keys.min(match layout {
+                // Two run-time loop iterations per key at most (a page loop's and a block
+                // loop's, with pages of one key).
+                DecodeLayout::Plane { .. } => 25_000,
+                // Per key, the two head-dim loops and the loading of q and writing of o.
+                DecodeLayout::Units { .. } => 60_000 / (3 * head_dim + 8),
+            });
         }
         keys.max(1)
     }
+}
+
+/// The most rows a plane decode cube holds. Every row's query and accumulator channels are
+/// registers of every lane, unrolled: the compile grows with the rows, and past a point the
+/// spills cost more than the K/V loads a second cube repeats. Measured on lavapipe, MQA 32/1,
+/// D 128, f32 cache, Lk 4096 (first launch, shader cache off; then the median step):
+/// 8 rows 5.5 s, 11.4 ms; 16 rows 19 s, 6.8 ms; 32 rows 79 s, 10.5 ms. The kernel suites
+/// compile every row count up to the cap for several configurations, hence 8.
+const DECODE_PLANE_ROWS: usize = 8;
+
+/// How a decode launch lays rows on units.
+#[derive(Clone, Copy, Debug)]
+enum DecodeLayout {
+    /// [`plane_decode`]: one plane per cube, its lanes across the head dim, `rows` rows of one
+    /// KV head per cube, `row_tiles` cubes per KV head.
+    Plane {
+        lanes: usize,
+        rows: usize,
+        row_tiles: usize,
+    },
+    /// [`paged_decode`]: `unit_rows` rows per unit, `units_per_head` units per KV head,
+    /// `heads_per_cube` KV heads and `lq_tile` queries per cube.
+    Units {
+        lq_tile: usize,
+        unit_rows: usize,
+        units_per_head: usize,
+        heads_per_cube: usize,
+    },
 }
 
 /// Rows per decode unit for a cube of `cube_rows` (query head, query) rows on a device whose
@@ -830,36 +977,45 @@ fn decode_unit_rows(cube_rows: usize, plane: usize) -> usize {
         .unwrap_or(1)
 }
 
-/// Whether `client`'s device runs the forward kernel's plane loads: its planes have at least
-/// [`PLANE_LOAD_LANES`] lanes, and [`plane_broadcast_probe`], launched on a cube of two planes,
-/// finds every broadcast right. cubecl's own plane feature flag is not asked: it is off for CPU
-/// adapters such as lavapipe, whose subgroup broadcasts work (and are what makes plane loads
-/// pay there). A probe that fails to compile or to run means no.
-fn probe_plane_loads(client: &Client) -> bool {
+/// What `client`'s device's planes do, found by running [`plane_probe`] on a cube of two
+/// planes (see [`Planes`]). cubecl's own plane feature flag is not asked: it is off for CPU
+/// adapters such as lavapipe, whose subgroup operations work (and are what makes plane loads
+/// and plane decode pay there). A probe that fails to compile or to run finds nothing.
+fn probe_planes(client: &Client) -> Planes {
     let hardware = &client.properties().hardware;
     let (min, max) = (hardware.plane_size_min, hardware.plane_size_max);
-    if min < PLANE_LOAD_LANES || !max.is_multiple_of(PLANE_LOAD_LANES) {
-        return false;
-    }
     let units = (2 * max).min(hardware.max_units_per_cube);
-    if units < max {
-        return false;
+    if max == 0 || units < max {
+        return Planes::default();
     }
-    let out = client.empty(units as usize * size_of::<u32>());
-    // SAFETY: one cube of `units` units, each writing its own element of `out` (`units` words).
+    let words = 3 * units as usize;
+    let out = client.empty(words * size_of::<u32>());
+    // SAFETY: one cube of `units` units, each writing its own three words of `out`.
     unsafe {
-        plane_broadcast_probe::launch(
+        plane_probe::launch(
             client,
             CubeCount::Static(1, 1, 1),
             CubeDim::new_1d(units),
-            BufferArg::from_raw_parts(out.clone(), units as usize),
+            BufferArg::from_raw_parts(out.clone(), words),
         );
     }
-    match client.read_one(out) {
-        Ok(bytes) => u32::from_bytes(&bytes)[..units as usize]
-            .iter()
-            .all(|&ok| ok == 1),
-        Err(_) => false,
+    let Ok(bytes) = client.read_one(out) else {
+        return Planes::default();
+    };
+    let found = &u32::from_bytes(&bytes)[..words];
+    let units = found.chunks(3);
+    let loads = min >= PLANE_LOAD_LANES
+        && max.is_multiple_of(PLANE_LOAD_LANES)
+        && units.clone().all(|unit| unit[0] == 1);
+    let lanes = max as usize;
+    let full_sum = (lanes * (lanes + 1) / 2) as u32;
+    let decode = min == max
+        && units
+            .enumerate()
+            .all(|(u, unit)| unit[1] == full_sum && unit[2] as usize == u % lanes);
+    Planes {
+        loads,
+        decode_lanes: decode.then_some(lanes),
     }
 }
 

@@ -1,7 +1,13 @@
-//! The decode kernel: a few new queries per sequence (Lq ≤ 16) against a paged, possibly
+//! The decode kernels: a few new queries per sequence (Lq ≤ 16) against a paged, possibly
 //! quantized KV cache ([`crate::cache::KvCache`]), split over the keys (Flash-Decoding).
 //!
-//! **Work.** One cube serves `heads_per_cube` KV heads (1 unless a KV head's rows leave most of
+//! Two layouts of the same computation, chosen by the host per device:
+//! - [`plane_decode`] (where the device's planes reduce, as a probe finds when it opens: GPUs
+//!   and lavapipe): the lanes of a plane across the head dim, every row of a KV head in every
+//!   lane, each word of a cached row loaded once per cube. Its docs are on the function.
+//! - [`paged_decode`] (everywhere else): rows per unit, described below.
+//!
+//! **Work ([`paged_decode`]).** One cube serves `heads_per_cube` KV heads (1 unless a KV head's rows leave most of
 //! a plane idle) of one sequence over one split of its keys: `CUBE_POS_X` = query tile,
 //! `CUBE_POS_Y` = KV heads `y · heads_per_cube ..`, `CUBE_POS_Z = split · batch + b`. A KV
 //! head's `group · lq_tile` (query head, query) rows are packed `R` per unit
@@ -32,7 +38,7 @@
 
 use cubecl::prelude::*;
 
-use super::math::{NEG_BIG, accurate_exp, accurate_tanh};
+use super::math::{NEG_BIG, NEG_INFINITY_BITS, accurate_exp, accurate_ln, accurate_tanh};
 use super::merge::write_row;
 
 /// How rows are packed; `StorageKind` as the kernel's comptime number.
@@ -55,8 +61,13 @@ pub struct DecodeConfig {
     pub lanes: usize,
     /// Keys per register block (scored together, then one online-softmax update).
     pub block: usize,
-    /// Rows (query head, query) per unit; divides the cube's `group · lq_tile` rows.
+    /// [`paged_decode`]: rows (query head, query) per unit; divides the cube's `group · lq_tile`
+    /// rows. [`plane_decode`]: rows per cube (one plane).
     pub rows: usize,
+    /// [`plane_decode`]: lanes per plane, across the head dim (0 for [`paged_decode`]).
+    pub plane: usize,
+    /// [`plane_decode`]: storage words of a row each lane loads (`⌈row_words / plane⌉`).
+    pub words_per_lane: usize,
     pub left_bounded: bool,
     pub right_bounded: bool,
     pub softcap: bool,
@@ -481,4 +492,311 @@ pub fn stream_cache(
     }
     let cube = (CUBE_POS_Z * CUBE_COUNT_Y + CUBE_POS_Y) * CUBE_COUNT_X + CUBE_POS_X;
     sink[(cube * CUBE_DIM_X + UNIT_POS) as usize] = folded;
+}
+
+/// Decode with the lanes of a plane across the head dimension: the layout for devices whose
+/// planes reduce (`plane_sum`) — the default wherever the host's probe found they do.
+///
+/// **Work.** One cube is one plane of `cfg.plane` lanes serving `cfg.rows` (query, query head)
+/// rows of one KV head, of one sequence, over one split of its keys: `CUBE_POS_X` = row tile,
+/// `CUBE_POS_Y` = KV head, `CUBE_POS_Z = split · batch + b`. Row `t · rows + i` of a KV head is
+/// query `r / group`, query head `kv_head · group + r % group` (the group's heads of one query,
+/// then the next query's: FlashAttention-3's "pack GQA"); rows past `group · seq_q` repeat the
+/// last one and write nothing.
+///
+/// **Lanes over the head dim.** Lane `p` owns the storage words `p, p + plane, …` of every row
+/// (`cfg.words_per_lane` of them, the last clamped into the row): it loads those words of each
+/// key — consecutive words across the plane, so every word of a row is loaded once for all of
+/// the cube's rows and the loads coalesce on a GPU — dequantises their lanes in registers, and
+/// keeps the matching channels of every row's query and accumulator. A score is the plane's sum
+/// of the lanes' partial dot products (`plane_sum`); the online softmax then runs alike in
+/// every lane, and P·V needs no exchange: each lane accumulates its own channels. Every array
+/// is indexed by unrolled counters only, so it lives in registers (on lavapipe, a run-time
+/// index would send it to per-lane scratch memory, a loop over the SIMD lanes per access).
+///
+/// Cache layout, pages, blocks, masks and splits as in [`paged_decode`].
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn plane_decode<F: Float>(
+    q: &[F],
+    k_words: &[u32],
+    v_words: &[u32],
+    k_scale: &[u32],
+    v_scale: &[u32],
+    tables: &[u32],
+    seq_slots: &[u32],
+    slopes: &[f32],
+    o: &mut [F],
+    lse: &mut [f32],
+    o_partial: &mut [f32],
+    lse_partial: &mut [f32],
+    q_heads: u32,
+    seq_q: u32,
+    kv_heads: u32,
+    page_size: u32,
+    table_base: u32,
+    table_stride: u32,
+    bottom_right: u32,
+    left: i32,
+    right: i32,
+    scale: f32,
+    softcap: f32,
+    batch_size: u32,
+    key_lo: u32,
+    key_hi: u32,
+    keys_per_split: u32,
+    partial_out: u32,
+    #[comptime] cfg: DecodeConfig,
+) {
+    let dim = cfg.head_dim as u32;
+    let row_words = cfg.row_words as u32;
+    let lanes = cfg.lanes;
+    let block = cfg.block;
+    let rows = cfg.rows;
+    let plane = cfg.plane as u32;
+    let per_lane = cfg.words_per_lane;
+    let channels = per_lane * lanes; // a lane's channels of one row
+    let quantized = cfg.storage == STORAGE_INT8 || cfg.storage == STORAGE_INT4;
+
+    let lane = UNIT_POS_PLANE;
+    let kv_head = CUBE_POS_Y;
+    let batch = CUBE_POS_Z % batch_size;
+    let split = CUBE_POS_Z / batch_size;
+    let all_rows = cfg.group as u32 * seq_q;
+
+    let slot = seq_slots[batch as usize];
+    let len = tables[slot as usize];
+    let shift = bottom_right as i32 * (len as i32 - seq_q as i32);
+    let split_lo = (key_lo + split * keys_per_split) as i32;
+    let split_hi = min(min(len, key_hi), key_lo + (split + 1) * keys_per_split) as i32;
+
+    // The lane's words of a row (`word[k]`, clamped into the row) and their first channels.
+    let mut word = Array::<u32>::new(per_lane);
+    let mut first_channel = Array::<u32>::new(per_lane);
+    #[unroll]
+    for k in 0..per_lane {
+        let w = lane + k as u32 * plane;
+        word[k] = min(w, row_words - 1);
+        first_channel[k] = w * lanes as u32;
+    }
+
+    // Per row (indexed by unrolled counters only): query, head, diagonal, visible keys, slope,
+    // softmax state, and the lane's channels of its query (zeros past the head dim) and
+    // accumulator.
+    let mut head = Array::<u32>::new(rows);
+    let mut query = Array::<u32>::new(rows);
+    let mut diag = Array::<i32>::new(rows);
+    let mut lo = Array::<i32>::new(rows);
+    let mut hi = Array::<i32>::new(rows);
+    let mut slope = Array::<f32>::new(rows);
+    let mut m = Array::<f32>::new(rows);
+    let mut l = Array::<f32>::new(rows);
+    let mut alpha = Array::<f32>::new(rows);
+    let mut q_part = Array::<f32>::new(rows * channels);
+    let mut acc = Array::<f32>::new(rows * channels);
+    let mut band_lo = split_hi;
+    let mut band_hi = split_lo;
+    #[unroll]
+    for i in 0..rows {
+        let tile_row = CUBE_POS_X * rows as u32 + i as u32;
+        let r = min(tile_row, all_rows - 1);
+        let h = kv_head * cfg.group as u32 + r % cfg.group as u32;
+        let qi = r / cfg.group as u32;
+        head[i] = h;
+        // A row past the last one computes a copy of it and is never written.
+        query[i] = select(tile_row < all_rows, qi, seq_q);
+        let d = qi as i32 + shift;
+        diag[i] = d;
+        let mut row_lo = split_lo;
+        let mut row_hi = split_hi;
+        if cfg.left_bounded {
+            row_lo = max(row_lo, d - left);
+        }
+        if cfg.right_bounded {
+            row_hi = min(row_hi, d + right + 1);
+        }
+        lo[i] = row_lo;
+        hi[i] = row_hi;
+        band_lo = min(band_lo, row_lo);
+        band_hi = max(band_hi, row_hi);
+        let mut sl = 0.0f32;
+        if cfg.alibi {
+            sl = slopes[h as usize];
+        }
+        slope[i] = sl;
+        m[i] = NEG_BIG;
+        l[i] = 0.0f32;
+        let q_at = ((batch * q_heads + h) * seq_q + qi) * dim;
+        #[unroll]
+        for k in 0..per_lane {
+            #[unroll]
+            for e in 0..lanes {
+                let c = first_channel[k] + e as u32;
+                let mut x = 0.0f32;
+                if c < dim {
+                    x = f32::cast_from(q[(q_at + c) as usize]);
+                }
+                q_part[i * channels + k * lanes + e] = x;
+                acc[i * channels + k * lanes + e] = 0.0f32;
+            }
+        }
+    }
+    let table_at = table_base + slot * table_stride;
+
+    // A block's keys: their scales, dequantised channels (the lane's), and scores.
+    let mut row_scale = Array::<f32>::new(block);
+    let mut kv = Array::<f32>::new(block * channels);
+    let mut s = Array::<f32>::new(rows * block);
+
+    let mut page_start = band_lo - band_lo % page_size as i32;
+    loop {
+        if page_start >= band_hi {
+            break;
+        }
+        let page_end = min(page_start + page_size as i32, band_hi);
+        let page = tables[(table_at + page_start as u32 / page_size) as usize];
+        let page_row = (page * kv_heads + kv_head) * page_size;
+        let last_slot = page_size - 1;
+        let first = max(band_lo, page_start);
+        let mut start = first - (first - page_start) % block as i32;
+        loop {
+            if start >= page_end {
+                break;
+            }
+            let slot = (start - page_start) as u32;
+            // K: each lane its words of each key, dequantised; partial dots; the plane's sums.
+            #[unroll]
+            for j in 0..block {
+                let key_row = page_row + min(slot + j as u32, last_slot);
+                let mut k_row_scale = 1.0f32;
+                if quantized {
+                    k_row_scale = f32::reinterpret(k_scale[key_row as usize]);
+                }
+                #[unroll]
+                for k in 0..per_lane {
+                    let bits = k_words[(key_row * row_words + word[k]) as usize];
+                    #[unroll]
+                    for e in 0..lanes {
+                        kv[j * channels + k * lanes + e] =
+                            unpack(bits, e, cfg.storage) * k_row_scale;
+                    }
+                }
+            }
+            #[unroll]
+            for i in 0..rows {
+                #[unroll]
+                for j in 0..block {
+                    let mut dot = 0.0f32;
+                    #[unroll]
+                    for c in 0..channels {
+                        dot += q_part[i * channels + c] * kv[j * channels + c];
+                    }
+                    s[i * block + j] = plane_sum(dot);
+                }
+            }
+            // Scores and the online softmax, alike in every lane.
+            #[unroll]
+            for i in 0..rows {
+                let mut m_new = m[i];
+                #[unroll]
+                for j in 0..block {
+                    let t = start + j as i32;
+                    let mut x = scale * s[i * block + j];
+                    if cfg.softcap {
+                        x = softcap * accurate_tanh(x / softcap);
+                    }
+                    if cfg.alibi {
+                        x -= slope[i] * f32::cast_from(diag[i] - t).abs();
+                    }
+                    x = select(t >= lo[i] && t < hi[i] && t < page_end, x, NEG_BIG);
+                    s[i * block + j] = x;
+                    m_new = max(m_new, x);
+                }
+                alpha[i] = accurate_exp(m[i] - m_new);
+                let mut sum = 0.0f32;
+                #[unroll]
+                for j in 0..block {
+                    let x = s[i * block + j];
+                    let p = select(x > NEG_BIG, accurate_exp(x - m_new), 0.0f32);
+                    s[i * block + j] = p;
+                    sum += p;
+                }
+                l[i] = alpha[i] * l[i] + sum;
+                m[i] = m_new;
+            }
+            // V: each lane its channels; acc ← α·acc + P·V, a key a row cannot see adding
+            // nothing (not 0 · its value).
+            #[unroll]
+            for j in 0..block {
+                let key_row = page_row + min(slot + j as u32, last_slot);
+                let mut v_row_scale = 1.0f32;
+                if quantized {
+                    v_row_scale = f32::reinterpret(v_scale[key_row as usize]);
+                }
+                row_scale[j] = v_row_scale;
+                #[unroll]
+                for k in 0..per_lane {
+                    let bits = v_words[(key_row * row_words + word[k]) as usize];
+                    #[unroll]
+                    for e in 0..lanes {
+                        kv[j * channels + k * lanes + e] =
+                            unpack(bits, e, cfg.storage) * v_row_scale;
+                    }
+                }
+            }
+            #[unroll]
+            for i in 0..rows {
+                #[unroll]
+                for c in 0..channels {
+                    let mut a = alpha[i] * acc[i * channels + c];
+                    #[unroll]
+                    for j in 0..block {
+                        let p = s[i * block + j];
+                        a += select(p > 0.0f32, p * kv[j * channels + c], 0.0f32);
+                    }
+                    acc[i * channels + c] = a;
+                }
+            }
+            start += block as i32;
+        }
+        page_start += page_size as i32;
+    }
+
+    // Each lane writes its channels of each row; lane 0 the row's LSE or softmax state.
+    let out_rows = batch_size * q_heads * seq_q;
+    #[unroll]
+    for i in 0..rows {
+        if query[i] < seq_q {
+            let out_row = (batch * q_heads + head[i]) * seq_q + query[i];
+            let partial_row = split * out_rows + out_row;
+            let denom = select(l[i] > 0.0f32, l[i], 1.0f32);
+            #[unroll]
+            for k in 0..per_lane {
+                #[unroll]
+                for e in 0..lanes {
+                    let c = first_channel[k] + e as u32;
+                    if c < dim {
+                        let x = acc[i * channels + k * lanes + e] / denom;
+                        if partial_out == 1 {
+                            o_partial[(partial_row * dim + c) as usize] = x;
+                        } else {
+                            o[(out_row * dim + c) as usize] = F::cast_from(x);
+                        }
+                    }
+                }
+            }
+            if lane == 0 {
+                if partial_out == 1 {
+                    lse_partial[(2 * partial_row) as usize] = m[i];
+                    lse_partial[(2 * partial_row + 1) as usize] = l[i];
+                } else {
+                    lse[out_row as usize] = if l[i] > 0.0f32 {
+                        m[i] + accurate_ln(l[i])
+                    } else {
+                        f32::reinterpret(NEG_INFINITY_BITS)
+                    };
+                }
+            }
+        }
+    }
 }
