@@ -800,3 +800,70 @@ pub fn plane_decode<F: Float>(
         }
     }
 }
+
+/// The memory floor of a [`plane_decode`] step: the same words and scales, read in the same
+/// layout — one plane per cube, lane `p` reading words `p, p + plane, …` of each row, keys walked
+/// page by page with one block-table lookup per page — and nothing else (the words fold into
+/// `sink`, one word per unit, so that the reads are not optimised away). `CUBE_POS_X` = chunk of
+/// `keys_per_cube` tokens, `CUBE_POS_Y` = KV head, `CUBE_POS_Z` = sequence.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn plane_stream_cache(
+    k_words: &[u32],
+    v_words: &[u32],
+    k_scale: &[u32],
+    v_scale: &[u32],
+    tables: &[u32],
+    seq_slots: &[u32],
+    sink: &mut [u32],
+    kv_heads: u32,
+    page_size: u32,
+    table_base: u32,
+    table_stride: u32,
+    keys_per_cube: u32,
+    #[comptime] row_words: usize,
+    #[comptime] plane: usize,
+    #[comptime] quantized: bool,
+) {
+    let kv_head = CUBE_POS_Y;
+    let slot = seq_slots[CUBE_POS_Z as usize];
+    let len = tables[slot as usize];
+    let lo = (CUBE_POS_X * keys_per_cube) as i32;
+    let hi = min(len, (CUBE_POS_X + 1) * keys_per_cube) as i32;
+    let per_lane = row_words.div_ceil(plane);
+    let mut word = Array::<u32>::new(per_lane);
+    #[unroll]
+    for k in 0..per_lane {
+        word[k] = min(UNIT_POS_PLANE + (k * plane) as u32, row_words as u32 - 1);
+    }
+    let mut folded = 0u32;
+    let mut page_start = lo - lo % page_size as i32;
+    loop {
+        if page_start >= hi {
+            break;
+        }
+        let page_end = min(page_start + page_size as i32, hi);
+        let page =
+            tables[(table_base + slot * table_stride + page_start as u32 / page_size) as usize];
+        let page_row = (page * kv_heads + kv_head) * page_size;
+        let mut t = max(lo, page_start);
+        loop {
+            if t >= page_end {
+                break;
+            }
+            let row = page_row + (t - page_start) as u32;
+            if quantized {
+                folded ^= k_scale[row as usize] ^ v_scale[row as usize];
+            }
+            #[unroll]
+            for k in 0..per_lane {
+                let at = (row * row_words as u32 + word[k]) as usize;
+                folded ^= k_words[at] ^ v_words[at];
+            }
+            t += 1;
+        }
+        page_start += page_size as i32;
+    }
+    let cube = (CUBE_POS_Z * CUBE_COUNT_Y + CUBE_POS_Y) * CUBE_COUNT_X + CUBE_POS_X;
+    sink[(cube * CUBE_DIM_X + UNIT_POS) as usize] = folded;
+}
