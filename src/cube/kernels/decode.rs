@@ -112,6 +112,59 @@ fn unpack(word: u32, #[comptime] e: usize, #[comptime] storage: u32) -> f32 {
     }
 }
 
+/// One online-softmax step of row `r` over a block of `cfg.block` keys from key `start`, whose
+/// raw dot products are `s[r·block ..]` (both decode layouts). Each score is scaled, capped,
+/// biased (ALiBi) and masked to the row's visible keys (`lo[r] <= t < hi[r]`, `t < end`), then
+/// replaced by its probability `e^{x − m'}` (0 for a hidden key); row `r`'s running max `m`,
+/// sum `l` and rescale `alpha` follow. Branch-free: `α = e^{m − m'}` is exactly 1 when the max
+/// did not move.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn softmax_step(
+    s: &mut Array<f32>,
+    m: &mut Array<f32>,
+    l: &mut Array<f32>,
+    alpha: &mut Array<f32>,
+    lo: &Array<i32>,
+    hi: &Array<i32>,
+    diag: &Array<i32>,
+    slope: &Array<f32>,
+    #[comptime] r: usize,
+    start: i32,
+    end: i32,
+    scale: f32,
+    softcap: f32,
+    #[comptime] cfg: DecodeConfig,
+) {
+    let block = cfg.block;
+    let mut m_new = m[r];
+    #[unroll]
+    for j in 0..block {
+        let t = start + j as i32;
+        let mut x = scale * s[r * block + j];
+        if cfg.softcap {
+            x = softcap * accurate_tanh(x / softcap);
+        }
+        if cfg.alibi {
+            x -= slope[r] * f32::cast_from(diag[r] - t).abs();
+        }
+        x = select(t >= lo[r] && t < hi[r] && t < end, x, NEG_BIG);
+        s[r * block + j] = x;
+        m_new = max(m_new, x);
+    }
+    alpha[r] = accurate_exp(m[r] - m_new);
+    let mut sum = 0.0f32;
+    #[unroll]
+    for j in 0..block {
+        let x = s[r * block + j];
+        let p = select(x > NEG_BIG, accurate_exp(x - m_new), 0.0f32);
+        s[r * block + j] = p;
+        sum += p;
+    }
+    l[r] = alpha[r] * l[r] + sum;
+    m[r] = m_new;
+}
+
 /// Decode attention over a paged cache. `q`: `[B, HQ, Lq, D]` contiguous; sequence `b` is the
 /// cache's slot `seq_slots[b]`, of `tables[slot]` tokens in the pages listed from
 /// `tables[table_base + slot · table_stride]`; scales are f32 bits (one word per row; a dummy for
@@ -317,33 +370,10 @@ pub fn paged_decode<F: Float>(
             }
             #[unroll]
             for r in 0..rows {
-                let mut m_new = m[r];
-                #[unroll]
-                for j in 0..block {
-                    let t = start + j as i32;
-                    let mut x = scale * s[r * block + j];
-                    if cfg.softcap {
-                        x = softcap * accurate_tanh(x / softcap);
-                    }
-                    if cfg.alibi {
-                        x -= slope[r] * f32::cast_from(diag[r] - t).abs();
-                    }
-                    x = select(t >= lo[r] && t < hi[r] && t < page_end, x, NEG_BIG);
-                    s[r * block + j] = x;
-                    m_new = max(m_new, x);
-                }
-                // Branch-free online softmax: α is exactly 1 when the max did not move.
-                alpha[r] = accurate_exp(m[r] - m_new);
-                let mut sum = 0.0f32;
-                #[unroll]
-                for j in 0..block {
-                    let x = s[r * block + j];
-                    let p = select(x > NEG_BIG, accurate_exp(x - m_new), 0.0f32);
-                    s[r * block + j] = p;
-                    sum += p;
-                }
-                l[r] = alpha[r] * l[r] + sum;
-                m[r] = m_new;
+                softmax_step(
+                    &mut s, &mut m, &mut l, &mut alpha, &lo, &hi, &diag, &slope, r, start,
+                    page_end, scale, softcap, cfg,
+                );
             }
             #[unroll]
             for j in 0..block {
@@ -697,32 +727,10 @@ pub fn plane_decode<F: Float>(
             // Scores and the online softmax, alike in every lane.
             #[unroll]
             for i in 0..rows {
-                let mut m_new = m[i];
-                #[unroll]
-                for j in 0..block {
-                    let t = start + j as i32;
-                    let mut x = scale * s[i * block + j];
-                    if cfg.softcap {
-                        x = softcap * accurate_tanh(x / softcap);
-                    }
-                    if cfg.alibi {
-                        x -= slope[i] * f32::cast_from(diag[i] - t).abs();
-                    }
-                    x = select(t >= lo[i] && t < hi[i] && t < page_end, x, NEG_BIG);
-                    s[i * block + j] = x;
-                    m_new = max(m_new, x);
-                }
-                alpha[i] = accurate_exp(m[i] - m_new);
-                let mut sum = 0.0f32;
-                #[unroll]
-                for j in 0..block {
-                    let x = s[i * block + j];
-                    let p = select(x > NEG_BIG, accurate_exp(x - m_new), 0.0f32);
-                    s[i * block + j] = p;
-                    sum += p;
-                }
-                l[i] = alpha[i] * l[i] + sum;
-                m[i] = m_new;
+                softmax_step(
+                    &mut s, &mut m, &mut l, &mut alpha, &lo, &hi, &diag, &slope, i, start,
+                    page_end, scale, softcap, cfg,
+                );
             }
             // V: each lane its channels; acc ← α·acc + P·V, a key a row cannot see adding
             // nothing (not 0 · its value).
