@@ -16,10 +16,19 @@
 //! GQA-aware: a cube holds every query head of one KV group, each unit a register tile of query
 //! rows of one head, and every K/V element loaded serves the whole group. Its compile-time
 //! configuration comes from the [`AttentionSpec`] (head dim, group, which mask sides, softcap,
-//! ALiBi) and the [`ForwardTile`] (rows per unit, keys per block).
+//! ALiBi) and the [`ForwardTile`] (rows per unit, keys per block, how K and V are loaded).
+//!
+//! The decode kernels (`kernels/decode.rs`) run a few queries against the KV cache's device copy
+//! ([`DeviceKvCache`]): with the lanes of a plane across the head dim where the device's plane
+//! sums work ([`CubeDevice::plane_decode_lanes`]), with rows per unit elsewhere.
+//!
+//! What a device's planes do is found, not assumed: a probe kernel runs when a device opens
+//! (cubecl's own plane flag is off for CPU adapters such as lavapipe, whose subgroup operations
+//! work and are what makes both kernels fast there).
 //!
 //! The room's layout: this file and `cache.rs` are the public API; `runtime.rs` the host side
-//! (device, buffers, launch plans); `kernels/` the kernel side (`#[cube]` code only).
+//! (device, buffers, launch plans, probes); `tune.rs` the forward tile's autotune; `kernels/`
+//! the kernel side (`#[cube]` code only).
 //!
 //! The API is the same in every build: with no cubecl runtime feature on,
 //! [`CubeDevice::try_default`] returns [`Error::NotCompiledWith`] and nothing else can be
