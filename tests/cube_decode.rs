@@ -24,7 +24,7 @@ use common::decode::*;
 use common::runner::{self, Persist};
 use gqa::cache::{BFloat16, Float16, Float32, Int4, Int8, KvCache, KvStorage, Layout};
 use gqa::cube::{CubeDevice, CubeElement};
-use gqa::{DType, Error};
+use gqa::{AttentionSpec, DType, Error, Mask};
 use half::f16;
 use ndarray::{Array3, Array4, s};
 use proptest::prelude::*;
@@ -125,6 +125,43 @@ fn unit_layout_decodes_match_the_oracle() {
     run_on::<f16, 12, 4, 80, Int8>(&unit, "decode unit", test, Variant::Everything);
     run_on::<f32, 16, 1, 17, Int4>(&unit, "decode unit", test, Variant::Window);
     run_on::<f32, 10, 5, 72, Float32>(&unit, "decode unit", test, Variant::LeftAlibi);
+}
+
+/// Sequences long enough that lavapipe's loop limit decides how decode splits them, in pages of
+/// one key (the most loop iterations per key), against the oracle with both layouts: four
+/// sequences of 50 000 tokens at head dim 8, so that the split rule has cubes enough without
+/// splitting and the loop-limit rule alone cuts them (into splits of 16 000 keys for the plane
+/// kernel, a precaution: unsplit, these 50 000 keys also came out right; the forward kernel's
+/// limit is the measured one).
+#[test]
+fn long_sequences_in_pages_of_one_key_match_the_oracle() {
+    let Some(device) = device() else { return };
+    let spec = AttentionSpec::try_new(4, 2, 8)
+        .unwrap()
+        .with_mask(Mask::NONE.causal());
+    let (batch, len, seq_q) = (4, 50_000, 2);
+    let value = |seed: usize| {
+        Array3::from_shape_fn((2, len, 8), |(h, t, c)| {
+            (((h * 31 + t * 7 + c * 3 + seed) % 97) as f32 / 48.0 - 1.0) * 2.0
+        })
+    };
+    let case = Case {
+        spec,
+        page_size: 1,
+        seq_q,
+        kv: (0..batch).map(|b| (value(b), value(b + 50))).collect(),
+        q: Array4::from_shape_fn((batch, 4, seq_q, 8), |(b, h, i, c)| {
+            ((b * 5 + h * 3 + i * 11 + c) % 13) as f64 / 6.0 - 1.0
+        }),
+    };
+    let unit = CubeDevice::try_default()
+        .expect("the device again")
+        .untuned()
+        .with_unit_decode();
+    for (layout, device) in [("default", device), ("unit", &unit)] {
+        check::<f32, 2, 8, Float32>(device, &case)
+            .unwrap_or_else(|e| panic!("{layout} layout: {e}"));
+    }
 }
 
 /// lavapipe's subgroup sums and broadcasts work, so the probe run when a device opens must find

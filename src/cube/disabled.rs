@@ -49,6 +49,14 @@ impl Device {
     pub fn plane_loads(&self) -> bool {
         match *self {}
     }
+    pub fn forward_key_splits(
+        &self,
+        _: &AttentionSpec,
+        _: super::ForwardTile,
+        _: usize,
+    ) -> Result<usize> {
+        match *self {}
+    }
     pub fn plane_decode_lanes(&self) -> Option<usize> {
         match *self {}
     }

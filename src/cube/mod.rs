@@ -152,6 +152,20 @@ impl CubeDevice {
         )
     }
 
+    /// How many cubes the keys of a forward of `seq_k` keys cut into `tile` are split over (and
+    /// their partial results merged): more than one only where a shader invocation's loops are
+    /// limited (lavapipe stops looping after about 65 000 iterations; `kernels/forward.rs`).
+    ///
+    /// Errors: [`Error::DeviceLimit`] for a tile the device cannot run.
+    pub fn forward_key_splits(
+        &self,
+        spec: &AttentionSpec,
+        tile: ForwardTile,
+        seq_k: usize,
+    ) -> Result<usize> {
+        self.inner.forward_key_splits(spec, tile, seq_k)
+    }
+
     /// The cooperative-matrix products (`m`, `n`, `k`) the device reports for `dtype` operands
     /// with f32 accumulators: what a matrix-core path of the forward kernel could use. Empty on
     /// lavapipe. No such path is in this crate yet (the forward kernel's tile-product seam,
