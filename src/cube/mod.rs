@@ -482,11 +482,13 @@ impl ForwardTile {
     /// but compile longer: lavapipe's compile time grows with `rows · head_dim`.
     ///
     /// - Plane loads: 4 rows per unit up to head dim 128 (fewer above, about 512 query values
-    ///   per unit), 8 keys per block. Measured on lavapipe, GQA 32/8/128 unmasked, L 512
-    ///   (`GQA_JIT_TILES=... cargo bench --profile dev --bench jit`): 4x8 0.170 s (compile
-    ///   5.9 s), 8x8 0.149 s (15.8 s), 2x16 0.195 s (2.9 s); uniform 8x4 0.366 s (12.7 s).
+    ///   per unit), 8 keys per block. Measured on lavapipe in one run, GQA 32/8/128 unmasked,
+    ///   L 512 (`GQA_JIT_TILES=8x4u,4x8p,8x8p,2x16p cargo bench --profile dev --bench jit`,
+    ///   shader cache off): 4x8p 0.196 s (compile 6.5 s), 8x8p 0.173 s (17.2 s), 2x16p 0.207 s
+    ///   (3.6 s); uniform 8x4u 0.437 s (14.8 s). The suites compile every specialisation, hence
+    ///   the 4-row tile; autotune may pick 8 rows.
     /// - Uniform loads: 8 rows up to head dim 128 (fewer above), 4 keys per block; on lavapipe
-    ///   4 rows took 0.49 s and 8 rows 0.366 s in the same run.
+    ///   4 rows took 0.49 s and 8 rows 0.366 s in another run.
     pub fn untuned(head_dim: usize, loads: KvLoads) -> ForwardTile {
         let (rows, block_n) = match loads {
             KvLoads::Plane => (4.min(512 / head_dim).max(1), 8),
