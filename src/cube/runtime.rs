@@ -9,7 +9,7 @@ use cubecl::server::Handle;
 
 use super::kernels::decode::{
     DecodeConfig, STORAGE_BF16, STORAGE_F16, STORAGE_F32, STORAGE_INT4, STORAGE_INT8, paged_decode,
-    plane_decode, plane_stream_cache, scatter_rows, stream_cache,
+    plane_decode, scatter_rows, stream_cache,
 };
 use super::kernels::forward::{KernelConfig, LaunchScalars, tile_forward};
 use super::kernels::merge::combine_splits;
@@ -832,69 +832,35 @@ impl Device {
             return Ok(());
         }
         let row_words = input.storage.words_per_row(input.head_dim);
-        if let Some(lanes) = self.planes.decode_lanes {
-            // The plane decode kernel's loads, over as many cubes as its splits would make.
-            let layout = DecodeLayout::Plane {
-                lanes,
-                rows: 1,
-                row_tiles: 1,
-            };
-            let keys_per_cube = self.decode_keys_per_split(
-                &layout,
-                input.head_dim,
-                input.max_len,
-                kv_heads * input.batch,
-            );
-            let chunks = input.max_len.div_ceil(keys_per_cube);
-            let cubes = self.grid(op, [chunks, kv_heads, input.batch])?;
-            let sink = self.empty(
-                op,
-                chunks * kv_heads * input.batch * lanes,
-                size_of::<u32>(),
-            )?;
-            // SAFETY: as below; each cube writes one sink word per lane, which `sink` holds.
-            unsafe {
-                plane_stream_cache::launch(
-                    &self.client,
-                    cubes,
-                    CubeDim::new_1d(lanes as u32),
-                    arg(input.k),
-                    arg(input.v),
-                    arg(input.k_scale),
-                    arg(input.v_scale),
-                    arg(input.tables),
-                    arg(input.slots),
-                    arg(&sink),
-                    kv_heads as u32,
-                    input.page_size as u32,
-                    input.table_base as u32,
-                    input.table_stride as u32,
-                    keys_per_cube as u32,
-                    row_words,
-                    lanes,
-                    input.storage.is_quantized(),
-                );
-            }
-            return Ok(());
-        }
-        const UNITS: usize = 64;
-        // 32 tokens per unit: far under lavapipe's loop limit at any head dim.
-        let keys_per_cube = UNITS * 32;
+        // The plane decode kernel's layout (its lanes, or 8 where it does not run), over as many
+        // cubes as its splits would make.
+        let lanes = self.planes.decode_lanes.unwrap_or(READ_LANES);
+        let layout = DecodeLayout::Plane {
+            lanes,
+            rows: 1,
+            row_tiles: 1,
+        };
+        let keys_per_cube = self.decode_keys_per_split(
+            &layout,
+            input.head_dim,
+            input.max_len,
+            kv_heads * input.batch,
+        );
         let chunks = input.max_len.div_ceil(keys_per_cube);
         let cubes = self.grid(op, [chunks, kv_heads, input.batch])?;
         let sink = self.empty(
             op,
-            chunks * kv_heads * input.batch * UNITS,
+            chunks * kv_heads * input.batch * lanes,
             size_of::<u32>(),
         )?;
         // SAFETY: the kernel reads the tables of the slots named (every live sequence has one),
-        // pool rows of the pages they name (tokens below each length), and writes one sink word
-        // per unit of the grid, which `sink` holds.
+        // pool rows of the pages they name (tokens below each length, words clamped into the
+        // row), and writes one sink word per unit of the grid, which `sink` holds.
         unsafe {
             stream_cache::launch(
                 &self.client,
                 cubes,
-                CubeDim::new_1d(UNITS as u32),
+                CubeDim::new_1d(lanes as u32),
                 arg(input.k),
                 arg(input.v),
                 arg(input.k_scale),
@@ -908,6 +874,7 @@ impl Device {
                 input.table_stride as u32,
                 keys_per_cube as u32,
                 row_words,
+                lanes,
                 input.storage.is_quantized(),
             );
         }
@@ -1005,6 +972,10 @@ impl Device {
         keys.max(1)
     }
 }
+
+/// Units per cube of the bytes-once read ([`stream_cache`]) where the plane decode kernel does
+/// not run (it needs no plane operations of its own).
+const READ_LANES: usize = 8;
 
 /// The most rows a plane decode cube holds. Every row's query and accumulator channels are
 /// registers of every lane, unrolled: the compile grows with the rows, and past a point the

@@ -476,54 +476,6 @@ pub fn scatter_rows(
     }
 }
 
-/// The memory floor of a decode step, for the benches to measure decode against: reads every
-/// cached word and scale of `keys_per_cube`-token chunks of each sequence, once, and nothing
-/// else, folding them into one word per unit (`sink`, so that the reads are not optimised away).
-/// Tables as in [`paged_decode`]; `CUBE_POS_X` = chunk, `CUBE_POS_Y` = KV head,
-/// `CUBE_POS_Z` = sequence. Unit `u` reads tokens `u, u + units, …` of its chunk.
-#[cube(launch)]
-#[allow(clippy::too_many_arguments)]
-pub fn stream_cache(
-    k_words: &[u32],
-    v_words: &[u32],
-    k_scale: &[u32],
-    v_scale: &[u32],
-    tables: &[u32],
-    seq_slots: &[u32],
-    sink: &mut [u32],
-    kv_heads: u32,
-    page_size: u32,
-    table_base: u32,
-    table_stride: u32,
-    keys_per_cube: u32,
-    #[comptime] row_words: usize,
-    #[comptime] quantized: bool,
-) {
-    let kv_head = CUBE_POS_Y;
-    let slot = seq_slots[CUBE_POS_Z as usize];
-    let len = tables[slot as usize];
-    let hi = min(len, (CUBE_POS_X + 1) * keys_per_cube);
-    let mut folded = 0u32;
-    let mut t = CUBE_POS_X * keys_per_cube + UNIT_POS;
-    loop {
-        if t >= hi {
-            break;
-        }
-        let page = tables[(table_base + slot * table_stride + t / page_size) as usize];
-        let row = (page * kv_heads + kv_head) * page_size + t % page_size;
-        for w in 0..row_words {
-            let at = (row * row_words as u32 + w as u32) as usize;
-            folded ^= k_words[at] ^ v_words[at];
-        }
-        if quantized {
-            folded ^= k_scale[row as usize] ^ v_scale[row as usize];
-        }
-        t += CUBE_DIM_X;
-    }
-    let cube = (CUBE_POS_Z * CUBE_COUNT_Y + CUBE_POS_Y) * CUBE_COUNT_X + CUBE_POS_X;
-    sink[(cube * CUBE_DIM_X + UNIT_POS) as usize] = folded;
-}
-
 /// Decode with the lanes of a plane across the head dimension: the layout for devices whose
 /// planes reduce (`plane_sum`) — the default wherever the host's probe found they do.
 ///
@@ -809,14 +761,16 @@ pub fn plane_decode<F: Float>(
     }
 }
 
-/// The memory floor of a [`plane_decode`] step: the same words and scales, read in the same
-/// layout — one plane per cube, lane `p` reading words `p, p + plane, …` of each row, keys walked
-/// page by page with one block-table lookup per page — and nothing else (the words fold into
-/// `sink`, one word per unit, so that the reads are not optimised away). `CUBE_POS_X` = chunk of
-/// `keys_per_cube` tokens, `CUBE_POS_Y` = KV head, `CUBE_POS_Z` = sequence.
+/// The memory floor of a decode step, for the benches to measure decode against: every cached
+/// word and scale of each sequence's keys read once, in [`plane_decode`]'s layout — `lanes`
+/// units per cube, unit `p` reading words `p, p + lanes, …` of each row, keys walked page by page
+/// with one block-table lookup per page — and nothing else (the words fold into `sink`, one word
+/// per unit, so that the reads are not optimised away). It uses no plane operations, so every
+/// device runs it. `CUBE_POS_X` = chunk of `keys_per_cube` tokens, `CUBE_POS_Y` = KV head,
+/// `CUBE_POS_Z` = sequence.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub fn plane_stream_cache(
+pub fn stream_cache(
     k_words: &[u32],
     v_words: &[u32],
     k_scale: &[u32],
@@ -830,7 +784,7 @@ pub fn plane_stream_cache(
     table_stride: u32,
     keys_per_cube: u32,
     #[comptime] row_words: usize,
-    #[comptime] plane: usize,
+    #[comptime] lanes: usize,
     #[comptime] quantized: bool,
 ) {
     let kv_head = CUBE_POS_Y;
@@ -838,11 +792,11 @@ pub fn plane_stream_cache(
     let len = tables[slot as usize];
     let lo = (CUBE_POS_X * keys_per_cube) as i32;
     let hi = min(len, (CUBE_POS_X + 1) * keys_per_cube) as i32;
-    let per_lane = row_words.div_ceil(plane);
+    let per_lane = row_words.div_ceil(lanes);
     let mut word = Array::<u32>::new(per_lane);
     #[unroll]
     for k in 0..per_lane {
-        word[k] = min(UNIT_POS_PLANE + (k * plane) as u32, row_words as u32 - 1);
+        word[k] = min(UNIT_POS + (k * lanes) as u32, row_words as u32 - 1);
     }
     let mut folded = 0u32;
     let mut page_start = lo - lo % page_size as i32;
