@@ -9,6 +9,7 @@ use ndarray::ArrayView4;
 use crate::backend::{Backend, HostOutput};
 use crate::cache::{KvCache, KvCacheFootprint, KvStorage, Layout, SeqId};
 use crate::cube::{CubeDevice, CubeElement, DeviceKvCache, DeviceOutput, DeviceTensor};
+use crate::dsl::{MaskMod, Mods, NoMask, NoScore, ScoreMod};
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::heads::{Rule, Supported, assert_config};
@@ -235,7 +236,154 @@ macro_rules! spec_builder_methods {
         pub fn kv_cache(&self, dtype: DType) -> KvCacheFootprint {
             self.spec.kv_cache(dtype)
         }
+
+        /// This attention with a user mask mod ([`crate::dsl`]), intersected with its band
+        /// mask: a key is visible when both allow it. Set the built-in modifiers first.
+        ///
+        /// ```
+        /// use gqa::{Gqa, cpu::Cpu, dsl::{library, Aux}};
+        /// use ndarray::Array4;
+        /// // Two packed documents of 3 and 2 tokens, causal within each.
+        /// let attention = Gqa::<4, 2, 8>::new()
+        ///     .causal()
+        ///     .mask_mod(library::document(Aux::new(vec![0, 0, 0, 1, 1])));
+        /// let x = Array4::<f32>::ones((1, 4, 5, 8));
+        /// let kv = Array4::<f32>::ones((1, 2, 5, 8));
+        /// let out = attention.try_forward(&Cpu::new(), x.view(), kv.view(), kv.view())?;
+        /// // Every score is √8: token 3 sees itself only, token 4 sees tokens 3 and 4.
+        /// assert!((out.lse[[0, 0, 3]] - 8f32.sqrt()).abs() < 1e-6);
+        /// assert!((out.lse[[0, 0, 4]] - 8f32.sqrt() - 2f32.ln()).abs() < 1e-6);
+        /// # Ok::<(), gqa::Error>(())
+        /// ```
+        pub fn mask_mod<M: MaskMod>(self, mask: M) -> Modded<Self, M, NoScore> {
+            Modded {
+                attention: self,
+                mods: Mods::new(mask, NoScore),
+            }
+        }
+
+        /// This attention with a user score mod ([`crate::dsl`]), applied after its scale,
+        /// softcap and ALiBi. Set the built-in modifiers first.
+        pub fn score_mod<S: ScoreMod>(self, score: S) -> Modded<Self, NoMask, S> {
+            Modded {
+                attention: self,
+                mods: Mods::new(NoMask, score),
+            }
+        }
     };
+}
+
+/// An attention ([`Attention`] or [`DynAttention`]) with user mods ([`crate::dsl`]): what
+/// `.mask_mod(m)` and `.score_mod(s)` return. More mods compose: `.mask_mod` intersects,
+/// `.score_mod` chains.
+#[derive(Debug, Clone)]
+pub struct Modded<A, M, S> {
+    attention: A,
+    mods: Mods<M, S>,
+}
+
+/// The spec of a front end (implemented by [`Attention`] and [`DynAttention`]).
+pub trait Front {
+    /// The spec this front end lowers to.
+    fn front_spec(&self) -> &AttentionSpec;
+}
+
+impl<A: Front, M: MaskMod, S: ScoreMod> Modded<A, M, S> {
+    /// The attention without its mods.
+    pub fn attention(&self) -> &A {
+        &self.attention
+    }
+
+    /// Its spec (the built-ins).
+    pub fn spec(&self) -> &AttentionSpec {
+        self.attention.front_spec()
+    }
+
+    /// Its user mods.
+    pub fn mods(&self) -> &Mods<M, S> {
+        &self.mods
+    }
+
+    /// These mods with `mask` intersected into the mask.
+    pub fn mask_mod<M2: MaskMod>(self, mask: M2) -> Modded<A, crate::dsl::And<M, M2>, S> {
+        Modded {
+            attention: self.attention,
+            mods: self.mods.and_mask(mask),
+        }
+    }
+
+    /// These mods with `score` applied after the score mod.
+    pub fn score_mod<S2: ScoreMod>(self, score: S2) -> Modded<A, M, crate::dsl::Then<S, S2>> {
+        Modded {
+            attention: self.attention,
+            mods: self.mods.then_score(score),
+        }
+    }
+
+    /// Runs this attention on `backend` (the GPU or the CPU), host arrays in and out.
+    pub fn try_forward<T: Element, B: Backend<T>>(
+        &self,
+        backend: &B,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+    ) -> Result<HostOutput<T>> {
+        backend.try_forward_with(self.spec(), &self.mods, q, k, v)
+    }
+
+    /// [`Self::try_forward`], panicking on error.
+    ///
+    /// # Panics
+    /// If the shapes do not fit, the backend lacks the element type, or the kernel fails.
+    #[track_caller]
+    pub fn forward<T: Element, B: Backend<T>>(
+        &self,
+        backend: &B,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+    ) -> HostOutput<T> {
+        match self.try_forward(backend, q, k, v) {
+            Ok(output) => output,
+            Err(error) => panic!("{error}"),
+        }
+    }
+
+    /// The `f64` oracle's answer ([`crate::oracle::try_forward_with`]).
+    pub fn try_forward_oracle<T: Element>(
+        &self,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+    ) -> Result<crate::oracle::Output> {
+        crate::oracle::try_forward_with(self.spec(), &self.mods, q, k, v)
+    }
+
+    /// Runs this attention on tensors already on the device.
+    pub fn try_forward_device<T: CubeElement>(
+        &self,
+        device: &CubeDevice,
+        q: &DeviceTensor<T>,
+        k: &DeviceTensor<T>,
+        v: &DeviceTensor<T>,
+    ) -> Result<DeviceOutput<T>> {
+        device.try_forward_device_with(self.spec(), &self.mods, q, k, v)
+    }
+}
+
+impl<const HQ: usize, const HKV: usize, const D: usize> Front for Attention<HQ, HKV, D>
+where
+    Rule: Supported<HQ, HKV, D>,
+{
+    fn front_spec(&self) -> &AttentionSpec {
+        &self.spec
+    }
+}
+
+impl Front for DynAttention {
+    fn front_spec(&self) -> &AttentionSpec {
+        &self.spec
+    }
 }
 
 impl<const HQ: usize, const HKV: usize, const D: usize> Attention<HQ, HKV, D>

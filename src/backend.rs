@@ -4,6 +4,7 @@
 
 use ndarray::{Array3, Array4, ArrayView4};
 
+use crate::dsl::{MaskMod, Mods, ScoreMod};
 use crate::element::Element;
 use crate::error::Result;
 use crate::spec::AttentionSpec;
@@ -25,6 +26,17 @@ pub trait Backend<T: Element> {
     fn try_forward(
         &self,
         spec: &AttentionSpec,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+    ) -> Result<HostOutput<T>>;
+
+    /// [`Backend::try_forward`] with user mods ([`crate::dsl`]): the mask mod intersected with
+    /// the spec's band, the score mod after the spec's modifiers.
+    fn try_forward_with<M: MaskMod, S: ScoreMod>(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, S>,
         q: ArrayView4<T>,
         k: ArrayView4<T>,
         v: ArrayView4<T>,

@@ -129,6 +129,10 @@ pub enum Error {
     #[error("{op}: {reason}")]
     Partial { op: &'static str, reason: String },
 
+    /// A table a DSL mod captures (`gqa::dsl::Aux`) cannot be used.
+    #[error("mod table: {reason}")]
+    Aux { reason: String },
+
     /// A model configuration (e.g. a Hugging Face `config.json`) could not be read, or holds a
     /// field of the wrong type or an unknown value.
     #[error("model config: {reason}")]

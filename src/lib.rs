@@ -56,6 +56,7 @@ pub mod cache;
 #[cfg(feature = "cpu")]
 pub mod cpu;
 pub mod cube;
+pub mod dsl;
 pub mod element;
 pub mod error;
 pub mod heads;
@@ -66,7 +67,12 @@ pub mod spec;
 
 mod attention;
 
-pub use attention::{Attention, DynAttention, Gqa, Mha, Mqa};
+// The DSL's macros name this crate `::gqa`, in user crates and in its own library of mods.
+extern crate self as gqa;
+
+pub use gqa_macros::{mask_mod, score_mod};
+
+pub use attention::{Attention, DynAttention, Front, Gqa, Mha, Modded, Mqa};
 pub use cache::KvCacheFootprint;
 pub use element::{DType, Element};
 pub use error::{Error, Result};

@@ -6,6 +6,7 @@
 
 use proc_macro::TokenStream;
 
+mod dsl;
 mod head_table;
 
 /// Generates the sealed table of valid head configurations of `gqa` (see `gqa::heads`).
@@ -26,6 +27,27 @@ mod head_table;
 #[proc_macro]
 pub fn head_table(input: TokenStream) -> TokenStream {
     head_table::expand(input.into())
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}
+
+/// Turns one restricted function `fn name(captures…, at: Position) -> bool` into a mask mod
+/// (`gqa::dsl::MaskMod`): a constructor `name(captures…)` of a type `Name` with a host and a
+/// kernel implementation. The language and what it generates: `gqa::dsl`.
+#[proc_macro_attribute]
+pub fn mask_mod(attr: TokenStream, item: TokenStream) -> TokenStream {
+    dsl::expand(dsl::Kind::Mask, attr.into(), item.into())
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}
+
+/// Turns one restricted function `fn name(captures…, s: f32, at: Position) -> f32` into a
+/// score mod (`gqa::dsl::ScoreMod`): a constructor `name(captures…)` of a type `Name` with a
+/// host implementation generic over the number type, a kernel implementation and a derivative.
+/// The language and what it generates: `gqa::dsl`.
+#[proc_macro_attribute]
+pub fn score_mod(attr: TokenStream, item: TokenStream) -> TokenStream {
+    dsl::expand(dsl::Kind::Score, attr.into(), item.into())
         .unwrap_or_else(syn::Error::into_compile_error)
         .into()
 }

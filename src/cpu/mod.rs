@@ -53,6 +53,7 @@ use ndarray::{Array3, Array4, ArrayView4, ArrayViewMut3, ArrayViewMut4, CowArray
 
 use crate::backend::{Backend, HostOutput};
 use crate::cache::{KvCache, KvStorage, SeqId};
+use crate::dsl::{MaskMod, Mods, ScoreMod};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::heads::{Rule, Supported};
@@ -172,13 +173,28 @@ impl Cpu {
         k: ArrayView4<T>,
         v: ArrayView4<T>,
     ) -> Result<HostOutput<T>> {
+        self.try_forward_with(spec, &Mods::none(), q, k, v)
+    }
+
+    /// [`Cpu::try_forward`] with user mods ([`crate::dsl`]), monomorphised per mod type: the
+    /// mask and score mod run inside the tile loop, per score.
+    pub fn try_forward_with<T: CpuElement, M: MaskMod, S: ScoreMod>(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, S>,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+    ) -> Result<HostOutput<T>> {
         let shape = spec.check_shapes("cpu::forward", q.shape(), k.shape(), v.shape())?;
         let (q, k, v) = (T::as_f32(q), T::as_f32(k), T::as_f32(v));
         let mut o =
             Array4::<f32>::zeros((shape.batch, spec.q_heads(), shape.seq_q, spec.head_dim()));
         let mut lse = Array3::<f32>::zeros((shape.batch, spec.q_heads(), shape.seq_q));
         let inputs = (q.view(), k.view(), v.view());
-        self.install(|| prefill::forward_into(spec, shape, inputs, o.view_mut(), lse.view_mut()));
+        self.install(|| {
+            prefill::forward_into(spec, mods, shape, inputs, o.view_mut(), lse.view_mut())
+        });
         Ok(HostOutput {
             o: o.mapv(|x| T::narrow(f64::from(x))),
             lse,
@@ -214,7 +230,8 @@ impl Cpu {
             }
         }
         let (q, k, v) = (f32::as_f32(q), f32::as_f32(k), f32::as_f32(v));
-        self.install(|| prefill::forward_into(spec, shape, (q.view(), k.view(), v.view()), o, lse));
+        let inputs = (q.view(), k.view(), v.view());
+        self.install(|| prefill::forward_into(spec, &Mods::none(), shape, inputs, o, lse));
         Ok(())
     }
 
@@ -312,5 +329,16 @@ impl<T: CpuElement> Backend<T> for Cpu {
         v: ArrayView4<T>,
     ) -> Result<HostOutput<T>> {
         Cpu::try_forward(self, spec, q, k, v)
+    }
+
+    fn try_forward_with<M: MaskMod, S: ScoreMod>(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, S>,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+    ) -> Result<HostOutput<T>> {
+        Cpu::try_forward_with(self, spec, mods, q, k, v)
     }
 }

@@ -16,6 +16,7 @@ use ndarray::{
 use rayon::prelude::*;
 
 use super::{RowState, simd};
+use crate::dsl::{MaskMod, Mods, Position, ScoreMod};
 use crate::spec::{AttentionSpec, ProblemShape};
 
 /// Keys per block.
@@ -38,8 +39,9 @@ struct Scratch {
 
 /// Writes `o: [B, HQ, Lq, D]` and `lse: [B, HQ, Lq]` (f32; every element, whatever they
 /// held). Each work item owns the disjoint sub-views of its rows.
-pub(super) fn forward_into(
+pub(super) fn forward_into<M: MaskMod, S: ScoreMod>(
     spec: &AttentionSpec,
+    mods: &Mods<M, S>,
     shape: ProblemShape,
     (q, k, v): (ArrayView4<f32>, ArrayView4<f32>, ArrayView4<f32>),
     mut o: ArrayViewMut4<f32>,
@@ -53,6 +55,8 @@ pub(super) fn forward_into(
         lse.fill(f32::NEG_INFINITY);
         return;
     }
+    let user = UserMods { mods, shape };
+    let user: Option<&dyn RowMods> = if mods.is_trivial() { None } else { Some(&user) };
     // (b, g, first query, its rows of o, its rows of lse), one per work item.
     let mut items = Vec::new();
     for (b, (o_b, lse_b)) in o.outer_iter_mut().zip(lse.outer_iter_mut()).enumerate() {
@@ -80,8 +84,10 @@ pub(super) fn forward_into(
         |scratch, (b, g, i0, o_tile, lse_tile)| {
             let tile = Tile {
                 spec,
+                mods: user,
                 seq_q,
                 seq_k,
+                b,
                 g,
                 block_q,
                 i0,
@@ -117,11 +123,58 @@ fn chunks<'a, A, D: ndarray::Dimension>(
     pieces
 }
 
+/// The user mods ([`crate::dsl`]) as the tile loop applies them: once per row and key block
+/// through one dynamic call, per score through the mods' monomorphised code.
+trait RowMods: Sync {
+    /// Applies the score mod, then the mask (−∞ where it hides), to the scores of query `i` of
+    /// query head `h` in batch entry `b` against keys `j0 ..`.
+    fn apply(&self, b: usize, h: usize, i: usize, j0: usize, scores: &mut [f32]);
+    /// Whether the mask mod lets query `i` of head `h` in entry `b` see key `j`.
+    fn visible(&self, b: usize, h: usize, i: usize, j: usize) -> bool;
+    /// Whether the mask mod may hide anything.
+    fn masks(&self) -> bool;
+}
+
+struct UserMods<'a, M, S> {
+    mods: &'a Mods<M, S>,
+    shape: ProblemShape,
+}
+
+impl<M: MaskMod, S: ScoreMod> UserMods<'_, M, S> {
+    fn at(&self, b: usize, h: usize, i: usize, j: usize) -> Position {
+        crate::oracle::position(self.shape, b, h, i, j)
+    }
+}
+
+impl<M: MaskMod, S: ScoreMod> RowMods for UserMods<'_, M, S> {
+    fn apply(&self, b: usize, h: usize, i: usize, j0: usize, scores: &mut [f32]) {
+        for (jj, s) in scores.iter_mut().enumerate() {
+            let at = self.at(b, h, i, j0 + jj);
+            if !S::TRIVIAL {
+                *s = self.mods.score().apply(*s, at);
+            }
+            if !M::TRIVIAL && !self.mods.mask().visible(at) {
+                *s = f32::NEG_INFINITY;
+            }
+        }
+    }
+
+    fn visible(&self, b: usize, h: usize, i: usize, j: usize) -> bool {
+        self.mods.visible(self.at(b, h, i, j))
+    }
+
+    fn masks(&self) -> bool {
+        !M::TRIVIAL
+    }
+}
+
 /// One work item's place in the problem.
 struct Tile<'a> {
     spec: &'a AttentionSpec,
+    mods: Option<&'a dyn RowMods>,
     seq_q: usize,
     seq_k: usize,
+    b: usize,
     g: usize,
     block_q: usize,
     i0: usize,
@@ -257,17 +310,40 @@ impl Tile<'_> {
     ) {
         let n = v_block.nrows();
         let inside = common.start <= j0 && j0 + n <= common.end;
-        let hidden_non_finite = !inside
-            && v_block
-                .outer_iter()
-                .enumerate()
-                .filter(|(j, _)| !common.contains(&(j0 + j)))
-                .any(|(_, row)| row.iter().any(|x| !x.is_finite()));
+        let user_mask = self.mods.filter(|m| m.masks());
+        let hidden_non_finite = match user_mask {
+            // A user mask may hide any key: any non-finite value is a hidden one for some row.
+            Some(_) => v_block.iter().any(|x| !x.is_finite()),
+            None => {
+                !inside
+                    && v_block
+                        .outer_iter()
+                        .enumerate()
+                        .filter(|(j, _)| !common.contains(&(j0 + j)))
+                        .any(|(_, row)| row.iter().any(|x| !x.is_finite()))
+            }
+        };
         if !hidden_non_finite {
             matmul(acc, probs, v_block, 1.0, true);
             return;
         }
         let (group, block_q) = (self.spec.group_size(), self.block_q);
+        if let Some(mods) = user_mask {
+            // Key by key, the keys each row sees (rare: only blocks holding non-finite values).
+            for (ii, range) in visible.iter().enumerate() {
+                for hh in 0..group {
+                    let (r, head) = (hh * block_q + ii, self.g * group + hh);
+                    for j in range.start.max(j0)..range.end.min(j0 + n) {
+                        if mods.visible(self.b, head, self.i0 + ii, j) {
+                            let p = probs[[r, j - j0]];
+                            let mut out = acc.row_mut(r);
+                            out.zip_mut_with(&v_block.row(j - j0), |o, &x| *o += p * x);
+                        }
+                    }
+                }
+            }
+            return;
+        }
         for (ii, range) in visible.iter().enumerate() {
             let a = range.start.clamp(j0, j0 + n) - j0;
             let b = range.end.clamp(j0, j0 + n) - j0;
@@ -331,8 +407,16 @@ fn softmax_block(
                     *s -= slope * (diag - key).unsigned_abs() as f32;
                 }
             }
+            if let Some(mods) = tile.mods {
+                mods.apply(tile.b, head, tile.i0 + ii, j0 + lo, live);
+            }
+            let block_max = simd::max(live);
+            if block_max == f32::NEG_INFINITY {
+                row.fill(0.0); // every key of the block hidden from this row by the user mask
+                continue;
+            }
             let m_old = m[r];
-            let m_new = m_old.max(simd::max(live));
+            let m_new = m_old.max(block_max);
             if m_new > m_old {
                 if m_old > f32::NEG_INFINITY {
                     let alpha = simd::exp(m_old - m_new);

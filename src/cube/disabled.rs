@@ -107,7 +107,10 @@ impl Device {
     pub fn stream(&self, _: &'static str, _: usize, _: DecodeInputs<'_>) -> Result<()> {
         match *self {}
     }
-    pub fn forward<T>(&self, _: super::ForwardCall<'_>) -> Result<()> {
+    pub fn forward<T, M, S>(&self, _: super::ForwardCall<'_>) -> Result<()> {
+        match *self {}
+    }
+    pub fn constant(&self, _: &'static str, _: &[u32]) -> Result<Buffer> {
         match *self {}
     }
     pub fn empty(&self, _: &'static str, _: usize, _: usize) -> Result<Buffer> {

@@ -41,6 +41,9 @@
 mod cache;
 #[cfg(any(feature = "wgpu", feature = "cuda", feature = "hip"))]
 mod kernels;
+/// The kernels' accurate `exp`, `ln`, `tanh`, which DSL mods call in kernels.
+#[cfg(any(feature = "wgpu", feature = "cuda", feature = "hip"))]
+pub(crate) use kernels::math as kernel_math;
 #[cfg(any(feature = "wgpu", feature = "cuda", feature = "hip"))]
 mod runtime;
 #[cfg(not(any(feature = "wgpu", feature = "cuda", feature = "hip")))]
@@ -55,6 +58,7 @@ pub use cache::{DeviceKvCache, MAX_DECODE_QUERIES};
 
 use ndarray::{ArrayView4, Dimension};
 
+use crate::dsl::{MaskMod, Mods, ScoreMod};
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::spec::{AttentionSpec, ProblemShape};
@@ -263,9 +267,22 @@ impl CubeDevice {
         k: &DeviceTensor<T>,
         v: &DeviceTensor<T>,
     ) -> Result<DeviceOutput<T>> {
+        self.try_forward_device_with(spec, &Mods::none(), q, k, v)
+    }
+
+    /// [`CubeDevice::try_forward_device`] with user mods ([`crate::dsl`]): one kernel is
+    /// compiled per mod type (and per spec specialisation), its captures uploaded per call.
+    pub fn try_forward_device_with<T: CubeElement, M: MaskMod, S: ScoreMod>(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, S>,
+        q: &DeviceTensor<T>,
+        k: &DeviceTensor<T>,
+        v: &DeviceTensor<T>,
+    ) -> Result<DeviceOutput<T>> {
         let shape = spec.check_shapes("cube::forward", &q.shape, &k.shape, &v.shape)?;
         let mut out = self.try_forward_output(spec, shape.batch, shape.seq_q)?;
-        self.try_forward_into(spec, q, k, v, &mut out)?;
+        self.try_forward_into_with(spec, mods, q, k, v, &mut out)?;
         Ok(out)
     }
 
@@ -323,6 +340,20 @@ impl CubeDevice {
         v: &DeviceTensor<T>,
         out: &mut DeviceOutput<T>,
     ) -> Result<()> {
+        self.try_forward_into_with(spec, &Mods::none(), q, k, v, out)
+    }
+
+    /// [`CubeDevice::try_forward_into`] with user mods ([`crate::dsl`]). The captures are a
+    /// launch constant like the strides: uploaded when they change, reused otherwise.
+    pub fn try_forward_into_with<T: CubeElement, M: MaskMod, S: ScoreMod>(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, S>,
+        q: &DeviceTensor<T>,
+        k: &DeviceTensor<T>,
+        v: &DeviceTensor<T>,
+        out: &mut DeviceOutput<T>,
+    ) -> Result<()> {
         const OP: &str = "cube::forward";
         let shape = spec.check_shapes(OP, &q.shape, &k.shape, &v.shape)?;
         for tensor in [q, k, v] {
@@ -351,7 +382,8 @@ impl CubeDevice {
                 })?;
             }
         }
-        self.inner.forward::<T>(ForwardCall {
+        let aux = self.inner.constant(OP, &mods.captured_words())?;
+        self.inner.forward::<T, M, S>(ForwardCall {
             op: OP,
             spec,
             shape,
@@ -361,6 +393,9 @@ impl CubeDevice {
             layout,
             o: &out.o.buffer,
             lse: &out.lse.buffer,
+            aux: &aux,
+            mask_mod: !M::TRIVIAL,
+            score_mod: !S::TRIVIAL,
         })
     }
 
@@ -412,6 +447,18 @@ impl CubeDevice {
         k: ArrayView4<T>,
         v: ArrayView4<T>,
     ) -> Result<HostOutput<T>> {
+        self.try_forward_with(spec, &Mods::none(), q, k, v)
+    }
+
+    /// [`CubeDevice::try_forward`] with user mods ([`crate::dsl`]).
+    pub fn try_forward_with<T: CubeElement, M: MaskMod, S: ScoreMod>(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, S>,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+    ) -> Result<HostOutput<T>> {
         // Shapes are checked before anything is copied.
         spec.check_shapes("cube::forward", q.shape(), k.shape(), v.shape())?;
         let (q, k, v) = (
@@ -419,7 +466,7 @@ impl CubeDevice {
             self.try_upload(k)?,
             self.try_upload(v)?,
         );
-        let out = self.try_forward_device(spec, &q, &k, &v)?;
+        let out = self.try_forward_device_with(spec, mods, &q, &k, &v)?;
         let o = self
             .try_download(&out.o)?
             .into_dimensionality()
@@ -604,6 +651,11 @@ pub(crate) struct ForwardCall<'a> {
     pub layout: [u32; 15],
     pub o: &'a runtime::Buffer,
     pub lse: &'a runtime::Buffer,
+    /// The user mods' captures (`crate::dsl::Mods::captured_words`).
+    pub aux: &'a runtime::Buffer,
+    /// Whether the kernel evaluates the user mask mod, and applies the user score mod.
+    pub mask_mod: bool,
+    pub score_mod: bool,
 }
 
 /// What a decode launch reads (the runtime's side of [`CubeDevice::try_decode`]).
@@ -646,6 +698,17 @@ impl<T: CubeElement> crate::backend::Backend<T> for CubeDevice {
         v: ArrayView4<T>,
     ) -> Result<HostOutput<T>> {
         CubeDevice::try_forward(self, spec, q, k, v)
+    }
+
+    fn try_forward_with<M: MaskMod, S: ScoreMod>(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, S>,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+    ) -> Result<HostOutput<T>> {
+        CubeDevice::try_forward_with(self, spec, mods, q, k, v)
     }
 }
 

@@ -18,6 +18,7 @@ use super::kernels::products::RegisterProducts;
 use super::{DecodeInputs, ForwardCall};
 use super::{ForwardTile, KvLoads};
 use crate::cache::StorageKind;
+use crate::dsl::cube::{CubeMask, CubeScore};
 use crate::element::DType;
 use crate::error::{Error, Result};
 use crate::spec::{AttentionSpec, ProblemShape};
@@ -236,7 +237,7 @@ impl Device {
     /// A launch constant (a layout, ALiBi slopes) on the device: uploaded on first use and
     /// reused by every later launch that needs the same words, so that steady-state calls
     /// upload nothing. At most [`CONSTANTS_KEPT`] are kept (then the table starts afresh).
-    fn constant(&self, op: &'static str, words: &[u32]) -> Result<Buffer> {
+    pub fn constant(&self, op: &'static str, words: &[u32]) -> Result<Buffer> {
         let mut table = self.constants.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(buffer) = table.get(words) {
             return Ok(buffer.clone());
@@ -281,18 +282,20 @@ impl Device {
     /// stride_h, stride_s, stride_d]` for q, k and v. The tile is the pinned one
     /// ([`Device::set_forward_tile`]), the untuned rule's ([`Device::set_untuned`]), or the one
     /// autotune measured fastest for the problem's key (`super::tune`).
-    pub fn forward<T: KernelElement>(&self, call: ForwardCall<'_>) -> Result<()> {
+    pub fn forward<T: KernelElement, M: CubeMask, S: CubeScore>(
+        &self,
+        call: ForwardCall<'_>,
+    ) -> Result<()> {
         let rows = call.shape.batch * call.spec.q_heads() * call.shape.seq_q;
         debug_assert!(call.o.len == rows * call.spec.head_dim() && call.lse.len == rows);
         if rows == 0 {
             return Ok(());
         }
         match self.tiles {
-            TilePolicy::Pinned(tile) => self.forward_tiled::<T>(&call, tile),
-            TilePolicy::Untuned => {
-                self.forward_tiled::<T>(&call, self.untuned_forward_tile(call.spec.head_dim()))
-            }
-            TilePolicy::Autotune => super::tune::forward::<T>(self, call),
+            TilePolicy::Pinned(tile) => self.forward_tiled::<T, M, S>(&call, tile),
+            TilePolicy::Untuned => self
+                .forward_tiled::<T, M, S>(&call, self.untuned_forward_tile(call.spec.head_dim())),
+            TilePolicy::Autotune => super::tune::forward::<T, M, S>(self, call),
         }
     }
 
@@ -315,6 +318,8 @@ impl Device {
         let rows = batch * spec.q_heads() * seq_q;
         let plan = self.forward_plan(op, spec, tile)?;
         let mut config = plan.config;
+        config.mask_mod = call.mask_mod;
+        config.score_mod = call.score_mod;
         let keys_per_split = self.keys_per_split(&plan, shape.seq_k);
         let splits = shape.seq_k.div_ceil(keys_per_split).max(1);
         config.split = splits > 1;
@@ -337,7 +342,7 @@ impl Device {
     }
 
     /// The forward launch cut into `tile`.
-    pub(super) fn forward_tiled<T: KernelElement>(
+    pub(super) fn forward_tiled<T: KernelElement, M: CubeMask, S: CubeScore>(
         &self,
         call: &ForwardCall<'_>,
         tile: ForwardTile,
@@ -352,6 +357,8 @@ impl Device {
             layout,
             o,
             lse,
+            aux,
+            ..
         } = call;
         let rows = shape.batch * spec.q_heads() * shape.seq_q;
         let ForwardLaunch {
@@ -374,7 +381,7 @@ impl Device {
         // partial buffers hold exactly the rows the grid covers, and rows past `seq_q` are not
         // written. `layout` holds 15 words and `slopes` one per query head (or a dummy).
         unsafe {
-            tile_forward::launch_unchecked::<T, RegisterProducts>(
+            tile_forward::launch_unchecked::<T, RegisterProducts, M, S>(
                 &self.client,
                 cubes,
                 units,
@@ -383,6 +390,7 @@ impl Device {
                 arg(v),
                 arg(&layout),
                 arg(&slopes),
+                arg(aux),
                 arg(o),
                 arg(lse),
                 arg(&o_partial),
@@ -520,6 +528,8 @@ impl Device {
                 right_bounded: mask.right().is_some(),
                 softcap: spec.softcap().is_some(),
                 alibi: spec.alibi().is_some(),
+                mask_mod: false,
+                score_mod: false,
                 split: false,
             },
         })

@@ -22,8 +22,25 @@ use cubecl::tune::{LocalTuner, Tunable, TunableSet, TuneGroup, TuneInputs, local
 
 use super::runtime::{Device, KernelElement};
 use super::{ForwardCall, ForwardTile};
+use crate::dsl::cube::{CubeMask, CubeScore};
+use crate::dsl::{NoMask, NoScore};
 use crate::error::Result;
 use crate::spec::{AttentionSpec, ProblemShape};
+
+/// The tuner's identity for a device and a pair of user mods: a set of tunables launches one
+/// kernel type, so each mod type gets its own (the device name alone without mods).
+fn tuner_id<M: CubeMask, S: CubeScore>(device: &Device) -> String {
+    if std::any::TypeId::of::<(M, S)>() == std::any::TypeId::of::<(NoMask, NoScore)>() {
+        device.name().to_string()
+    } else {
+        format!(
+            "{} mods {} {}",
+            device.name(),
+            std::any::type_name::<M>(),
+            std::any::type_name::<S>()
+        )
+    }
+}
 
 /// Results by device (its adapter name) and key.
 static FORWARD: LocalTuner<String, String> = local_tuner!("forward-tile");
@@ -61,7 +78,7 @@ fn key<T: KernelElement>(spec: &AttentionSpec, shape: ProblemShape) -> String {
 
 /// Every candidate tile any head dim can have, each a tunable that launches the call with it
 /// (or fails, for a head dim it is not a candidate of: the tuner then does not time it).
-fn forward_set<T: KernelElement>() -> ForwardSet {
+fn forward_set<T: KernelElement, M: CubeMask, S: CubeScore>() -> ForwardSet {
     let group = TuneGroup::<String>::new("forward tiles", |_| 1);
     let mut all: Vec<ForwardTile> = Vec::new();
     for head_dim in [8, 64, 128, 256, 512] {
@@ -81,7 +98,7 @@ fn forward_set<T: KernelElement>() -> ForwardSet {
                     return Err(format!("{tile} is not a candidate at this head dim"));
                 }
                 device
-                    .forward_tiled::<T>(&call, tile)
+                    .forward_tiled::<T, M, S>(&call, tile)
                     .map_err(|e| e.to_string())
             })
             .group(&group, |_| 1),
@@ -92,12 +109,15 @@ fn forward_set<T: KernelElement>() -> ForwardSet {
 
 /// The forward launch with the fastest candidate tile for its key, timing them all on the
 /// first launch of a key.
-pub(super) fn forward<T: KernelElement>(device: &Device, call: ForwardCall<'_>) -> Result<()> {
-    let id = device.name().to_string();
-    let set = FORWARD.init(&id, forward_set::<T>);
+pub(super) fn forward<T: KernelElement, M: CubeMask, S: CubeScore>(
+    device: &Device,
+    call: ForwardCall<'_>,
+) -> Result<()> {
+    let id = tuner_id::<M, S>(device);
+    let set = FORWARD.init(&id, forward_set::<T, M, S>);
     let key = key::<T>(call.spec, call.shape);
     if let Some(tile) = FORWARD.fastest_identity(&id, &set, &key) {
-        return device.forward_tiled::<T>(&call, tile);
+        return device.forward_tiled::<T, M, S>(&call, tile);
     }
     let head_dim = call.spec.head_dim();
     let untuned = device.untuned_forward_tile(head_dim);
@@ -108,7 +128,7 @@ pub(super) fn forward<T: KernelElement>(device: &Device, call: ForwardCall<'_>) 
     match fit.as_slice() {
         // The untuned tile's own error (it is always a candidate).
         [] => device.check_forward_tile(&call, untuned),
-        [only] => device.forward_tiled::<T>(&call, *only),
+        [only] => device.forward_tiled::<T, M, S>(&call, *only),
         _ => {
             FORWARD.execute(&id, device.client(), set, (device, call));
             Ok(())
@@ -122,7 +142,7 @@ pub(super) fn tuned_tile<T: KernelElement>(
     spec: &AttentionSpec,
     shape: ProblemShape,
 ) -> Option<ForwardTile> {
-    let id = device.name().to_string();
-    let set = FORWARD.init(&id, forward_set::<T>);
+    let id = tuner_id::<NoMask, NoScore>(device);
+    let set = FORWARD.init(&id, forward_set::<T, NoMask, NoScore>);
     FORWARD.fastest_identity(&id, &set, &key::<T>(spec, shape))
 }

@@ -10,7 +10,8 @@ use std::ops::Range;
 
 use ndarray::{Array3, Array4, ArrayView4, s};
 
-use super::Output;
+use super::{DynMods, Output};
+use crate::dsl::{MaskMod, Mods, ScoreMod};
 use crate::element::{DType, Element};
 use crate::error::Result;
 use crate::spec::{AttentionSpec, ProblemShape};
@@ -38,8 +39,36 @@ pub fn try_forward_rounded_keys<T: Element>(
     dtype: DType,
     keys: Range<usize>,
 ) -> Result<Output> {
+    rounded_dyn(spec, &Mods::none(), q, k, v, dtype, keys)
+}
+
+/// [`try_forward_rounded`] with user mods (the score mod applied in `f32`, as `f32` executors
+/// do): the yardstick for [`super::try_forward_with`].
+pub fn try_forward_rounded_with<T: Element, M: MaskMod, S: ScoreMod>(
+    spec: &AttentionSpec,
+    mods: &Mods<M, S>,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+    v: ArrayView4<T>,
+    dtype: DType,
+) -> Result<Output> {
     if dtype == DType::F64 {
-        return super::try_forward_keys(spec, q, k, v, keys);
+        return super::try_forward_with(spec, mods, q, k, v);
+    }
+    rounded_dyn(spec, mods, q, k, v, dtype, 0..usize::MAX)
+}
+
+fn rounded_dyn<T: Element>(
+    spec: &AttentionSpec,
+    mods: &dyn DynMods,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+    v: ArrayView4<T>,
+    dtype: DType,
+    keys: Range<usize>,
+) -> Result<Output> {
+    if dtype == DType::F64 {
+        return super::forward_keys_dyn(spec, mods, q, k, v, keys);
     }
     let shape = spec.check_shapes("oracle::forward_rounded", q.shape(), k.shape(), v.shape())?;
     let ProblemShape {
@@ -51,18 +80,21 @@ pub fn try_forward_rounded_keys<T: Element>(
     let mut o = Array4::zeros((batch, spec.q_heads(), seq_q, spec.head_dim()));
     let mut lse = Array3::from_elem((batch, spec.q_heads(), seq_q), f64::NEG_INFINITY);
     let mut scores: Vec<f32> = Vec::with_capacity(seq_k);
+    let mut visible: Vec<usize> = Vec::with_capacity(seq_k);
     for b in 0..batch {
         for h in 0..spec.q_heads() {
             let g = spec.kv_head_of(h);
             for i in 0..seq_q {
-                let visible = spec.mask().visible_keys(i, seq_q, seq_k);
-                let visible = visible.start.max(keys.start)..visible.end.min(keys.end);
-                if visible.is_empty() {
-                    continue;
-                }
+                let band = spec.mask().visible_keys(i, seq_q, seq_k);
+                let band = band.start.max(keys.start)..band.end.min(keys.end);
                 let diag = spec.mask().diagonal(i, seq_q, seq_k);
                 scores.clear();
-                scores.extend(visible.clone().map(|j| {
+                visible.clear();
+                for j in band {
+                    let at = super::position(shape, b, h, i, j);
+                    if !mods.visible(at) {
+                        continue;
+                    }
                     let q_row = q.slice(s![b, h, i, ..]);
                     let k_row = k.slice(s![b, g, j, ..]);
                     let dot = q_row.iter().zip(k_row).fold(0f32, |acc, (x, y)| {
@@ -75,13 +107,17 @@ pub fn try_forward_rounded_keys<T: Element>(
                     if let Some(alibi) = spec.alibi() {
                         s -= alibi.slope(h) * (diag - j as i128).unsigned_abs() as f32;
                     }
-                    to_dtype(s)
-                }));
+                    visible.push(j);
+                    scores.push(to_dtype(mods.score_f32(s, at)));
+                }
+                if visible.is_empty() {
+                    continue;
+                }
                 let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
                 let sum: f32 = scores.iter().map(|&s| (s - max).exp()).sum();
                 lse[[b, h, i]] = f64::from(max + sum.ln());
                 let mut out = vec![0f32; spec.head_dim()];
-                for (j, &s) in visible.zip(&scores) {
+                for (&j, &s) in visible.iter().zip(&scores) {
                     let p = to_dtype((s - max).exp() / sum);
                     for (acc, x) in out.iter_mut().zip(v.slice(s![b, g, j, ..])) {
                         *acc += p * x.widen() as f32;

@@ -13,7 +13,7 @@
 mod low_precision;
 mod tolerance;
 
-pub use low_precision::{try_forward_rounded, try_forward_rounded_keys};
+pub use low_precision::{try_forward_rounded, try_forward_rounded_keys, try_forward_rounded_with};
 pub use tolerance::{Comparison, compare, compare_lse, compare_rows};
 
 use std::ops::Range;
@@ -21,6 +21,7 @@ use std::ops::Range;
 use ndarray::{Array3, Array4, ArrayView1, ArrayView4, Axis, s};
 
 use crate::cache::{KvCache, KvStorage, SeqId};
+use crate::dsl::{MaskMod, Mods, Position, ScoreMod};
 use crate::element::Element;
 use crate::error::Result;
 use crate::heads::{Rule, Supported};
@@ -88,6 +89,42 @@ pub fn try_forward_keys<T: Element>(
     v: ArrayView4<T>,
     keys: Range<usize>,
 ) -> Result<Output> {
+    forward_keys_dyn(spec, &Mods::none(), q, k, v, keys)
+}
+
+/// [`try_forward`] with user mods ([`crate::dsl`]): a key is visible when the spec's band and
+/// the mask mod both allow it, and the score mod applies after the spec's modifiers — all in
+/// `f64`.
+pub fn try_forward_with<T: Element, M: MaskMod, S: ScoreMod>(
+    spec: &AttentionSpec,
+    mods: &Mods<M, S>,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+    v: ArrayView4<T>,
+) -> Result<Output> {
+    forward_keys_dyn(spec, mods, q, k, v, 0..usize::MAX)
+}
+
+/// [`try_forward_keys`] with user mods.
+pub fn try_forward_keys_with<T: Element, M: MaskMod, S: ScoreMod>(
+    spec: &AttentionSpec,
+    mods: &Mods<M, S>,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+    v: ArrayView4<T>,
+    keys: Range<usize>,
+) -> Result<Output> {
+    forward_keys_dyn(spec, mods, q, k, v, keys)
+}
+
+fn forward_keys_dyn<T: Element>(
+    spec: &AttentionSpec,
+    mods: &dyn DynMods,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+    v: ArrayView4<T>,
+    keys: Range<usize>,
+) -> Result<Output> {
     let shape = spec.check_shapes("oracle::forward", q.shape(), k.shape(), v.shape())?;
     let ProblemShape {
         batch,
@@ -101,15 +138,15 @@ pub fn try_forward_keys<T: Element>(
         for h in 0..spec.q_heads() {
             let g = spec.kv_head_of(h);
             for i in 0..seq_q {
-                let visible = row_scores(spec, shape, &q, &k, (b, h, i), &keys, &mut row);
-                if visible.is_empty() {
+                row_scores(spec, mods, shape, &q, &k, (b, h, i), &keys, &mut row);
+                if row.is_empty() {
                     continue; // fully masked: o = 0, lse = −∞
                 }
-                let max = row.iter().fold(f64::NEG_INFINITY, |m, &s| m.max(s));
-                let row_lse = max + row.iter().map(|&s| (s - max).exp()).sum::<f64>().ln();
+                let max = row.iter().fold(f64::NEG_INFINITY, |m, &(_, s)| m.max(s));
+                let row_lse = max + row.iter().map(|&(_, s)| (s - max).exp()).sum::<f64>().ln();
                 lse[[b, h, i]] = row_lse;
                 let mut out = o.slice_mut(s![b, h, i, ..]);
-                for (j, &s) in visible.zip(&row) {
+                for &(j, s) in &row {
                     let p = (s - row_lse).exp();
                     out.zip_mut_with(&v.slice(s![b, g, j, ..]), |acc, &x| *acc += p * x.widen());
                 }
@@ -234,8 +271,18 @@ pub fn try_scores<T: Element>(
     q: ArrayView4<T>,
     k: ArrayView4<T>,
 ) -> Result<Array4<f64>> {
+    try_scores_with(spec, &Mods::none(), q, k)
+}
+
+/// [`try_scores`] with user mods.
+pub fn try_scores_with<T: Element, M: MaskMod, S: ScoreMod>(
+    spec: &AttentionSpec,
+    mods: &Mods<M, S>,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+) -> Result<Array4<f64>> {
     let shape = spec.check_shapes("oracle::scores", q.shape(), k.shape(), k.shape())?;
-    Ok(scores_of_checked(spec, shape, &q, &k))
+    Ok(scores_of_checked(spec, mods, shape, &q, &k))
 }
 
 /// Per row `[batch, q_heads, seq_q]`, the magnitudes its result is computed from, over the keys
@@ -280,24 +327,61 @@ pub fn try_row_terms_keys<T: Element>(
     v: ArrayView4<T>,
     keys: Range<usize>,
 ) -> Result<RowTerms> {
+    row_terms_dyn(spec, &Mods::none(), q, k, v, keys)
+}
+
+/// [`try_row_terms`] with user mods: over the keys the mask mod leaves visible, and with a
+/// score mod `f` a score's terms are `max(T · max(1, |f′(s)|), |f(s)|)` — what `f` makes of
+/// the rounding of its input, and the scale of its output.
+pub fn try_row_terms_with<T: Element, M: MaskMod, S: ScoreMod>(
+    spec: &AttentionSpec,
+    mods: &Mods<M, S>,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+    v: ArrayView4<T>,
+) -> Result<RowTerms> {
+    row_terms_dyn(spec, mods, q, k, v, 0..usize::MAX)
+}
+
+fn row_terms_dyn<T: Element>(
+    spec: &AttentionSpec,
+    mods: &dyn DynMods,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+    v: ArrayView4<T>,
+    keys: Range<usize>,
+) -> Result<RowTerms> {
+    let shape = spec.check_shapes("oracle::row_terms", q.shape(), k.shape(), v.shape())?;
     let ProblemShape {
         batch,
         seq_q,
         seq_k,
-    } = spec.check_shapes("oracle::row_terms", q.shape(), k.shape(), v.shape())?;
+    } = shape;
     let mut scores = Array3::zeros((batch, spec.q_heads(), seq_q));
     let mut values = Array3::zeros((batch, spec.q_heads(), seq_q));
     for ((b, h, i), t) in scores.indexed_iter_mut() {
         let visible = spec.mask().visible_keys(i, seq_q, seq_k);
         let g = spec.kv_head_of(h);
         for j in visible.start.max(keys.start)..visible.end.min(keys.end) {
+            let at = position(shape, b, h, i, j);
+            if !mods.visible(at) {
+                continue;
+            }
             let sum: f64 = q
                 .slice(s![b, h, i, ..])
                 .iter()
                 .zip(k.slice(s![b, g, j, ..]))
                 .map(|(x, y)| (x.widen() * y.widen()).abs())
                 .sum();
-            *t = f64::max(*t, spec.scale().abs() * sum);
+            let mut terms = spec.scale().abs() * sum;
+            let dot = dot(q.slice(s![b, h, i, ..]), k.slice(s![b, g, j, ..]));
+            let before = score(spec, h, i, j, seq_q, seq_k, dot);
+            let slope = mods.derivative(before, at).abs();
+            let after = mods.score_f64(before, at).abs();
+            if slope != 1.0 || after != before.abs() {
+                terms = f64::max(terms * slope.max(1.0), after);
+            }
+            *t = f64::max(*t, terms);
             let largest = v
                 .slice(s![b, g, j, ..])
                 .iter()
@@ -310,6 +394,7 @@ pub fn try_row_terms_keys<T: Element>(
 
 fn scores_of_checked<T: Element>(
     spec: &AttentionSpec,
+    mods: &dyn DynMods,
     shape: ProblemShape,
     q: &ArrayView4<T>,
     k: &ArrayView4<T>,
@@ -324,38 +409,92 @@ fn scores_of_checked<T: Element>(
     for b in 0..batch {
         for h in 0..spec.q_heads() {
             for i in 0..seq_q {
-                let visible = row_scores(spec, shape, q, k, (b, h, i), &(0..usize::MAX), &mut row);
-                scores
-                    .slice_mut(s![b, h, i, visible])
-                    .assign(&ArrayView1::from(&row));
+                row_scores(
+                    spec,
+                    mods,
+                    shape,
+                    q,
+                    k,
+                    (b, h, i),
+                    &(0..usize::MAX),
+                    &mut row,
+                );
+                for &(j, s) in &row {
+                    scores[[b, h, i, j]] = s;
+                }
             }
         }
     }
     scores
 }
 
-/// The scores of query `i` of head `h` in batch entry `b` against its visible keys, into `row`
-/// among `keys` (cleared first); returns the visible range, whose length is `row.len()`.
+/// The keys query `i` of head `h` in batch entry `b` sees among `keys` — the spec's band and
+/// the user mask — with their scores, into `row` (cleared first), in key order.
+#[allow(clippy::too_many_arguments)]
 fn row_scores<T: Element>(
     spec: &AttentionSpec,
+    mods: &dyn DynMods,
     shape: ProblemShape,
     q: &ArrayView4<T>,
     k: &ArrayView4<T>,
     (b, h, i): (usize, usize, usize),
     keys: &Range<usize>,
-    row: &mut Vec<f64>,
-) -> Range<usize> {
+    row: &mut Vec<(usize, f64)>,
+) {
     let ProblemShape { seq_q, seq_k, .. } = shape;
-    let visible = spec.mask().visible_keys(i, seq_q, seq_k);
-    let visible = visible.start.max(keys.start)..visible.end.min(keys.end);
-    let visible = visible.start..visible.end.max(visible.start);
+    let band = spec.mask().visible_keys(i, seq_q, seq_k);
+    let band = band.start.max(keys.start)..band.end.min(keys.end);
     let g = spec.kv_head_of(h);
     row.clear();
-    row.extend(visible.clone().map(|j| {
+    for j in band {
+        let at = position(shape, b, h, i, j);
+        if !mods.visible(at) {
+            continue;
+        }
         let dot = dot(q.slice(s![b, h, i, ..]), k.slice(s![b, g, j, ..]));
-        score(spec, h, i, j, seq_q, seq_k, dot)
-    }));
-    visible
+        let s = score(spec, h, i, j, seq_q, seq_k, dot);
+        row.push((j, mods.score_f64(s, at)));
+    }
+}
+
+/// The DSL's position of a score.
+pub(crate) fn position(shape: ProblemShape, b: usize, h: usize, i: usize, j: usize) -> Position {
+    Position {
+        b: b as i64,
+        h: h as i64,
+        q: i as i64,
+        k: j as i64,
+        seq_q: shape.seq_q as i64,
+        seq_k: shape.seq_k as i64,
+    }
+}
+
+/// A pair of user mods behind a trait object: the oracle is not specialised per mod (it is
+/// never optimised), so one copy of its loops serves every mod type.
+pub(crate) trait DynMods {
+    fn visible(&self, at: Position) -> bool;
+    fn score_f64(&self, s: f64, at: Position) -> f64;
+    fn score_f32(&self, s: f32, at: Position) -> f32;
+    fn derivative(&self, s: f64, at: Position) -> f64;
+}
+
+impl<M: MaskMod, S: ScoreMod> DynMods for Mods<M, S> {
+    fn visible(&self, at: Position) -> bool {
+        Mods::visible(self, at)
+    }
+    fn score_f64(&self, s: f64, at: Position) -> f64 {
+        self.score_at(s, at)
+    }
+    fn score_f32(&self, s: f32, at: Position) -> f32 {
+        self.score_at(s, at)
+    }
+    fn derivative(&self, s: f64, at: Position) -> f64 {
+        if S::TRIVIAL {
+            1.0
+        } else {
+            self.score().derivative(s, at)
+        }
+    }
 }
 
 fn dot<T: Element>(a: ArrayView1<T>, b: ArrayView1<T>) -> f64 {

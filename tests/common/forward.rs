@@ -9,6 +9,7 @@
 //! a softmax without its running maximum overflows).
 
 use gqa::backend::Backend;
+use gqa::dsl::{MaskMod, Mods, ScoreMod};
 use gqa::oracle::{self, compare_lse, compare_rows};
 use gqa::{Alignment, AttentionSpec, DType, Element, Mask};
 use ndarray::{Array4, Axis};
@@ -178,22 +179,37 @@ pub fn case_key(p: &Problem) -> String {
 /// −∞; everything else finite. Returns the worst errors (o, lse).
 pub fn check_output<T: Element>(
     p: &Problem,
+    inputs: (&Array4<T>, &Array4<T>, &Array4<T>),
+    o: &Array4<T>,
+    lse: &ndarray::Array3<f32>,
+) -> Result<(f64, f64), TestCaseError> {
+    check_output_with(p, &Mods::none(), inputs, o, lse)
+}
+
+/// [`check_output`] of a problem with user mods: the oracle and its yardsticks run the same
+/// mods.
+pub fn check_output_with<T: Element, M: MaskMod, S: ScoreMod>(
+    p: &Problem,
+    mods: &Mods<M, S>,
     (q, k, v): (&Array4<T>, &Array4<T>, &Array4<T>),
     o: &Array4<T>,
     lse: &ndarray::Array3<f32>,
 ) -> Result<(f64, f64), TestCaseError> {
-    let exact = oracle::forward(&p.spec, q.view(), k.view(), v.view());
+    let exact = oracle::try_forward_with(&p.spec, mods, q.view(), k.view(), v.view()).unwrap();
     let in_dtype =
-        oracle::try_forward_rounded(&p.spec, q.view(), k.view(), v.view(), T::DTYPE).unwrap();
+        oracle::try_forward_rounded_with(&p.spec, mods, q.view(), k.view(), v.view(), T::DTYPE)
+            .unwrap();
     let in_f32 = if T::DTYPE == DType::F32 {
         in_dtype.clone()
     } else {
-        oracle::try_forward_rounded(&p.spec, q.view(), k.view(), v.view(), DType::F32).unwrap()
+        oracle::try_forward_rounded_with(&p.spec, mods, q.view(), k.view(), v.view(), DType::F32)
+            .unwrap()
     };
     let context = || {
         format!(
-            "spec {:?}, q {:?} k {:?} ({})",
+            "spec {:?}, mods {:?}, q {:?} k {:?} ({})",
             p.spec,
+            mods,
             p.q.shape(),
             p.k.shape(),
             T::DTYPE
@@ -202,7 +218,7 @@ pub fn check_output<T: Element>(
     prop_assert_eq!(o.shape(), exact.o.shape(), "o's shape; {}", context());
     prop_assert_eq!(lse.shape(), exact.lse.shape(), "lse's shape; {}", context());
     let o_wide: Vec<f64> = o.iter().map(|x| x.widen()).collect();
-    let terms = oracle::try_row_terms(&p.spec, q.view(), k.view(), v.view()).unwrap();
+    let terms = oracle::try_row_terms_with(&p.spec, mods, q.view(), k.view(), v.view()).unwrap();
     let o_check = compare_rows(
         &exact.o,
         &in_dtype.o,
@@ -241,13 +257,25 @@ pub fn check<T: Element, B: Backend<T>>(
     backend: &B,
     p: &Problem,
 ) -> Result<(f64, f64), TestCaseError> {
+    check_with(backend, p, &Mods::none())
+}
+
+/// [`check`] with user mods.
+pub fn check_with<T: Element, B: Backend<T>, M: MaskMod, S: ScoreMod>(
+    backend: &B,
+    p: &Problem,
+    mods: &Mods<M, S>,
+) -> Result<(f64, f64), TestCaseError> {
     runner::log_case(case_key(p));
     let narrow = |x: &Array4<f64>| x.mapv(T::narrow);
     let (q, k, v) = (narrow(&p.q), narrow(&p.k), narrow(&p.v));
-    let out = backend
-        .try_forward(&p.spec, q.view(), k.view(), v.view())
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    check_output(p, (&q, &k, &v), &out.o, &out.lse)
+    let out = if mods.is_trivial() {
+        backend.try_forward(&p.spec, q.view(), k.view(), v.view())
+    } else {
+        backend.try_forward_with(&p.spec, mods, q.view(), k.view(), v.view())
+    }
+    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    check_output_with(p, mods, (&q, &k, &v), &out.o, &out.lse)
 }
 
 /// Runs `cases` problems of `variant` through `backend` (the seed of test `test`) and prints

@@ -10,6 +10,7 @@ pub mod configs;
 pub mod cube;
 pub mod decode;
 pub mod forward;
+pub mod mods;
 pub mod refusal;
 
 use gqa::{Alignment, AttentionSpec, Mask};

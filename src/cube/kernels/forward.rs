@@ -56,6 +56,7 @@ use cubecl::prelude::*;
 
 use super::math::{NEG_BIG, accurate_exp, accurate_tanh};
 use super::products::TileProducts;
+use crate::dsl::cube::{CubeMask, CubeScore};
 
 /// Everything that changes the generated code; one compiled kernel per distinct value.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -86,6 +87,11 @@ pub struct KernelConfig {
     pub right_bounded: bool,
     pub softcap: bool,
     pub alibi: bool,
+    /// A user mask mod (`crate::dsl`) is evaluated on every block (its captures in `aux`).
+    pub mask_mod: bool,
+    /// A user score mod is applied after the built-in modifiers (its captures in `aux` after
+    /// the mask's).
+    pub score_mod: bool,
     /// The key range is split over several cubes (`CUBE_POS_Z = split · batch + b`): write f32
     /// partial results for `combine_splits` instead of the final output.
     pub split: bool,
@@ -111,7 +117,8 @@ pub struct LaunchScalars {
 
 /// Attention forward. `layout` holds `[offset, stride_b, stride_h, stride_s, stride_d]` of q, k
 /// and v (in elements, in that order); `o` is contiguous `[B, HQ, Lq, D]`, `lse` contiguous
-/// `[B, HQ, Lq]`; `slopes` has one ALiBi slope per query head (a dummy when ALiBi is off).
+/// `[B, HQ, Lq]`; `slopes` has one ALiBi slope per query head (a dummy when ALiBi is off);
+/// `aux` holds the user mods' captures (`crate::dsl::Mods::captured_words`).
 #[cube(launch_unchecked)]
 // Kernel code keeps to the operations cubecl expands (no `div_ceil`), and a comptime `if` stays
 // apart from the runtime one it guards.
@@ -120,12 +127,13 @@ pub struct LaunchScalars {
     clippy::manual_div_ceil,
     clippy::collapsible_if
 )]
-pub fn tile_forward<F: Float, P: TileProducts>(
+pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
     q: &[F],
     k: &[F],
     v: &[F],
     layout: &[u32],
     slopes: &[f32],
+    aux: &[u32],
     o: &mut [F],
     lse: &mut [f32],
     o_partial: &mut [f32],
@@ -243,6 +251,33 @@ pub fn tile_forward<F: Float, P: TileProducts>(
                 if cfg.alibi {
                     x -= slope * f32::cast_from(diag - key as i32).abs();
                 }
+                let q_pos = (row0 + i as u32) as i32;
+                if cfg.score_mod {
+                    x = S::apply(
+                        aux,
+                        x,
+                        batch as i32,
+                        head as i32,
+                        q_pos,
+                        key as i32,
+                        seq_q as i32,
+                        seq_k as i32,
+                        comptime!(M::SLOTS),
+                    );
+                }
+                if cfg.mask_mod {
+                    let seen = M::visible(
+                        aux,
+                        batch as i32,
+                        head as i32,
+                        q_pos,
+                        key as i32,
+                        seq_q as i32,
+                        seq_k as i32,
+                        0u32,
+                    );
+                    x = select(seen, x, NEG_BIG);
+                }
                 if !inside {
                     let kj = key as i32;
                     let mut visible = key < seq_k;
@@ -274,8 +309,9 @@ pub fn tile_forward<F: Float, P: TileProducts>(
 
         // acc ← α·acc + P·V. On a boundary block a masked key's value is skipped, not
         // multiplied by its zero probability: 0 · NaN would leak a hidden key's non-finite value
-        // into a row that cannot see it. Blocks inside the band need no such test.
-        if inside {
+        // into a row that cannot see it. Blocks inside the band need no such test, unless a user
+        // mask may hide keys anywhere.
+        if inside && !cfg.mask_mod {
             P::accumulate::<F>(&mut tile, v, &v_at, v_d, &s, &alpha, cfg, false);
         } else {
             P::accumulate::<F>(&mut tile, v, &v_at, v_d, &s, &alpha, cfg, true);

@@ -1,0 +1,191 @@
+//! The kernel side of the DSL: the `#[cube]` traits the kernels are generic over, their
+//! implementations for the combinators, and what the generated kernel code calls.
+//!
+//! A mod's captures reach a kernel as one buffer of 32-bit words ([`super::Mods::captured_words`]):
+//! a header of `[offset, len]` per slot, then the data. Each mod reads its slots from a
+//! compile-time `base` (a combinator passes its second part `base + first::SLOTS`), so a
+//! composed mod's parts never collide. Positions are `i32`.
+
+use cubecl::prelude::*;
+
+use super::{And, Captures, NoMask, NoScore, Not, Or, Then};
+
+pub use crate::cube::kernel_math::{accurate_exp as exp, accurate_ln as ln, accurate_tanh as tanh};
+
+/// A mask mod's kernel implementation.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub trait CubeMask: Captures + 'static + Send + Sync {
+    /// Whether query `q` of query head `h` in batch entry `b` sees key `k`; its captures are
+    /// slots `base..base + SLOTS` of `aux`.
+    fn visible(
+        aux: &[u32],
+        b: i32,
+        h: i32,
+        q: i32,
+        k: i32,
+        seq_q: i32,
+        seq_k: i32,
+        #[comptime] base: u32,
+    ) -> bool;
+}
+
+/// A score mod's kernel implementation.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub trait CubeScore: Captures + 'static + Send + Sync {
+    /// The modified score `s` at the position; captures as in [`CubeMask::visible`].
+    fn apply(
+        aux: &[u32],
+        s: f32,
+        b: i32,
+        h: i32,
+        q: i32,
+        k: i32,
+        seq_q: i32,
+        seq_k: i32,
+        #[comptime] base: u32,
+    ) -> f32;
+}
+
+/// Word `index` of slot `slot`, the index clamped into the slot (never outside the buffer).
+#[cube]
+pub fn read_word(aux: &[u32], index: i32, #[comptime] slot: u32) -> u32 {
+    let offset = aux[comptime!((2 * slot) as usize)];
+    let len = aux[comptime!((2 * slot + 1) as usize)];
+    let i = clamp(index, 0i32, i32::cast_from(len) - 1i32);
+    aux[(offset + u32::cast_from(i)) as usize]
+}
+
+/// Element `index` of an integer table (`i32` or `u32`), or an integer scalar (`index` 0).
+#[cube]
+pub fn read_int(aux: &[u32], index: i32, #[comptime] slot: u32) -> i32 {
+    i32::reinterpret(read_word(aux, index, slot))
+}
+
+/// Element `index` of an `f32` table, or an `f32` scalar (`index` 0).
+#[cube]
+pub fn read_float(aux: &[u32], index: i32, #[comptime] slot: u32) -> f32 {
+    f32::reinterpret(read_word(aux, index, slot))
+}
+
+/// `|x|` of an integer.
+#[cube]
+pub fn abs_int(x: i32) -> i32 {
+    select(x < 0i32, 0i32 - x, x)
+}
+
+#[cube]
+impl CubeMask for NoMask {
+    #[allow(unused_variables)]
+    fn visible(
+        aux: &[u32],
+        b: i32,
+        h: i32,
+        q: i32,
+        k: i32,
+        seq_q: i32,
+        seq_k: i32,
+        #[comptime] base: u32,
+    ) -> bool {
+        true
+    }
+}
+
+#[cube]
+impl CubeScore for NoScore {
+    #[allow(unused_variables)]
+    fn apply(
+        aux: &[u32],
+        s: f32,
+        b: i32,
+        h: i32,
+        q: i32,
+        k: i32,
+        seq_q: i32,
+        seq_k: i32,
+        #[comptime] base: u32,
+    ) -> f32 {
+        s
+    }
+}
+
+#[cube]
+impl<A: CubeMask, B: CubeMask> CubeMask for And<A, B> {
+    fn visible(
+        aux: &[u32],
+        b: i32,
+        h: i32,
+        q: i32,
+        k: i32,
+        seq_q: i32,
+        seq_k: i32,
+        #[comptime] base: u32,
+    ) -> bool {
+        let first = A::visible(aux, b, h, q, k, seq_q, seq_k, base);
+        let second = B::visible(aux, b, h, q, k, seq_q, seq_k, comptime!(base + A::SLOTS));
+        first && second
+    }
+}
+
+#[cube]
+impl<A: CubeMask, B: CubeMask> CubeMask for Or<A, B> {
+    fn visible(
+        aux: &[u32],
+        b: i32,
+        h: i32,
+        q: i32,
+        k: i32,
+        seq_q: i32,
+        seq_k: i32,
+        #[comptime] base: u32,
+    ) -> bool {
+        let first = A::visible(aux, b, h, q, k, seq_q, seq_k, base);
+        let second = B::visible(aux, b, h, q, k, seq_q, seq_k, comptime!(base + A::SLOTS));
+        first || second
+    }
+}
+
+#[cube]
+impl<A: CubeMask> CubeMask for Not<A> {
+    fn visible(
+        aux: &[u32],
+        b: i32,
+        h: i32,
+        q: i32,
+        k: i32,
+        seq_q: i32,
+        seq_k: i32,
+        #[comptime] base: u32,
+    ) -> bool {
+        !A::visible(aux, b, h, q, k, seq_q, seq_k, base)
+    }
+}
+
+#[cube]
+impl<A: CubeScore, B: CubeScore> CubeScore for Then<A, B> {
+    fn apply(
+        aux: &[u32],
+        s: f32,
+        b: i32,
+        h: i32,
+        q: i32,
+        k: i32,
+        seq_q: i32,
+        seq_k: i32,
+        #[comptime] base: u32,
+    ) -> f32 {
+        let first = A::apply(aux, s, b, h, q, k, seq_q, seq_k, base);
+        B::apply(
+            aux,
+            first,
+            b,
+            h,
+            q,
+            k,
+            seq_q,
+            seq_k,
+            comptime!(base + A::SLOTS),
+        )
+    }
+}

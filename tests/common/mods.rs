@@ -1,0 +1,176 @@
+//! The DSL suites' shared half: mods written in a user crate (this one) with the attribute
+//! macros, a family of composed mods (library mods under `&`, `|`, `!`, `then`), the drawn
+//! captures they take, and the run of one family on a backend against the oracle. Used by
+//! `dsl.rs` (the oracle and the CPU backend) and `cube_mods.rs` (the kernels).
+
+use gqa::dsl::{Mods, NoMask, NoScore, Position, ScoreMod};
+use gqa::{AttentionSpec, Element, backend::Backend};
+use proptest::prelude::*;
+
+use super::forward::{self, Variant};
+use super::{Problem, runner};
+
+/// A mask mod written outside `gqa` (the attribute's paths must resolve in a user crate):
+/// a checkerboard of `period`-blocks that shifts with the batch entry, plus the diagonal.
+#[gqa::mask_mod]
+pub fn checker(period: i32, at: Position) -> bool {
+    (at.q / period + at.k / period + at.b) % 2 == 0 || at.q == at.k
+}
+
+/// A score mod written outside `gqa`, reaching most of the language: `let`, casts, `if`
+/// chains, integer and float functions, a scalar capture, the query head.
+#[gqa::score_mod]
+pub fn wobble(gain: f32, s: f32, at: Position) -> f32 {
+    let d = (at.q - at.k) as f32;
+    if at.h % 3 == 0 {
+        s * gain + sqrt(abs(d)) * 0.125
+    } else if at.h % 3 == 1 {
+        max(s, 0.0 - d * 0.25) - floor(d / 7.0)
+    } else {
+        clamp(s, -4.0, 4.0) + exp(0.0 - abs(d) / 16.0) - ln(1.0 + abs(d))
+    }
+}
+
+/// The captures a family draws, sized for a problem (tables cover every position of both
+/// lengths).
+#[derive(Debug, Clone)]
+pub struct Captures {
+    /// Sorted document ids, one per position.
+    pub docs: Vec<i32>,
+    /// A length-like number: a prefix, a window.
+    pub a: i32,
+    /// A small positive number: sinks, a dilation, a block, a period.
+    pub b: i32,
+    /// A bias table of `q_heads · buckets`.
+    pub table: Vec<f32>,
+    pub buckets: i32,
+    pub cap: f32,
+    /// One ALiBi slope per query head.
+    pub slopes: Vec<f32>,
+    pub gain: f32,
+}
+
+/// Captures for a problem of `positions` positions and `q_heads` query heads.
+pub fn captures(positions: usize, q_heads: usize) -> impl Strategy<Value = Captures> {
+    let n = positions.max(1);
+    (
+        proptest::collection::vec(prop::bool::weighted(0.08), n),
+        0..=(n as i32 + 2),
+        1..=9i32,
+        1..=16i32,
+        1.0f32..30.0,
+        proptest::collection::vec(0.0f32..0.5, q_heads),
+        0.25f32..2.0,
+    )
+        .prop_flat_map(move |(starts, a, b, buckets, cap, slopes, gain)| {
+            let docs: Vec<i32> = starts
+                .iter()
+                .scan(0i32, |doc, &start| {
+                    *doc += i32::from(start);
+                    Some(*doc)
+                })
+                .collect();
+            proptest::collection::vec(-2.0f32..2.0, q_heads * buckets as usize).prop_map(
+                move |table| Captures {
+                    docs: docs.clone(),
+                    a,
+                    b,
+                    table,
+                    buckets,
+                    cap,
+                    slopes: slopes.clone(),
+                    gain,
+                },
+            )
+        })
+}
+
+/// A problem of `variant` with captures for it.
+pub fn cases(
+    variant: Variant,
+    (q_heads, kv_heads, head_dim): (usize, usize, usize),
+) -> impl Strategy<Value = (Problem, Captures)> {
+    forward::problems(variant, q_heads, kv_heads, head_dim).prop_flat_map(move |p| {
+        let positions = p.seq_q().max(p.seq_k());
+        (Just(p), captures(positions, q_heads))
+    })
+}
+
+/// Runs `cases` problems of `variant` with the mods `make` builds from their captures on
+/// `backend`, each checked against the oracle with the same mods (`forward::check_with`).
+pub fn run_family<T: Element, B: Backend<T>, M: gqa::dsl::MaskMod, S: ScoreMod>(
+    backend: &B,
+    (test, cases_per_test): (&str, u32),
+    variant: Variant,
+    config: (usize, usize, usize),
+    make: impl Fn(&Captures) -> Mods<M, S>,
+) {
+    runner::check(
+        test,
+        cases_per_test,
+        runner::Persist::No,
+        cases(variant, config),
+        |(p, c)| forward::check_with::<T, B, M, S>(backend, &p, &make(&c)).map(|_| ()),
+    );
+}
+
+/// The family of composed mods every backend is checked on: `$m!(name, variant, |c| mods)`
+/// once per member. Each member is its own mod type, so each compiles its own kernel.
+#[macro_export]
+macro_rules! for_each_mod_family {
+    ($m:ident) => {
+        $m!(document_causal, Variant::Plain, |c: &Captures| Mods::new(
+            library::document(Aux::new(c.docs.clone())) & library::causal(),
+            NoScore
+        ));
+        $m!(prefix_lm, Variant::Plain, |c: &Captures| Mods::new(
+            library::prefix_lm(c.a),
+            NoScore
+        ));
+        $m!(streaming, Variant::Plain, |c: &Captures| Mods::new(
+            library::streaming(c.b, c.a),
+            NoScore
+        ));
+        $m!(not_dilated_or_sinks, Variant::LeftBand, |c: &Captures| {
+            Mods::new(!library::dilated(c.b) | library::sinks(c.b), NoScore)
+        });
+        $m!(
+            block_strided_outside_documents,
+            Variant::Plain,
+            |c: &Captures| Mods::new(
+                library::block_strided(c.b) & !library::document(Aux::new(c.docs.clone())),
+                NoScore
+            )
+        );
+        $m!(
+            relative_bias_then_softcap,
+            Variant::Plain,
+            |c: &Captures| {
+                Mods::new(
+                    NoMask,
+                    library::relative_bias(Aux::new(c.table.clone()), c.buckets)
+                        .then(library::softcap(c.cap)),
+                )
+            }
+        );
+        $m!(
+            document_with_alibi,
+            Variant::RightSoftcap,
+            |c: &Captures| {
+                Mods::new(
+                    library::document(Aux::new(c.docs.clone())),
+                    library::alibi(Aux::new(c.slopes.clone())),
+                )
+            }
+        );
+        $m!(
+            user_checker_and_wobble,
+            Variant::WindowAlibi,
+            |c: &Captures| { Mods::new(checker(c.b), wobble(c.gain)) }
+        );
+    };
+}
+
+/// The spec built-ins are untouched by the mods helpers (silences the import when a suite
+/// uses only some of them).
+pub fn _uses(_: AttentionSpec, _: NoMask, _: NoScore) {}

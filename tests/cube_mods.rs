@@ -1,0 +1,59 @@
+//! DSL mods in the cubecl forward kernel against the f64 oracle: every member of the composed
+//! family (`tests/common/mods.rs`: library mods under `&`, `|`, `!` and `then`, and two mods
+//! written in this crate with the attribute macros) on a GQA configuration in f32, and one
+//! member in f16 with every built-in at once. Each member is its own mod type, so its own
+//! kernel: the suite's time is mostly their compiles (head dims are small to keep them short).
+//!
+//! Without a device: as `cube_forward.rs` (fails under `CI`, says it skipped elsewhere).
+
+#[macro_use]
+mod common;
+
+use common::cube::{cases, device};
+use common::forward::Variant;
+use common::mods::{Captures, checker, run_family, wobble};
+use gqa::cube::CubeDevice;
+use gqa::dsl::{Aux, Mods, NoMask, NoScore, ScoreMod, library};
+use half::f16;
+
+macro_rules! family_tests {
+    ($name:ident, $variant:expr, $make:expr) => {
+        paste::paste! {
+            #[test]
+            fn [<$name _matches_the_oracle>]() {
+                let Some(device) = device() else { return };
+                run_family::<f32, CubeDevice, _, _>(
+                    device,
+                    (stringify!([<$name _matches_the_oracle>]), cases()),
+                    $variant,
+                    (6, 2, 8),
+                    $make,
+                );
+            }
+        }
+    };
+}
+
+for_each_mod_family!(family_tests);
+
+/// One member in f16 with a causal window, softcap and ALiBi underneath, at a head dim that is
+/// not a multiple of the plane-load chunk.
+#[test]
+fn document_and_bias_in_f16_with_every_built_in_matches_the_oracle() {
+    let Some(device) = device() else { return };
+    run_family::<f16, CubeDevice, _, _>(
+        device,
+        (
+            "document_and_bias_in_f16_with_every_built_in_matches_the_oracle",
+            cases(),
+        ),
+        Variant::Everything,
+        (3, 1, 12),
+        |c: &Captures| {
+            Mods::new(
+                library::document(Aux::new(c.docs.clone())),
+                library::relative_bias(Aux::new(c.table.clone()), c.buckets),
+            )
+        },
+    );
+}
