@@ -105,6 +105,13 @@ impl Dual {
     }
 }
 
+/// `t · factor`, with a zero tangent staying zero: a sub-expression that does not depend on
+/// the variable has derivative 0 even where its local derivative is infinite or undefined
+/// (`sqrt(|d|)` at `d = 0` for a constant `d`), where `0 · ∞` would be NaN.
+fn chain(t: f64, factor: f64) -> f64 {
+    if t == 0.0 { 0.0 } else { t * factor }
+}
+
 impl PartialOrd for Dual {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         self.v.partial_cmp(&other.v)
@@ -136,7 +143,7 @@ impl Mul for Dual {
     fn mul(self, o: Dual) -> Dual {
         Dual {
             v: self.v * o.v,
-            d: self.d * o.v + self.v * o.d,
+            d: chain(self.d, o.v) + chain(o.d, self.v),
         }
     }
 }
@@ -146,7 +153,7 @@ impl Div for Dual {
     fn div(self, o: Dual) -> Dual {
         Dual {
             v: self.v / o.v,
-            d: (self.d * o.v - self.v * o.d) / (o.v * o.v),
+            d: chain(self.d, 1.0 / o.v) - chain(o.d, self.v / (o.v * o.v)),
         }
     }
 }
@@ -159,7 +166,7 @@ impl Rem for Dual {
         let q = (self.v / o.v).trunc();
         Dual {
             v: self.v % o.v,
-            d: self.d - q * o.d,
+            d: self.d - chain(o.d, q),
         }
     }
 }
@@ -197,21 +204,21 @@ impl Real for Dual {
     fn ln(self) -> Self {
         Dual {
             v: self.v.ln(),
-            d: self.d / self.v,
+            d: chain(self.d, 1.0 / self.v),
         }
     }
     fn tanh(self) -> Self {
         let t = self.v.tanh();
         Dual {
             v: t,
-            d: self.d * (1.0 - t * t),
+            d: chain(self.d, 1.0 - t * t),
         }
     }
     fn sqrt(self) -> Self {
         let r = self.v.sqrt();
         Dual {
             v: r,
-            d: self.d / (2.0 * r),
+            d: chain(self.d, 0.5 / r),
         }
     }
     fn abs(self) -> Self {
@@ -243,5 +250,8 @@ mod tests {
         assert_eq!(derivative(|x| x.min(Dual::constant(0.5)), x), 0.0);
         assert_eq!(derivative(|x| x.max(Dual::constant(0.5)), x), 1.0);
         assert_eq!(derivative(|x| x % Dual::constant(0.5), x), 1.0);
+        // A constant's derivative is 0 even where the function's slope is not finite.
+        assert_eq!(derivative(|x| x + Dual::constant(0.0).sqrt(), x), 1.0);
+        assert_eq!(derivative(|x| x * Dual::constant(0.0).ln(), x), f64::NEG_INFINITY);
     }
 }

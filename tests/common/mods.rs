@@ -3,12 +3,12 @@
 //! captures they take, and the run of one family on a backend against the oracle. Used by
 //! `dsl.rs` (the oracle and the CPU backend) and `cube_mods.rs` (the kernels).
 
-use gqa::dsl::{Mods, NoMask, NoScore, Position, ScoreMod};
-use gqa::{AttentionSpec, Element, backend::Backend};
+use gqa::dsl::{MaskMod, Mods, NoMask, NoScore, Position, ScoreMod};
+use gqa::{AttentionSpec, Element, backend::Backend, oracle};
 use proptest::prelude::*;
 
 use super::forward::{self, Variant};
-use super::{Problem, runner};
+use super::{Problem, runner, tensor};
 
 /// A mask mod written outside `gqa` (the attribute's paths must resolve in a user crate):
 /// a checkerboard of `period`-blocks that shifts with the batch entry, plus the diagonal.
@@ -85,32 +85,67 @@ pub fn captures(positions: usize, q_heads: usize) -> impl Strategy<Value = Captu
         })
 }
 
-/// A problem of `variant` with captures for it.
+/// A problem of `variant` with captures for it. Lengths are 1..=200 (the edge lengths are the
+/// forward suites' business; here the mods must have positions to act on), batch 1 or 2.
 pub fn cases(
     variant: Variant,
     (q_heads, kv_heads, head_dim): (usize, usize, usize),
 ) -> impl Strategy<Value = (Problem, Captures)> {
-    forward::problems(variant, q_heads, kv_heads, head_dim).prop_flat_map(move |p| {
-        let positions = p.seq_q().max(p.seq_k());
-        (Just(p), captures(positions, q_heads))
-    })
+    let length = || prop_oneof![1 => 1..=16usize, 2 => 17..=200usize];
+    (
+        1..=2usize,
+        length(),
+        length(),
+        forward::spec_for(variant, q_heads, kv_heads, head_dim),
+        forward::query_gain(),
+    )
+        .prop_flat_map(move |(batch, seq_q, seq_k, spec, gain)| {
+            (
+                Just(spec),
+                tensor([batch, q_heads, seq_q, head_dim]).prop_map(move |q| q * gain),
+                tensor([batch, kv_heads, seq_k, head_dim]),
+                tensor([batch, kv_heads, seq_k, head_dim]),
+                captures(seq_q.max(seq_k), q_heads),
+            )
+                .prop_map(|(spec, q, k, v, c)| (Problem { spec, q, k, v }, c))
+        })
+}
+
+/// Whether `mods` change anything in `p`: a pair the band shows that the mask hides, or a
+/// score the score mod moves.
+pub fn acts<M: MaskMod, S: ScoreMod>(p: &Problem, mods: &Mods<M, S>) -> bool {
+    let plain = oracle::try_scores(&p.spec, p.q.view(), p.k.view()).unwrap();
+    let modded = oracle::try_scores_with(&p.spec, mods, p.q.view(), p.k.view()).unwrap();
+    plain.iter().zip(&modded).any(|(a, b)| a != b)
 }
 
 /// Runs `cases` problems of `variant` with the mods `make` builds from their captures on
 /// `backend`, each checked against the oracle with the same mods (`forward::check_with`).
-pub fn run_family<T: Element, B: Backend<T>, M: gqa::dsl::MaskMod, S: ScoreMod>(
+/// The mods must act (hide a pair or move a score) in at least half of the cases: a family
+/// whose drawn captures did nothing would prove nothing.
+pub fn run_family<T: Element, B: Backend<T>, M: MaskMod, S: ScoreMod>(
     backend: &B,
     (test, cases_per_test): (&str, u32),
     variant: Variant,
     config: (usize, usize, usize),
     make: impl Fn(&Captures) -> Mods<M, S>,
 ) {
+    let acted = std::cell::Cell::new(0u32);
     runner::check(
         test,
         cases_per_test,
         runner::Persist::No,
         cases(variant, config),
-        |(p, c)| forward::check_with::<T, B, M, S>(backend, &p, &make(&c)).map(|_| ()),
+        |(p, c)| {
+            let mods = make(&c);
+            acted.set(acted.get() + u32::from(acts(&p, &mods)));
+            forward::check_with::<T, B, M, S>(backend, &p, &mods).map(|_| ())
+        },
+    );
+    assert!(
+        2 * acted.get() >= cases_per_test,
+        "{test}: the mods acted in only {} of {cases_per_test} cases",
+        acted.get()
     );
 }
 

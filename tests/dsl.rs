@@ -1,0 +1,201 @@
+//! The DSL on the host: mask algebra laws and generated derivatives (pointwise, drawn), the
+//! library's twins of the built-ins against the built-ins in the oracle (bit for bit), tables
+//! read out of range, and the CPU backend on the composed family (`tests/common/mods.rs`)
+//! against the oracle with the one tolerance rule. The kernels' half is `cube_mods.rs`.
+//!
+//! `PROPTEST_CASES` sets the cases of the laws (default 256), `GQA_CPU_CASES` those of the CPU
+//! runs (default 4 per family and configuration); seeds come from each test's name
+//! (`GQA_SEED`, `GQA_RANDOM=1`: see `tests/common/runner.rs`).
+
+#[macro_use]
+mod common;
+
+use common::forward::Variant;
+use common::mods::{Captures, checker, run_family, wobble};
+use common::runner::{self, Persist, env_count};
+use common::tensor;
+use gqa::cpu::Cpu;
+use gqa::dsl::{Aux, MaskMod, Mods, NoMask, NoScore, Position, ScoreMod, library};
+use gqa::{AttentionSpec, Mask, oracle};
+use proptest::prelude::*;
+
+fn law_cases() -> u32 {
+    env_count("PROPTEST_CASES", 256)
+}
+
+fn cpu_cases() -> u32 {
+    env_count("GQA_CPU_CASES", 4)
+}
+
+/// A position in a problem of up to 64 × 64 tokens, 4 query heads, 2 batch entries.
+fn position() -> impl Strategy<Value = Position> {
+    (1..=64i64, 1..=64i64, 0..2i64, 0..4i64).prop_flat_map(|(seq_q, seq_k, b, h)| {
+        (0..seq_q, 0..seq_k).prop_map(move |(q, k)| Position {
+            b,
+            h,
+            q,
+            k,
+            seq_q,
+            seq_k,
+        })
+    })
+}
+
+/// De Morgan (both), commutativity (both), double negation and the definitions of `&`, `|`,
+/// `!`, pointwise on drawn positions, for masks `a` and `b` made from drawn captures.
+macro_rules! mask_laws {
+    ($name:ident, |$c:ident| $a:expr, $b:expr) => {
+        #[test]
+        fn $name() {
+            runner::check(
+                stringify!($name),
+                law_cases(),
+                Persist::No,
+                (common::mods::captures(64, 4), position()),
+                |($c, at)| {
+                    let (a, b) = ($a, $b);
+                    let (va, vb) = (a.visible(at), b.visible(at));
+                    let laws = [
+                        ("a & b", (a.clone() & b.clone()).visible(at), va && vb),
+                        ("a | b", (a.clone() | b.clone()).visible(at), va || vb),
+                        ("!a", (!a.clone()).visible(at), !va),
+                        ("!(a & b) = !a | !b", (!(a.clone() & b.clone())).visible(at), (!a.clone() | !b.clone()).visible(at)),
+                        ("!(a | b) = !a & !b", (!(a.clone() | b.clone())).visible(at), (!a.clone() & !b.clone()).visible(at)),
+                        ("a & b = b & a", (a.clone() & b.clone()).visible(at), (b.clone() & a.clone()).visible(at)),
+                        ("a | b = b | a", (a.clone() | b.clone()).visible(at), (b.clone() | a.clone()).visible(at)),
+                        ("!!a = a", (!!a.clone()).visible(at), va),
+                    ];
+                    for (law, lhs, rhs) in laws {
+                        prop_assert_eq!(lhs, rhs, "{} at {:?} (a = {}, b = {})", law, at, a.name(), b.name());
+                    }
+                    Ok(())
+                },
+            );
+        }
+    };
+}
+
+mask_laws!(document_and_streaming_obey_the_mask_laws, |c| library::document(Aux::new(c.docs.clone())), library::streaming(c.b, c.a));
+mask_laws!(prefix_lm_and_a_user_mask_obey_the_mask_laws, |c| library::prefix_lm(c.a), checker(c.b));
+mask_laws!(dilated_and_block_strided_obey_the_mask_laws, |c| library::dilated(c.b), library::block_strided(c.b) & library::causal());
+
+/// `derivative` (forward mode over the expression tree) against the central difference of the
+/// `f64` host function, at drawn scores and positions. Points within `4h` of a kink (where the
+/// one-sided differences disagree: `max`, `clamp`, `abs`) are skipped, and at most a quarter of
+/// the cases may be.
+macro_rules! derivative_law {
+    ($name:ident, |$c:ident| $mod:expr) => {
+        #[test]
+        fn $name() {
+            let skipped = std::cell::Cell::new(0u32);
+            runner::check(
+                stringify!($name),
+                law_cases(),
+                Persist::No,
+                (common::mods::captures(64, 4), position(), -40.0f64..40.0),
+                |($c, at, s)| {
+                    let m = $mod;
+                    let f = |x: f64| m.apply(x, at);
+                    let h = 1e-5 * s.abs().max(1.0);
+                    let central = (f(s + h) - f(s - h)) / (2.0 * h);
+                    let (left, right) = ((f(s) - f(s - 4.0 * h)) / (4.0 * h), (f(s + 4.0 * h) - f(s)) / (4.0 * h));
+                    if (left - right).abs() > 1e-3 * (1.0 + left.abs()) {
+                        skipped.set(skipped.get() + 1);
+                        return Ok(());
+                    }
+                    let d = m.derivative(s, at);
+                    prop_assert!(
+                        (d - central).abs() <= 1e-6 * (1.0 + d.abs()),
+                        "{}: derivative {} vs central difference {} at s = {}, {:?}",
+                        m.name(), d, central, s, at
+                    );
+                    Ok(())
+                },
+            );
+            assert!(4 * skipped.get() <= law_cases(), "{} of the points were at kinks", skipped.get());
+        }
+    };
+}
+
+derivative_law!(softcap_derivative_is_the_central_difference, |c| library::softcap(c.cap));
+derivative_law!(relative_bias_then_softcap_derivative_is_the_central_difference, |c| {
+    library::relative_bias(Aux::new(c.table.clone()), c.buckets).then(library::softcap(c.cap))
+});
+derivative_law!(user_score_mod_derivative_is_the_central_difference, |c| wobble(c.gain));
+derivative_law!(alibi_then_user_mod_derivative_is_the_central_difference, |c| {
+    library::alibi(Aux::new(c.slopes.clone())).then(wobble(c.gain))
+});
+
+/// The library's twins of the built-ins give the built-ins' results in the oracle, bit for bit
+/// (the same keys, the same arithmetic in the same order): causal, a window, softcap, ALiBi.
+#[test]
+fn library_twins_of_the_built_ins_are_the_built_ins_in_the_oracle() {
+    runner::check(
+        "library_twins_of_the_built_ins_are_the_built_ins_in_the_oracle",
+        64,
+        Persist::No,
+        (1..=40usize, 1..=40usize, 0..12usize, 0..12usize, 1.0f32..30.0).prop_flat_map(
+            |(seq_q, seq_k, left, right, cap)| {
+                (
+                    tensor([1, 4, seq_q, 8]),
+                    tensor([1, 2, seq_k, 8]),
+                    tensor([1, 2, seq_k, 8]),
+                    Just((left, right, cap)),
+                )
+            },
+        ),
+        |(q, k, v, (left, right, cap))| {
+            let base = AttentionSpec::try_new(4, 2, 8).unwrap();
+            let slopes = base.with_alibi().alibi().unwrap().to_vec();
+            let same = |built_in: &AttentionSpec, twin: oracle::Output| {
+                let reference = oracle::forward(built_in, q.view(), k.view(), v.view());
+                prop_assert_eq!(&reference, &twin, "{:?}", built_in);
+                Ok(())
+            };
+            let fwd = |mods: &Mods<_, _>| oracle::try_forward_with(&base, mods, q.view(), k.view(), v.view()).unwrap();
+            same(&base.with_mask(Mask::NONE.causal()), fwd(&Mods::new(library::causal(), NoScore)))?;
+            let window = base.try_with_window(left as i64, right as i64).unwrap();
+            let twin = oracle::try_forward_with(&base, &Mods::new(library::sliding_window(left as i32, right as i32), NoScore), q.view(), k.view(), v.view()).unwrap();
+            same(&window, twin)?;
+            let twin = oracle::try_forward_with(&base, &Mods::new(NoMask, library::softcap(cap)), q.view(), k.view(), v.view()).unwrap();
+            same(&base.try_with_softcap(cap).unwrap(), twin)?;
+            let twin = oracle::try_forward_with(&base, &Mods::new(NoMask, library::alibi(Aux::new(slopes.clone()))), q.view(), k.view(), v.view()).unwrap();
+            same(&base.with_alibi(), twin)
+        },
+    );
+}
+
+/// A table read outside its elements is a panic on the host that names the mod, the table and
+/// the index (kernels clamp instead: they cannot panic).
+#[test]
+#[should_panic(expected = "mod `relative_bias` read `bias[")]
+fn a_table_read_out_of_range_names_the_mod_and_the_table() {
+    let bias = library::relative_bias(Aux::new(vec![0.5f32; 4]), 4); // 1 head's worth
+    let at = Position { b: 0, h: 3, q: 0, k: 0, seq_q: 1, seq_k: 1 };
+    let _ = bias.apply(1.0f64, at);
+}
+
+#[test]
+fn empty_tables_are_typed_errors() {
+    let error = Aux::<i32>::try_new(Vec::new()).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "mod table: a table must hold 1..=2^31-1 elements (kernels index it with i32), got 0"
+    );
+}
+
+macro_rules! cpu_family_tests {
+    ($name:ident, $variant:expr, $make:expr) => {
+        paste::paste! {
+            #[test]
+            fn [<cpu_ $name _matches_the_oracle>]() {
+                for config in [(6, 2, 8), (8, 2, 64)] {
+                    let test = format!("{}/{config:?}", stringify!([<cpu_ $name _matches_the_oracle>]));
+                    run_family::<f32, Cpu, _, _>(&Cpu::new(), (&test, cpu_cases()), $variant, config, $make);
+                }
+            }
+        }
+    };
+}
+
+for_each_mod_family!(cpu_family_tests);
