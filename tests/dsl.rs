@@ -59,14 +59,38 @@ macro_rules! mask_laws {
                         ("a & b", (a.clone() & b.clone()).visible(at), va && vb),
                         ("a | b", (a.clone() | b.clone()).visible(at), va || vb),
                         ("!a", (!a.clone()).visible(at), !va),
-                        ("!(a & b) = !a | !b", (!(a.clone() & b.clone())).visible(at), (!a.clone() | !b.clone()).visible(at)),
-                        ("!(a | b) = !a & !b", (!(a.clone() | b.clone())).visible(at), (!a.clone() & !b.clone()).visible(at)),
-                        ("a & b = b & a", (a.clone() & b.clone()).visible(at), (b.clone() & a.clone()).visible(at)),
-                        ("a | b = b | a", (a.clone() | b.clone()).visible(at), (b.clone() | a.clone()).visible(at)),
+                        (
+                            "!(a & b) = !a | !b",
+                            (!(a.clone() & b.clone())).visible(at),
+                            (!a.clone() | !b.clone()).visible(at),
+                        ),
+                        (
+                            "!(a | b) = !a & !b",
+                            (!(a.clone() | b.clone())).visible(at),
+                            (!a.clone() & !b.clone()).visible(at),
+                        ),
+                        (
+                            "a & b = b & a",
+                            (a.clone() & b.clone()).visible(at),
+                            (b.clone() & a.clone()).visible(at),
+                        ),
+                        (
+                            "a | b = b | a",
+                            (a.clone() | b.clone()).visible(at),
+                            (b.clone() | a.clone()).visible(at),
+                        ),
                         ("!!a = a", (!!a.clone()).visible(at), va),
                     ];
                     for (law, lhs, rhs) in laws {
-                        prop_assert_eq!(lhs, rhs, "{} at {:?} (a = {}, b = {})", law, at, a.name(), b.name());
+                        prop_assert_eq!(
+                            lhs,
+                            rhs,
+                            "{} at {:?} (a = {}, b = {})",
+                            law,
+                            at,
+                            a.name(),
+                            b.name()
+                        );
                     }
                     Ok(())
                 },
@@ -75,9 +99,21 @@ macro_rules! mask_laws {
     };
 }
 
-mask_laws!(document_and_streaming_obey_the_mask_laws, |c| library::document(Aux::new(c.docs.clone())), library::streaming(c.b, c.a));
-mask_laws!(prefix_lm_and_a_user_mask_obey_the_mask_laws, |c| library::prefix_lm(c.a), checker(c.b));
-mask_laws!(dilated_and_block_strided_obey_the_mask_laws, |c| library::dilated(c.b), library::block_strided(c.b) & library::causal());
+mask_laws!(
+    document_and_streaming_obey_the_mask_laws,
+    |c| library::document(Aux::new(c.docs.clone())),
+    library::streaming(c.b, c.a)
+);
+mask_laws!(
+    prefix_lm_and_a_user_mask_obey_the_mask_laws,
+    |c| library::prefix_lm(c.a),
+    checker(c.b)
+);
+mask_laws!(
+    dilated_and_block_strided_obey_the_mask_laws,
+    |c| library::dilated(c.b),
+    library::block_strided(c.b) & library::causal()
+);
 
 /// `derivative` (forward mode over the expression tree) against the central difference of the
 /// `f64` host function, at drawn scores and positions. Points within `4h` of a kink (where the
@@ -98,7 +134,10 @@ macro_rules! derivative_law {
                     let f = |x: f64| m.apply(x, at);
                     let h = 1e-5 * s.abs().max(1.0);
                     let central = (f(s + h) - f(s - h)) / (2.0 * h);
-                    let (left, right) = ((f(s) - f(s - 4.0 * h)) / (4.0 * h), (f(s + 4.0 * h) - f(s)) / (4.0 * h));
+                    let (left, right) = (
+                        (f(s) - f(s - 4.0 * h)) / (4.0 * h),
+                        (f(s + 4.0 * h) - f(s)) / (4.0 * h),
+                    );
                     if (left - right).abs() > 1e-3 * (1.0 + left.abs()) {
                         skipped.set(skipped.get() + 1);
                         return Ok(());
@@ -107,24 +146,40 @@ macro_rules! derivative_law {
                     prop_assert!(
                         (d - central).abs() <= 1e-6 * (1.0 + d.abs()),
                         "{}: derivative {} vs central difference {} at s = {}, {:?}",
-                        m.name(), d, central, s, at
+                        m.name(),
+                        d,
+                        central,
+                        s,
+                        at
                     );
                     Ok(())
                 },
             );
-            assert!(4 * skipped.get() <= law_cases(), "{} of the points were at kinks", skipped.get());
+            assert!(
+                4 * skipped.get() <= law_cases(),
+                "{} of the points were at kinks",
+                skipped.get()
+            );
         }
     };
 }
 
-derivative_law!(softcap_derivative_is_the_central_difference, |c| library::softcap(c.cap));
-derivative_law!(relative_bias_then_softcap_derivative_is_the_central_difference, |c| {
-    library::relative_bias(Aux::new(c.table.clone()), c.buckets).then(library::softcap(c.cap))
+derivative_law!(softcap_derivative_is_the_central_difference, |c| {
+    library::softcap(c.cap)
 });
-derivative_law!(user_score_mod_derivative_is_the_central_difference, |c| wobble(c.gain));
-derivative_law!(alibi_then_user_mod_derivative_is_the_central_difference, |c| {
-    library::alibi(Aux::new(c.slopes.clone())).then(wobble(c.gain))
+derivative_law!(
+    relative_bias_then_softcap_derivative_is_the_central_difference,
+    |c| {
+        library::relative_bias(Aux::new(c.table.clone()), c.buckets).then(library::softcap(c.cap))
+    }
+);
+derivative_law!(user_score_mod_derivative_is_the_central_difference, |c| {
+    wobble(c.gain)
 });
+derivative_law!(
+    alibi_then_user_mod_derivative_is_the_central_difference,
+    |c| { library::alibi(Aux::new(c.slopes.clone())).then(wobble(c.gain)) }
+);
 
 /// The library's twins of the built-ins give the built-ins' results in the oracle, bit for bit
 /// (the same keys, the same arithmetic in the same order): causal, a window, softcap, ALiBi.
@@ -134,16 +189,21 @@ fn library_twins_of_the_built_ins_are_the_built_ins_in_the_oracle() {
         "library_twins_of_the_built_ins_are_the_built_ins_in_the_oracle",
         64,
         Persist::No,
-        (1..=40usize, 1..=40usize, 0..12usize, 0..12usize, 1.0f32..30.0).prop_flat_map(
-            |(seq_q, seq_k, left, right, cap)| {
+        (
+            1..=40usize,
+            1..=40usize,
+            0..12usize,
+            0..12usize,
+            1.0f32..30.0,
+        )
+            .prop_flat_map(|(seq_q, seq_k, left, right, cap)| {
                 (
                     tensor([1, 4, seq_q, 8]),
                     tensor([1, 2, seq_k, 8]),
                     tensor([1, 2, seq_k, 8]),
                     Just((left, right, cap)),
                 )
-            },
-        ),
+            }),
         |(q, k, v, (left, right, cap))| {
             let base = AttentionSpec::try_new(4, 2, 8).unwrap();
             let slopes = base.with_alibi().alibi().unwrap().to_vec();
@@ -152,14 +212,40 @@ fn library_twins_of_the_built_ins_are_the_built_ins_in_the_oracle() {
                 prop_assert_eq!(&reference, &twin, "{:?}", built_in);
                 Ok(())
             };
-            let fwd = |mods: &Mods<_, _>| oracle::try_forward_with(&base, mods, q.view(), k.view(), v.view()).unwrap();
-            same(&base.with_mask(Mask::NONE.causal()), fwd(&Mods::new(library::causal(), NoScore)))?;
+            let fwd = |mods: &Mods<_, _>| {
+                oracle::try_forward_with(&base, mods, q.view(), k.view(), v.view()).unwrap()
+            };
+            same(
+                &base.with_mask(Mask::NONE.causal()),
+                fwd(&Mods::new(library::causal(), NoScore)),
+            )?;
             let window = base.try_with_window(left as i64, right as i64).unwrap();
-            let twin = oracle::try_forward_with(&base, &Mods::new(library::sliding_window(left as i32, right as i32), NoScore), q.view(), k.view(), v.view()).unwrap();
+            let twin = oracle::try_forward_with(
+                &base,
+                &Mods::new(library::sliding_window(left as i32, right as i32), NoScore),
+                q.view(),
+                k.view(),
+                v.view(),
+            )
+            .unwrap();
             same(&window, twin)?;
-            let twin = oracle::try_forward_with(&base, &Mods::new(NoMask, library::softcap(cap)), q.view(), k.view(), v.view()).unwrap();
+            let twin = oracle::try_forward_with(
+                &base,
+                &Mods::new(NoMask, library::softcap(cap)),
+                q.view(),
+                k.view(),
+                v.view(),
+            )
+            .unwrap();
             same(&base.try_with_softcap(cap).unwrap(), twin)?;
-            let twin = oracle::try_forward_with(&base, &Mods::new(NoMask, library::alibi(Aux::new(slopes.clone()))), q.view(), k.view(), v.view()).unwrap();
+            let twin = oracle::try_forward_with(
+                &base,
+                &Mods::new(NoMask, library::alibi(Aux::new(slopes.clone()))),
+                q.view(),
+                k.view(),
+                v.view(),
+            )
+            .unwrap();
             same(&base.with_alibi(), twin)
         },
     );
@@ -171,7 +257,14 @@ fn library_twins_of_the_built_ins_are_the_built_ins_in_the_oracle() {
 #[should_panic(expected = "mod `relative_bias` read `bias[")]
 fn a_table_read_out_of_range_names_the_mod_and_the_table() {
     let bias = library::relative_bias(Aux::new(vec![0.5f32; 4]), 4); // 1 head's worth
-    let at = Position { b: 0, h: 3, q: 0, k: 0, seq_q: 1, seq_k: 1 };
+    let at = Position {
+        b: 0,
+        h: 3,
+        q: 0,
+        k: 0,
+        seq_q: 1,
+        seq_k: 1,
+    };
     let _ = bias.apply(1.0f64, at);
 }
 

@@ -252,6 +252,9 @@ mod tests {
         assert_eq!(derivative(|x| x % Dual::constant(0.5), x), 1.0);
         // A constant's derivative is 0 even where the function's slope is not finite.
         assert_eq!(derivative(|x| x + Dual::constant(0.0).sqrt(), x), 1.0);
-        assert_eq!(derivative(|x| x * Dual::constant(0.0).ln(), x), f64::NEG_INFINITY);
+        assert_eq!(
+            derivative(|x| x * Dual::constant(0.0).ln(), x),
+            f64::NEG_INFINITY
+        );
     }
 }

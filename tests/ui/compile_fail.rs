@@ -16,3 +16,10 @@ fn invalid_configurations_do_not_compile() {
     build.pass("pass/*.rs");
     build.compile_fail("check_fail/*.rs");
 }
+
+/// DSL mods outside the language are compile errors at the user's tokens: the macro's own
+/// errors, raised at expansion, so the same under `cargo check` and `cargo build`.
+#[test]
+fn mods_outside_the_language_do_not_compile() {
+    trybuild::TestCases::new().compile_fail("dsl_fail/*.rs");
+}
