@@ -57,3 +57,23 @@ fn document_and_bias_in_f16_with_every_built_in_matches_the_oracle() {
         },
     );
 }
+
+macro_rules! decode_family_tests {
+    ($name:ident, $variant:expr, $make:expr) => {
+        paste::paste! {
+            #[test]
+            fn [<decode_ $name _matches_the_oracle>]() {
+                let Some(device) = device() else { return };
+                common::mods::run_decode_family(
+                    device,
+                    (stringify!([<decode_ $name _matches_the_oracle>]), cases()),
+                    $variant,
+                    6,
+                    $make,
+                );
+            }
+        }
+    };
+}
+
+for_each_decode_family!(decode_family_tests);

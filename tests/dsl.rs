@@ -292,3 +292,48 @@ macro_rules! cpu_family_tests {
 }
 
 for_each_mod_family!(cpu_family_tests);
+
+macro_rules! cpu_decode_family_tests {
+    ($name:ident, $variant:expr, $make:expr) => {
+        paste::paste! {
+            #[test]
+            fn [<cpu_decode_ $name _matches_the_oracle>]() {
+                common::mods::run_decode_family(
+                    &Cpu::new(),
+                    (stringify!([<cpu_decode_ $name _matches_the_oracle>]), cpu_cases()),
+                    $variant,
+                    6,
+                    $make,
+                );
+            }
+        }
+    };
+}
+
+for_each_decode_family!(cpu_decode_family_tests);
+
+/// The oracle's decode with mods is its forward on the cache's contents, bit for bit, with
+/// every sequence's index as its batch entry (the user mask here depends on it).
+#[test]
+fn oracle_decode_with_mods_is_the_forward_on_the_cache() {
+    runner::check(
+        "oracle_decode_with_mods_is_the_forward_on_the_cache",
+        32,
+        Persist::No,
+        common::mods::decode_cases(Variant::RightSoftcap, 4),
+        |case| {
+            let mods = Mods::new(checker(case.captures.b), wobble(case.captures.gain));
+            let (cache, seqs) = common::mods::decode_cache(&case);
+            let q = case.p.q.mapv(|x| x as f32);
+            let k = case.p.k.mapv(|x| x as f32);
+            let v = case.p.v.mapv(|x| x as f32);
+            let forward =
+                oracle::try_forward_with(&case.p.spec, &mods, q.view(), k.view(), v.view())
+                    .unwrap();
+            let decode =
+                oracle::try_decode_with(&case.p.spec, &mods, q.view(), &cache, &seqs).unwrap();
+            prop_assert_eq!(forward, decode);
+            Ok(())
+        },
+    );
+}

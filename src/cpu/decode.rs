@@ -25,7 +25,7 @@ use std::ops::Range;
 use ndarray::{Array3, Array4, ArrayView4, s};
 use rayon::prelude::*;
 
-use super::{RowState, simd, tiles};
+use super::{RowAt, RowMods, RowState, simd, tiles};
 use crate::cache::StorageKind;
 use crate::spec::AttentionSpec;
 
@@ -223,12 +223,15 @@ struct Split<'a> {
     pages: &'a [u32],
     seq_q: usize,
     len: usize,
+    b: usize,
     g: usize,
     keys: Range<usize>,
+    mods: Option<&'a dyn RowMods>,
 }
 
 pub(super) fn decode(
     spec: &AttentionSpec,
+    mods: Option<&dyn RowMods>,
     q: ArrayView4<f32>,
     pool: &Pool<'_>,
     seqs: &[Sequence<'_>],
@@ -299,8 +302,10 @@ pub(super) fn decode(
                         pages: &seqs[b].pages,
                         seq_q,
                         len: seqs[b].len,
+                        b,
                         g,
                         keys: start..end,
+                        mods,
                     };
                     pulp::Arch::new().dispatch(SplitRun {
                         split: &split,
@@ -440,6 +445,16 @@ impl pulp::WithSimd for SplitRun<'_> {
                         *s -= slope * (diag - (t0 + j) as i128).unsigned_abs() as f32;
                     }
                 }
+                if let (Some(mods), true) = (split.mods, lo < hi) {
+                    let row_at = RowAt {
+                        b: split.b,
+                        h: split.g * group + hh,
+                        i: ii,
+                        seq_q,
+                        seq_k: split.len,
+                    };
+                    mods.apply(row_at, t0 + lo, &mut row[lo..hi]);
+                }
                 if lo >= hi {
                     row.fill(f32::NEG_INFINITY);
                 } else {
@@ -470,13 +485,46 @@ impl pulp::WithSimd for SplitRun<'_> {
             });
             let v = pool.fetch(pool.v, pool.v_scale, row, count, block);
             let inside = common.start <= j0 && j0 + count <= common.end;
-            let hidden_non_finite = !(pool.storage.is_quantized() || inside)
-                && v.chunks_exact(dim)
-                    .enumerate()
-                    .filter(|(j, _)| !common.contains(&(j0 + j)))
-                    .any(|(_, values)| values.iter().any(|x| !x.is_finite()));
+            let user_mask = split.mods.filter(|m| m.masks());
+            let hidden_non_finite = !pool.storage.is_quantized()
+                && match user_mask {
+                    // A user mask may hide any key from some row.
+                    Some(_) => v.iter().any(|x| !x.is_finite()),
+                    None => {
+                        !inside
+                            && v.chunks_exact(dim)
+                                .enumerate()
+                                .filter(|(j, _)| !common.contains(&(j0 + j)))
+                                .any(|(_, values)| values.iter().any(|x| !x.is_finite()))
+                    }
+                };
             if !hidden_non_finite {
                 tiles::weighted_sum(simd, &scores[j0..], n, v, dim, acc, next);
+                continue;
+            }
+            if let Some(mods) = user_mask {
+                // Key by key, the keys each row sees (rare: blocks holding non-finite values).
+                for (ii, range) in ranges.iter().enumerate() {
+                    for hh in 0..group {
+                        let r = hh * seq_q + ii;
+                        let row_at = RowAt {
+                            b: split.b,
+                            h: split.g * group + hh,
+                            i: ii,
+                            seq_q,
+                            seq_k: split.len,
+                        };
+                        for j in range.start.max(j0)..range.end.min(j0 + count) {
+                            if mods.visible(row_at, t0 + j) {
+                                let p = scores[r * n + j];
+                                let values = &v[(j - j0) * dim..][..dim];
+                                for (o, &x) in acc[r * dim..][..dim].iter_mut().zip(values) {
+                                    *o += p * x;
+                                }
+                            }
+                        }
+                    }
+                }
                 continue;
             }
             for (ii, range) in ranges.iter().enumerate() {

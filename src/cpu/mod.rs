@@ -53,7 +53,7 @@ use ndarray::{Array3, Array4, ArrayView4, ArrayViewMut3, ArrayViewMut4, CowArray
 
 use crate::backend::{Backend, HostOutput};
 use crate::cache::{KvCache, KvStorage, SeqId};
-use crate::dsl::{MaskMod, Mods, ScoreMod};
+use crate::dsl::{MaskMod, Mods, Position, ScoreMod};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::heads::{Rule, Supported};
@@ -250,7 +250,33 @@ impl Cpu {
     where
         Rule: Supported<HKV, HKV, D>,
     {
-        let state = self.decode_state("cpu::decode", spec, q, cache, seqs, 0..usize::MAX)?;
+        self.try_decode_with(spec, &Mods::none(), q, cache, seqs)
+    }
+
+    /// [`Cpu::try_decode`] with user mods ([`crate::dsl`]), positions as
+    /// [`crate::oracle::try_decode_with`] defines them.
+    pub fn try_decode_with<
+        T: CpuElement,
+        M: MaskMod,
+        Sc: ScoreMod,
+        const HKV: usize,
+        const D: usize,
+        S: KvStorage,
+    >(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, Sc>,
+        q: ArrayView4<T>,
+        cache: &KvCache<HKV, D, S>,
+        seqs: &[SeqId],
+    ) -> Result<HostOutput<T>>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        let user = UserMods(mods);
+        let user: Option<&dyn RowMods> = if mods.is_trivial() { None } else { Some(&user) };
+        let state =
+            self.decode_state("cpu::decode", (spec, user), q, cache, seqs, 0..usize::MAX)?;
         Ok(HostOutput {
             o: state.o.mapv(|x| T::narrow(f64::from(x))),
             lse: state.lse.mapv(|x| x as f32),
@@ -270,14 +296,14 @@ impl Cpu {
     where
         Rule: Supported<HKV, HKV, D>,
     {
-        let state = self.decode_state("cpu::decode_partial", spec, q, cache, seqs, keys)?;
+        let state = self.decode_state("cpu::decode_partial", (spec, None), q, cache, seqs, keys)?;
         Ok((state.o, state.lse))
     }
 
     fn decode_state<T: CpuElement, const HKV: usize, const D: usize, S: KvStorage>(
         &self,
         op: &'static str,
-        spec: &AttentionSpec,
+        (spec, mods): (&AttentionSpec, Option<&dyn RowMods>),
         q: ArrayView4<T>,
         cache: &KvCache<HKV, D, S>,
         seqs: &[SeqId],
@@ -316,7 +342,68 @@ impl Cpu {
         };
         let q = T::as_f32(q);
         let threads = self.threads();
-        Ok(self.install(|| decode::decode(spec, q.view(), &pool, &sequences, keys, threads)))
+        Ok(self.install(|| decode::decode(spec, mods, q.view(), &pool, &sequences, keys, threads)))
+    }
+}
+
+/// A score row's place, for the user mods: batch entry, query head, query index, and the
+/// problem's lengths.
+#[derive(Clone, Copy)]
+pub(super) struct RowAt {
+    pub b: usize,
+    pub h: usize,
+    pub i: usize,
+    pub seq_q: usize,
+    pub seq_k: usize,
+}
+
+impl RowAt {
+    fn at(self, j: usize) -> Position {
+        Position {
+            b: self.b as i64,
+            h: self.h as i64,
+            q: self.i as i64,
+            k: j as i64,
+            seq_q: self.seq_q as i64,
+            seq_k: self.seq_k as i64,
+        }
+    }
+}
+
+/// The user mods ([`crate::dsl`]) as the tile loops (prefill and decode) apply them: once per
+/// row and key block through one dynamic call, per score through the mods' monomorphised code.
+pub(super) trait RowMods: Sync {
+    /// Applies the score mod, then the mask (−∞ where it hides), to the scores of row `row`
+    /// against keys `j0 ..`.
+    fn apply(&self, row: RowAt, j0: usize, scores: &mut [f32]);
+    /// Whether the mask mod lets row `row` see key `j`.
+    fn visible(&self, row: RowAt, j: usize) -> bool;
+    /// Whether the mask mod may hide anything.
+    fn masks(&self) -> bool;
+}
+
+/// [`RowMods`] of a pair of mods.
+pub(super) struct UserMods<'a, M, S>(pub &'a Mods<M, S>);
+
+impl<M: MaskMod, S: ScoreMod> RowMods for UserMods<'_, M, S> {
+    fn apply(&self, row: RowAt, j0: usize, scores: &mut [f32]) {
+        for (jj, s) in scores.iter_mut().enumerate() {
+            let at = row.at(j0 + jj);
+            if !S::TRIVIAL {
+                *s = self.0.score().apply(*s, at);
+            }
+            if !M::TRIVIAL && !self.0.mask().visible(at) {
+                *s = f32::NEG_INFINITY;
+            }
+        }
+    }
+
+    fn visible(&self, row: RowAt, j: usize) -> bool {
+        self.0.visible(row.at(j))
+    }
+
+    fn masks(&self) -> bool {
+        !M::TRIVIAL
     }
 }
 

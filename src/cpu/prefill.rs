@@ -15,8 +15,8 @@ use ndarray::{
 };
 use rayon::prelude::*;
 
-use super::{RowState, simd};
-use crate::dsl::{MaskMod, Mods, Position, ScoreMod};
+use super::{RowAt, RowMods, RowState, UserMods, simd};
+use crate::dsl::{MaskMod, Mods, ScoreMod};
 use crate::spec::{AttentionSpec, ProblemShape};
 
 /// Keys per block.
@@ -55,7 +55,7 @@ pub(super) fn forward_into<M: MaskMod, S: ScoreMod>(
         lse.fill(f32::NEG_INFINITY);
         return;
     }
-    let user = UserMods { mods, shape };
+    let user = UserMods(mods);
     let user: Option<&dyn RowMods> = if mods.is_trivial() { None } else { Some(&user) };
     // (b, g, first query, its rows of o, its rows of lse), one per work item.
     let mut items = Vec::new();
@@ -121,51 +121,6 @@ fn chunks<'a, A, D: ndarray::Dimension>(
     }
     pieces.push(view);
     pieces
-}
-
-/// The user mods ([`crate::dsl`]) as the tile loop applies them: once per row and key block
-/// through one dynamic call, per score through the mods' monomorphised code.
-trait RowMods: Sync {
-    /// Applies the score mod, then the mask (−∞ where it hides), to the scores of query `i` of
-    /// query head `h` in batch entry `b` against keys `j0 ..`.
-    fn apply(&self, b: usize, h: usize, i: usize, j0: usize, scores: &mut [f32]);
-    /// Whether the mask mod lets query `i` of head `h` in entry `b` see key `j`.
-    fn visible(&self, b: usize, h: usize, i: usize, j: usize) -> bool;
-    /// Whether the mask mod may hide anything.
-    fn masks(&self) -> bool;
-}
-
-struct UserMods<'a, M, S> {
-    mods: &'a Mods<M, S>,
-    shape: ProblemShape,
-}
-
-impl<M: MaskMod, S: ScoreMod> UserMods<'_, M, S> {
-    fn at(&self, b: usize, h: usize, i: usize, j: usize) -> Position {
-        crate::oracle::position(self.shape, b, h, i, j)
-    }
-}
-
-impl<M: MaskMod, S: ScoreMod> RowMods for UserMods<'_, M, S> {
-    fn apply(&self, b: usize, h: usize, i: usize, j0: usize, scores: &mut [f32]) {
-        for (jj, s) in scores.iter_mut().enumerate() {
-            let at = self.at(b, h, i, j0 + jj);
-            if !S::TRIVIAL {
-                *s = self.mods.score().apply(*s, at);
-            }
-            if !M::TRIVIAL && !self.mods.mask().visible(at) {
-                *s = f32::NEG_INFINITY;
-            }
-        }
-    }
-
-    fn visible(&self, b: usize, h: usize, i: usize, j: usize) -> bool {
-        self.mods.visible(self.at(b, h, i, j))
-    }
-
-    fn masks(&self) -> bool {
-        !M::TRIVIAL
-    }
 }
 
 /// One work item's place in the problem.
@@ -334,7 +289,14 @@ impl Tile<'_> {
                 for hh in 0..group {
                     let (r, head) = (hh * block_q + ii, self.g * group + hh);
                     for j in range.start.max(j0)..range.end.min(j0 + n) {
-                        if mods.visible(self.b, head, self.i0 + ii, j) {
+                        let row_at = RowAt {
+                            b: self.b,
+                            h: head,
+                            i: self.i0 + ii,
+                            seq_q: self.seq_q,
+                            seq_k: self.seq_k,
+                        };
+                        if mods.visible(row_at, j) {
                             let p = probs[[r, j - j0]];
                             let mut out = acc.row_mut(r);
                             out.zip_mut_with(&v_block.row(j - j0), |o, &x| *o += p * x);
@@ -408,7 +370,14 @@ fn softmax_block(
                 }
             }
             if let Some(mods) = tile.mods {
-                mods.apply(tile.b, head, tile.i0 + ii, j0 + lo, live);
+                let row_at = RowAt {
+                    b: tile.b,
+                    h: head,
+                    i: tile.i0 + ii,
+                    seq_q: tile.seq_q,
+                    seq_k: tile.seq_k,
+                };
+                mods.apply(row_at, j0 + lo, live);
             }
             let block_max = simd::max(live);
             if block_max == f32::NEG_INFINITY {

@@ -9,6 +9,7 @@ use super::{
     CubeDevice, CubeElement, DecodeInputs, DeviceOutput, DeviceTensor, contiguous_strides,
 };
 use crate::cache::{KvCache, KvStorage, SeqId};
+use crate::dsl::{MaskMod, Mods, ScoreMod};
 use crate::error::{Error, Result};
 use crate::heads::{Rule, Supported};
 use crate::oracle::check_cache_spec;
@@ -52,6 +53,7 @@ where
         slots: &'a Buffer,
         seqs: &[SeqId],
         (seq_q, keys, partial): (usize, std::ops::Range<usize>, bool),
+        (aux, mask_mod, score_mod): (&'a Buffer, bool, bool),
     ) -> Result<DecodeInputs<'a>> {
         let mut max_len = 0;
         for &seq in seqs {
@@ -75,6 +77,9 @@ where
             storage: S::KIND,
             keys,
             partial,
+            aux,
+            mask_mod,
+            score_mod,
         })
     }
 }
@@ -321,9 +326,35 @@ impl CubeDevice {
     where
         Rule: Supported<HKV, HKV, D>,
     {
+        self.try_decode_with(spec, &Mods::none(), q, cache, copy, seqs)
+    }
+
+    /// [`CubeDevice::try_decode`] with user mods ([`crate::dsl`]): positions are those of the
+    /// step — `at.q` the query's index among its `seq_q` newest queries, `at.k` the cache
+    /// position, `at.seq_k` the cached length, `at.b` the index in `seqs` — so a mod written
+    /// with the bottom-right diagonal `at.q + at.seq_k − at.seq_q` sees cache positions.
+    pub fn try_decode_with<
+        T: CubeElement,
+        M: MaskMod,
+        Sc: ScoreMod,
+        const HKV: usize,
+        const D: usize,
+        S: KvStorage,
+    >(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, Sc>,
+        q: &DeviceTensor<T>,
+        cache: &KvCache<HKV, D, S>,
+        copy: &mut DeviceKvCache<HKV, D, S>,
+        seqs: &[SeqId],
+    ) -> Result<DeviceOutput<T>>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
         let seq_q = q.shape().get(2).copied().unwrap_or(0);
         let mut out = self.try_forward_output(spec, seqs.len(), seq_q)?;
-        self.try_decode_into(spec, q, cache, copy, seqs, &mut out)?;
+        self.try_decode_into_with(spec, mods, q, cache, copy, seqs, &mut out)?;
         Ok(out)
     }
 
@@ -349,6 +380,32 @@ impl CubeDevice {
     where
         Rule: Supported<HKV, HKV, D>,
     {
+        self.try_decode_into_with(spec, &Mods::none(), q, cache, copy, seqs, out)
+    }
+
+    /// [`CubeDevice::try_decode_into`] with user mods (positions as
+    /// [`CubeDevice::try_decode_with`] says).
+    #[allow(clippy::too_many_arguments)]
+    pub fn try_decode_into_with<
+        T: CubeElement,
+        M: MaskMod,
+        Sc: ScoreMod,
+        const HKV: usize,
+        const D: usize,
+        S: KvStorage,
+    >(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, Sc>,
+        q: &DeviceTensor<T>,
+        cache: &KvCache<HKV, D, S>,
+        copy: &mut DeviceKvCache<HKV, D, S>,
+        seqs: &[SeqId],
+        out: &mut DeviceOutput<T>,
+    ) -> Result<()>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
         const OP: &str = "cube::decode";
         let seq_q = self.check_decode(OP, spec, q, seqs, HKV, D)?;
         self.check_output(
@@ -359,7 +416,7 @@ impl CubeDevice {
         )?;
         self.decode_keys(
             OP,
-            spec,
+            (spec, mods),
             q,
             cache,
             copy,
@@ -417,7 +474,7 @@ impl CubeDevice {
         };
         self.decode_keys(
             OP,
-            spec,
+            (spec, &Mods::none()),
             q,
             cache,
             copy,
@@ -452,7 +509,15 @@ impl CubeDevice {
             tokens += cache.len(seq)?;
         }
         let slots = copy.tables.batch(&self.inner, OP, seqs)?;
-        let input = copy.inputs(cache, &copy.k, &slots, seqs, (0, 0..usize::MAX, false))?;
+        let aux = self.inner.constant(OP, &[0])?;
+        let input = copy.inputs(
+            cache,
+            &copy.k,
+            &slots,
+            seqs,
+            (0, 0..usize::MAX, false),
+            (&aux, false, false),
+        )?;
         self.inner.stream(OP, HKV, input)?;
         Ok(2 * tokens * HKV * S::KIND.bytes_per_row(D))
     }
@@ -503,10 +568,18 @@ impl CubeDevice {
     /// The decode launch behind all three, into `o` and `lse`: the `T` output, or with
     /// `partial` the f32 partial state (`U` = f32, `lse` holding a pair per row).
     #[allow(clippy::too_many_arguments)]
-    fn decode_keys<T: CubeElement, U: CubeElement, const HKV: usize, const D: usize, S: KvStorage>(
+    fn decode_keys<
+        T: CubeElement,
+        U: CubeElement,
+        M: MaskMod,
+        Sc: ScoreMod,
+        const HKV: usize,
+        const D: usize,
+        S: KvStorage,
+    >(
         &self,
         op: &'static str,
-        spec: &AttentionSpec,
+        (spec, mods): (&AttentionSpec, &Mods<M, Sc>),
         q: &DeviceTensor<T>,
         cache: &KvCache<HKV, D, S>,
         copy: &mut DeviceKvCache<HKV, D, S>,
@@ -521,14 +594,16 @@ impl CubeDevice {
         self.check_owns(op, &copy.device)?;
         self.try_sync_cache(copy, cache)?;
         let slots = copy.tables.batch(&self.inner, op, seqs)?;
+        let aux = self.inner.constant(op, &mods.captured_words())?;
         let input = copy.inputs(
             cache,
             &q.buffer,
             &slots,
             seqs,
             (q.shape()[2], keys, partial),
+            (&aux, !M::TRIVIAL, !Sc::TRIVIAL),
         )?;
         self.inner
-            .decode::<T>(op, spec, input, (&o.buffer, &lse.buffer))
+            .decode::<T, M, Sc>(op, spec, input, (&o.buffer, &lse.buffer))
     }
 }

@@ -95,7 +95,7 @@ impl Device {
     ) -> Result<()> {
         match *self {}
     }
-    pub fn decode<T>(
+    pub fn decode<T, M, S>(
         &self,
         _: &'static str,
         _: &AttentionSpec,

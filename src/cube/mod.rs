@@ -687,6 +687,11 @@ pub(crate) struct DecodeInputs<'a> {
     pub keys: std::ops::Range<usize>,
     /// The output is an f32 partial (output and LSE, for a later merge) rather than `T`.
     pub partial: bool,
+    /// The user mods' captures (`crate::dsl::Mods::captured_words`).
+    pub aux: &'a runtime::Buffer,
+    /// Whether the kernel evaluates the user mask mod, and applies the user score mod.
+    pub mask_mod: bool,
+    pub score_mod: bool,
 }
 
 impl<T: CubeElement> crate::backend::Backend<T> for CubeDevice {

@@ -600,7 +600,7 @@ impl Device {
 
     /// Launches decode over a paged cache into the contiguous `o` (`T`, or f32 for a partial)
     /// and `lse` (per row one f32, or a partial's state pair), which the caller sized.
-    pub fn decode<T: KernelElement>(
+    pub fn decode<T: KernelElement, M: CubeMask, S: CubeScore>(
         &self,
         op: &'static str,
         spec: &AttentionSpec,
@@ -715,6 +715,8 @@ impl Device {
             right_bounded: mask.right().is_some(),
             softcap: spec.softcap().is_some(),
             alibi: spec.alibi().is_some(),
+            mask_mod: input.mask_mod,
+            score_mod: input.score_mod,
         };
         // A partial is written by the split path (f32 output and LSE) even unsplit.
         let partial_out = splits > 1 || input.partial;
@@ -746,7 +748,7 @@ impl Device {
         // into outputs the caller sized for them.
         unsafe {
             match layout {
-                DecodeLayout::Plane { lanes, .. } => plane_decode::launch::<T>(
+                DecodeLayout::Plane { lanes, .. } => plane_decode::launch::<T, M, S>(
                     &self.client,
                     decode_cubes,
                     CubeDim::new_1d(lanes as u32),
@@ -758,6 +760,7 @@ impl Device {
                     arg(input.tables),
                     arg(input.slots),
                     arg(&slopes),
+                    arg(input.aux),
                     arg(o),
                     arg(lse),
                     arg(o_split),
@@ -785,7 +788,7 @@ impl Device {
                     units_per_head,
                     heads_per_cube,
                     ..
-                } => paged_decode::launch::<T>(
+                } => paged_decode::launch::<T, M, S>(
                     &self.client,
                     decode_cubes,
                     CubeDim::new_1d((heads_per_cube * units_per_head) as u32),
@@ -797,6 +800,7 @@ impl Device {
                     arg(input.tables),
                     arg(input.slots),
                     arg(&slopes),
+                    arg(input.aux),
                     arg(o),
                     arg(lse),
                     arg(o_split),

@@ -36,11 +36,14 @@ pub fn sliding_window(left: i32, right: i32, at: Position) -> bool {
 }
 
 /// Packed sequences (self-attention over one packed axis): a query sees the keys of its own
-/// document, `doc[i]` being token `i`'s document id. Compose with [`causal()`] for causal
-/// documents.
+/// document, `doc[t]` being token `t`'s document id. The query's token is its diagonal
+/// `t = q + seq_k − seq_q` (itself when `seq_q = seq_k`; in decode, its cache position); a
+/// query with `t < 0` (more queries than keys) has no token and sees nothing. `doc` needs
+/// `seq_k` entries. Compose with [`causal()`] for causal documents.
 #[crate::mask_mod]
 pub fn document(doc: &Aux<i32>, at: Position) -> bool {
-    doc[at.q] == doc[at.k]
+    let t = at.q + at.seq_k - at.seq_q;
+    t >= 0 && doc[max(t, 0)] == doc[at.k]
 }
 
 /// Prefix-LM: the first `prefix` keys are visible to every query (a bidirectional prefix);

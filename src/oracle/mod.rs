@@ -209,6 +209,87 @@ pub fn try_decode_keys<T: Element, const HKV: usize, const D: usize, S: KvStorag
 where
     Rule: Supported<HKV, HKV, D>,
 {
+    decode_keys_dyn(spec, &Mods::none(), q, cache, seqs, keys)
+}
+
+/// [`try_decode`] with user mods ([`crate::dsl`]): row `b`'s positions are those of sequence
+/// `seqs[b]`'s step — `at.b = b`, `at.q` the query's index among the `seq_q` newest, `at.k` the
+/// cache position, `at.seq_k` the cached length (so `at.q + at.seq_k − at.seq_q` is the
+/// query's own cache position).
+pub fn try_decode_with<
+    T: Element,
+    M: MaskMod,
+    Sc: ScoreMod,
+    const HKV: usize,
+    const D: usize,
+    S: KvStorage,
+>(
+    spec: &AttentionSpec,
+    mods: &Mods<M, Sc>,
+    q: ArrayView4<T>,
+    cache: &KvCache<HKV, D, S>,
+    seqs: &[SeqId],
+) -> Result<Output>
+where
+    Rule: Supported<HKV, HKV, D>,
+{
+    decode_keys_dyn(spec, mods, q, cache, seqs, 0..usize::MAX)
+}
+
+/// Mods seen from one sequence of a decode: the oracle runs each sequence as a batch of one,
+/// whose positions carry the sequence's index in the decode's batch.
+struct Shifted<'a> {
+    mods: &'a dyn DynMods,
+    b: i64,
+}
+
+impl DynMods for Shifted<'_> {
+    fn visible(&self, at: Position) -> bool {
+        self.mods.visible(Position {
+            b: at.b + self.b,
+            ..at
+        })
+    }
+    fn score_f64(&self, s: f64, at: Position) -> f64 {
+        self.mods.score_f64(
+            s,
+            Position {
+                b: at.b + self.b,
+                ..at
+            },
+        )
+    }
+    fn score_f32(&self, s: f32, at: Position) -> f32 {
+        self.mods.score_f32(
+            s,
+            Position {
+                b: at.b + self.b,
+                ..at
+            },
+        )
+    }
+    fn derivative(&self, s: f64, at: Position) -> f64 {
+        self.mods.derivative(
+            s,
+            Position {
+                b: at.b + self.b,
+                ..at
+            },
+        )
+    }
+}
+
+fn decode_keys_dyn<T: Element, const HKV: usize, const D: usize, S: KvStorage>(
+    spec: &AttentionSpec,
+    mods: &dyn DynMods,
+    q: ArrayView4<T>,
+    cache: &KvCache<HKV, D, S>,
+    seqs: &[SeqId],
+    keys: Range<usize>,
+) -> Result<Output>
+where
+    Rule: Supported<HKV, HKV, D>,
+{
     check_cache_spec(spec, HKV, D)?;
     if q.shape()[0] != seqs.len() {
         return Err(crate::Error::Shape {
@@ -228,8 +309,9 @@ where
     let q = q.mapv(|x| x.widen());
     for (b, &seq) in seqs.iter().enumerate() {
         let (k, v) = cache.read_exact(seq)?;
-        let out = try_forward_keys(
+        let out = forward_keys_dyn(
             spec,
+            &Shifted { mods, b: b as i64 },
             q.slice(s![b..b + 1, .., .., ..]),
             k.insert_axis(Axis(0)).view(),
             v.insert_axis(Axis(0)).view(),

@@ -3,8 +3,10 @@
 //! captures they take, and the run of one family on a backend against the oracle. Used by
 //! `dsl.rs` (the oracle and the CPU backend) and `cube_mods.rs` (the kernels).
 
+use gqa::cache::{Float32, KvCache, Layout, SeqId};
 use gqa::dsl::{MaskMod, Mods, NoMask, NoScore, Position, ScoreMod};
 use gqa::{AttentionSpec, Element, backend::Backend, oracle};
+use ndarray::{Array3, Array4, s};
 use proptest::prelude::*;
 
 use super::forward::{self, Variant};
@@ -209,3 +211,188 @@ macro_rules! for_each_mod_family {
 /// The spec built-ins are untouched by the mods helpers (silences the import when a suite
 /// uses only some of them).
 pub fn _uses(_: AttentionSpec, _: NoMask, _: NoScore) {}
+
+/// A decode problem: `seqs` sequences of one length in a paged f32 cache (appended in
+/// interleaved halves, so pages are not in order), and their newest queries.
+#[derive(Debug, Clone)]
+pub struct DecodeCase {
+    pub p: Problem,
+    pub page_size: usize,
+    pub captures: Captures,
+}
+
+/// Decode cases of `variant` at `(q_heads, 2, 8)`: 1–3 sequences of 1–150 tokens, 1–4 queries.
+pub fn decode_cases(variant: Variant, q_heads: usize) -> impl Strategy<Value = DecodeCase> {
+    (
+        1..=3usize,
+        1..=150usize,
+        1..=4usize,
+        2..=16usize,
+        forward::spec_for(variant, q_heads, 2, 8),
+    )
+        .prop_flat_map(move |(seqs, len, seq_q, page_size, spec)| {
+            let seq_q = seq_q.min(len);
+            (
+                Just(spec),
+                tensor([seqs, q_heads, seq_q, 8]),
+                tensor([seqs, 2, len, 8]),
+                tensor([seqs, 2, len, 8]),
+                Just(page_size),
+                captures(len, q_heads),
+            )
+                .prop_map(|(spec, q, k, v, page_size, captures)| DecodeCase {
+                    p: Problem { spec, q, k, v },
+                    page_size,
+                    captures,
+                })
+        })
+}
+
+/// The paged f32 cache of a decode case, and its sequences (in the case's order).
+pub fn decode_cache(case: &DecodeCase) -> (KvCache<2, 8, Float32>, Vec<SeqId>) {
+    let (seqs, len) = (case.p.k.shape()[0], case.p.k.shape()[2]);
+    let pages = seqs * (len.div_ceil(case.page_size) + 1);
+    let mut cache = KvCache::<2, 8, Float32>::new(Layout::Paged {
+        page_size: case.page_size,
+        pages,
+    });
+    let ids: Vec<SeqId> = (0..seqs)
+        .map(|_| cache.try_add_sequence().unwrap())
+        .collect();
+    let half = len / 2;
+    for range in [0..half, half..len] {
+        for (b, &id) in ids.iter().enumerate() {
+            let k = case
+                .p
+                .k
+                .slice(s![b, .., range.clone(), ..])
+                .mapv(|x| x as f32);
+            let v = case
+                .p
+                .v
+                .slice(s![b, .., range.clone(), ..])
+                .mapv(|x| x as f32);
+            cache.try_append(id, k.view(), v.view()).unwrap();
+        }
+    }
+    (cache, ids)
+}
+
+/// A backend that decodes with user mods.
+pub trait ModDecode {
+    fn decode_with<M: MaskMod, S: ScoreMod>(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, S>,
+        q: &Array4<f32>,
+        cache: &KvCache<2, 8, Float32>,
+        seqs: &[SeqId],
+    ) -> (Array4<f32>, Array3<f32>);
+}
+
+/// Decodes `cases` drawn cases with the mods `make` builds on `backend`, each checked as the
+/// forward problem it is (every sequence's cache contents as its keys and values) against the
+/// oracle with the same mods: decode positions are forward positions (`forward::check_with`'s
+/// rule). The mods must act in at least half of the cases.
+pub fn run_decode_family<B: ModDecode, M: MaskMod, S: ScoreMod>(
+    backend: &B,
+    (test, cases_per_test): (&str, u32),
+    variant: Variant,
+    q_heads: usize,
+    make: impl Fn(&Captures) -> Mods<M, S>,
+) {
+    let acted = std::cell::Cell::new(0u32);
+    runner::check(
+        test,
+        cases_per_test,
+        runner::Persist::No,
+        decode_cases(variant, q_heads),
+        |case| {
+            let mods = make(&case.captures);
+            acted.set(acted.get() + u32::from(acts(&case.p, &mods)));
+            let (cache, seqs) = decode_cache(&case);
+            let narrow = |x: &Array4<f64>| x.mapv(|x| x as f32);
+            let (q, k, v) = (narrow(&case.p.q), narrow(&case.p.k), narrow(&case.p.v));
+            let (o, lse) = backend.decode_with(&case.p.spec, &mods, &q, &cache, &seqs);
+            forward::check_output_with(&case.p, &mods, (&q, &k, &v), &o, &lse).map(|_| ())
+        },
+    );
+    assert!(
+        2 * acted.get() >= cases_per_test,
+        "{test}: the mods acted in only {} of {cases_per_test} cases",
+        acted.get()
+    );
+}
+
+impl ModDecode for gqa::cpu::Cpu {
+    fn decode_with<M: MaskMod, S: ScoreMod>(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, S>,
+        q: &Array4<f32>,
+        cache: &KvCache<2, 8, Float32>,
+        seqs: &[SeqId],
+    ) -> (Array4<f32>, Array3<f32>) {
+        let out = self
+            .try_decode_with(spec, mods, q.view(), cache, seqs)
+            .unwrap();
+        (out.o, out.lse)
+    }
+}
+
+impl ModDecode for gqa::cube::CubeDevice {
+    fn decode_with<M: MaskMod, S: ScoreMod>(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, S>,
+        q: &Array4<f32>,
+        cache: &KvCache<2, 8, Float32>,
+        seqs: &[SeqId],
+    ) -> (Array4<f32>, Array3<f32>) {
+        let mut copy = self.try_upload_cache(cache).unwrap();
+        let q = self.try_upload(q.view()).unwrap();
+        let out = self
+            .try_decode_with(spec, mods, &q, cache, &mut copy, seqs)
+            .unwrap();
+        let o = self
+            .try_download(&out.o)
+            .unwrap()
+            .into_dimensionality()
+            .unwrap();
+        let lse = self
+            .try_download(&out.lse)
+            .unwrap()
+            .into_dimensionality()
+            .unwrap();
+        (o, lse)
+    }
+}
+
+/// The members of the family that decode runs: `$m!(name, variant, |c| mods)`.
+#[macro_export]
+macro_rules! for_each_decode_family {
+    ($m:ident) => {
+        $m!(document_causal, Variant::Plain, |c: &Captures| Mods::new(
+            library::document(Aux::new(c.docs.clone())) & library::causal(),
+            NoScore
+        ));
+        $m!(streaming, Variant::RightSoftcap, |c: &Captures| Mods::new(
+            library::streaming(c.b, c.a),
+            NoScore
+        ));
+        $m!(
+            relative_bias_then_softcap,
+            Variant::WindowAlibi,
+            |c: &Captures| {
+                Mods::new(
+                    NoMask,
+                    library::relative_bias(Aux::new(c.table.clone()), c.buckets)
+                        .then(library::softcap(c.cap)),
+                )
+            }
+        );
+        $m!(user_checker_and_wobble, Variant::Plain, |c: &Captures| {
+            Mods::new(checker(c.b), wobble(c.gain))
+        });
+    };
+}

@@ -40,6 +40,7 @@ use cubecl::prelude::*;
 
 use super::math::{NEG_BIG, NEG_INFINITY_BITS, accurate_exp, accurate_ln, accurate_tanh};
 use super::merge::write_row;
+use crate::dsl::cube::{CubeMask, CubeScore};
 
 /// How rows are packed; `StorageKind` as the kernel's comptime number.
 pub const STORAGE_F32: u32 = 0;
@@ -72,6 +73,10 @@ pub struct DecodeConfig {
     pub right_bounded: bool,
     pub softcap: bool,
     pub alibi: bool,
+    /// A user mask mod (`crate::dsl`) is evaluated per score (its captures in `aux`).
+    pub mask_mod: bool,
+    /// A user score mod is applied after the built-in modifiers.
+    pub score_mod: bool,
 }
 
 /// IEEE half bits (in the low 16 bits) to f32, exactly and branch-free (it runs unrolled in the
@@ -117,10 +122,11 @@ fn unpack(word: u32, #[comptime] e: usize, #[comptime] storage: u32) -> f32 {
 /// biased (ALiBi) and masked to the row's visible keys (`lo[r] <= t < hi[r]`, `t < end`), then
 /// replaced by its probability `e^{x − m'}` (0 for a hidden key); row `r`'s running max `m`,
 /// sum `l` and rescale `alpha` follow. Branch-free: `α = e^{m − m'}` is exactly 1 when the max
-/// did not move.
+/// did not move. `at` is the row's position for the user mods: batch entry, query head, query
+/// index, query count, cached length (captures in `aux`).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn softmax_step(
+fn softmax_step<M: CubeMask, S: CubeScore>(
     s: &mut Array<f32>,
     m: &mut Array<f32>,
     l: &mut Array<f32>,
@@ -134,6 +140,8 @@ fn softmax_step(
     end: i32,
     scale: f32,
     softcap: f32,
+    aux: &[u32],
+    at: Array<i32>,
     #[comptime] cfg: DecodeConfig,
 ) {
     let block = cfg.block;
@@ -148,7 +156,24 @@ fn softmax_step(
         if cfg.alibi {
             x -= slope[r] * f32::cast_from(diag[r] - t).abs();
         }
-        x = select(t >= lo[r] && t < hi[r] && t < end, x, NEG_BIG);
+        if cfg.score_mod {
+            x = S::apply(
+                aux,
+                x,
+                at[0],
+                at[1],
+                at[2],
+                t,
+                at[3],
+                at[4],
+                comptime!(M::SLOTS),
+            );
+        }
+        let mut seen = t >= lo[r] && t < hi[r] && t < end;
+        if cfg.mask_mod {
+            seen = seen && M::visible(aux, at[0], at[1], at[2], t, at[3], at[4], 0u32);
+        }
+        x = select(seen, x, NEG_BIG);
         s[r * block + j] = x;
         m_new = max(m_new, x);
     }
@@ -185,7 +210,7 @@ fn softmax_step(
 /// and feed its `R` rows from registers.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub fn paged_decode<F: Float>(
+pub fn paged_decode<F: Float, M: CubeMask, S: CubeScore>(
     q: &[F],
     k_words: &[u32],
     v_words: &[u32],
@@ -194,6 +219,7 @@ pub fn paged_decode<F: Float>(
     tables: &[u32],
     seq_slots: &[u32],
     slopes: &[f32],
+    aux: &[u32],
     o: &mut [F],
     lse: &mut [f32],
     o_partial: &mut [f32],
@@ -370,9 +396,15 @@ pub fn paged_decode<F: Float>(
             }
             #[unroll]
             for r in 0..rows {
-                softmax_step(
+                let mut at = Array::<i32>::new(5usize);
+                at[0] = batch as i32;
+                at[1] = head[r] as i32;
+                at[2] = query[r] as i32;
+                at[3] = seq_q as i32;
+                at[4] = len as i32;
+                softmax_step::<M, S>(
                     &mut s, &mut m, &mut l, &mut alpha, &lo, &hi, &diag, &slope, r, start,
-                    page_end, scale, softcap, cfg,
+                    page_end, scale, softcap, aux, at, cfg,
                 );
             }
             #[unroll]
@@ -499,7 +531,7 @@ pub fn scatter_rows(
 /// Cache layout, pages, blocks, masks and splits as in [`paged_decode`].
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub fn plane_decode<F: Float>(
+pub fn plane_decode<F: Float, M: CubeMask, S: CubeScore>(
     q: &[F],
     k_words: &[u32],
     v_words: &[u32],
@@ -508,6 +540,7 @@ pub fn plane_decode<F: Float>(
     tables: &[u32],
     seq_slots: &[u32],
     slopes: &[f32],
+    aux: &[u32],
     o: &mut [F],
     lse: &mut [f32],
     o_partial: &mut [f32],
@@ -679,9 +712,15 @@ pub fn plane_decode<F: Float>(
             // Scores and the online softmax, alike in every lane.
             #[unroll]
             for i in 0..rows {
-                softmax_step(
+                let mut at = Array::<i32>::new(5usize);
+                at[0] = batch as i32;
+                at[1] = head[i] as i32;
+                at[2] = query[i] as i32;
+                at[3] = seq_q as i32;
+                at[4] = len as i32;
+                softmax_step::<M, S>(
                     &mut s, &mut m, &mut l, &mut alpha, &lo, &hi, &diag, &slope, i, start,
-                    page_end, scale, softcap, cfg,
+                    page_end, scale, softcap, aux, at, cfg,
                 );
             }
             // V: each lane its channels; acc ← α·acc + P·V, a key a row cannot see adding
