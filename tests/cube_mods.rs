@@ -77,3 +77,49 @@ macro_rules! decode_family_tests {
 }
 
 for_each_decode_family!(decode_family_tests);
+
+/// Block masks change nothing but the work done: with and without them the kernel's outputs
+/// are bit-identical, on masks whose tiles come out empty, partial and full (the causal
+/// document mask with its analytic classifier, and a user mask classified by brute force).
+/// The tiles counted are the ones the untuned tile's launch uses (`block_mask_tiles`).
+#[test]
+fn block_masks_change_no_bit_of_the_kernel_output() {
+    let Some(device) = device() else { return };
+    let spec = gqa::AttentionSpec::try_new(6, 2, 8).unwrap();
+    let tiles = device
+        .block_mask_tiles(&spec, device.untuned_forward_tile(8))
+        .unwrap();
+    let tiles = move |_: &common::Problem| tiles;
+    let seen = common::mods::run_block_mask_identity::<f32, CubeDevice, _, _>(
+        device,
+        (
+            "block_masks_change_no_bit_of_the_kernel_output/document",
+            cases() + 3,
+        ),
+        Variant::RightSoftcap,
+        (6, 2, 8),
+        tiles,
+        |c: &Captures| {
+            // Documents of about 100 tokens, so that whole tiles fall inside one.
+            let docs: Vec<i32> = c.docs.iter().map(|d| d / 8).collect();
+            Mods::new(library::document(Aux::new(docs.clone())), NoScore)
+                .with_classifier(gqa::dsl::block::SortedDocuments::new(&docs))
+        },
+    );
+    let also = common::mods::run_block_mask_identity::<f32, CubeDevice, _, _>(
+        device,
+        (
+            "block_masks_change_no_bit_of_the_kernel_output/checker",
+            cases(),
+        ),
+        Variant::Plain,
+        (6, 2, 8),
+        tiles,
+        |c: &Captures| Mods::new(checker(c.b + 8), wobble(c.gain)),
+    );
+    eprintln!("tiles (empty, partial, full): document {seen:?}, checker {also:?}");
+    assert!(
+        seen.0 > 0 && seen.1 > 0 && seen.2 > 0,
+        "tiles of every kind: {seen:?}"
+    );
+}

@@ -337,3 +337,153 @@ fn oracle_decode_with_mods_is_the_forward_on_the_cache() {
         },
     );
 }
+
+/// Block masks change nothing but the work done on the CPU: bit-identical outputs with and
+/// without them, over tiles of every kind (the causal document mask with its classifier), and
+/// a user mask classified by brute force.
+#[test]
+fn block_masks_change_no_bit_of_the_cpu_output() {
+    let cpu = Cpu::new();
+    let mut seen = (0, 0, 0);
+    for config in [(6, 2, 8), (8, 2, 64)] {
+        // The CPU's tiles: 128 rows of the group and 256 keys; documents of ~100 tokens over
+        // lengths up to 200 give empty, partial and full tiles.
+        let tiles = |p: &common::Problem| cpu.block_mask_tiles(&p.spec, p.seq_q());
+        let s = common::mods::run_block_mask_identity::<f32, Cpu, _, _>(
+            &cpu,
+            (
+                &format!("block_masks_change_no_bit_of_the_cpu_output/document/{config:?}"),
+                cpu_cases() + 4,
+            ),
+            Variant::RightSoftcap,
+            config,
+            tiles,
+            |c: &Captures| {
+                let docs: Vec<i32> = c.docs.iter().map(|d| d / 8).collect();
+                Mods::new(library::document(Aux::new(docs.clone())), NoScore)
+                    .with_classifier(gqa::dsl::block::SortedDocuments::new(&docs))
+            },
+        );
+        seen = (seen.0 + s.0, seen.1 + s.1, seen.2 + s.2);
+        common::mods::run_block_mask_identity::<f32, Cpu, _, _>(
+            &cpu,
+            (
+                &format!("block_masks_change_no_bit_of_the_cpu_output/streaming/{config:?}"),
+                cpu_cases(),
+            ),
+            Variant::Plain,
+            config,
+            tiles,
+            |c: &Captures| Mods::new(library::streaming(c.b, c.a), wobble(c.gain)),
+        );
+    }
+    eprintln!("CPU tiles (empty, partial, full): {seen:?}");
+    assert!(
+        seen.0 > 0 && seen.1 > 0 && seen.2 > 0,
+        "tiles of every kind: {seen:?}"
+    );
+}
+
+/// The block-mask laws by brute force: a tile called full has every pair of every head of its
+/// group visible (band and mask), one called empty none — for classified masks (the sorted
+/// documents' classifier, its composition with the band) and brute-force ones, at drawn tile
+/// sizes.
+#[test]
+fn block_mask_states_are_what_brute_force_sees() {
+    runner::check(
+        "block_mask_states_are_what_brute_force_sees",
+        64,
+        Persist::No,
+        (
+            common::mods::cases(Variant::RightSoftcap, (6, 2, 8)),
+            1..=40usize,
+            1..=70usize,
+            0..3usize,
+        ),
+        |((p, c), q_tile, k_tile, which)| {
+            let shape = p
+                .spec
+                .check_shapes("test", p.q.shape(), p.k.shape(), p.v.shape())
+                .unwrap();
+            let docs: Vec<i32> = c.docs.iter().map(|d| d / 4).collect();
+            let check = |mask: &dyn Fn(Position) -> bool, blocks: &gqa::dsl::block::BlockMask| {
+                let (q_tiles, k_tiles) = blocks.tiles();
+                for b in 0..shape.batch {
+                    for g in 0..2 {
+                        for qt in 0..q_tiles {
+                            for kt in 0..k_tiles {
+                                let (mut any, mut all) = (false, true);
+                                for h in g * 3..g * 3 + 3 {
+                                    for i in qt * q_tile..((qt + 1) * q_tile).min(shape.seq_q) {
+                                        for j in kt * k_tile..((kt + 1) * k_tile).min(shape.seq_k) {
+                                            let at = Position {
+                                                b: b as i64,
+                                                h: h as i64,
+                                                q: i as i64,
+                                                k: j as i64,
+                                                seq_q: shape.seq_q as i64,
+                                                seq_k: shape.seq_k as i64,
+                                            };
+                                            let seen = p.spec.mask().is_visible(
+                                                i,
+                                                j,
+                                                shape.seq_q,
+                                                shape.seq_k,
+                                            ) && mask(at);
+                                            any |= seen;
+                                            all &= seen;
+                                        }
+                                    }
+                                }
+                                let state = blocks.state(b, g, qt, kt);
+                                use gqa::dsl::block::TileState::*;
+                                let expected = match (any, all) {
+                                    (false, _) => Empty,
+                                    (true, true) => Full,
+                                    _ => Partial,
+                                };
+                                prop_assert_eq!(
+                                    state,
+                                    expected,
+                                    "tile ({}, {}, {}, {})",
+                                    b,
+                                    g,
+                                    qt,
+                                    kt
+                                );
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            };
+            match which {
+                0 => {
+                    let m = library::document(Aux::new(docs.clone()));
+                    let mods = Mods::new(m.clone(), NoScore)
+                        .with_classifier(gqa::dsl::block::SortedDocuments::new(&docs));
+                    check(
+                        &|at| m.visible(at),
+                        &mods.block_mask(&p.spec, shape, (q_tile, k_tile)),
+                    )
+                }
+                1 => {
+                    let m = library::streaming(c.b, c.a);
+                    let mods = Mods::new(m.clone(), NoScore);
+                    check(
+                        &|at| m.visible(at),
+                        &mods.block_mask(&p.spec, shape, (q_tile, k_tile)),
+                    )
+                }
+                _ => {
+                    let m = checker(c.b) | library::prefix(c.a);
+                    let mods = Mods::new(m.clone(), NoScore);
+                    check(
+                        &|at| m.visible(at),
+                        &mods.block_mask(&p.spec, shape, (q_tile, k_tile)),
+                    )
+                }
+            }
+        },
+    );
+}

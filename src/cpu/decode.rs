@@ -453,7 +453,7 @@ impl pulp::WithSimd for SplitRun<'_> {
                         seq_q,
                         seq_k: split.len,
                     };
-                    mods.apply(row_at, t0 + lo, &mut row[lo..hi]);
+                    mods.apply(row_at, t0 + lo, &mut row[lo..hi], true);
                 }
                 if lo >= hi {
                     row.fill(f32::NEG_INFINITY);

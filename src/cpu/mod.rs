@@ -176,8 +176,17 @@ impl Cpu {
         self.try_forward_with(spec, &Mods::none(), q, k, v)
     }
 
+    /// The tiles `(queries, keys)` in which a forward of `spec` with `seq_q` queries classifies
+    /// a user mask ([`crate::dsl::block`]): a tile's queries of every head of a KV group, and
+    /// the key blocks of the tile loop.
+    pub fn block_mask_tiles(&self, spec: &AttentionSpec, seq_q: usize) -> (usize, usize) {
+        prefill::block_mask_tiles(spec.group_size(), seq_q)
+    }
+
     /// [`Cpu::try_forward`] with user mods ([`crate::dsl`]), monomorphised per mod type: the
-    /// mask and score mod run inside the tile loop, per score.
+    /// mask and score mod run inside the tile loop, per score; with a block mask
+    /// ([`crate::dsl::block`], on by default) empty key blocks are skipped and full ones run
+    /// without the mask.
     pub fn try_forward_with<T: CpuElement, M: MaskMod, S: ScoreMod>(
         &self,
         spec: &AttentionSpec,
@@ -373,9 +382,9 @@ impl RowAt {
 /// The user mods ([`crate::dsl`]) as the tile loops (prefill and decode) apply them: once per
 /// row and key block through one dynamic call, per score through the mods' monomorphised code.
 pub(super) trait RowMods: Sync {
-    /// Applies the score mod, then the mask (−∞ where it hides), to the scores of row `row`
-    /// against keys `j0 ..`.
-    fn apply(&self, row: RowAt, j0: usize, scores: &mut [f32]);
+    /// Applies the score mod, then with `mask` the mask (−∞ where it hides), to the scores
+    /// of row `row` against keys `j0 ..`.
+    fn apply(&self, row: RowAt, j0: usize, scores: &mut [f32], mask: bool);
     /// Whether the mask mod lets row `row` see key `j`.
     fn visible(&self, row: RowAt, j: usize) -> bool;
     /// Whether the mask mod may hide anything.
@@ -386,13 +395,13 @@ pub(super) trait RowMods: Sync {
 pub(super) struct UserMods<'a, M, S>(pub &'a Mods<M, S>);
 
 impl<M: MaskMod, S: ScoreMod> RowMods for UserMods<'_, M, S> {
-    fn apply(&self, row: RowAt, j0: usize, scores: &mut [f32]) {
+    fn apply(&self, row: RowAt, j0: usize, scores: &mut [f32], mask: bool) {
         for (jj, s) in scores.iter_mut().enumerate() {
             let at = row.at(j0 + jj);
             if !S::TRIVIAL {
                 *s = self.0.score().apply(*s, at);
             }
-            if !M::TRIVIAL && !self.0.mask().visible(at) {
+            if mask && !M::TRIVIAL && !self.0.mask().visible(at) {
                 *s = f32::NEG_INFINITY;
             }
         }

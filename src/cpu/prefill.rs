@@ -16,6 +16,7 @@ use ndarray::{
 use rayon::prelude::*;
 
 use super::{RowAt, RowMods, RowState, UserMods, simd};
+use crate::dsl::block::{BlockMask, TileState};
 use crate::dsl::{MaskMod, Mods, ScoreMod};
 use crate::spec::{AttentionSpec, ProblemShape};
 
@@ -49,13 +50,15 @@ pub(super) fn forward_into<M: MaskMod, S: ScoreMod>(
 ) {
     let ProblemShape { seq_q, seq_k, .. } = shape;
     let (dim, group) = (spec.head_dim(), spec.group_size());
-    let block_q = (TILE_ROWS / group).clamp(1, seq_q.max(1));
+    let block_q = block_q(group, seq_q);
     let rows = group * block_q;
     if seq_q == 0 || dim == 0 {
         lse.fill(f32::NEG_INFINITY);
         return;
     }
     let user = UserMods(mods);
+    let blocks = (!M::TRIVIAL && mods.block_masks())
+        .then(|| mods.block_mask(spec, shape, (block_q, BLOCK_K)));
     let user: Option<&dyn RowMods> = if mods.is_trivial() { None } else { Some(&user) };
     // (b, g, first query, its rows of o, its rows of lse), one per work item.
     let mut items = Vec::new();
@@ -89,6 +92,7 @@ pub(super) fn forward_into<M: MaskMod, S: ScoreMod>(
                 seq_k,
                 b,
                 g,
+                blocks: blocks.as_deref(),
                 block_q,
                 i0,
                 i1: (i0 + block_q).min(seq_q),
@@ -105,6 +109,17 @@ pub(super) fn forward_into<M: MaskMod, S: ScoreMod>(
             );
         },
     );
+}
+
+/// Queries per tile: `TILE_ROWS` rows of the group's heads.
+pub(super) fn block_q(group: usize, seq_q: usize) -> usize {
+    (TILE_ROWS / group).clamp(1, seq_q.max(1))
+}
+
+/// The tiles `(queries, keys)` of the block masks of a prefill with `group` heads per KV head
+/// and `seq_q` queries.
+pub(super) fn block_mask_tiles(group: usize, seq_q: usize) -> (usize, usize) {
+    (block_q(group, seq_q), BLOCK_K)
 }
 
 /// `view` cut along `axis` into consecutive pieces of `size` (the last one shorter).
@@ -131,6 +146,8 @@ struct Tile<'a> {
     seq_k: usize,
     b: usize,
     g: usize,
+    /// The user mask's block mask, in tiles of `block_q` queries and `BLOCK_K` keys.
+    blocks: Option<&'a BlockMask>,
     block_q: usize,
     i0: usize,
     i1: usize,
@@ -196,9 +213,20 @@ impl Tile<'_> {
         // a non-finite value there (see `accumulate_values`).
         let live = visible.iter().filter(|r| !r.is_empty());
         let common = live.fold(0..usize::MAX, |c, r| c.start.max(r.start)..c.end.min(r.end));
-        let mut j0 = lo;
+        // With a user mask, key blocks are whole multiples of BLOCK_K — the block mask's tiles,
+        // with it or without it (so that both cut the sums alike).
+        let user_mask = self.mods.is_some_and(|m| m.masks());
+        let mut j0 = if user_mask { lo - lo % BLOCK_K } else { lo };
         while j0 < hi {
             let n = BLOCK_K.min(hi - j0);
+            let state = match self.blocks {
+                Some(blocks) => blocks.state(self.b, self.g, self.i0 / block_q, j0 / BLOCK_K),
+                None => TileState::Partial,
+            };
+            if state == TileState::Empty {
+                j0 += n;
+                continue;
+            }
             let k_block = k.slice(s![j0..j0 + n, ..]);
             let v_block = v.slice(s![j0..j0 + n, ..]);
             {
@@ -207,18 +235,25 @@ impl Tile<'_> {
                 let mut scores = scores.slice_move(s![.., ..n]);
                 matmul(&mut scores, &q_tile, &k_block.t(), spec.scale_f32(), false);
             }
-            let state = RowState {
+            let row_state = RowState {
                 acc: acc_buf,
                 m: m_buf,
                 l: l_buf,
             };
-            softmax_block(self, &visible, j0, n, s_buf, state);
+            softmax_block(
+                self,
+                &visible,
+                (j0, n),
+                state != TileState::Full,
+                s_buf,
+                row_state,
+            );
             let probs =
                 ArrayView2::from_shape((rows, BLOCK_K), &s_buf[..]).expect("rows × BLOCK_K");
             let mut acc =
                 ArrayViewMut2::from_shape((rows, dim), &mut acc_buf[..]).expect("rows × D");
             let probs = probs.slice(s![.., ..n]);
-            self.accumulate_values(&mut acc, &probs, &v_block, j0, &visible, &common);
+            self.accumulate_values(&mut acc, &probs, &v_block, (j0, state), &visible, &common);
             j0 += n;
         }
         for hh in 0..group {
@@ -259,13 +294,14 @@ impl Tile<'_> {
         acc: &mut ArrayViewMut2<f32>,
         probs: &ArrayView2<f32>,
         v_block: &ArrayView2<f32>,
-        j0: usize,
+        (j0, state): (usize, TileState),
         visible: &[std::ops::Range<usize>],
         common: &std::ops::Range<usize>,
     ) {
         let n = v_block.nrows();
         let inside = common.start <= j0 && j0 + n <= common.end;
-        let user_mask = self.mods.filter(|m| m.masks());
+        // In a full tile the user mask hides nothing: only the band's test remains.
+        let user_mask = self.mods.filter(|m| m.masks() && state != TileState::Full);
         let hidden_non_finite = match user_mask {
             // A user mask may hide any key: any non-finite value is a hidden one for some row.
             Some(_) => v_block.iter().any(|x| !x.is_finite()),
@@ -333,8 +369,8 @@ impl Tile<'_> {
 fn softmax_block(
     tile: &Tile<'_>,
     visible: &[std::ops::Range<usize>],
-    j0: usize,
-    n: usize,
+    (j0, n): (usize, usize),
+    user_mask: bool,
     scores: &mut [f32],
     state: RowState<'_>,
 ) {
@@ -377,7 +413,7 @@ fn softmax_block(
                     seq_q: tile.seq_q,
                     seq_k: tile.seq_k,
                 };
-                mods.apply(row_at, j0 + lo, live);
+                mods.apply(row_at, j0 + lo, live, user_mask);
             }
             let block_max = simd::max(live);
             if block_max == f32::NEG_INFINITY {

@@ -110,6 +110,13 @@ impl Device {
     pub fn forward<T, M, S>(&self, _: super::ForwardCall<'_>) -> Result<()> {
         match *self {}
     }
+    pub fn block_mask_tiles(
+        &self,
+        _: &AttentionSpec,
+        _: super::ForwardTile,
+    ) -> Result<(usize, usize)> {
+        match *self {}
+    }
     pub fn constant(&self, _: &'static str, _: &[u32]) -> Result<Buffer> {
         match *self {}
     }

@@ -170,6 +170,19 @@ impl CubeDevice {
         self.inner.forward_key_splits(spec, tile, seq_k)
     }
 
+    /// The tiles `(query rows, keys)` in which a forward of `spec` cut into `tile` classifies
+    /// a user mask ([`crate::dsl::block`]): the cube's query rows, and whole register blocks
+    /// of at least 64 keys.
+    ///
+    /// Errors: [`Error::DeviceLimit`] for a tile the device cannot run.
+    pub fn block_mask_tiles(
+        &self,
+        spec: &AttentionSpec,
+        tile: ForwardTile,
+    ) -> Result<(usize, usize)> {
+        self.inner.block_mask_tiles(spec, tile)
+    }
+
     /// The cooperative-matrix products (`m`, `n`, `k`) the device reports for `dtype` operands
     /// with f32 accumulators: what a matrix-core path of the forward kernel could use. Empty on
     /// lavapipe. No such path is in this crate yet (the forward kernel's tile-product seam,
@@ -396,6 +409,7 @@ impl CubeDevice {
             aux: &aux,
             mask_mod: !M::TRIVIAL,
             score_mod: !S::TRIVIAL,
+            blocks: (!M::TRIVIAL && mods.block_masks()).then_some(mods as &dyn BlockSource),
         })
     }
 
@@ -656,6 +670,30 @@ pub(crate) struct ForwardCall<'a> {
     /// Whether the kernel evaluates the user mask mod, and applies the user score mod.
     pub mask_mod: bool,
     pub score_mod: bool,
+    /// Where the launch's block mask comes from (with a user mask and block masks on).
+    pub blocks: Option<&'a dyn BlockSource>,
+}
+
+/// What makes a launch's block mask ([`crate::dsl::block`]): the mods, for the tiles the
+/// launch is cut into.
+pub(crate) trait BlockSource: Sync {
+    fn block_mask(
+        &self,
+        spec: &AttentionSpec,
+        shape: ProblemShape,
+        tiles: (usize, usize),
+    ) -> std::sync::Arc<crate::dsl::block::BlockMask>;
+}
+
+impl<M: MaskMod, S: ScoreMod> BlockSource for Mods<M, S> {
+    fn block_mask(
+        &self,
+        spec: &AttentionSpec,
+        shape: ProblemShape,
+        tiles: (usize, usize),
+    ) -> std::sync::Arc<crate::dsl::block::BlockMask> {
+        Mods::block_mask(self, spec, shape, tiles)
+    }
 }
 
 /// What a decode launch reads (the runtime's side of [`CubeDevice::try_decode`]).

@@ -358,6 +358,7 @@ impl Device {
             o,
             lse,
             aux,
+            blocks: block_source,
             ..
         } = call;
         let rows = shape.batch * spec.q_heads() * shape.seq_q;
@@ -369,6 +370,19 @@ impl Device {
             combine_cubes,
             units,
         } = self.forward_launch(call, tile)?;
+        let mut config = config;
+        // The block mask, in tiles of the cube's query rows and of whole register blocks of
+        // at least 64 keys.
+        let block_m = config.head_units * config.rows; // as `block_mask_tiles` says
+        let tile_blocks = 64usize.div_ceil(config.block_n);
+        let (blocks, k_tiles) = match block_source {
+            Some(source) => {
+                let mask = source.block_mask(spec, shape, (block_m, tile_blocks * config.block_n));
+                config.block_mask = true;
+                (self.constant(op, &mask.words())?, mask.tiles().1)
+            }
+            None => (self.scratch.0.clone(), 0),
+        };
         let layout = self.constant(op, &layout)?;
         let slopes = self.slopes(op, spec)?;
         // Split launches need f32 partials: from cubecl's memory pool, per call.
@@ -391,6 +405,7 @@ impl Device {
                 arg(&layout),
                 arg(&slopes),
                 arg(aux),
+                arg(&blocks),
                 arg(o),
                 arg(lse),
                 arg(&o_partial),
@@ -405,6 +420,8 @@ impl Device {
                 scalars.softcap,
                 scalars.batch,
                 scalars.keys_per_split,
+                k_tiles as u32,
+                tile_blocks as u32,
                 config,
             );
             if config.split {
@@ -418,6 +435,21 @@ impl Device {
             }
         }
         Ok(())
+    }
+
+    /// The tiles (query rows, keys) of the block masks a forward of `spec` cut into `tile`
+    /// uses here: the cube's query rows, and whole register blocks of at least 64 keys.
+    pub fn block_mask_tiles(
+        &self,
+        spec: &AttentionSpec,
+        tile: ForwardTile,
+    ) -> Result<(usize, usize)> {
+        let plan = self.forward_plan("cube::block_mask_tiles", spec, tile)?;
+        let config = plan.config;
+        Ok((
+            config.head_units * config.rows,
+            64usize.div_ceil(config.block_n) * config.block_n,
+        ))
     }
 
     /// How many key splits a forward of `seq_k` keys cut into `tile` launches here.
@@ -530,6 +562,7 @@ impl Device {
                 alibi: spec.alibi().is_some(),
                 mask_mod: false,
                 score_mod: false,
+                block_mask: false,
                 split: false,
             },
         })

@@ -66,6 +66,7 @@
 //! chain with [`ScoreMod::then`] ([`Then`]). All are generic structs: zero cost, one kernel per
 //! composed type. [`Mods`] carries one mask and one score mod to an executor.
 
+pub mod block;
 mod compose;
 #[cfg(any(feature = "wgpu", feature = "cuda", feature = "hip"))]
 pub mod cube;
@@ -256,11 +257,15 @@ pub trait ScoreMod:
     }
 }
 
-/// One mask mod and one score mod, as the executors take them.
+/// One mask mod and one score mod, as the executors take them, and optionally a
+/// [`block::Classifier`] for the mask (how its tiles are classified without brute force).
 #[derive(Debug, Clone)]
 pub struct Mods<M = NoMask, S = NoScore> {
     mask: M,
     score: S,
+    classifier: Option<Arc<dyn block::Classifier>>,
+    /// Whether executors classify the mask's tiles ([`block`]); off, every tile is partial.
+    block_masks: bool,
 }
 
 impl Mods<NoMask, NoScore> {
@@ -269,6 +274,8 @@ impl Mods<NoMask, NoScore> {
         Mods {
             mask: NoMask,
             score: NoScore,
+            classifier: None,
+            block_masks: true,
         }
     }
 }
@@ -282,7 +289,47 @@ impl Default for Mods<NoMask, NoScore> {
 impl<M: MaskMod, S: ScoreMod> Mods<M, S> {
     /// `mask` and `score`.
     pub fn new(mask: M, score: S) -> Mods<M, S> {
-        Mods { mask, score }
+        Mods {
+            mask,
+            score,
+            classifier: None,
+            block_masks: true,
+        }
+    }
+
+    /// These mods without block masks: every tile is partial, the mask evaluated per score
+    /// everywhere the band allows (what a block mask must not change: the suites compare the
+    /// two bit for bit).
+    pub fn without_block_masks(self) -> Mods<M, S> {
+        Mods {
+            block_masks: false,
+            ..self
+        }
+    }
+
+    /// Whether executors use block masks for these mods.
+    pub fn block_masks(&self) -> bool {
+        self.block_masks
+    }
+
+    /// These mods with `classifier` classifying the mask's tiles ([`block`]): it must never
+    /// call a tile full or empty that the mask does not make so.
+    pub fn with_classifier(self, classifier: impl block::Classifier + 'static) -> Mods<M, S> {
+        Mods {
+            classifier: Some(Arc::new(classifier)),
+            ..self
+        }
+    }
+
+    /// The block mask of these mods' mask for a problem, cut in tiles of `(q_tile, k_tile)`
+    /// (cached: the same problem is classified once).
+    pub fn block_mask(
+        &self,
+        spec: &crate::AttentionSpec,
+        shape: crate::spec::ProblemShape,
+        tiles: (usize, usize),
+    ) -> Arc<block::BlockMask> {
+        block::cached(spec, &self.mask, self.classifier.as_deref(), shape, tiles)
     }
 
     /// The mask mod.
@@ -300,6 +347,9 @@ impl<M: MaskMod, S: ScoreMod> Mods<M, S> {
         Mods {
             mask: And(self.mask, mask),
             score: self.score,
+            // A classifier of the old mask says nothing about the intersection's full tiles.
+            classifier: None,
+            block_masks: self.block_masks,
         }
     }
 
@@ -308,6 +358,8 @@ impl<M: MaskMod, S: ScoreMod> Mods<M, S> {
         Mods {
             mask: self.mask,
             score: Then(self.score, score),
+            classifier: self.classifier,
+            block_masks: self.block_masks,
         }
     }
 

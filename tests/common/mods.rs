@@ -396,3 +396,61 @@ macro_rules! for_each_decode_family {
         });
     };
 }
+
+/// Runs `cases` problems of `variant` with the mods `make` builds on `backend` twice — with
+/// block masks and without (every tile partial) — and asks for bit-identical outputs: a block
+/// mask may only skip work whose result is nothing and drop mask tests that pass anyway.
+/// Returns the tiles seen (empty, partial, full) at the tiles `tiles` gives for a problem (the
+/// backend's own), so a caller can check the cases reached every kind.
+pub fn run_block_mask_identity<T: Element, B: Backend<T>, M: MaskMod, S: ScoreMod>(
+    backend: &B,
+    (test, cases_per_test): (&str, u32),
+    variant: Variant,
+    config: (usize, usize, usize),
+    tiles: impl Fn(&Problem) -> (usize, usize),
+    make: impl Fn(&Captures) -> Mods<M, S>,
+) -> (usize, usize, usize) {
+    let seen = std::cell::Cell::new((0, 0, 0));
+    runner::check(
+        test,
+        cases_per_test,
+        runner::Persist::No,
+        cases(variant, config),
+        |(p, c)| {
+            let mods = make(&c);
+            let shape = p
+                .spec
+                .check_shapes("test", p.q.shape(), p.k.shape(), p.v.shape())
+                .unwrap();
+            let (e, pa, f) = mods.block_mask(&p.spec, shape, tiles(&p)).counts();
+            let s = seen.get();
+            seen.set((s.0 + e, s.1 + pa, s.2 + f));
+            let narrow = |x: &Array4<f64>| x.mapv(T::narrow);
+            let (q, k, v) = (narrow(&p.q), narrow(&p.k), narrow(&p.v));
+            let with = backend
+                .try_forward_with(&p.spec, &mods, q.view(), k.view(), v.view())
+                .unwrap();
+            let without = backend
+                .try_forward_with(
+                    &p.spec,
+                    &mods.clone().without_block_masks(),
+                    q.view(),
+                    k.view(),
+                    v.view(),
+                )
+                .unwrap();
+            let bits = |o: &Array4<T>| o.iter().map(|x| x.widen().to_bits()).collect::<Vec<_>>();
+            prop_assert!(
+                bits(&with.o) == bits(&without.o),
+                "o differs with and without the block mask"
+            );
+            let lse_bits = |l: &Array3<f32>| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            prop_assert!(
+                lse_bits(&with.lse) == lse_bits(&without.lse),
+                "lse differs with and without the block mask"
+            );
+            Ok(())
+        },
+    );
+    seen.get()
+}

@@ -92,6 +92,10 @@ pub struct KernelConfig {
     /// A user score mod is applied after the built-in modifiers (its captures in `aux` after
     /// the mask's).
     pub score_mod: bool,
+    /// A block mask (`blocks`: one state per (batch, KV head, query tile, key tile), query
+    /// tiles of the cube's rows, key tiles of `tile_blocks` register blocks, `k_tiles` per
+    /// row of tiles) says which key blocks are empty (skipped) and full (no user mask).
+    pub block_mask: bool,
     /// The key range is split over several cubes (`CUBE_POS_Z = split · batch + b`): write f32
     /// partial results for `combine_splits` instead of the final output.
     pub split: bool,
@@ -134,6 +138,7 @@ pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
     layout: &[u32],
     slopes: &[f32],
     aux: &[u32],
+    blocks: &[u32],
     o: &mut [F],
     lse: &mut [f32],
     o_partial: &mut [f32],
@@ -148,6 +153,8 @@ pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
     softcap: f32,
     batch_size: u32,
     keys_per_split: u32,
+    k_tiles: u32,
+    tile_blocks: u32,
     #[comptime] cfg: KernelConfig,
 ) {
     let rows = cfg.rows;
@@ -224,97 +231,108 @@ pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
     }
 
     for t in tile_lo..tile_hi {
-        let key0 = t * block_n as u32;
-        // Keys past `seq_k` read the last key (in bounds) and are masked below.
-        #[unroll]
-        for j in 0..block_n {
-            let key = min(key0 + j as u32, seq_k - 1);
-            k_at[j] = k_base + key * k_s;
-            v_at[j] = v_base + key * v_s;
+        // The block mask (`crate::dsl::block`): an empty tile is skipped, a full one runs
+        // without the user mask. Uniform over the cube (one tile per cube and key tile).
+        let mut state = 1u32;
+        if cfg.block_mask {
+            let kt = t / tile_blocks;
+            state = blocks[(((batch * CUBE_COUNT_Y + kv_head) * CUBE_COUNT_X + q_tile) * k_tiles
+                + kt) as usize];
         }
-        // S = Q·Kᵀ for the block.
-        P::scores::<F>(&mut tile, k, &k_at, k_d, &mut s, cfg);
-
-        // Scores, mask (boundary blocks only), online softmax.
-        let inside = key0 as i32 >= inside_lo && (key0 + block_n as u32) as i32 <= inside_hi;
-        #[unroll]
-        for i in 0..rows {
-            let diag = (row0 + i as u32) as i32 + diag_offset;
-            let mut m_new = m[i];
+        let user_full = state == 2;
+        if state != 0 {
+            let key0 = t * block_n as u32;
+            // Keys past `seq_k` read the last key (in bounds) and are masked below.
             #[unroll]
             for j in 0..block_n {
-                let key = key0 + j as u32;
-                let mut x = scale * s[i * block_n + j];
-                if cfg.softcap {
-                    x = softcap * accurate_tanh(x / softcap);
-                }
-                if cfg.alibi {
-                    x -= slope * f32::cast_from(diag - key as i32).abs();
-                }
-                let q_pos = (row0 + i as u32) as i32;
-                if cfg.score_mod {
-                    x = S::apply(
-                        aux,
-                        x,
-                        batch as i32,
-                        head as i32,
-                        q_pos,
-                        key as i32,
-                        seq_q as i32,
-                        seq_k as i32,
-                        comptime!(M::SLOTS),
-                    );
-                }
-                if cfg.mask_mod {
-                    let seen = M::visible(
-                        aux,
-                        batch as i32,
-                        head as i32,
-                        q_pos,
-                        key as i32,
-                        seq_q as i32,
-                        seq_k as i32,
-                        0u32,
-                    );
-                    x = select(seen, x, NEG_BIG);
-                }
-                if !inside {
-                    let kj = key as i32;
-                    let mut visible = key < seq_k;
-                    if cfg.left_bounded {
-                        visible = visible && kj >= diag - left;
-                    }
-                    if cfg.right_bounded {
-                        visible = visible && kj <= diag + right;
-                    }
-                    x = select(visible, x, NEG_BIG);
-                }
-                s[i * block_n + j] = x;
-                m_new = max(m_new, x);
+                let key = min(key0 + j as u32, seq_k - 1);
+                k_at[j] = k_base + key * k_s;
+                v_at[j] = v_base + key * v_s;
             }
-            // Exactly 1 when the max did not move (e^0 is exact), 0 from the sentinel.
-            let a = accurate_exp(m[i] - m_new);
-            let mut sum = 0.0f32;
-            #[unroll]
-            for j in 0..block_n {
-                let x = s[i * block_n + j];
-                let p = select(x > NEG_BIG, accurate_exp(x - m_new), 0.0f32);
-                s[i * block_n + j] = p;
-                sum += p;
-            }
-            alpha[i] = a;
-            l[i] = a * l[i] + sum;
-            m[i] = m_new;
-        }
+            // S = Q·Kᵀ for the block.
+            P::scores::<F>(&mut tile, k, &k_at, k_d, &mut s, cfg);
 
-        // acc ← α·acc + P·V. On a boundary block a masked key's value is skipped, not
-        // multiplied by its zero probability: 0 · NaN would leak a hidden key's non-finite value
-        // into a row that cannot see it. Blocks inside the band need no such test, unless a user
-        // mask may hide keys anywhere.
-        if inside && !cfg.mask_mod {
-            P::accumulate::<F>(&mut tile, v, &v_at, v_d, &s, &alpha, cfg, false);
-        } else {
-            P::accumulate::<F>(&mut tile, v, &v_at, v_d, &s, &alpha, cfg, true);
+            // Scores, mask (boundary blocks only), online softmax.
+            let inside = key0 as i32 >= inside_lo && (key0 + block_n as u32) as i32 <= inside_hi;
+            #[unroll]
+            for i in 0..rows {
+                let diag = (row0 + i as u32) as i32 + diag_offset;
+                let mut m_new = m[i];
+                #[unroll]
+                for j in 0..block_n {
+                    let key = key0 + j as u32;
+                    let mut x = scale * s[i * block_n + j];
+                    if cfg.softcap {
+                        x = softcap * accurate_tanh(x / softcap);
+                    }
+                    if cfg.alibi {
+                        x -= slope * f32::cast_from(diag - key as i32).abs();
+                    }
+                    let q_pos = (row0 + i as u32) as i32;
+                    if cfg.score_mod {
+                        x = S::apply(
+                            aux,
+                            x,
+                            batch as i32,
+                            head as i32,
+                            q_pos,
+                            key as i32,
+                            seq_q as i32,
+                            seq_k as i32,
+                            comptime!(M::SLOTS),
+                        );
+                    }
+                    if cfg.mask_mod {
+                        let seen = M::visible(
+                            aux,
+                            batch as i32,
+                            head as i32,
+                            q_pos,
+                            key as i32,
+                            seq_q as i32,
+                            seq_k as i32,
+                            0u32,
+                        );
+                        x = select(seen, x, NEG_BIG);
+                    }
+                    if !inside {
+                        let kj = key as i32;
+                        let mut visible = key < seq_k;
+                        if cfg.left_bounded {
+                            visible = visible && kj >= diag - left;
+                        }
+                        if cfg.right_bounded {
+                            visible = visible && kj <= diag + right;
+                        }
+                        x = select(visible, x, NEG_BIG);
+                    }
+                    s[i * block_n + j] = x;
+                    m_new = max(m_new, x);
+                }
+                // Exactly 1 when the max did not move (e^0 is exact), 0 from the sentinel.
+                let a = accurate_exp(m[i] - m_new);
+                let mut sum = 0.0f32;
+                #[unroll]
+                for j in 0..block_n {
+                    let x = s[i * block_n + j];
+                    let p = select(x > NEG_BIG, accurate_exp(x - m_new), 0.0f32);
+                    s[i * block_n + j] = p;
+                    sum += p;
+                }
+                alpha[i] = a;
+                l[i] = a * l[i] + sum;
+                m[i] = m_new;
+            }
+
+            // acc ← α·acc + P·V. On a boundary block a masked key's value is skipped, not
+            // multiplied by its zero probability: 0 · NaN would leak a hidden key's non-finite value
+            // into a row that cannot see it. Blocks inside the band need no such test, unless a user
+            // mask may hide keys anywhere.
+            if inside && (!cfg.mask_mod || user_full) {
+                P::accumulate::<F>(&mut tile, v, &v_at, v_d, &s, &alpha, cfg, false);
+            } else {
+                P::accumulate::<F>(&mut tile, v, &v_at, v_d, &s, &alpha, cfg, true);
+            }
         }
     }
 
