@@ -283,17 +283,20 @@ pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
                         );
                     }
                     if cfg.mask_mod {
-                        let seen = M::visible(
-                            aux,
-                            batch as i32,
-                            head as i32,
-                            q_pos,
-                            key as i32,
-                            seq_q as i32,
-                            seq_k as i32,
-                            0u32,
-                        );
-                        x = select(seen, x, NEG_BIG);
+                        // A full tile's pairs are all visible: no test (a uniform branch).
+                        if !user_full {
+                            let seen = M::visible(
+                                aux,
+                                batch as i32,
+                                head as i32,
+                                q_pos,
+                                key as i32,
+                                seq_q as i32,
+                                seq_k as i32,
+                                0u32,
+                            );
+                            x = select(seen, x, NEG_BIG);
+                        }
                     }
                     if !inside {
                         let kj = key as i32;
