@@ -1,0 +1,187 @@
+//! The DSL's costs, as ratios within one run: `cargo bench --bench dsl`.
+//!
+//! 1. **Zero cost.** Causal written with the DSL (`library::causal()`, a user mask over an
+//!    unmasked spec: its block mask skips the upper tiles, runs the lower ones without a test
+//!    and tests only the diagonal ones) against the built-in `.causal()`, GQA 32/8/128, f32,
+//!    `GQA_DSL_CAUSAL` tokens (default 2048), on the CPU and on the GPU device.
+//! 2. **Sparsity.** A causal document mask over 8 packed documents of `GQA_DSL_TOKENS` tokens
+//!    in all (default 8192; lengths in the ratio 1:2:…:8, so not all alike), with the sorted
+//!    documents' classifier, against the plain causal kernel over the same tokens: each as
+//!    FLOP/s over its *visible* pairs (4·D FLOPs a pair), and their ratio.
+//! 3. **Compile cost.** The first launch of a mod type the process has not run (a kernel
+//!    compile, plus the launch) against its second launch, on the GPU device (run with
+//!    `MESA_SHADER_CACHE_DISABLE=true` on Mesa for honest figures).
+//!
+//! Timings: median of `GQA_BENCH_RUNS` (default 3) after one untimed call; the compared calls
+//! alternate, so that a shared machine's drift hits them alike. Inputs and block masks are
+//! made before the timed calls (block masks are cached per problem: a steady state reuses
+//! them). The GPU device is `CubeDevice::untuned()` (one tile, the same for both sides).
+//! `GQA_DSL_ONLY=cpu|cube` runs one backend.
+
+use std::time::Instant;
+
+use gqa::backend::Backend;
+use gqa::cpu::Cpu;
+use gqa::cube::CubeDevice;
+use gqa::dsl::block::SortedDocuments;
+use gqa::dsl::{Aux, Mods, NoScore, Position, library};
+use gqa::{AttentionSpec, Gqa};
+use ndarray::Array4;
+
+mod common;
+use common::env_usize;
+
+const HQ: usize = 32;
+const HKV: usize = 8;
+const D: usize = 128;
+
+fn inputs(tokens: usize) -> (Array4<f32>, Array4<f32>, Array4<f32>) {
+    let f = |h: usize, i: usize, d: usize, salt: usize| {
+        (((h * 31 + i * 17 + d * 7 + salt) % 23) as f32 - 11.0) / 23.0
+    };
+    (
+        Array4::from_shape_fn((1, HQ, tokens, D), |(_, h, i, d)| f(h, i, d, 1)),
+        Array4::from_shape_fn((1, HKV, tokens, D), |(_, h, i, d)| f(h, i, d, 2)),
+        Array4::from_shape_fn((1, HKV, tokens, D), |(_, h, i, d)| f(h, i, d, 3)),
+    )
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Median seconds of `a` and `b`, called alternately `runs` times after one untimed call each.
+fn alternate(runs: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f64) {
+    a();
+    b();
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t = Instant::now();
+        a();
+        ta.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        b();
+        tb.push(t.elapsed().as_secs_f64());
+    }
+    (median(ta), median(tb))
+}
+
+/// Document ids of `tokens` tokens in 8 documents of lengths proportional to 1..=8.
+fn documents(tokens: usize) -> Vec<i32> {
+    let weights: usize = (1..=8).sum();
+    let mut doc = Vec::with_capacity(tokens);
+    for d in 0..8 {
+        let n = if d == 7 { tokens - doc.len() } else { tokens * (d + 1) / weights };
+        doc.extend(std::iter::repeat_n(d as i32, n));
+    }
+    doc
+}
+
+/// Visible pairs of causal attention within each document.
+fn visible_pairs(doc: &[i32]) -> f64 {
+    let mut pairs = 0.0;
+    let mut run = 0.0;
+    for (t, &d) in doc.iter().enumerate() {
+        run = if t > 0 && doc[t - 1] == d { run + 1.0 } else { 1.0 };
+        pairs += run;
+    }
+    pairs
+}
+
+fn rows<B: Backend<f32>>(label: &str, backend: &B, runs: usize) {
+    let spec = *Gqa::<HQ, HKV, D>::new().spec();
+    let causal_spec = spec.with_mask(gqa::Mask::NONE.causal());
+
+    // 1. Zero cost.
+    let n = env_usize("GQA_DSL_CAUSAL", 2048);
+    let (q, k, v) = inputs(n);
+    let dsl = Mods::new(library::causal(), NoScore);
+    let (built_in, written) = alternate(
+        runs,
+        || {
+            backend.try_forward(&causal_spec, q.view(), k.view(), v.view()).unwrap();
+        },
+        || {
+            backend.try_forward_with(&spec, &dsl, q.view(), k.view(), v.view()).unwrap();
+        },
+    );
+    println!(
+        "{label:5} causal L{n}: built-in {:8.1} ms, DSL {:8.1} ms, DSL / built-in {:.3} (target <= 1.03)",
+        built_in * 1e3,
+        written * 1e3,
+        written / built_in
+    );
+
+    // 2. Sparsity.
+    let n = env_usize("GQA_DSL_TOKENS", 8192);
+    let (q, k, v) = inputs(n);
+    let doc = documents(n);
+    let mods = Mods::new(library::document(Aux::new(doc.clone())), NoScore)
+        .with_classifier(SortedDocuments::new(&doc));
+    let (t_causal, t_doc) = alternate(
+        runs,
+        || {
+            backend.try_forward(&causal_spec, q.view(), k.view(), v.view()).unwrap();
+        },
+        || {
+            backend.try_forward_with(&causal_spec, &mods, q.view(), k.view(), v.view()).unwrap();
+        },
+    );
+    let flops = |pairs: f64| pairs * (HQ * 4 * D) as f64;
+    let causal_pairs = (n * (n + 1) / 2) as f64;
+    let doc_pairs = visible_pairs(&doc);
+    let (rate_causal, rate_doc) = (flops(causal_pairs) / t_causal, flops(doc_pairs) / t_doc);
+    println!(
+        "{label:5} 8 documents in L{n}: causal {:8.1} ms ({:.1} GFLOP/s visible), documents {:8.1} ms ({:.1} GFLOP/s visible, {:.1}% of causal's pairs), ratio {:.3} (target >= 0.8)",
+        t_causal * 1e3,
+        rate_causal / 1e9,
+        t_doc * 1e3,
+        rate_doc / 1e9,
+        100.0 * doc_pairs / causal_pairs,
+        rate_doc / rate_causal
+    );
+}
+
+/// A mod this process has never launched: its first launch compiles it.
+#[gqa::mask_mod]
+fn fresh_mask(period: i32, at: Position) -> bool {
+    (at.q - at.k) % period != 1 && at.k <= at.q + at.seq_k - at.seq_q
+}
+
+fn main() {
+    let runs = env_usize("GQA_BENCH_RUNS", 3);
+    let only = std::env::var("GQA_DSL_ONLY").ok();
+    if only.as_deref() != Some("cube") {
+        rows("cpu", &Cpu::new(), runs);
+    }
+    if only.as_deref() == Some("cpu") {
+        return;
+    }
+    let device = match CubeDevice::try_default() {
+        Ok(device) => device.untuned(),
+        Err(error) => {
+            println!("no GPU device: {error}");
+            return;
+        }
+    };
+    println!("cube device: {}", device.name());
+    rows("cube", &device, runs);
+
+    // 3. Compile cost.
+    let spec: AttentionSpec = *Gqa::<HQ, HKV, D>::new().spec();
+    let (q, k, v) = inputs(256);
+    let mods = Mods::new(fresh_mask(3), NoScore);
+    let t = Instant::now();
+    device.try_forward_with(&spec, &mods, q.view(), k.view(), v.view()).unwrap();
+    let first = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    device.try_forward_with(&spec, &mods, q.view(), k.view(), v.view()).unwrap();
+    let second = t.elapsed().as_secs_f64();
+    println!(
+        "cube  first launch of a new mod (32/8/128, L256): {:.2} s, second {:.3} s: compile ≈ {:.2} s",
+        first,
+        second,
+        first - second
+    );
+}
