@@ -72,7 +72,11 @@ fn documents(tokens: usize) -> Vec<i32> {
     let weights: usize = (1..=8).sum();
     let mut doc = Vec::with_capacity(tokens);
     for d in 0..8 {
-        let n = if d == 7 { tokens - doc.len() } else { tokens * (d + 1) / weights };
+        let n = if d == 7 {
+            tokens - doc.len()
+        } else {
+            tokens * (d + 1) / weights
+        };
         doc.extend(std::iter::repeat_n(d as i32, n));
     }
     doc
@@ -83,7 +87,11 @@ fn visible_pairs(doc: &[i32]) -> f64 {
     let mut pairs = 0.0;
     let mut run = 0.0;
     for (t, &d) in doc.iter().enumerate() {
-        run = if t > 0 && doc[t - 1] == d { run + 1.0 } else { 1.0 };
+        run = if t > 0 && doc[t - 1] == d {
+            run + 1.0
+        } else {
+            1.0
+        };
         pairs += run;
     }
     pairs
@@ -100,10 +108,14 @@ fn rows<B: Backend<f32>>(label: &str, backend: &B, runs: usize) {
     let (built_in, written) = alternate(
         runs,
         || {
-            backend.try_forward(&causal_spec, q.view(), k.view(), v.view()).unwrap();
+            backend
+                .try_forward(&causal_spec, q.view(), k.view(), v.view())
+                .unwrap();
         },
         || {
-            backend.try_forward_with(&spec, &dsl, q.view(), k.view(), v.view()).unwrap();
+            backend
+                .try_forward_with(&spec, &dsl, q.view(), k.view(), v.view())
+                .unwrap();
         },
     );
     println!(
@@ -122,10 +134,14 @@ fn rows<B: Backend<f32>>(label: &str, backend: &B, runs: usize) {
     let (t_causal, t_doc) = alternate(
         runs,
         || {
-            backend.try_forward(&causal_spec, q.view(), k.view(), v.view()).unwrap();
+            backend
+                .try_forward(&causal_spec, q.view(), k.view(), v.view())
+                .unwrap();
         },
         || {
-            backend.try_forward_with(&causal_spec, &mods, q.view(), k.view(), v.view()).unwrap();
+            backend
+                .try_forward_with(&causal_spec, &mods, q.view(), k.view(), v.view())
+                .unwrap();
         },
     );
     let flops = |pairs: f64| pairs * (HQ * 4 * D) as f64;
@@ -173,10 +189,14 @@ fn main() {
     let (q, k, v) = inputs(256);
     let mods = Mods::new(fresh_mask(3), NoScore);
     let t = Instant::now();
-    device.try_forward_with(&spec, &mods, q.view(), k.view(), v.view()).unwrap();
+    device
+        .try_forward_with(&spec, &mods, q.view(), k.view(), v.view())
+        .unwrap();
     let first = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    device.try_forward_with(&spec, &mods, q.view(), k.view(), v.view()).unwrap();
+    device
+        .try_forward_with(&spec, &mods, q.view(), k.view(), v.view())
+        .unwrap();
     let second = t.elapsed().as_secs_f64();
     println!(
         "cube  first launch of a new mod (32/8/128, L256): {:.2} s, second {:.3} s: compile ≈ {:.2} s",

@@ -22,6 +22,9 @@ use crate::spec::{AttentionSpec, ProblemShape};
 
 /// Keys per block.
 const BLOCK_K: usize = 256;
+/// Keys per block under a user mask: the block mask's key tiles. Smaller, so that partial
+/// tiles (a document's edges, the diagonal) waste less of their products on hidden pairs.
+const MASK_BLOCK_K: usize = 64;
 /// Target rows of a tile (`group · block_q`).
 const TILE_ROWS: usize = 128;
 
@@ -58,7 +61,7 @@ pub(super) fn forward_into<M: MaskMod, S: ScoreMod>(
     }
     let user = UserMods(mods);
     let blocks = (!M::TRIVIAL && mods.block_masks())
-        .then(|| mods.block_mask(spec, shape, (block_q, BLOCK_K)));
+        .then(|| mods.block_mask(spec, shape, (block_q, MASK_BLOCK_K)));
     let user: Option<&dyn RowMods> = if mods.is_trivial() { None } else { Some(&user) };
     // (b, g, first query, its rows of o, its rows of lse), one per work item.
     let mut items = Vec::new();
@@ -119,7 +122,7 @@ pub(super) fn block_q(group: usize, seq_q: usize) -> usize {
 /// The tiles `(queries, keys)` of the block masks of a prefill with `group` heads per KV head
 /// and `seq_q` queries.
 pub(super) fn block_mask_tiles(group: usize, seq_q: usize) -> (usize, usize) {
-    (block_q(group, seq_q), BLOCK_K)
+    (block_q(group, seq_q), MASK_BLOCK_K)
 }
 
 /// `view` cut along `axis` into consecutive pieces of `size` (the last one shorter).
@@ -213,14 +216,15 @@ impl Tile<'_> {
         // a non-finite value there (see `accumulate_values`).
         let live = visible.iter().filter(|r| !r.is_empty());
         let common = live.fold(0..usize::MAX, |c, r| c.start.max(r.start)..c.end.min(r.end));
-        // With a user mask, key blocks are whole multiples of BLOCK_K — the block mask's tiles,
+        // With a user mask, key blocks are the block mask's tiles (MASK_BLOCK_K keys, aligned),
         // with it or without it (so that both cut the sums alike).
         let user_mask = self.mods.is_some_and(|m| m.masks());
-        let mut j0 = if user_mask { lo - lo % BLOCK_K } else { lo };
+        let block_k = if user_mask { MASK_BLOCK_K } else { BLOCK_K };
+        let mut j0 = if user_mask { lo - lo % block_k } else { lo };
         while j0 < hi {
-            let n = BLOCK_K.min(hi - j0);
+            let n = block_k.min(hi - j0);
             let state = match self.blocks {
-                Some(blocks) => blocks.state(self.b, self.g, self.i0 / block_q, j0 / BLOCK_K),
+                Some(blocks) => blocks.state(self.b, self.g, self.i0 / block_q, j0 / block_k),
                 None => TileState::Partial,
             };
             if state == TileState::Empty {

@@ -202,9 +202,32 @@ impl BlockMask {
         })
     }
 
-    /// The states as device words, in `state` order.
+    /// Per (batch entry, KV head, query tile), in `state` order without the key tile: the
+    /// key tiles `first..end` outside which every tile is empty (`0..0` for a row of tiles
+    /// that sees nothing), so that an executor need not even visit them.
+    pub fn live_ranges(&self) -> Vec<Range<usize>> {
+        self.states
+            .chunks(self.k_tiles.max(1))
+            .map(|row| {
+                let first = row.iter().position(|&s| s != TileState::Empty);
+                let last = row.iter().rposition(|&s| s != TileState::Empty);
+                match (first, last) {
+                    (Some(first), Some(last)) => first..last + 1,
+                    _ => 0..0,
+                }
+            })
+            .collect()
+    }
+
+    /// The states as device words, in `state` order, then [`BlockMask::live_ranges`] as
+    /// `first, end` pairs.
     pub fn words(&self) -> Vec<u32> {
         let mut words: Vec<u32> = self.states.iter().map(|&s| s as u32).collect();
+        if self.k_tiles > 0 {
+            for range in self.live_ranges() {
+                words.extend([range.start as u32, range.end as u32]);
+            }
+        }
         if words.is_empty() {
             words.push(0);
         }

@@ -196,6 +196,18 @@ pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
         tile_hi = (band_hi as u32 + block_n as u32 - 1) / block_n as u32;
     }
 
+    // The block mask's live key tiles of this cube's row of tiles (after its states).
+    if cfg.block_mask {
+        let row = (batch * CUBE_COUNT_Y + kv_head) * CUBE_COUNT_X + q_tile;
+        let ranges = batch_size * CUBE_COUNT_Y * CUBE_COUNT_X * k_tiles;
+        tile_lo = max(tile_lo, blocks[(ranges + 2 * row) as usize] * tile_blocks);
+        tile_hi = min(
+            tile_hi,
+            blocks[(ranges + 2 * row + 1) as usize] * tile_blocks,
+        );
+        tile_hi = max(tile_hi, tile_lo);
+    }
+
     let (q_s, q_d) = (layout[3], layout[4]);
     let k_base = layout[5] + batch * layout[6] + kv_head * layout[7];
     let (k_s, k_d) = (layout[8], layout[9]);
