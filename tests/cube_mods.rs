@@ -123,3 +123,23 @@ fn block_masks_change_no_bit_of_the_kernel_output() {
         "tiles of every kind: {seen:?}"
     );
 }
+
+/// The unit decode layout (`paged_decode`, what devices without plane sums run) with mods: a
+/// user mask and a user score mod, against the oracle.
+#[test]
+fn unit_layout_decodes_with_mods_match_the_oracle() {
+    if device().is_none() {
+        return;
+    }
+    let unit = CubeDevice::try_default()
+        .expect("the device again")
+        .untuned()
+        .with_unit_decode();
+    common::mods::run_decode_family(
+        &unit,
+        ("unit_layout_decodes_with_mods_match_the_oracle", cases()),
+        Variant::Plain,
+        6,
+        |c: &Captures| Mods::new(checker(c.b), wobble(c.gain)),
+    );
+}
