@@ -33,6 +33,13 @@
 //! **Masks.** Key blocks entirely outside the cube's band are never visited; blocks entirely
 //! inside it skip the mask test (a uniform branch); only boundary blocks evaluate it.
 //!
+//! **User mods** (`crate::dsl`, generic `M`, `S`, captures in `aux`). The score mod applies
+//! after the built-in modifiers, the mask mod per score. With a user mask the launch carries a
+//! block mask (`blocks`: a state per (batch, KV head, query tile = this cube's rows, key tile =
+//! one register block), then per row of tiles its live key range): a cube walks only its live
+//! range, skips empty blocks, runs full ones without the mask test, and tests only partial
+//! ones — where, as on boundary blocks, a hidden key's value is skipped, not multiplied by 0.
+//!
 //! **Specialisation.** Everything that changes code is `#[comptime]` ([`KernelConfig`]): head
 //! dim, group, tile sizes, which mask sides are bounded, softcap, ALiBi. Lengths, scale, cap,
 //! window sides, slopes and strides are runtime arguments, so one compiled kernel serves every
