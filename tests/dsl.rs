@@ -269,12 +269,18 @@ fn a_table_read_out_of_range_names_the_mod_and_the_table() {
 }
 
 #[test]
-fn empty_tables_are_typed_errors() {
+fn empty_tables_and_values_kernels_cannot_read_are_typed_errors() {
     let error = Aux::<i32>::try_new(Vec::new()).unwrap_err();
     assert_eq!(
         error.to_string(),
         "mod table: a table must hold 1..=2^31-1 elements (kernels index it with i32), got 0"
     );
+    let error = Aux::<u32>::try_new(vec![0, 1 << 31]).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "mod table: element 1 is 2147483648: kernels compute integers in i32, so a table's values must fit in it"
+    );
+    assert!(Aux::<u32>::try_new(vec![0, i32::MAX as u32]).is_ok());
 }
 
 macro_rules! cpu_family_tests {

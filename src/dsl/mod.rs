@@ -102,6 +102,11 @@ pub struct Position {
 pub trait AuxElement: Copy + Send + Sync + std::fmt::Debug + 'static {
     /// The word a device buffer holds for this value (the bits of an `f32`, two's complement).
     fn to_word(self) -> u32;
+    /// Whether kernels read this value as the host does: integers are `i32` in kernels, so a
+    /// `u32` above `i32::MAX` would read negative there.
+    fn fits(self) -> bool {
+        true
+    }
 }
 
 impl AuxElement for i32 {
@@ -113,6 +118,9 @@ impl AuxElement for i32 {
 impl AuxElement for u32 {
     fn to_word(self) -> u32 {
         self
+    }
+    fn fits(self) -> bool {
+        i32::try_from(self).is_ok()
     }
 }
 
@@ -133,7 +141,8 @@ impl<T: AuxElement> Aux<T> {
     /// A table of `data`.
     ///
     /// # Panics
-    /// If `data` is empty or longer than `i32::MAX` ([`Aux::try_new`] returns the error).
+    /// If `data` is empty, longer than `i32::MAX`, or holds a `u32` above `i32::MAX`
+    /// ([`Aux::try_new`] returns the error).
     #[track_caller]
     pub fn new(data: impl Into<Vec<T>>) -> Aux<T> {
         match Aux::try_new(data) {
@@ -142,7 +151,8 @@ impl<T: AuxElement> Aux<T> {
         }
     }
 
-    /// [`Aux::new`], returning [`Error::Aux`] for an empty or too long table.
+    /// [`Aux::new`], returning [`Error::Aux`] for an empty or too long table, or a `u32` value
+    /// above `i32::MAX` (kernels compute integers in `i32`).
     pub fn try_new(data: impl Into<Vec<T>>) -> Result<Aux<T>> {
         let data: Vec<T> = data.into();
         if data.is_empty() || data.len() > i32::MAX as usize {
@@ -150,6 +160,14 @@ impl<T: AuxElement> Aux<T> {
                 reason: format!(
                     "a table must hold 1..=2^31-1 elements (kernels index it with i32), got {}",
                     data.len()
+                ),
+            });
+        }
+        if let Some(index) = data.iter().position(|x| !x.fits()) {
+            return Err(Error::Aux {
+                reason: format!(
+                    "element {index} is {:?}: kernels compute integers in i32, so a table's values must fit in it",
+                    data[index]
                 ),
             });
         }
