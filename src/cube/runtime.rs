@@ -18,6 +18,7 @@ use super::kernels::products::RegisterProducts;
 use super::{DecodeInputs, ForwardCall};
 use super::{ForwardTile, KvLoads};
 use crate::cache::StorageKind;
+use crate::dsl::block::BlockMask;
 use crate::dsl::cube::{CubeMask, CubeScore};
 use crate::element::DType;
 use crate::error::{Error, Result};
@@ -39,6 +40,10 @@ pub struct Device {
     tiles: TilePolicy,
     /// Launch constants by content (see [`Device::constant`]).
     constants: Mutex<HashMap<Vec<u32>, Buffer>>,
+    /// Block masks on the device, by the host block mask they were uploaded from (the block-mask
+    /// cache hands out one `Arc` per problem): a steady-state launch neither rebuilds nor hashes
+    /// their words. At most [`BLOCK_MASKS_KEPT`].
+    block_masks: Mutex<Vec<(Arc<BlockMask>, Buffer)>>,
     /// Two one-word buffers bound as the partial outputs of launches that write none (an
     /// unsplit forward or decode): allocated once, never written.
     scratch: (Buffer, Buffer),
@@ -77,6 +82,7 @@ impl Device {
             key: Arc::new(()),
             tiles: TilePolicy::Autotune,
             constants: Mutex::new(HashMap::new()),
+            block_masks: Mutex::new(Vec::new()),
             scratch: (
                 Buffer {
                     handle: client.empty(size_of::<f32>()),
@@ -250,6 +256,21 @@ impl Device {
         Ok(buffer)
     }
 
+    /// `mask` on the device: uploaded on its first launch, then reused while the host's block
+    /// mask cache keeps handing out the same one.
+    fn block_mask_buffer(&self, op: &'static str, mask: &Arc<BlockMask>) -> Result<Buffer> {
+        let mut kept = self.block_masks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, buffer)) = kept.iter().find(|(m, _)| Arc::ptr_eq(m, mask)) {
+            return Ok(buffer.clone());
+        }
+        if kept.len() >= BLOCK_MASKS_KEPT {
+            kept.clear();
+        }
+        let buffer = self.upload(op, &mask.words())?;
+        kept.push((mask.clone(), buffer.clone()));
+        Ok(buffer)
+    }
+
     /// The f32 partial outputs and state pairs of `rows` rows for a split launch, or the
     /// never-written scratch pair when the launch writes none.
     fn partials(
@@ -379,7 +400,7 @@ impl Device {
             Some(source) => {
                 let mask = source.block_mask(spec, shape, (block_m, tile_blocks * config.block_n));
                 config.block_mask = true;
-                (self.constant(op, &mask.words())?, mask.tiles().1)
+                (self.block_mask_buffer(op, &mask)?, mask.tiles().1)
             }
             None => (self.scratch.0.clone(), 0),
         };
@@ -569,6 +590,9 @@ impl Device {
         })
     }
 }
+
+/// Device block masks a device keeps ([`Device::block_mask_buffer`]).
+const BLOCK_MASKS_KEPT: usize = 16;
 
 /// Keys per block-mask tile at least (rounded up to whole register blocks). One register block
 /// (1): the kernel reads a block's state once per block whatever the tile, and finer tiles
