@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::heads::{Rule, Supported, assert_config};
 use crate::model_config::ModelConfig;
 use crate::partial::{Partial, Source, clip_keys};
+use crate::spec::Varlen;
 use crate::spec::{Alignment, AttentionSpec};
 
 /// Attention with `HQ` query heads sharing `HKV` key/value heads, each of dimension `D`.
@@ -219,6 +220,38 @@ macro_rules! spec_builder_methods {
                 Ok(output) => output,
                 Err(error) => panic!("{error}"),
             }
+        }
+
+        /// Runs this attention over variable-length sequences packed along one axis
+        /// ([`Varlen`]: FlashAttention's `cu_seqlens`), on `backend`: `q: [1, q_heads,
+        /// total_q, head_dim]`, `k`, `v: [1, kv_heads, total_k, head_dim]`; each sequence is
+        /// its own problem ([`crate::oracle::try_forward_varlen`]).
+        ///
+        /// ```
+        /// use gqa::{Gqa, cpu::Cpu, spec::Varlen};
+        /// use ndarray::Array4;
+        /// // Three documents of 3, 1 and 4 tokens, packed; causal within each.
+        /// let packing = Varlen::from_lengths(&[3, 1, 4]);
+        /// let attention = Gqa::<4, 2, 8>::new().causal();
+        /// let q = Array4::<f32>::ones((1, 4, 8, 8));
+        /// let kv = Array4::<f32>::ones((1, 2, 8, 8));
+        /// let out = attention.try_forward_varlen(&Cpu::new(), &packing, q.view(), kv.view(), kv.view())?;
+        /// // Every score is 8 / √8 = √8: the third document's first token sees itself only
+        /// // (LSE √8), its last sees its document's 4 tokens (LSE √8 + ln 4).
+        /// let s = 8f32.sqrt();
+        /// assert!((out.lse[[0, 0, 4]] - s).abs() < 1e-5);
+        /// assert!((out.lse[[0, 0, 7]] - (s + 4f32.ln())).abs() < 1e-5);
+        /// # Ok::<(), gqa::Error>(())
+        /// ```
+        pub fn try_forward_varlen<T: Element, B: Backend<T>>(
+            &self,
+            backend: &B,
+            packing: &Varlen,
+            q: ArrayView4<T>,
+            k: ArrayView4<T>,
+            v: ArrayView4<T>,
+        ) -> Result<HostOutput<T>> {
+            backend.try_forward_varlen(&self.spec, packing, q, k, v)
         }
 
         /// Runs this attention on tensors already on the device.

@@ -7,7 +7,7 @@ use ndarray::{Array3, Array4, ArrayView4};
 use crate::dsl::{MaskMod, Mods, ScoreMod};
 use crate::element::Element;
 use crate::error::Result;
-use crate::spec::AttentionSpec;
+use crate::spec::{AttentionSpec, Varlen};
 
 /// An executor's result on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +37,18 @@ pub trait Backend<T: Element> {
         &self,
         spec: &AttentionSpec,
         mods: &Mods<M, S>,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+    ) -> Result<HostOutput<T>>;
+
+    /// Attention of variable-length sequences packed along one axis ([`Varlen`]): `q: [1,
+    /// q_heads, total_q, head_dim]`, `k`, `v: [1, kv_heads, total_k, head_dim]`, as
+    /// [`crate::oracle::try_forward_varlen`] defines it.
+    fn try_forward_varlen(
+        &self,
+        spec: &AttentionSpec,
+        packing: &Varlen,
         q: ArrayView4<T>,
         k: ArrayView4<T>,
         v: ArrayView4<T>,

@@ -129,6 +129,11 @@ pub enum Error {
     #[error("{op}: {reason}")]
     Partial { op: &'static str, reason: String },
 
+    /// Offsets of packed variable-length sequences (`cu_seqlens`, [`crate::spec::Varlen`])
+    /// that do not describe a packing.
+    #[error("varlen offsets: {reason}")]
+    Varlen { reason: String },
+
     /// A table a DSL mod captures (`gqa::dsl::Aux`) cannot be used.
     #[error("mod table: {reason}")]
     Aux { reason: String },

@@ -14,6 +14,7 @@ mod common;
 use common::decode::{self as dec, Case, check_decoded, fill};
 use common::forward::{self, Variant};
 use common::runner::{self, Persist, env_count};
+use common::varlen;
 use common::{Problem, nan_padded, nan_padded_view, tensor};
 use gqa::cache::{BFloat16, Float16, Float32, Int4, Int8, KvStorage, Layout};
 use gqa::cpu::{Cpu, CpuElement};
@@ -29,6 +30,10 @@ fn cases() -> u32 {
 
 fn run_forward<T: CpuElement>(test: &str, variant: Variant, config: (usize, usize, usize)) {
     forward::run_variant::<T, Cpu>(&Cpu::new(), (test, cases()), "cpu", variant, config);
+}
+
+fn run_varlen<T: CpuElement>(test: &str, variant: Variant, config: (usize, usize, usize)) {
+    varlen::run_variant::<T, Cpu>(&Cpu::new(), (test, cases()), "cpu", variant, config);
 }
 
 fn run_decode<T: CpuElement, const HQ: usize, const HKV: usize, const D: usize, S: KvStorage>(
@@ -81,6 +86,14 @@ macro_rules! cpu_tests {
             #[test]
             fn [<$name _everything_bf16>]() {
                 run_forward::<bf16>(stringify!([<$name _everything_bf16>]), Variant::Everything, ($hq, $hkv, $d));
+            }
+            #[test]
+            fn [<$name _varlen_window_alibi_f32>]() {
+                run_varlen::<f32>(stringify!([<$name _varlen_window_alibi_f32>]), Variant::WindowAlibi, ($hq, $hkv, $d));
+            }
+            #[test]
+            fn [<$name _varlen_everything_bf16>]() {
+                run_varlen::<bf16>(stringify!([<$name _varlen_everything_bf16>]), Variant::Everything, ($hq, $hkv, $d));
             }
             #[test]
             fn [<$name _decode_f32_cache>]() {

@@ -493,3 +493,53 @@ fn block_mask_states_are_what_brute_force_sees() {
         },
     );
 }
+
+/// The varlen oracle is the document mask's problem: for self-attention packings (the same
+/// offsets for queries and keys), `oracle::try_forward_varlen` equals the packed batch of one
+/// under `library::document` with the spec's band, bit for bit — for every mask side, both
+/// alignments, softcap and ALiBi (a document's positions are its own in both: its diagonal and
+/// its distances do not move).
+#[test]
+fn varlen_is_the_document_mask_problem() {
+    let strategy = (
+        proptest::collection::vec(0..=40usize, 0..=5),
+        prop_oneof![
+            Just(Variant::Plain),
+            Just(Variant::RightSoftcap),
+            Just(Variant::LeftBand),
+            Just(Variant::WindowAlibi),
+            Just(Variant::Everything),
+        ],
+    )
+        .prop_flat_map(|(lengths, variant)| {
+            let total: usize = lengths.iter().sum();
+            (
+                Just(lengths),
+                common::forward::spec_for(variant, 6, 2, 8),
+                tensor([1, 6, total, 8]),
+                tensor([1, 2, total, 8]),
+                tensor([1, 2, total, 8]),
+            )
+        });
+    runner::check(
+        "varlen_is_the_document_mask_problem",
+        law_cases() / 4,
+        Persist::No,
+        strategy,
+        |(lengths, spec, q, k, v)| {
+            let packing = gqa::spec::Varlen::from_lengths(&lengths);
+            let docs: Vec<i32> = (0..lengths.len())
+                .flat_map(|d| std::iter::repeat_n(d as i32, lengths[d]))
+                .collect();
+            let varlen =
+                oracle::try_forward_varlen(&spec, &packing, q.view(), k.view(), v.view()).unwrap();
+            // (A table is never empty; without tokens its one entry is never read.)
+            let docs = if docs.is_empty() { vec![0] } else { docs };
+            let mods = Mods::new(library::document(Aux::new(docs)), NoScore);
+            let document =
+                oracle::try_forward_with(&spec, &mods, q.view(), k.view(), v.view()).unwrap();
+            prop_assert_eq!(varlen, document, "lengths {:?}, spec {:?}", lengths, spec);
+            Ok(())
+        },
+    );
+}

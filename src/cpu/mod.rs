@@ -58,7 +58,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::heads::{Rule, Supported};
 use crate::oracle::check_cache_spec;
-use crate::spec::AttentionSpec;
+use crate::spec::{AttentionSpec, Varlen};
 
 /// The element types the CPU backend takes and returns (computing in `f32`).
 pub trait CpuElement: Element {
@@ -203,6 +203,35 @@ impl Cpu {
         let inputs = (q.view(), k.view(), v.view());
         self.install(|| {
             prefill::forward_into(spec, mods, shape, inputs, o.view_mut(), lse.view_mut())
+        });
+        Ok(HostOutput {
+            o: o.mapv(|x| T::narrow(f64::from(x))),
+            lse,
+        })
+    }
+
+    /// Attention of variable-length sequences packed along one axis ([`Varlen`], as
+    /// [`crate::oracle::try_forward_varlen`] defines it): `q: [1, q_heads, total_q, head_dim]`,
+    /// `k`, `v: [1, kv_heads, total_k, head_dim]`, any strides; outputs `[1, q_heads, total_q,
+    /// ..]`. Each sequence's tiles start at its first query and read only its keys: no
+    /// padding, and no work on pairs across sequences. Errors: [`Error::Shape`].
+    pub fn try_forward_varlen<T: CpuElement>(
+        &self,
+        spec: &AttentionSpec,
+        packing: &Varlen,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+    ) -> Result<HostOutput<T>> {
+        const OP: &str = "cpu::forward_varlen";
+        let shape = spec.check_shapes(OP, q.shape(), k.shape(), v.shape())?;
+        packing.check_packed(OP, shape)?;
+        let (q, k, v) = (T::as_f32(q), T::as_f32(k), T::as_f32(v));
+        let mut o = Array4::<f32>::zeros((1, spec.q_heads(), shape.seq_q, spec.head_dim()));
+        let mut lse = Array3::<f32>::zeros((1, spec.q_heads(), shape.seq_q));
+        let inputs = (q.view(), k.view(), v.view());
+        self.install(|| {
+            prefill::forward_varlen_into(spec, packing, inputs, o.view_mut(), lse.view_mut())
         });
         Ok(HostOutput {
             o: o.mapv(|x| T::narrow(f64::from(x))),
@@ -436,5 +465,16 @@ impl<T: CpuElement> Backend<T> for Cpu {
         v: ArrayView4<T>,
     ) -> Result<HostOutput<T>> {
         Cpu::try_forward_with(self, spec, mods, q, k, v)
+    }
+
+    fn try_forward_varlen(
+        &self,
+        spec: &AttentionSpec,
+        packing: &Varlen,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+    ) -> Result<HostOutput<T>> {
+        Cpu::try_forward_varlen(self, spec, packing, q, k, v)
     }
 }

@@ -51,31 +51,129 @@ pub(super) fn forward_into<M: MaskMod, S: ScoreMod>(
     mut o: ArrayViewMut4<f32>,
     mut lse: ArrayViewMut3<f32>,
 ) {
-    let ProblemShape { seq_q, seq_k, .. } = shape;
-    let (dim, group) = (spec.head_dim(), spec.group_size());
-    let block_q = block_q(group, seq_q);
-    let rows = group * block_q;
-    if seq_q == 0 || dim == 0 {
-        lse.fill(f32::NEG_INFINITY);
-        return;
-    }
     let user = UserMods(mods);
-    let blocks = (!M::TRIVIAL && mods.block_masks())
-        .then(|| mods.block_mask(spec, shape, (block_q, MASK_BLOCK_K)));
+    let blocks = (!M::TRIVIAL && mods.block_masks()).then(|| {
+        let block_q = block_q(spec.group_size(), shape.seq_q);
+        mods.block_mask(spec, shape, (block_q, MASK_BLOCK_K))
+    });
     let user: Option<&dyn RowMods> = if mods.is_trivial() { None } else { Some(&user) };
-    // (b, g, first query, its rows of o, its rows of lse), one per work item.
+    let segments = o
+        .outer_iter_mut()
+        .zip(lse.outer_iter_mut())
+        .enumerate()
+        .map(|(b, (o, lse))| Segment {
+            b,
+            q: q.index_axis(Axis(0), b),
+            k: k.index_axis(Axis(0), b),
+            v: v.index_axis(Axis(0), b),
+            o,
+            lse,
+        })
+        .collect();
+    run_segments(spec, user, blocks.as_deref(), shape.seq_q, segments);
+}
+
+/// The varlen forward ([`crate::spec::Varlen`]): `q: [1, HQ, total_q, D]`, `k`, `v: [1, HKV,
+/// total_k, D]` packed, each sequence a problem of its own whose tiles start at its first
+/// query and whose keys are its own (no tile straddles two sequences); writes every element of
+/// `o: [1, HQ, total_q, D]` and `lse: [1, HQ, total_q]`.
+pub(super) fn forward_varlen_into(
+    spec: &AttentionSpec,
+    packing: &crate::spec::Varlen,
+    (q, k, v): (ArrayView4<f32>, ArrayView4<f32>, ArrayView4<f32>),
+    o: ArrayViewMut4<f32>,
+    lse: ArrayViewMut3<f32>,
+) {
+    let (mut o, mut lse) = (
+        o.index_axis_move(Axis(0), 0),
+        lse.index_axis_move(Axis(0), 0),
+    );
+    let (q, k, v) = (
+        q.index_axis_move(Axis(0), 0),
+        k.index_axis_move(Axis(0), 0),
+        v.index_axis_move(Axis(0), 0),
+    );
+    let mut segments = Vec::with_capacity(packing.sequences());
+    for b in 0..packing.sequences() {
+        let (rows, keys) = (packing.queries(b), packing.keys(b));
+        let (o_b, o_rest) = o.split_at(Axis(1), rows.len());
+        let (lse_b, lse_rest) = lse.split_at(Axis(1), rows.len());
+        (o, lse) = (o_rest, lse_rest);
+        segments.push(Segment {
+            b,
+            q: q.slice_move(s![.., rows, ..]),
+            k: k.slice_move(s![.., keys.clone(), ..]),
+            v: v.slice_move(s![.., keys, ..]),
+            o: o_b,
+            lse: lse_b,
+        });
+    }
+    run_segments(spec, None, None, packing.max_seq_q(), segments);
+}
+
+/// One problem of a run: batch row `b` of a batch, or sequence `b` of a packing. `q: [HQ, Lq,
+/// D]`, `k`, `v: [HKV, Lk, D]`, and its outputs `o: [HQ, Lq, D]`, `lse: [HQ, Lq]`.
+struct Segment<'a> {
+    b: usize,
+    q: ArrayView3<'a, f32>,
+    k: ArrayView3<'a, f32>,
+    v: ArrayView3<'a, f32>,
+    o: ArrayViewMut3<'a, f32>,
+    lse: ArrayViewMut2<'a, f32>,
+}
+
+/// Runs every tile of `segments` on the pool, in tiles of `block_q(group, longest)` queries.
+fn run_segments(
+    spec: &AttentionSpec,
+    user: Option<&dyn RowMods>,
+    blocks: Option<&BlockMask>,
+    longest: usize,
+    segments: Vec<Segment<'_>>,
+) {
+    let (dim, group) = (spec.head_dim(), spec.group_size());
+    let block_q = block_q(group, longest);
+    let rows = group * block_q;
+    // (the segment's inputs, b, g, first query, its rows of o, its rows of lse), one per
+    // work item.
     let mut items = Vec::new();
-    for (b, (o_b, lse_b)) in o.outer_iter_mut().zip(lse.outer_iter_mut()).enumerate() {
-        let heads = chunks(o_b, Axis(0), group)
+    for segment in segments {
+        let Segment { b, q, k, v, o, lse } = segment;
+        let (seq_q, seq_k) = (q.len_of(Axis(1)), k.len_of(Axis(1)));
+        if seq_q == 0 {
+            continue;
+        }
+        if dim == 0 {
+            let mut lse = lse;
+            lse.fill(f32::NEG_INFINITY);
+            continue;
+        }
+        let heads = chunks(o, Axis(0), group)
             .into_iter()
-            .zip(chunks(lse_b, Axis(0), group));
+            .zip(chunks(lse, Axis(0), group));
         for (g, (o_g, lse_g)) in heads.enumerate() {
-            let blocks =
+            let tiles =
                 chunks(o_g, Axis(1), block_q)
                     .into_iter()
                     .zip(chunks(lse_g, Axis(1), block_q));
-            for (qb, (o_tile, lse_tile)) in blocks.enumerate() {
-                items.push((b, g, qb * block_q, o_tile, lse_tile));
+            for (qb, (o_tile, lse_tile)) in tiles.enumerate() {
+                let tile = Tile {
+                    spec,
+                    mods: user,
+                    seq_q,
+                    seq_k,
+                    b,
+                    g,
+                    blocks,
+                    block_q,
+                    i0: qb * block_q,
+                    i1: ((qb + 1) * block_q).min(seq_q),
+                };
+                let inputs = (
+                    q,
+                    k.index_axis_move(Axis(0), g),
+                    v.index_axis_move(Axis(0), g),
+                );
+                items.push((tile, inputs, o_tile, lse_tile));
             }
         }
     }
@@ -87,30 +185,7 @@ pub(super) fn forward_into<M: MaskMod, S: ScoreMod>(
             m: vec![0.0; rows],
             l: vec![0.0; rows],
         },
-        |scratch, (b, g, i0, o_tile, lse_tile)| {
-            let tile = Tile {
-                spec,
-                mods: user,
-                seq_q,
-                seq_k,
-                b,
-                g,
-                blocks: blocks.as_deref(),
-                block_q,
-                i0,
-                i1: (i0 + block_q).min(seq_q),
-            };
-            tile.run(
-                scratch,
-                (
-                    q.slice(s![b, .., .., ..]),
-                    k.slice(s![b, g, .., ..]),
-                    v.slice(s![b, g, .., ..]),
-                ),
-                o_tile,
-                lse_tile,
-            );
-        },
+        |scratch, (tile, inputs, o_tile, lse_tile)| tile.run(scratch, inputs, o_tile, lse_tile),
     );
 }
 

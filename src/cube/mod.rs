@@ -58,10 +58,10 @@ pub use cache::{DeviceKvCache, MAX_DECODE_QUERIES};
 
 use ndarray::{ArrayView4, Dimension};
 
-use crate::dsl::{MaskMod, Mods, ScoreMod};
+use crate::dsl::{MaskMod, Mods, NoMask, NoScore, ScoreMod};
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
-use crate::spec::{AttentionSpec, ProblemShape};
+use crate::spec::{AttentionSpec, ProblemShape, Varlen};
 
 /// An element type the kernels run on: `f32`, [`half::f16`], [`half::bf16`].
 pub trait CubeElement: Element + runtime::KernelElement {}
@@ -378,23 +378,7 @@ impl CubeDevice {
             [shape.batch, spec.q_heads(), shape.seq_q],
             spec.head_dim(),
         )?;
-        if !self.supports(T::DTYPE) {
-            return Err(Error::UnsupportedDType {
-                op: OP,
-                dtype: T::DTYPE,
-                device: self.name().to_string(),
-            });
-        }
-        let mut layout = [0u32; 15];
-        for (slot, tensor) in layout.chunks_mut(5).zip([q, k, v]) {
-            let fields = std::iter::once(tensor.offset).chain(tensor.strides.iter().copied());
-            for (dst, value) in slot.iter_mut().zip(fields) {
-                *dst = u32::try_from(value).map_err(|_| Error::DeviceLimit {
-                    op: OP,
-                    reason: format!("tensor offsets and strides must fit in 32 bits, got {value}"),
-                })?;
-            }
-        }
+        let layout = self.input_layout(OP, [q, k, v])?;
         let aux = self.inner.constant(OP, &mods.captured_words())?;
         self.inner.forward::<T, M, S>(ForwardCall {
             op: OP,
@@ -410,7 +394,133 @@ impl CubeDevice {
             mask_mod: !M::TRIVIAL,
             score_mod: !S::TRIVIAL,
             blocks: (!M::TRIVIAL && mods.block_masks()).then_some(mods as &dyn BlockSource),
+            packed: None,
         })
+    }
+
+    /// Attention of variable-length sequences packed along one axis ([`Varlen`], as
+    /// [`crate::oracle::try_forward_varlen`] defines it), on device tensors `q: [1, q_heads,
+    /// total_q, head_dim]`, `k`, `v: [1, kv_heads, total_k, head_dim]` (any strides), into
+    /// `out` (of [`CubeDevice::try_forward_output`] for a batch of one and `total_q` queries).
+    /// One cube per (sequence, KV head, query tile of the longest sequence): a cube's tiles
+    /// start at its sequence's first query and read only its keys; cubes past a shorter
+    /// sequence's end exit at once. The offsets are a launch constant (uploaded once per
+    /// packing, then reused).
+    ///
+    /// Errors: as [`CubeDevice::try_forward_into`], [`Error::Shape`] when the tensors are not
+    /// the packing's, and [`Error::DeviceLimit`] past 32-bit offsets.
+    pub fn try_forward_varlen_into<T: CubeElement>(
+        &self,
+        spec: &AttentionSpec,
+        packing: &Varlen,
+        q: &DeviceTensor<T>,
+        k: &DeviceTensor<T>,
+        v: &DeviceTensor<T>,
+        out: &mut DeviceOutput<T>,
+    ) -> Result<()> {
+        const OP: &str = "cube::forward_varlen";
+        let shape = spec.check_shapes(OP, &q.shape, &k.shape, &v.shape)?;
+        packing.check_packed(OP, shape)?;
+        for tensor in [q, k, v] {
+            self.check_owns(OP, &tensor.device)?;
+        }
+        self.check_output(OP, out, [1, spec.q_heads(), shape.seq_q], spec.head_dim())?;
+        let layout = self.input_layout(OP, [q, k, v])?;
+        let offsets = packing.cu_seqlens_q().iter().chain(packing.cu_seqlens_k());
+        let seqs = offsets
+            .map(|&x| u32::try_from(x))
+            .collect::<std::result::Result<Vec<u32>, _>>()
+            .map_err(|_| Error::DeviceLimit {
+                op: OP,
+                reason: "packed offsets must fit in 32 bits".into(),
+            })?;
+        let seqs = self.inner.constant(OP, &seqs)?;
+        let aux = self.inner.constant(OP, &Mods::none().captured_words())?;
+        self.inner.forward::<T, NoMask, NoScore>(ForwardCall {
+            op: OP,
+            spec,
+            shape: crate::spec::ProblemShape {
+                batch: packing.sequences(),
+                seq_q: packing.max_seq_q(),
+                seq_k: packing.max_seq_k(),
+            },
+            q: &q.buffer,
+            k: &k.buffer,
+            v: &v.buffer,
+            layout,
+            o: &out.o.buffer,
+            lse: &out.lse.buffer,
+            aux: &aux,
+            mask_mod: false,
+            score_mod: false,
+            blocks: None,
+            packed: Some(Packed {
+                seqs: &seqs,
+                total_q: shape.seq_q,
+                total_k: shape.seq_k,
+            }),
+        })
+    }
+
+    /// [`CubeDevice::try_forward_varlen_into`] on host arrays: uploads, runs, downloads.
+    pub fn try_forward_varlen<T: CubeElement>(
+        &self,
+        spec: &AttentionSpec,
+        packing: &Varlen,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+    ) -> Result<HostOutput<T>> {
+        const OP: &str = "cube::forward_varlen";
+        let shape = spec.check_shapes(OP, q.shape(), k.shape(), v.shape())?;
+        packing.check_packed(OP, shape)?;
+        let (q, k, v) = (
+            self.try_upload(q)?,
+            self.try_upload(k)?,
+            self.try_upload(v)?,
+        );
+        let mut out = self.try_forward_output(spec, 1, shape.seq_q)?;
+        self.try_forward_varlen_into(spec, packing, &q, &k, &v, &mut out)?;
+        self.download_output(&out)
+    }
+
+    /// The dtype check and the `[offset, strides..]` words of q, k and v for a launch.
+    fn input_layout<T: CubeElement>(
+        &self,
+        op: &'static str,
+        tensors: [&DeviceTensor<T>; 3],
+    ) -> Result<[u32; 15]> {
+        if !self.supports(T::DTYPE) {
+            return Err(Error::UnsupportedDType {
+                op,
+                dtype: T::DTYPE,
+                device: self.name().to_string(),
+            });
+        }
+        let mut layout = [0u32; 15];
+        for (slot, tensor) in layout.chunks_mut(5).zip(tensors) {
+            let fields = std::iter::once(tensor.offset).chain(tensor.strides.iter().copied());
+            for (dst, value) in slot.iter_mut().zip(fields) {
+                *dst = u32::try_from(value).map_err(|_| Error::DeviceLimit {
+                    op,
+                    reason: format!("tensor offsets and strides must fit in 32 bits, got {value}"),
+                })?;
+            }
+        }
+        Ok(layout)
+    }
+
+    /// A forward's outputs, downloaded.
+    fn download_output<T: CubeElement>(&self, out: &DeviceOutput<T>) -> Result<HostOutput<T>> {
+        let o = self
+            .try_download(&out.o)?
+            .into_dimensionality()
+            .expect("o is 4-D");
+        let lse = self
+            .try_download(&out.lse)?
+            .into_dimensionality()
+            .expect("lse is 3-D");
+        Ok(HostOutput { o, lse })
     }
 
     /// Checks that `out` is this device's contiguous `o: [rows.., head_dim]` and `lse: [rows..]`
@@ -481,15 +591,7 @@ impl CubeDevice {
             self.try_upload(v)?,
         );
         let out = self.try_forward_device_with(spec, mods, &q, &k, &v)?;
-        let o = self
-            .try_download(&out.o)?
-            .into_dimensionality()
-            .expect("o is 4-D");
-        let lse = self
-            .try_download(&out.lse)?
-            .into_dimensionality()
-            .expect("lse is 3-D");
-        Ok(HostOutput { o, lse })
+        self.download_output(&out)
     }
 
     fn check_owns(&self, op: &'static str, device: &std::sync::Arc<()>) -> Result<()> {
@@ -672,10 +774,44 @@ pub(crate) struct ForwardCall<'a> {
     pub score_mod: bool,
     /// Where the launch's block mask comes from (with a user mask and block masks on).
     pub blocks: Option<&'a dyn BlockSource>,
+    /// A varlen launch ([`crate::spec::Varlen`]): `shape` is then the grid's (`batch` the
+    /// sequences, `seq_q`, `seq_k` the longest sequence's lengths) and this the packing.
+    pub packed: Option<Packed<'a>>,
+}
+
+/// The packing of a varlen launch.
+#[derive(Clone, Copy)]
+#[cfg_attr(
+    not(any(feature = "wgpu", feature = "cuda", feature = "hip")),
+    allow(dead_code)
+)]
+pub(crate) struct Packed<'a> {
+    /// `cu_seqlens_q` then `cu_seqlens_k`, as `u32`.
+    pub seqs: &'a runtime::Buffer,
+    pub total_q: usize,
+    pub total_k: usize,
+}
+
+impl ForwardCall<'_> {
+    /// The output rows the launch writes (`[B, HQ, Lq]`, or `[HQ, total_q]` packed).
+    #[cfg_attr(
+        not(any(feature = "wgpu", feature = "cuda", feature = "hip")),
+        allow(dead_code)
+    )]
+    pub fn rows(&self) -> usize {
+        match self.packed {
+            Some(packed) => self.spec.q_heads() * packed.total_q,
+            None => self.shape.batch * self.spec.q_heads() * self.shape.seq_q,
+        }
+    }
 }
 
 /// What makes a launch's block mask ([`crate::dsl::block`]): the mods, for the tiles the
 /// launch is cut into.
+#[cfg_attr(
+    not(any(feature = "wgpu", feature = "cuda", feature = "hip")),
+    allow(dead_code)
+)]
 pub(crate) trait BlockSource: Sync {
     fn block_mask(
         &self,
@@ -752,6 +888,17 @@ impl<T: CubeElement> crate::backend::Backend<T> for CubeDevice {
         v: ArrayView4<T>,
     ) -> Result<HostOutput<T>> {
         CubeDevice::try_forward_with(self, spec, mods, q, k, v)
+    }
+
+    fn try_forward_varlen(
+        &self,
+        spec: &AttentionSpec,
+        packing: &Varlen,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+    ) -> Result<HostOutput<T>> {
+        CubeDevice::try_forward_varlen(self, spec, packing, q, k, v)
     }
 }
 

@@ -307,7 +307,7 @@ impl Device {
         &self,
         call: ForwardCall<'_>,
     ) -> Result<()> {
-        let rows = call.shape.batch * call.spec.q_heads() * call.shape.seq_q;
+        let rows = call.rows();
         debug_assert!(call.o.len == rows * call.spec.head_dim() && call.lse.len == rows);
         if rows == 0 {
             return Ok(());
@@ -336,11 +336,12 @@ impl Device {
             op, spec, shape, ..
         } = call;
         let ProblemShape { batch, seq_q, .. } = shape;
-        let rows = batch * spec.q_heads() * seq_q;
+        let rows = call.rows();
         let plan = self.forward_plan(op, spec, tile)?;
         let mut config = plan.config;
         config.mask_mod = call.mask_mod;
         config.score_mod = call.score_mod;
+        config.varlen = call.packed.is_some();
         let keys_per_split = self.keys_per_split(&plan, shape.seq_k);
         let splits = shape.seq_k.div_ceil(keys_per_split).max(1);
         config.split = splits > 1;
@@ -352,7 +353,7 @@ impl Device {
         Ok(ForwardLaunch {
             config,
             splits,
-            scalars: launch_scalars(spec, shape, keys_per_split, op)?,
+            scalars: launch_scalars(spec, shape, call.packed, keys_per_split, op)?,
             cubes: self.grid(
                 op,
                 [seq_q.div_ceil(block_m), spec.kv_heads(), splits * batch],
@@ -380,9 +381,10 @@ impl Device {
             lse,
             aux,
             blocks: block_source,
+            packed,
             ..
         } = call;
-        let rows = shape.batch * spec.q_heads() * shape.seq_q;
+        let rows = call.rows();
         let ForwardLaunch {
             config,
             splits,
@@ -406,6 +408,7 @@ impl Device {
         };
         let layout = self.constant(op, &layout)?;
         let slopes = self.slopes(op, spec)?;
+        let seqs = packed.map_or(&self.scratch.0, |packed| packed.seqs);
         // Split launches need f32 partials: from cubecl's memory pool, per call.
         let (o_partial, lse_partial) =
             self.partials(op, config.split, splits * rows, spec.head_dim())?;
@@ -427,6 +430,7 @@ impl Device {
                 arg(&slopes),
                 arg(aux),
                 arg(&blocks),
+                arg(seqs),
                 arg(o),
                 arg(lse),
                 arg(&o_partial),
@@ -585,6 +589,7 @@ impl Device {
                 mask_mod: false,
                 score_mod: false,
                 block_mask: false,
+                varlen: false,
                 split: false,
             },
         })
@@ -1177,14 +1182,23 @@ pub struct Buffer {
 fn launch_scalars(
     spec: &AttentionSpec,
     shape: ProblemShape,
+    packed: Option<super::Packed<'_>>,
     keys_per_split: usize,
     op: &'static str,
 ) -> Result<LaunchScalars> {
+    // Packed: the axes' lengths are the totals (the grid's `shape` has the longest sequence's).
     let ProblemShape {
         batch,
         seq_q,
         seq_k,
-    } = shape;
+    } = match packed {
+        Some(packed) => ProblemShape {
+            batch: shape.batch,
+            seq_q: packed.total_q,
+            seq_k: packed.total_k,
+        },
+        None => shape,
+    };
     let limit = i32::MAX as usize / 4;
     if seq_q > limit || seq_k > limit {
         return Err(Error::DeviceLimit {
@@ -1198,7 +1212,11 @@ fn launch_scalars(
         q_heads: spec.q_heads() as u32,
         seq_q: seq_q as u32,
         seq_k: seq_k as u32,
-        diag_offset: mask.diagonal(0, seq_q, seq_k) as i32,
+        // Packed, the kernel takes each sequence's diagonal: 1 asks for bottom-right.
+        diag_offset: match packed {
+            Some(_) => i32::from(mask.alignment() == crate::spec::Alignment::BottomRight),
+            None => mask.diagonal(0, seq_q, seq_k) as i32,
+        },
         left: side(mask.left()),
         right: side(mask.right()),
         scale: spec.scale_f32(),

@@ -3,8 +3,9 @@
 //! launch with that key (and, where cubecl persists autotune results, for later processes).
 //!
 //! **Key.** Everything that changes the generated code (dtype, head dim, group, mask sides,
-//! softcap, ALiBi) and the problem's size in powers of two: `seq_q`, `seq_k` and the number of
-//! (batch, KV head) cubes, each rounded up to the next power of two. One device's results are
+//! softcap, ALiBi, varlen) and the problem's size in powers of two: `seq_q`, `seq_k` (a varlen
+//! launch's longest sequence's) and the number of (batch or sequence, KV head) cubes, each
+//! rounded up to the next power of two. One device's results are
 //! kept apart from another's (the tuner is per adapter name).
 //!
 //! **Candidates.** [`ForwardTile::candidates`]: the untuned tile with plane loads, one of twice
@@ -55,11 +56,11 @@ impl TuneInputs for ForwardInputs {
 type ForwardSet = TunableSet<String, ForwardInputs, (), ForwardTile>;
 
 /// The autotune key of `call` (see the module docs).
-fn key<T: KernelElement>(spec: &AttentionSpec, shape: ProblemShape) -> String {
+fn key<T: KernelElement>(spec: &AttentionSpec, shape: ProblemShape, packed: bool) -> String {
     let mask = spec.mask();
     let bucket = |n: usize| n.max(1).next_power_of_two();
     format!(
-        "{} d{} g{} left{} right{} softcap{} alibi{} q{} k{} cubes{}",
+        "{} d{} g{} left{} right{} softcap{} alibi{} q{} k{} cubes{}{}",
         std::any::type_name::<T>()
             .rsplit("::")
             .next()
@@ -73,6 +74,7 @@ fn key<T: KernelElement>(spec: &AttentionSpec, shape: ProblemShape) -> String {
         bucket(shape.seq_q),
         bucket(shape.seq_k),
         bucket(shape.batch * spec.kv_heads()),
+        if packed { " varlen" } else { "" },
     )
 }
 
@@ -89,7 +91,7 @@ fn forward_set<T: KernelElement, M: CubeMask, S: CubeScore>() -> ForwardSet {
         }
     }
     let mut set = ForwardSet::new_cloning_inputs(|(_, call): &(&Device, ForwardCall<'_>)| {
-        key::<T>(call.spec, call.shape)
+        key::<T>(call.spec, call.shape, call.packed.is_some())
     });
     for tile in all {
         set = set.with(
@@ -115,7 +117,7 @@ pub(super) fn forward<T: KernelElement, M: CubeMask, S: CubeScore>(
 ) -> Result<()> {
     let id = tuner_id::<M, S>(device);
     let set = FORWARD.init(&id, forward_set::<T, M, S>);
-    let key = key::<T>(call.spec, call.shape);
+    let key = key::<T>(call.spec, call.shape, call.packed.is_some());
     if let Some(tile) = FORWARD.fastest_identity(&id, &set, &key) {
         return device.forward_tiled::<T, M, S>(&call, tile);
     }
@@ -144,5 +146,5 @@ pub(super) fn tuned_tile<T: KernelElement>(
 ) -> Option<ForwardTile> {
     let id = tuner_id::<NoMask, NoScore>(device);
     let set = FORWARD.init(&id, forward_set::<T, NoMask, NoScore>);
-    FORWARD.fastest_identity(&id, &set, &key::<T>(spec, shape))
+    FORWARD.fastest_identity(&id, &set, &key::<T>(spec, shape, false))
 }

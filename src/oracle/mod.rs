@@ -25,7 +25,7 @@ use crate::dsl::{MaskMod, Mods, Position, ScoreMod};
 use crate::element::Element;
 use crate::error::Result;
 use crate::heads::{Rule, Supported};
-use crate::spec::{AttentionSpec, ProblemShape};
+use crate::spec::{AttentionSpec, ProblemShape, Varlen};
 
 /// The oracle's result, in `f64`.
 #[derive(Debug, Clone, PartialEq)]
@@ -154,6 +154,74 @@ fn forward_keys_dyn<T: Element>(
         }
     }
     Ok(Output { o, lse })
+}
+
+/// Attention of variable-length sequences packed along one axis ([`Varlen`]): `q: [1,
+/// q_heads, total_q, head_dim]`, `k`, `v: [1, kv_heads, total_k, head_dim]`. Each sequence is
+/// its own problem (its queries see only its keys; masks and ALiBi distances in its own
+/// positions); a query of a sequence without keys gets `o = 0`, `lse = −∞`.
+///
+/// Errors: [`Error::Shape`](crate::Error::Shape) when the shapes do not fit the spec, or are
+/// not a batch of one as long as the offsets say.
+pub fn try_forward_varlen<T: Element>(
+    spec: &AttentionSpec,
+    packing: &Varlen,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+    v: ArrayView4<T>,
+) -> Result<Output> {
+    per_sequence(
+        "oracle::forward_varlen",
+        spec,
+        packing,
+        (q, k, v),
+        |q, k, v| try_forward(spec, q, k, v),
+    )
+}
+
+/// Runs `forward` on each sequence of a packed problem (a batch of one of its own) and packs
+/// the results the same way: the varlen oracle, and its low-precision yardstick.
+fn per_sequence<T: Element>(
+    op: &'static str,
+    spec: &AttentionSpec,
+    packing: &Varlen,
+    (q, k, v): (ArrayView4<T>, ArrayView4<T>, ArrayView4<T>),
+    forward: impl Fn(ArrayView4<T>, ArrayView4<T>, ArrayView4<T>) -> Result<Output>,
+) -> Result<Output> {
+    let shape = spec.check_shapes(op, q.shape(), k.shape(), v.shape())?;
+    packing.check_packed(op, shape)?;
+    let mut o = Array4::zeros((1, spec.q_heads(), shape.seq_q, spec.head_dim()));
+    let mut lse = Array3::from_elem((1, spec.q_heads(), shape.seq_q), f64::NEG_INFINITY);
+    for seq in 0..packing.sequences() {
+        let (rows, keys) = (packing.queries(seq), packing.keys(seq));
+        let out = forward(
+            q.slice(s![.., .., rows.clone(), ..]),
+            k.slice(s![.., .., keys.clone(), ..]),
+            v.slice(s![.., .., keys, ..]),
+        )?;
+        o.slice_mut(s![.., .., rows.clone(), ..]).assign(&out.o);
+        lse.slice_mut(s![.., .., rows]).assign(&out.lse);
+    }
+    Ok(Output { o, lse })
+}
+
+/// [`try_forward_varlen`] computed as [`try_forward_rounded`] computes it: the yardstick of
+/// the tolerance rule for a varlen forward in `dtype`.
+pub fn try_forward_rounded_varlen<T: Element>(
+    spec: &AttentionSpec,
+    packing: &Varlen,
+    q: ArrayView4<T>,
+    k: ArrayView4<T>,
+    v: ArrayView4<T>,
+    dtype: crate::element::DType,
+) -> Result<Output> {
+    per_sequence(
+        "oracle::forward_rounded_varlen",
+        spec,
+        packing,
+        (q, k, v),
+        |q, k, v| try_forward_rounded(spec, q, k, v, dtype),
+    )
 }
 
 /// Merges partial results over disjoint key sets (e.g. [`try_forward_keys`] of the splits of

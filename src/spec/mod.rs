@@ -11,10 +11,12 @@
 pub mod mask;
 pub mod score;
 mod shape;
+mod varlen;
 
 pub use mask::{Alignment, Mask};
 pub use score::AlibiSlopes;
 pub use shape::ProblemShape;
+pub use varlen::Varlen;
 
 use crate::cache::KvCacheFootprint;
 use crate::element::DType;

@@ -12,6 +12,7 @@ pub mod decode;
 pub mod forward;
 pub mod mods;
 pub mod refusal;
+pub mod varlen;
 
 use gqa::{Alignment, AttentionSpec, Mask};
 use ndarray::{Array4, Axis};

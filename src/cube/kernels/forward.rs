@@ -103,6 +103,11 @@ pub struct KernelConfig {
     /// tiles of the cube's rows, key tiles of `tile_blocks` register blocks, `k_tiles` per
     /// row of tiles) says which key blocks are empty (skipped) and full (no user mask).
     pub block_mask: bool,
+    /// Variable-length sequences packed along one axis (`crate::spec::Varlen`): the batch
+    /// index is the sequence's, whose offsets and lengths come from `seqs`; `seq_q`, `seq_k`
+    /// are the packed lengths and `diag_offset` is 1 for bottom-right alignment (each
+    /// sequence's own `len_k − len_q`) or 0 for top-left.
+    pub varlen: bool,
     /// The key range is split over several cubes (`CUBE_POS_Z = split · batch + b`): write f32
     /// partial results for `combine_splits` instead of the final output.
     pub split: bool,
@@ -129,7 +134,10 @@ pub struct LaunchScalars {
 /// Attention forward. `layout` holds `[offset, stride_b, stride_h, stride_s, stride_d]` of q, k
 /// and v (in elements, in that order); `o` is contiguous `[B, HQ, Lq, D]`, `lse` contiguous
 /// `[B, HQ, Lq]`; `slopes` has one ALiBi slope per query head (a dummy when ALiBi is off);
-/// `aux` holds the user mods' captures (`crate::dsl::Mods::captured_words`).
+/// `aux` holds the user mods' captures (`crate::dsl::Mods::captured_words`); `seqs`, for a
+/// varlen launch, the query offsets then the key offsets of the `batch_size` sequences
+/// (`cu_seqlens_q`, `cu_seqlens_k`: `batch_size + 1` words each), and `o`, `lse` are then
+/// `[HQ, total_q, D]`, `[HQ, total_q]`.
 #[cube(launch_unchecked)]
 // Kernel code keeps to the operations cubecl expands (no `div_ceil`), and a comptime `if` stays
 // apart from the runtime one it guards.
@@ -146,6 +154,7 @@ pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
     slopes: &[f32],
     aux: &[u32],
     blocks: &[u32],
+    seqs: &[u32],
     o: &mut [F],
     lse: &mut [f32],
     o_partial: &mut [f32],
@@ -176,6 +185,24 @@ pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
     // Units past the group's (a cube padded to whole planes for plane loads) repeat the last
     // head's rows, load their share of K and V, and write nothing.
     let owner = UNIT_POS < cfg.group as u32 * head_units;
+
+    // This cube's problem: batch entry `batch`, or packed sequence `batch` (its first query
+    // and key on the packed axes, its lengths, its diagonal). `seq_q`, `seq_k` stay the
+    // lengths of the axes in memory (what rows and keys are clamped to).
+    let mut b_in = batch; // the batch index of the tensors in memory
+    let mut q_start = 0u32;
+    let mut k_start = 0u32;
+    let mut len_q = seq_q;
+    let mut len_k = seq_k;
+    let mut diag_offset = diag_offset;
+    if cfg.varlen {
+        b_in = 0u32;
+        q_start = seqs[batch as usize];
+        len_q = seqs[(batch + 1) as usize] - q_start;
+        k_start = seqs[(batch_size + 1 + batch) as usize];
+        len_k = seqs[(batch_size + 2 + batch) as usize] - k_start;
+        diag_offset *= len_k as i32 - len_q as i32;
+    }
     let head = kv_head * cfg.group as u32 + min(UNIT_POS / head_units, cfg.group as u32 - 1);
     let row0 = q_tile * block_m + (UNIT_POS % head_units) * rows as u32;
 
@@ -183,9 +210,9 @@ pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
     // (blocks of those skip the mask test). Uniform over the cube: every unit walks the same
     // key blocks, which is what makes each K/V load one load for the whole group.
     let first_row = (q_tile * block_m) as i32;
-    let last_row = min(seq_q, (q_tile + 1) * block_m) as i32 - 1;
+    let last_row = min(len_q, (q_tile + 1) * block_m) as i32 - 1;
     let mut band_lo = (split * keys_per_split) as i32;
-    let mut band_hi = min(seq_k, (split + 1) * keys_per_split) as i32; // exclusive
+    let mut band_hi = min(len_k, (split + 1) * keys_per_split) as i32; // exclusive
     let mut inside_lo = band_lo; // keys >= inside_lo are right of every row's left bound
     let mut inside_hi = band_hi; // keys < inside_hi are left of every row's right bound
     if cfg.left_bounded {
@@ -198,7 +225,8 @@ pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
     }
     let mut tile_lo = 0u32;
     let mut tile_hi = 0u32;
-    if band_hi > band_lo {
+    // (A varlen cube past its sequence's last query has no rows, hence no keys.)
+    if band_hi > band_lo && first_row <= last_row {
         tile_lo = band_lo as u32 / block_n as u32;
         tile_hi = (band_hi as u32 + block_n as u32 - 1) / block_n as u32;
     }
@@ -216,19 +244,19 @@ pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
     }
 
     let (q_s, q_d) = (layout[3], layout[4]);
-    let k_base = layout[5] + batch * layout[6] + kv_head * layout[7];
+    let k_base = layout[5] + b_in * layout[6] + kv_head * layout[7];
     let (k_s, k_d) = (layout[8], layout[9]);
-    let v_base = layout[10] + batch * layout[11] + kv_head * layout[12];
+    let v_base = layout[10] + b_in * layout[11] + kv_head * layout[12];
     let (v_s, v_d) = (layout[13], layout[14]);
 
-    // The unit's query rows (rows past `seq_q` read the last row: in bounds, never written) and
+    // The unit's query rows (rows past the axis read its last row: in bounds, never written) and
     // its f32 output accumulators, kept by the tile products. (The scale multiplies the dot
     // product, as the definition has it: pre-scaling q would add a rounding per element.)
-    let q_base = layout[0] + batch * layout[1] + head * layout[2];
+    let q_base = layout[0] + b_in * layout[1] + head * layout[2];
     let mut q_at = Array::<u32>::new(rows);
     #[unroll]
     for i in 0..rows {
-        q_at[i] = q_base + min(row0 + i as u32, seq_q - 1) * q_s;
+        q_at[i] = q_base + min(q_start + row0 + i as u32, seq_q - 1) * q_s;
     }
     let mut tile = P::load_query::<F>(q, &q_at, q_d, cfg);
     let mut slope = 0.0f32;
@@ -261,10 +289,10 @@ pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
         let user_full = state == 2;
         if state != 0 {
             let key0 = t * block_n as u32;
-            // Keys past `seq_k` read the last key (in bounds) and are masked below.
+            // Keys past the sequence's read its last key (in bounds) and are masked below.
             #[unroll]
             for j in 0..block_n {
-                let key = min(key0 + j as u32, seq_k - 1);
+                let key = k_start + min(key0 + j as u32, len_k - 1);
                 k_at[j] = k_base + key * k_s;
                 v_at[j] = v_base + key * v_s;
             }
@@ -296,8 +324,8 @@ pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
                             head as i32,
                             q_pos,
                             key as i32,
-                            seq_q as i32,
-                            seq_k as i32,
+                            len_q as i32,
+                            len_k as i32,
                             comptime!(M::SLOTS),
                         );
                     }
@@ -310,8 +338,8 @@ pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
                                 head as i32,
                                 q_pos,
                                 key as i32,
-                                seq_q as i32,
-                                seq_k as i32,
+                                len_q as i32,
+                                len_k as i32,
                                 0u32,
                             );
                             x = select(seen, x, NEG_BIG);
@@ -319,7 +347,7 @@ pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
                     }
                     if !inside {
                         let kj = key as i32;
-                        let mut visible = key < seq_k;
+                        let mut visible = key < len_k;
                         if cfg.left_bounded {
                             visible = visible && kj >= diag - left;
                         }
@@ -358,19 +386,25 @@ pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
         }
     }
 
-    let all_rows = (batch_size * q_heads * seq_q) as usize;
+    // Output rows: `[B, HQ, Lq]`, or `[HQ, total_q]` packed.
+    let mut all_rows = batch_size * q_heads * seq_q;
+    let mut head_row0 = (batch * q_heads + head) * seq_q;
+    if cfg.varlen {
+        all_rows = q_heads * seq_q;
+        head_row0 = head * seq_q + q_start;
+    }
     #[unroll]
     for i in 0..rows {
         let row = row0 + i as u32;
-        if owner && row < seq_q {
-            let out_row = ((batch * q_heads + head) * seq_q + row) as usize;
+        if owner && row < len_q {
+            let out_row = (head_row0 + row) as usize;
             P::write::<F>(
                 &tile,
                 i,
                 m[i],
                 l[i],
                 out_row,
-                split as usize * all_rows + out_row,
+                (split * all_rows) as usize + out_row,
                 o,
                 lse,
                 o_partial,
