@@ -379,6 +379,12 @@ fn long_sequences_match_the_oracle_on_any_thread_count() {
     }
 }
 
+/// Packed tensors that are not the packing's are typed errors (and the packing's own run).
+#[test]
+fn varlen_bad_input_is_a_typed_error() {
+    varlen::check_refusals(&Cpu::new());
+}
+
 /// Bad input is a typed error.
 #[test]
 fn bad_input_is_a_typed_error() {

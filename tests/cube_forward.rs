@@ -575,6 +575,13 @@ fn varlen_matches_the_oracle_sequence_by_sequence() {
     );
 }
 
+/// Packed tensors that are not the packing's are typed errors (and the packing's own run).
+#[test]
+fn varlen_bad_input_is_a_typed_error() {
+    let Some(device) = device() else { return };
+    varlen::check_refusals(device);
+}
+
 /// A packed sequence longer than one split (lavapipe's loop limit) is split and merged like a
 /// batch entry: 30 000 keys in the second of three sequences, causal in both alignments.
 #[test]

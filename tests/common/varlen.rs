@@ -193,3 +193,38 @@ pub fn run_variant<T: Element, B: Backend<T>>(
         worst.1
     );
 }
+
+/// Tensors that are not a packing's are typed errors on `backend` and the oracle: a query or
+/// key axis of another length than the offsets', a batch of two, a spec's wrong head count.
+pub fn check_refusals<B: Backend<f32>>(backend: &B) {
+    use gqa::{AttentionSpec, Error};
+    let spec = AttentionSpec::try_new(4, 2, 8).unwrap();
+    let packing = Varlen::try_new(&[0, 3, 5], &[0, 4, 9]).unwrap();
+    let zeros = |b, h, l| Array4::<f32>::zeros((b, h, l, 8));
+    let cases = [
+        ("queries", zeros(1, 4, 6), zeros(1, 2, 9), "q, k"),
+        ("keys", zeros(1, 4, 5), zeros(1, 2, 8), "q, k"),
+        ("batch", zeros(2, 4, 5), zeros(2, 2, 9), "q, k"),
+        ("heads", zeros(1, 2, 5), zeros(1, 2, 9), "q"),
+    ];
+    for (what, q, k, tensor) in cases {
+        let got = backend.try_forward_varlen(&spec, &packing, q.view(), k.view(), k.view());
+        assert!(
+            matches!(&got, Err(Error::Shape { tensor: t, .. }) if *t == tensor),
+            "{what}: {got:?}"
+        );
+        let got = oracle::try_forward_varlen(&spec, &packing, q.view(), k.view(), k.view());
+        assert!(
+            matches!(&got, Err(Error::Shape { tensor: t, .. }) if *t == tensor),
+            "oracle, {what}: {got:?}"
+        );
+    }
+    let right = backend.try_forward_varlen(
+        &spec,
+        &packing,
+        zeros(1, 4, 5).view(),
+        zeros(1, 2, 9).view(),
+        zeros(1, 2, 9).view(),
+    );
+    assert!(right.is_ok(), "the packing's own shapes: {right:?}");
+}
