@@ -402,10 +402,10 @@ impl CubeDevice {
     /// [`crate::oracle::try_forward_varlen`] defines it), on device tensors `q: [1, q_heads,
     /// total_q, head_dim]`, `k`, `v: [1, kv_heads, total_k, head_dim]` (any strides), into
     /// `out` (of [`CubeDevice::try_forward_output`] for a batch of one and `total_q` queries).
-    /// One cube per (sequence, KV head, query tile of the longest sequence): a cube's tiles
-    /// start at its sequence's first query and read only its keys; cubes past a shorter
-    /// sequence's end exit at once. The offsets are a launch constant (uploaded once per
-    /// packing, then reused).
+    /// One cube per (query tile of a sequence, KV head): a cube's tiles start at its
+    /// sequence's first query and read only its keys, and no cube is launched past a
+    /// sequence's end. The offsets and the tiles' table are a launch constant (uploaded once
+    /// per packing and tile, then reused).
     ///
     /// Errors: as [`CubeDevice::try_forward_into`], [`Error::Shape`] when the tensors are not
     /// the packing's, and [`Error::DeviceLimit`] past 32-bit offsets.
@@ -427,14 +427,13 @@ impl CubeDevice {
         self.check_output(OP, out, [1, spec.q_heads(), shape.seq_q], spec.head_dim())?;
         let layout = self.input_layout(OP, [q, k, v])?;
         let offsets = packing.cu_seqlens_q().iter().chain(packing.cu_seqlens_k());
-        let seqs = offsets
+        let cu = offsets
             .map(|&x| u32::try_from(x))
             .collect::<std::result::Result<Vec<u32>, _>>()
             .map_err(|_| Error::DeviceLimit {
                 op: OP,
                 reason: "packed offsets must fit in 32 bits".into(),
             })?;
-        let seqs = self.inner.constant(OP, &seqs)?;
         let aux = self.inner.constant(OP, &Mods::none().captured_words())?;
         self.inner.forward::<T, NoMask, NoScore>(ForwardCall {
             op: OP,
@@ -455,7 +454,7 @@ impl CubeDevice {
             score_mod: false,
             blocks: None,
             packed: Some(Packed {
-                seqs: &seqs,
+                cu: &cu,
                 total_q: shape.seq_q,
                 total_k: shape.seq_k,
             }),
@@ -786,8 +785,8 @@ pub(crate) struct ForwardCall<'a> {
     allow(dead_code)
 )]
 pub(crate) struct Packed<'a> {
-    /// `cu_seqlens_q` then `cu_seqlens_k`, as `u32`.
-    pub seqs: &'a runtime::Buffer,
+    /// `cu_seqlens_q` then `cu_seqlens_k`, as `u32` (checked to fit).
+    pub cu: &'a [u32],
     pub total_q: usize,
     pub total_k: usize,
 }

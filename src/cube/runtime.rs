@@ -350,14 +350,20 @@ impl Device {
             self.check_buffer(op, partial.unwrap_or(usize::MAX))?;
         }
         let block_m = config.head_units * config.rows;
+        // Packed: one cube per query tile of a sequence (`varlen_tiles`), splits along z.
+        let grid = match call.packed {
+            Some(packed) => [
+                varlen_tiles(packed.cu, block_m).len(),
+                spec.kv_heads(),
+                splits,
+            ],
+            None => [seq_q.div_ceil(block_m), spec.kv_heads(), splits * batch],
+        };
         Ok(ForwardLaunch {
             config,
             splits,
             scalars: launch_scalars(spec, shape, call.packed, keys_per_split, op)?,
-            cubes: self.grid(
-                op,
-                [seq_q.div_ceil(block_m), spec.kv_heads(), splits * batch],
-            )?,
+            cubes: self.grid(op, grid)?,
             combine_cubes: self.grid_1d(op, rows.div_ceil(64))?,
             units: CubeDim::new_1d(plan.units as u32),
         })
@@ -408,7 +414,20 @@ impl Device {
         };
         let layout = self.constant(op, &layout)?;
         let slopes = self.slopes(op, spec)?;
-        let seqs = packed.map_or(&self.scratch.0, |packed| packed.seqs);
+        let seqs = match packed {
+            Some(packed) => {
+                let block_m = config.head_units * config.rows;
+                let tiles = varlen_tiles(packed.cu, block_m);
+                let words: Vec<u32> = packed
+                    .cu
+                    .iter()
+                    .copied()
+                    .chain(tiles.into_iter().flatten())
+                    .collect();
+                self.constant(op, &words)?
+            }
+            None => self.scratch.0.clone(),
+        };
         // Split launches need f32 partials: from cubecl's memory pool, per call.
         let (o_partial, lse_partial) =
             self.partials(op, config.split, splits * rows, spec.head_dim())?;
@@ -430,7 +449,7 @@ impl Device {
                 arg(&slopes),
                 arg(aux),
                 arg(&blocks),
-                arg(seqs),
+                arg(&seqs),
                 arg(o),
                 arg(lse),
                 arg(&o_partial),
@@ -1179,6 +1198,19 @@ pub struct Buffer {
 
 /// The launch's runtime numbers. The kernel does its index arithmetic in 32 bits; window sides
 /// wider than both sequences are clamped to `seq_q + seq_k`, where they no longer hide anything.
+/// The query tiles of a packed launch, a pair of words per cube of the grid's x axis: the
+/// sequence `s` and the tile `t` within it (`cu` holds `cu_seqlens_q` in its first half).
+/// Sequences in order, each's tiles in order: consecutive cubes walk the same sequence's keys.
+fn varlen_tiles(cu: &[u32], block_m: usize) -> Vec<[u32; 2]> {
+    let cu_q = &cu[..cu.len() / 2];
+    let mut tiles = Vec::new();
+    for (s, w) in cu_q.windows(2).enumerate() {
+        let n = (w[1] - w[0]).div_ceil(block_m as u32);
+        tiles.extend((0..n).map(|t| [s as u32, t]));
+    }
+    tiles
+}
+
 fn launch_scalars(
     spec: &AttentionSpec,
     shape: ProblemShape,

@@ -12,6 +12,10 @@
 //! broadcast. KV heads are never repeated, in memory or in loads, and no shared memory or
 //! barrier is needed.
 //!
+//! A varlen launch (packed sequences, `crate::spec::Varlen`) has one cube per query tile of a
+//! sequence instead: `CUBE_POS_X` indexes a table of (sequence, tile) pairs, `CUBE_POS_Z` is the
+//! split, and the cube reads its sequence's offsets and lengths from the same buffer.
+//!
 //! **Tile products.** The two products of a key block, `S = Q·Kᵀ` and `O ← α·O + P·V`, and the
 //! unit state they keep (query rows, accumulators) are a [`TileProducts`] (`products.rs`): the
 //! seam for a matrix-core implementation. What follows describes [`super::products::RegisterProducts`],
@@ -136,7 +140,8 @@ pub struct LaunchScalars {
 /// `[B, HQ, Lq]`; `slopes` has one ALiBi slope per query head (a dummy when ALiBi is off);
 /// `aux` holds the user mods' captures (`crate::dsl::Mods::captured_words`); `seqs`, for a
 /// varlen launch, the query offsets then the key offsets of the `batch_size` sequences
-/// (`cu_seqlens_q`, `cu_seqlens_k`: `batch_size + 1` words each), and `o`, `lse` are then
+/// (`cu_seqlens_q`, `cu_seqlens_k`: `batch_size + 1` words each), then per cube of the grid's
+/// x axis its sequence and query tile (`CUBE_POS_Z` is then the split); `o`, `lse` are then
 /// `[HQ, total_q, D]`, `[HQ, total_q]`.
 #[cube(launch_unchecked)]
 // Kernel code keeps to the operations cubecl expands (no `div_ceil`), and a comptime `if` stays
@@ -178,10 +183,17 @@ pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
     let head_units = cfg.head_units as u32;
     let block_m = head_units * rows as u32;
 
-    let q_tile = CUBE_POS_X;
+    let mut q_tile = CUBE_POS_X;
     let kv_head = CUBE_POS_Y;
-    let batch = CUBE_POS_Z % batch_size;
-    let split = CUBE_POS_Z / batch_size;
+    let mut batch = CUBE_POS_Z % batch_size;
+    let mut split = CUBE_POS_Z / batch_size;
+    if cfg.varlen {
+        // The cube's (sequence, query tile), from the tiles' table after the offsets.
+        let at = (2 * (batch_size + 1 + CUBE_POS_X)) as usize;
+        batch = seqs[at];
+        q_tile = seqs[at + 1];
+        split = CUBE_POS_Z;
+    }
     // Units past the group's (a cube padded to whole planes for plane loads) repeat the last
     // head's rows, load their share of K and V, and write nothing.
     let owner = UNIT_POS < cfg.group as u32 * head_units;
@@ -225,8 +237,7 @@ pub fn tile_forward<F: Float, P: TileProducts, M: CubeMask, S: CubeScore>(
     }
     let mut tile_lo = 0u32;
     let mut tile_hi = 0u32;
-    // (A varlen cube past its sequence's last query has no rows, hence no keys.)
-    if band_hi > band_lo && first_row <= last_row {
+    if band_hi > band_lo {
         tile_lo = band_lo as u32 / block_n as u32;
         tile_hi = (band_hi as u32 + block_n as u32 - 1) / block_n as u32;
     }
