@@ -287,26 +287,37 @@ pub fn run_variant<T: Element, B: Backend<T>>(
     variant: Variant,
     (q_heads, kv_heads, head_dim): (usize, usize, usize),
 ) {
-    let worst = std::cell::Cell::new((0.0f64, 0.0f64));
-    runner::check(
-        test,
-        cases,
-        runner::Persist::No,
+    let worst = run_worst(
+        (test, cases),
         problems(variant, q_heads, kv_heads, head_dim),
-        |p| {
-            let (o, lse) = check::<T, B>(backend, &p)?;
-            let w = worst.get();
-            worst.set((w.0.max(o), w.1.max(lse)));
-            Ok(())
-        },
+        |p| check::<T, B>(backend, &p),
     );
-    let worst = worst.get();
     eprintln!(
         "{label} {variant:?} {q_heads}/{kv_heads} d{head_dim} {}: max |o error| {:.2e}, max |lse error| {:.2e}",
         T::DTYPE,
         worst.0,
         worst.1
     );
+}
+
+/// Runs `cases` cases of `strategy` through `check` (the seed of test `test`) and returns the
+/// worst errors (o, lse) it reported.
+pub fn run_worst<S: Strategy>(
+    (test, cases): (&str, u32),
+    strategy: S,
+    check: impl Fn(S::Value) -> Result<(f64, f64), TestCaseError>,
+) -> (f64, f64)
+where
+    S::Value: std::fmt::Debug,
+{
+    let worst = std::cell::Cell::new((0.0f64, 0.0f64));
+    runner::check(test, cases, runner::Persist::No, strategy, |p| {
+        let (o, lse) = check(p)?;
+        let w = worst.get();
+        worst.set((w.0.max(o), w.1.max(lse)));
+        Ok(())
+    });
+    worst.get()
 }
 
 /// The NaN contract's problem: `p` with non-finite values (NaN, +∞, −∞ in turn; in K, in V or in

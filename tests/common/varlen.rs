@@ -15,7 +15,7 @@ use gqa::{Element, oracle};
 use ndarray::{Array4, s};
 use proptest::prelude::*;
 
-use super::forward::{Variant, check_output, query_gain, spec_for};
+use super::forward::{Variant, check_output, query_gain, run_worst, spec_for};
 use super::{Problem, runner, tensor};
 
 /// A packed problem: `problem` is the batch of one holding every sequence end to end.
@@ -172,20 +172,11 @@ pub fn run_variant<T: Element, B: Backend<T>>(
     variant: Variant,
     (q_heads, kv_heads, head_dim): (usize, usize, usize),
 ) {
-    let worst = std::cell::Cell::new((0.0f64, 0.0f64));
-    runner::check(
-        test,
-        cases,
-        runner::Persist::No,
+    let worst = run_worst(
+        (test, cases),
         problems(variant, q_heads, kv_heads, head_dim),
-        |p| {
-            let (o, lse) = check::<T, B>(backend, &p)?;
-            let w = worst.get();
-            worst.set((w.0.max(o), w.1.max(lse)));
-            Ok(())
-        },
+        |p| check::<T, B>(backend, &p),
     );
-    let worst = worst.get();
     eprintln!(
         "{label} varlen {variant:?} {q_heads}/{kv_heads} d{head_dim} {}: max |o error| {:.2e}, max |lse error| {:.2e}",
         T::DTYPE,
