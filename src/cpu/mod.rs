@@ -6,7 +6,9 @@
 //!   per group; its scores `Q·Kᵀ` and its update `P·V` are matrix products by the `gemm` crate
 //!   (cache-blocked, SIMD chosen at run time); key blocks outside every row's mask are
 //!   skipped and blocks inside every row's mask skip the mask. Scratch is per worker; nothing is
-//!   allocated inside the key loop.
+//!   allocated inside the key loop. Packed variable-length sequences
+//!   ([`Cpu::try_forward_varlen`]) run the same tiles, each sequence's starting at its first
+//!   query and reading only its keys.
 //! - **Decode** ([`Cpu::try_decode`]): a few queries per sequence against a
 //!   [`KvCache`] of any storage. The cached keys are split across threads (Flash-Decoding);
 //!   each split streams its rows once for all query heads of the group (quantized rows are
@@ -66,6 +68,10 @@ pub trait CpuElement: Element {
     /// view, copied otherwise — so that results do not depend on the inputs' strides (gemm
     /// sums in another order for other layouts) and zero or negative strides never reach it.
     fn as_f32(x: ArrayView4<'_, Self>) -> CowArray<'_, f32, Ix4>;
+
+    /// An f32 result in this type: moved as it is for `f32` (no copy of the output), rounded
+    /// once per element otherwise.
+    fn from_f32(x: Array4<f32>) -> Array4<Self>;
 }
 
 impl CpuElement for f32 {
@@ -76,17 +82,29 @@ impl CpuElement for f32 {
             CowArray::from(x.as_standard_layout().into_owned())
         }
     }
+
+    fn from_f32(x: Array4<f32>) -> Array4<f32> {
+        x
+    }
 }
 
 impl CpuElement for f16 {
     fn as_f32(x: ArrayView4<'_, f16>) -> CowArray<'_, f32, Ix4> {
         standard(x.mapv(f16::to_f32))
     }
+
+    fn from_f32(x: Array4<f32>) -> Array4<f16> {
+        x.mapv(f16::from_f32)
+    }
 }
 
 impl CpuElement for bf16 {
     fn as_f32(x: ArrayView4<'_, bf16>) -> CowArray<'_, f32, Ix4> {
         standard(x.mapv(bf16::to_f32))
+    }
+
+    fn from_f32(x: Array4<f32>) -> Array4<bf16> {
+        x.mapv(bf16::from_f32)
     }
 }
 
@@ -205,7 +223,7 @@ impl Cpu {
             prefill::forward_into(spec, mods, shape, inputs, o.view_mut(), lse.view_mut())
         });
         Ok(HostOutput {
-            o: o.mapv(|x| T::narrow(f64::from(x))),
+            o: T::from_f32(o),
             lse,
         })
     }
@@ -234,7 +252,7 @@ impl Cpu {
             prefill::forward_varlen_into(spec, packing, inputs, o.view_mut(), lse.view_mut())
         });
         Ok(HostOutput {
-            o: o.mapv(|x| T::narrow(f64::from(x))),
+            o: T::from_f32(o),
             lse,
         })
     }
@@ -316,7 +334,7 @@ impl Cpu {
         let state =
             self.decode_state("cpu::decode", (spec, user), q, cache, seqs, 0..usize::MAX)?;
         Ok(HostOutput {
-            o: state.o.mapv(|x| T::narrow(f64::from(x))),
+            o: T::from_f32(state.o),
             lse: state.lse.mapv(|x| x as f32),
         })
     }

@@ -17,6 +17,8 @@
 //! rows of one head, and every K/V element loaded serves the whole group. Its compile-time
 //! configuration comes from the [`AttentionSpec`] (head dim, group, which mask sides, softcap,
 //! ALiBi) and the [`ForwardTile`] (rows per unit, keys per block, how K and V are loaded).
+//! Packed variable-length sequences ([`CubeDevice::try_forward_varlen`]) run the same kernel
+//! with one cube per query tile of a sequence.
 //!
 //! The decode kernels (`kernels/decode.rs`) run a few queries against the KV cache's device copy
 //! ([`DeviceKvCache`]): with the lanes of a plane across the head dim where the device's plane

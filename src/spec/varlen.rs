@@ -10,6 +10,10 @@
 //! sequence's last query with its last key). For self-attention (the same offsets for queries
 //! and keys) this is the packed problem under a causal document mask
 //! ([`crate::dsl::library::document`]), with none of its work on pairs across documents.
+//!
+//! The varlen entry points take a spec's mask and modifiers, not user mods ([`crate::dsl`]):
+//! a mod over packed sequences is the document mask's problem ([`crate::Front`]'s
+//! `.mask_mod(..)` on the packed batch of one).
 
 use std::ops::Range;
 
