@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-use ndarray::{Array3, Array4, ArrayView4, s};
+use ndarray::{Array3, Array4, ArrayView1, ArrayView4, s};
 
 use super::{DynMods, Output};
 use crate::dsl::{MaskMod, Mods, ScoreMod};
@@ -58,7 +58,7 @@ pub fn try_forward_rounded_with<T: Element, M: MaskMod, S: ScoreMod>(
     rounded_dyn(spec, mods, q, k, v, dtype, 0..usize::MAX)
 }
 
-fn rounded_dyn<T: Element>(
+pub(super) fn rounded_dyn<T: Element>(
     spec: &AttentionSpec,
     mods: &dyn DynMods,
     q: ArrayView4<T>,
@@ -87,7 +87,6 @@ fn rounded_dyn<T: Element>(
             for i in 0..seq_q {
                 let band = spec.mask().visible_keys(i, seq_q, seq_k);
                 let band = band.start.max(keys.start)..band.end.min(keys.end);
-                let diag = spec.mask().diagonal(i, seq_q, seq_k);
                 scores.clear();
                 visible.clear();
                 for j in band {
@@ -97,16 +96,7 @@ fn rounded_dyn<T: Element>(
                     }
                     let q_row = q.slice(s![b, h, i, ..]);
                     let k_row = k.slice(s![b, g, j, ..]);
-                    let dot = q_row.iter().zip(k_row).fold(0f32, |acc, (x, y)| {
-                        acc + x.widen() as f32 * y.widen() as f32
-                    });
-                    let mut s = spec.scale_f32() * dot;
-                    if let Some(cap) = spec.softcap() {
-                        s = cap * (s / cap).tanh();
-                    }
-                    if let Some(alibi) = spec.alibi() {
-                        s -= alibi.slope(h) * (diag - j as i128).unsigned_abs() as f32;
-                    }
+                    let (s, _) = score_f32(spec, h, i, j, shape, q_row, k_row);
                     visible.push(j);
                     scores.push(to_dtype(mods.score_f32(s, at)));
                 }
@@ -130,4 +120,30 @@ fn rounded_dyn<T: Element>(
         }
     }
     Ok(Output { o, lse })
+}
+
+/// The score of query `i` (head `h`) against key `j` after the spec's modifiers, in `f32` (the
+/// dot product summed in key order), and the raw `scale · q·k` it came from.
+pub(super) fn score_f32<T: Element>(
+    spec: &AttentionSpec,
+    h: usize,
+    i: usize,
+    j: usize,
+    shape: ProblemShape,
+    q_row: ArrayView1<T>,
+    k_row: ArrayView1<T>,
+) -> (f32, f32) {
+    let dot = q_row.iter().zip(k_row).fold(0f32, |acc, (x, y)| {
+        acc + x.widen() as f32 * y.widen() as f32
+    });
+    let raw = spec.scale_f32() * dot;
+    let mut s = raw;
+    if let Some(cap) = spec.softcap() {
+        s = cap * (s / cap).tanh();
+    }
+    if let Some(alibi) = spec.alibi() {
+        let diag = spec.mask().diagonal(i, shape.seq_q, shape.seq_k);
+        s -= alibi.slope(h) * (diag - j as i128).unsigned_abs() as f32;
+    }
+    (s, raw)
 }

@@ -10,8 +10,11 @@
 //!
 //! Masked keys are never read, so NaNs placed there cannot leak into a result.
 
+mod backward;
 mod low_precision;
 mod tolerance;
+
+pub use backward::{Gradients, try_backward, try_backward_rounded_with, try_backward_with};
 
 pub use low_precision::{try_forward_rounded, try_forward_rounded_keys, try_forward_rounded_with};
 pub use tolerance::{Comparison, compare, compare_lse, compare_rows};

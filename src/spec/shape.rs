@@ -69,6 +69,50 @@ impl AttentionSpec {
             seq_k: k[2],
         })
     }
+
+    /// Checks a tensor laid out like the outputs (`d_o`, `o`, `dq`): `[batch, q_heads, seq_q,
+    /// head_dim]` of the problem `shape` ([`Self::check_shapes`]).
+    pub fn check_like_q(
+        &self,
+        op: &'static str,
+        shape: ProblemShape,
+        tensor: &'static str,
+        got: &[usize],
+    ) -> Result<()> {
+        let want = [shape.batch, self.q_heads(), shape.seq_q, self.head_dim()];
+        check_exact(op, tensor, got, &want, "[batch, q_heads, seq_q, head_dim]")
+    }
+
+    /// Checks a tensor of one value per query row (`lse`, `d_lse`): `[batch, q_heads, seq_q]`
+    /// of the problem `shape`.
+    pub fn check_like_lse(
+        &self,
+        op: &'static str,
+        shape: ProblemShape,
+        tensor: &'static str,
+        got: &[usize],
+    ) -> Result<()> {
+        let want = [shape.batch, self.q_heads(), shape.seq_q];
+        check_exact(op, tensor, got, &want, "[batch, q_heads, seq_q]")
+    }
+}
+
+fn check_exact(
+    op: &'static str,
+    tensor: &'static str,
+    got: &[usize],
+    want: &[usize],
+    names: &str,
+) -> Result<()> {
+    if got == want {
+        return Ok(());
+    }
+    Err(Error::Shape {
+        op,
+        tensor,
+        got: got.to_vec(),
+        expected: format!("{want:?} ({names})"),
+    })
 }
 
 #[cfg(test)]
