@@ -249,7 +249,7 @@ fn gqa_gradients_are_group_sums_of_mha_on_repeated_kv() {
         let group = p.spec.group_size();
         let gqa = backward(&p, &Mods::none(), &up);
         let mha = Problem {
-            spec: p.spec.clone().try_with_kv_heads(p.spec.q_heads()).unwrap(),
+            spec: p.spec.try_with_kv_heads(p.spec.q_heads()).unwrap(),
             q: p.q.clone(),
             k: repeat_kv(&p.k, group),
             v: repeat_kv(&p.v, group),
@@ -320,7 +320,7 @@ fn the_rounded_backward_is_the_oracle_computed_in_low_precision() {
         let inputs = [p.q.view(), p.k.view(), p.v.view(), up.d_o.view()];
         let d_lse = up.d_lse.as_ref().map(|d| d.view());
         let rounded = |dtype| {
-            oracle::try_backward_rounded_with(&p.spec, &mods, inputs.clone(), d_lse.clone(), dtype)
+            oracle::try_backward_rounded_with(&p.spec, &mods, inputs, d_lse, dtype)
                 .unwrap()
         };
         prop_assert_eq!(&rounded(gqa::DType::F64), &exact);
