@@ -4,9 +4,9 @@
 
 use std::ops::Range;
 
-use ndarray::ArrayView4;
+use ndarray::{ArrayView3, ArrayView4};
 
-use crate::backend::{Backend, HostOutput};
+use crate::backend::{Backend, Backward, HostGradients, HostOutput};
 use crate::cache::{KvCache, KvCacheFootprint, KvStorage, Layout, SeqId};
 use crate::cube::{CubeDevice, CubeElement, DeviceKvCache, DeviceOutput, DeviceTensor};
 use crate::dsl::{MaskMod, Mods, NoMask, NoScore, ScoreMod};
@@ -254,6 +254,55 @@ macro_rules! spec_builder_methods {
             backend.try_forward_varlen(&self.spec, packing, q, k, v)
         }
 
+        /// The gradients of this attention on `backend` ([`crate::oracle::try_backward`]
+        /// defines them): `q`, `k`, `v` as the forward took them, `forward` the forward's
+        /// output on the same backend (its `O` and `LSE` are reused), `d_o = ∂L/∂O` (the shape
+        /// of `q`). `dK`, `dV` are per KV head, summed over each group's query heads.
+        ///
+        /// ```
+        /// use gqa::{Gqa, cpu::Cpu};
+        /// use ndarray::Array4;
+        /// let attention = Gqa::<8, 2, 16>::new().causal();
+        /// let q = Array4::<f32>::from_shape_fn((1, 8, 4, 16), |(_, h, i, d)| ((h * i + d) % 5) as f32 / 4.0);
+        /// let kv = Array4::<f32>::from_shape_fn((1, 2, 4, 16), |(_, g, j, d)| ((g + j * d) % 3) as f32 / 2.0);
+        /// let cpu = Cpu::new();
+        /// let out = attention.try_forward(&cpu, q.view(), kv.view(), kv.view())?;
+        /// let d_o = Array4::<f32>::ones((1, 8, 4, 16));
+        /// let grads = attention.try_backward(&cpu, q.view(), kv.view(), kv.view(), &out, d_o.view())?;
+        /// let exact = gqa::oracle::try_backward(attention.spec(), q.view(), kv.view(), kv.view(), d_o.view())?;
+        /// let worst = grads.dk.iter().zip(&exact.dk).map(|(a, b)| (f64::from(*a) - b).abs()).fold(0.0, f64::max);
+        /// assert!(worst < 1e-5);
+        /// # Ok::<(), gqa::Error>(())
+        /// ```
+        pub fn try_backward<T: Element, B: Backward<T>>(
+            &self,
+            backend: &B,
+            q: ArrayView4<T>,
+            k: ArrayView4<T>,
+            v: ArrayView4<T>,
+            forward: &HostOutput<T>,
+            d_o: ArrayView4<T>,
+        ) -> Result<HostGradients<T>> {
+            backend.try_backward(&self.spec, [q, k, v], forward, d_o)
+        }
+
+        /// [`Self::try_backward`] with `d_lse = ∂L/∂LSE` (`[batch, q_heads, seq_q]`): for a
+        /// loss that also reads the forward's log-sum-exps.
+        #[allow(clippy::too_many_arguments)]
+        pub fn try_backward_lse<T: Element, B: Backward<T>>(
+            &self,
+            backend: &B,
+            q: ArrayView4<T>,
+            k: ArrayView4<T>,
+            v: ArrayView4<T>,
+            forward: &HostOutput<T>,
+            d_o: ArrayView4<T>,
+            d_lse: ArrayView3<f32>,
+        ) -> Result<HostGradients<T>> {
+            let mods = Mods::none();
+            backend.try_backward_with(&self.spec, &mods, [q, k, v], forward, d_o, Some(d_lse))
+        }
+
         /// Runs this attention on tensors already on the device.
         pub fn try_forward_device<T: CubeElement>(
             &self,
@@ -380,6 +429,22 @@ impl<A: Front, M: MaskMod, S: ScoreMod> Modded<A, M, S> {
             Ok(output) => output,
             Err(error) => panic!("{error}"),
         }
+    }
+
+    /// The gradients on `backend` with these mods (the score mod's generated derivative in
+    /// the chain rule), as [`Attention::try_backward`]; `d_lse = ∂L/∂LSE` is optional.
+    #[allow(clippy::too_many_arguments)]
+    pub fn try_backward<T: Element, B: Backward<T>>(
+        &self,
+        backend: &B,
+        q: ArrayView4<T>,
+        k: ArrayView4<T>,
+        v: ArrayView4<T>,
+        forward: &HostOutput<T>,
+        d_o: ArrayView4<T>,
+        d_lse: Option<ArrayView3<f32>>,
+    ) -> Result<HostGradients<T>> {
+        backend.try_backward_with(self.spec(), &self.mods, [q, k, v], forward, d_o, d_lse)
     }
 
     /// The `f64` oracle's answer ([`crate::oracle::try_forward_with`]).

@@ -2,7 +2,7 @@
 //! by the GPU device ([`crate::cube::CubeDevice`]) and the CPU ([`crate::cpu::Cpu`]), so that
 //! `attention.try_forward(&backend, q, k, v)` runs on either.
 
-use ndarray::{Array3, Array4, ArrayView4};
+use ndarray::{Array3, Array4, ArrayView3, ArrayView4};
 
 use crate::dsl::{MaskMod, Mods, ScoreMod};
 use crate::element::Element;
@@ -16,6 +16,17 @@ pub struct HostOutput<T> {
     pub o: Array4<T>,
     /// `[batch, q_heads, seq_q]`, natural log, `−∞` for fully masked rows.
     pub lse: Array3<f32>,
+}
+
+/// Gradients computed by an executor, on the host, in the inputs' element type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostGradients<T> {
+    /// `∂L/∂q`, `[batch, q_heads, seq_q, head_dim]`.
+    pub dq: Array4<T>,
+    /// `∂L/∂k`, `[batch, kv_heads, seq_k, head_dim]`: each KV head's, summed over its group.
+    pub dk: Array4<T>,
+    /// `∂L/∂v`, `[batch, kv_heads, seq_k, head_dim]`: each KV head's, summed over its group.
+    pub dv: Array4<T>,
 }
 
 /// Runs attention as a spec defines it, on host arrays, with elements `T`.
@@ -53,4 +64,34 @@ pub trait Backend<T: Element> {
         k: ArrayView4<T>,
         v: ArrayView4<T>,
     ) -> Result<HostOutput<T>>;
+}
+
+/// An executor that also computes attention's gradients ([`crate::oracle::try_backward`]
+/// defines them): from the problem, the forward's output (its `O` and `LSE` are reused, the
+/// forward is not recomputed) and the upstream gradient `dO = ∂L/∂O`.
+pub trait Backward<T: Element>: Backend<T> {
+    /// The gradients of `q: [batch, q_heads, seq_q, head_dim]`, `k`, `v: [batch, kv_heads,
+    /// seq_k, head_dim]` given `forward` (this backend's output for them with the same spec
+    /// and mods), `d_o` (the shape of `q`) and optionally `d_lse = ∂L/∂LSE` (`[batch,
+    /// q_heads, seq_q]`). Errors: [`crate::Error::Shape`], naming the tensor.
+    fn try_backward_with<M: MaskMod, S: ScoreMod>(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, S>,
+        inputs: [ArrayView4<T>; 3],
+        forward: &HostOutput<T>,
+        d_o: ArrayView4<T>,
+        d_lse: Option<ArrayView3<f32>>,
+    ) -> Result<HostGradients<T>>;
+
+    /// [`Backward::try_backward_with`] without mods or `d_lse`.
+    fn try_backward(
+        &self,
+        spec: &AttentionSpec,
+        inputs: [ArrayView4<T>; 3],
+        forward: &HostOutput<T>,
+        d_o: ArrayView4<T>,
+    ) -> Result<HostGradients<T>> {
+        self.try_backward_with(spec, &Mods::none(), inputs, forward, d_o, None)
+    }
 }

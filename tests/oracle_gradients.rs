@@ -320,8 +320,7 @@ fn the_rounded_backward_is_the_oracle_computed_in_low_precision() {
         let inputs = [p.q.view(), p.k.view(), p.v.view(), up.d_o.view()];
         let d_lse = up.d_lse.as_ref().map(|d| d.view());
         let rounded = |dtype| {
-            oracle::try_backward_rounded_with(&p.spec, &mods, inputs, d_lse, dtype)
-                .unwrap()
+            oracle::try_backward_rounded_with(&p.spec, &mods, inputs, d_lse, dtype).unwrap()
         };
         prop_assert_eq!(&rounded(gqa::DType::F64), &exact);
         let low = rounded(gqa::DType::F32);

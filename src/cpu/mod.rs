@@ -33,6 +33,7 @@
 //! (`Σ e^{s−max}·v`, divided once at the end), so values within a factor of a row's key count of
 //! `f32::MAX` may overflow to ±∞.
 
+mod backward;
 mod decode;
 mod prefill;
 mod simd;
@@ -51,9 +52,11 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use half::{bf16, f16};
-use ndarray::{Array3, Array4, ArrayView4, ArrayViewMut3, ArrayViewMut4, CowArray, Ix4};
+use ndarray::{
+    Array3, Array4, ArrayView3, ArrayView4, ArrayViewMut3, ArrayViewMut4, CowArray, Ix4,
+};
 
-use crate::backend::{Backend, HostOutput};
+use crate::backend::{Backend, Backward, HostGradients, HostOutput};
 use crate::cache::{KvCache, KvStorage, SeqId};
 use crate::dsl::{MaskMod, Mods, Position, ScoreMod};
 use crate::element::Element;
@@ -225,6 +228,67 @@ impl Cpu {
         Ok(HostOutput {
             o: T::from_f32(o),
             lse,
+        })
+    }
+
+    /// The gradients of attention ([`crate::oracle::try_backward`] defines them) given the
+    /// forward's output `forward` for the same problem, spec and mods, and the upstream
+    /// gradients `d_o` (the shape of `q`) and optionally `d_lse` (`[batch, q_heads, seq_q]`).
+    /// The forward's `LSE` is reused; `P` is recomputed per tile (module docs of
+    /// `cpu::backward`: tasks per key tile for `dK`, `dV` — the group's sum inside the task —
+    /// and per query tile for `dQ`; deterministic, whatever the thread count).
+    /// Errors: [`Error::Shape`], naming the tensor.
+    ///
+    /// ```
+    /// use gqa::{Gqa, cpu::Cpu};
+    /// use ndarray::Array4;
+    /// let attention = Gqa::<4, 2, 8>::new().causal();
+    /// let q = Array4::<f32>::from_shape_fn((1, 4, 3, 8), |(_, h, i, d)| (h + i + d) as f32 / 9.0);
+    /// let kv = Array4::<f32>::from_shape_fn((1, 2, 5, 8), |(_, g, j, d)| (g * j + d) as f32 / 7.0);
+    /// let cpu = Cpu::new();
+    /// let out = attention.try_forward(&cpu, q.view(), kv.view(), kv.view())?;
+    /// let d_o = Array4::<f32>::ones((1, 4, 3, 8));
+    /// let grads = attention.try_backward(&cpu, q.view(), kv.view(), kv.view(), &out, d_o.view())?;
+    /// assert_eq!(grads.dk.shape(), &[1, 2, 5, 8]); // one gradient per KV head
+    /// # Ok::<(), gqa::Error>(())
+    /// ```
+    pub fn try_backward_with<T: CpuElement, M: MaskMod, S: ScoreMod>(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, S>,
+        [q, k, v]: [ArrayView4<T>; 3],
+        forward: &HostOutput<T>,
+        d_o: ArrayView4<T>,
+        d_lse: Option<ArrayView3<f32>>,
+    ) -> Result<HostGradients<T>> {
+        const OP: &str = "cpu::backward";
+        let shape = spec.check_shapes(OP, q.shape(), k.shape(), v.shape())?;
+        spec.check_like_q(OP, shape, "o", forward.o.shape())?;
+        spec.check_like_lse(OP, shape, "lse", forward.lse.shape())?;
+        spec.check_like_q(OP, shape, "d_o", d_o.shape())?;
+        if let Some(d_lse) = &d_lse {
+            spec.check_like_lse(OP, shape, "d_lse", d_lse.shape())?;
+        }
+        let (q, k, v) = (T::as_f32(q), T::as_f32(k), T::as_f32(v));
+        let (o, d_o) = (T::as_f32(forward.o.view()), T::as_f32(d_o));
+        let inputs = backward::Inputs {
+            q: q.view(),
+            k: k.view(),
+            v: v.view(),
+            o: o.view(),
+            lse: forward.lse.view(),
+            d_o: d_o.view(),
+            d_lse,
+        };
+        let mut dq = Array4::<f32>::zeros(q.raw_dim());
+        let mut dk = Array4::<f32>::zeros(k.raw_dim());
+        let mut dv = Array4::<f32>::zeros(v.raw_dim());
+        let grads = [dq.view_mut(), dk.view_mut(), dv.view_mut()];
+        self.install(|| backward::backward_into(spec, mods, shape, &inputs, grads));
+        Ok(HostGradients {
+            dq: T::from_f32(dq),
+            dk: T::from_f32(dk),
+            dv: T::from_f32(dv),
         })
     }
 
@@ -494,5 +558,19 @@ impl<T: CpuElement> Backend<T> for Cpu {
         v: ArrayView4<T>,
     ) -> Result<HostOutput<T>> {
         Cpu::try_forward_varlen(self, spec, packing, q, k, v)
+    }
+}
+
+impl<T: CpuElement> Backward<T> for Cpu {
+    fn try_backward_with<M: MaskMod, S: ScoreMod>(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, S>,
+        inputs: [ArrayView4<T>; 3],
+        forward: &HostOutput<T>,
+        d_o: ArrayView4<T>,
+        d_lse: Option<ArrayView3<f32>>,
+    ) -> Result<HostGradients<T>> {
+        Cpu::try_backward_with(self, spec, mods, inputs, forward, d_o, d_lse)
     }
 }

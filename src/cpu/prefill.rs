@@ -201,7 +201,7 @@ pub(super) fn block_mask_tiles(group: usize, seq_q: usize) -> (usize, usize) {
 }
 
 /// `view` cut along `axis` into consecutive pieces of `size` (the last one shorter).
-fn chunks<'a, A, D: ndarray::Dimension>(
+pub(super) fn chunks<'a, A, D: ndarray::Dimension>(
     mut view: ndarray::ArrayViewMut<'a, A, D>,
     axis: Axis,
     size: usize,
@@ -518,7 +518,7 @@ fn softmax_block(
 
 /// `dst = beta · lhs · rhs`, or `dst += beta · lhs · rhs` with `accumulate`, by the `gemm`
 /// crate (single-threaded: the work items are the parallelism).
-fn matmul(
+pub(super) fn matmul(
     dst: &mut ArrayViewMut2<f32>,
     lhs: &ArrayView2<f32>,
     rhs: &ArrayView2<f32>,

@@ -43,8 +43,9 @@ pub struct Gradients {
 /// ```
 /// use gqa::{Gqa, oracle};
 /// use ndarray::Array4;
-/// // With equal keys every query averages the values, so dV sums dO over the queries that see
-/// // each key — over both query heads of the KV head — and dQ, dK are 0.
+/// // With equal keys every query averages the values, so dV sums dO/2 over the queries that see
+/// // each key — over both query heads of the KV head. Moving q moves every score alike, which
+/// // changes nothing (dQ = 0); moving one key trades weight with the other (dK₀ = −dK₁).
 /// let attention = Gqa::<2, 1, 4>::new();
 /// let q = Array4::<f32>::from_elem((1, 2, 3, 4), 0.5);
 /// let k = Array4::<f32>::ones((1, 1, 2, 4));
@@ -52,7 +53,9 @@ pub struct Gradients {
 /// let d_o = Array4::<f32>::ones((1, 2, 3, 4));
 /// let grads = oracle::try_backward(attention.spec(), q.view(), k.view(), v.view(), d_o.view())?;
 /// assert!((grads.dv[[0, 0, 1, 0]] - 3.0).abs() < 1e-12); // 2 heads · 3 queries · ½
-/// assert!(grads.dq.iter().chain(&grads.dk).all(|x| x.abs() < 1e-12));
+/// assert!(grads.dq.iter().all(|x| x.abs() < 1e-12));
+/// assert!((grads.dk[[0, 0, 0, 2]] + grads.dk[[0, 0, 1, 2]]).abs() < 1e-12);
+/// assert!(grads.dk[[0, 0, 0, 2]].abs() > 0.1);
 /// # Ok::<(), gqa::Error>(())
 /// ```
 ///
@@ -211,16 +214,125 @@ fn row_terms<T: Element>(
             let before = super::score(spec, h, i, j, seq_q, seq_k, dot);
             (before, spec.scale() * dot, mods.score_f64(before, at))
         } else {
-            let (before, raw) = super::low_precision::score_f32(spec, h, i, j, shape, q_row, k_row);
+            // Summed in the other order than the forward's: an executor recomputes the scores
+            // in its backward, and its `P = exp(S − LSE)` carries the difference between two
+            // honest roundings of each score (FlashAttention's kernels do; a yardstick whose
+            // backward reused the forward's very roundings would be luckier than any of them).
+            let order = super::low_precision::Order::Reverse;
+            let (before, raw) =
+                super::low_precision::score_f32(spec, h, i, j, shape, q_row, k_row, order);
             let score = dtype.round(f64::from(mods.score_f32(before, at)));
             (f64::from(before), f64::from(raw), score)
         };
         // f′: the score mod's derivative at its input, times softcap's at the raw score.
         let mut slope = mods.derivative(before, at);
         if let Some(cap) = spec.softcap() {
-            let t = (raw / f64::from(cap)).tanh();
-            slope *= 1.0 - t * t;
+            slope *= if dtype == DType::F64 {
+                let t = (raw / f64::from(cap)).tanh();
+                1.0 - t * t
+            } else {
+                // As an f32 executor computes it: `1 − t²` cancels where `t` nears ±1, and
+                // rounds at the scale of 1, not of the result.
+                let t = (raw as f32 / cap).tanh();
+                f64::from(1.0 - t * t)
+            };
         }
         terms.push(Term { j, score, slope });
     }
+}
+
+/// Per gradient row, the magnitudes an honest computation of it rounds at (the tolerance
+/// rule's per-row scales for gradients, [`super::compare_gradients`]; derived in the rule's
+/// module docs): `dq: [batch, q_heads, seq_q]`, `dk`, `dv: [batch, kv_heads, seq_k]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradientTerms {
+    pub dq: ndarray::Array3<f64>,
+    pub dk: ndarray::Array3<f64>,
+    pub dv: ndarray::Array3<f64>,
+}
+
+/// The [`GradientTerms`] of a backward problem (arguments as [`try_backward_with`]). For each
+/// row `i` that sees keys: `T_i` its score terms ([`super::RowTerms::scores`]), `C_i` the
+/// largest of `Σ_d |dO_id · v_jd|` over its keys and `Σ_d |dO_id| · max_j |v_jd|` (the terms of
+/// `dP_ij` and of `δ_i`), and `E_i = max(1, T_i) · (2·C_i + |dLSE_i|)` — the scale of the
+/// error of `dS_ij / P_ij`. Then, with `f′` the score's slope and `P` the oracle's
+/// probabilities: `dq_i = |scale| · E_i · max(1, max_j |f′_ij|) · max_j |k_j|`, `dk_j = |scale| · Σ_i
+/// P_ij · E_i · max(1, |f′_ij|) · max|q_i|` and `dv_j = Σ_i P_ij · max(1, T_i) · max|dO_i|` (over the
+/// rows of every query head of the group that see key `j`).
+pub fn try_gradient_terms_with<T: Element, M: MaskMod, S: ScoreMod>(
+    spec: &AttentionSpec,
+    mods: &Mods<M, S>,
+    [q, k, v, d_o]: [ArrayView4<T>; 4],
+    d_lse: Option<ArrayView3<f32>>,
+) -> Result<GradientTerms> {
+    const OP: &str = "oracle::gradient_terms";
+    let shape = spec.check_shapes(OP, q.shape(), k.shape(), v.shape())?;
+    spec.check_like_q(OP, shape, "d_o", d_o.shape())?;
+    if let Some(d_lse) = &d_lse {
+        spec.check_like_lse(OP, shape, "d_lse", d_lse.shape())?;
+    }
+    let forward = super::forward_keys_dyn(spec, mods, q, k, v, 0..usize::MAX)?;
+    let rows = super::row_terms_dyn(spec, mods, q, k, v, 0..usize::MAX)?;
+    let ProblemShape {
+        batch,
+        seq_q,
+        seq_k,
+    } = shape;
+    let largest = |x: ArrayView1<T>| x.iter().fold(0.0f64, |m, e| m.max(e.widen().abs()));
+    let mut dq = ndarray::Array3::zeros((batch, spec.q_heads(), seq_q));
+    let mut dk = ndarray::Array3::zeros((batch, spec.kv_heads(), seq_k));
+    let mut dv = ndarray::Array3::zeros((batch, spec.kv_heads(), seq_k));
+    let mut terms = Vec::with_capacity(seq_k);
+    for b in 0..batch {
+        for h in 0..spec.q_heads() {
+            let g = spec.kv_head_of(h);
+            for i in 0..seq_q {
+                row_terms(
+                    spec,
+                    mods,
+                    shape,
+                    [&q, &k],
+                    (b, h, i),
+                    DType::F64,
+                    &mut terms,
+                );
+                let lse = forward.lse[[b, h, i]];
+                if terms.is_empty() || !lse.is_finite() {
+                    continue;
+                }
+                let d_out = d_o.slice(s![b, h, i, ..]);
+                let d_out_sum: f64 = d_out.iter().map(|x| x.widen().abs()).sum();
+                let mut c = 0.0f64;
+                let mut v_max = 0.0f64;
+                let mut k_max = 0.0f64;
+                let mut slope_max = 0.0f64;
+                for term in &terms {
+                    let v_row = v.slice(s![b, g, term.j, ..]);
+                    let products = d_out
+                        .iter()
+                        .zip(v_row)
+                        .map(|(x, y)| (x.widen() * y.widen()).abs());
+                    c = c.max(products.sum());
+                    v_max = v_max.max(largest(v_row));
+                    k_max = k_max.max(largest(k.slice(s![b, g, term.j, ..])));
+                    slope_max = slope_max.max(term.slope.abs().max(1.0));
+                }
+                c = c.max(d_out_sum * v_max);
+                let t = rows.scores[[b, h, i]].max(1.0);
+                let g_lse = d_lse
+                    .as_ref()
+                    .map_or(0.0, |d| f64::from(d[[b, h, i]]).abs());
+                let e = t * (2.0 * c + g_lse);
+                dq[[b, h, i]] = spec.scale().abs() * e * slope_max * k_max;
+                let (q_max, d_o_max) = (largest(q.slice(s![b, h, i, ..])), largest(d_out));
+                for term in &terms {
+                    let p = (term.score - lse).exp();
+                    let slope = term.slope.abs().max(1.0);
+                    dk[[b, g, term.j]] += spec.scale().abs() * p * e * slope * q_max;
+                    dv[[b, g, term.j]] += p * t * d_o_max;
+                }
+            }
+        }
+    }
+    Ok(GradientTerms { dq, dk, dv })
 }

@@ -96,7 +96,7 @@ pub(super) fn rounded_dyn<T: Element>(
                     }
                     let q_row = q.slice(s![b, h, i, ..]);
                     let k_row = k.slice(s![b, g, j, ..]);
-                    let (s, _) = score_f32(spec, h, i, j, shape, q_row, k_row);
+                    let (s, _) = score_f32(spec, h, i, j, shape, q_row, k_row, Order::Forward);
                     visible.push(j);
                     scores.push(to_dtype(mods.score_f32(s, at)));
                 }
@@ -122,8 +122,18 @@ pub(super) fn rounded_dyn<T: Element>(
     Ok(Output { o, lse })
 }
 
+/// The order a low-precision dot product is summed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Order {
+    /// Along the head dim, first to last: the forward's.
+    Forward,
+    /// Last to first: the backward's recomputation ([`super::try_backward_rounded_with`]).
+    Reverse,
+}
+
 /// The score of query `i` (head `h`) against key `j` after the spec's modifiers, in `f32` (the
-/// dot product summed in key order), and the raw `scale · q·k` it came from.
+/// dot product summed in `order`), and the raw `scale · q·k` it came from.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn score_f32<T: Element>(
     spec: &AttentionSpec,
     h: usize,
@@ -132,10 +142,14 @@ pub(super) fn score_f32<T: Element>(
     shape: ProblemShape,
     q_row: ArrayView1<T>,
     k_row: ArrayView1<T>,
+    order: Order,
 ) -> (f32, f32) {
-    let dot = q_row.iter().zip(k_row).fold(0f32, |acc, (x, y)| {
-        acc + x.widen() as f32 * y.widen() as f32
-    });
+    let product = |(x, y): (&T, &T)| x.widen() as f32 * y.widen() as f32;
+    let pairs = q_row.iter().zip(k_row);
+    let dot = match order {
+        Order::Forward => pairs.map(product).fold(0f32, |acc, p| acc + p),
+        Order::Reverse => pairs.rev().map(product).fold(0f32, |acc, p| acc + p),
+    };
     let raw = spec.scale_f32() * dot;
     let mut s = raw;
     if let Some(cap) = spec.softcap() {

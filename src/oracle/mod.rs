@@ -14,10 +14,13 @@ mod backward;
 mod low_precision;
 mod tolerance;
 
-pub use backward::{Gradients, try_backward, try_backward_rounded_with, try_backward_with};
+pub use backward::{
+    GradientTerms, Gradients, try_backward, try_backward_rounded_with, try_backward_with,
+    try_gradient_terms_with,
+};
 
 pub use low_precision::{try_forward_rounded, try_forward_rounded_keys, try_forward_rounded_with};
-pub use tolerance::{Comparison, compare, compare_lse, compare_rows};
+pub use tolerance::{Comparison, compare, compare_gradients, compare_lse, compare_rows};
 
 use std::ops::Range;
 

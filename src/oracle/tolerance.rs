@@ -59,7 +59,38 @@
 //! measured, a one-key row with `lse = −23.04` computed from terms of magnitude 5.2 · 10⁴ was
 //! off by 1.3 · 10⁻⁴ — 0.04 of one rounding of its terms — while the yardstick had been lucky
 //! (6.5 · 10⁻⁶). With `m_r = max(1, |lse_r|)` alone, 4 of those 305 cases failed (worst 21×).
+//!
+//! **Gradients.** [`compare_gradients`] holds `dQ`, `dK` and `dV` to the per-row rule above
+//! (rows of `head_dim`: one query's `dQ`, one key's `dK`, `dV`), with two changes that follow
+//! from how a backward rounds.
+//!
+//! *The yardstick* is the oracle's backward computed in the storage dtype
+//! ([`super::try_backward_rounded_with`]): its forward as above, then `dP`, `dS` and the
+//! gradients rounded to the dtype, products and sums in `f32` — and the scores of its backward
+//! summed in the reverse order of its forward's. Every executor that saves the LSE recomputes
+//! `S` in its backward with other products than its forward's (other tiles, other `gemm`
+//! shapes), so its `P = exp(S − LSE)` carries the difference of two honest roundings of each
+//! score; a yardstick that reused its forward's very roundings would get `P` near 1 almost
+//! exactly where the executor cannot. Measured on the CPU backward (8/2/64, 60 problems): the
+//! worst `dV` ratio (error / bound) was 0.69 with a same-order yardstick, 0.25 with this one;
+//! the CPU given the exact forward's `O` and `LSE` instead of its own read 0.59, so the gap is
+//! the recomputation, not the saved forward.
+//!
+//! *The row scales* are the magnitudes each gradient is summed from ([`super::GradientTerms`]),
+//! not its value. `dS_ij = P_ij · (dP_ij − δ_i + dLSE_i)` cancels: with one key, `dP = δ`
+//! exactly and `dQ = 0`, while an honest `dP` and `δ` (two dot products of size `head_dim`)
+//! differ by a rounding of their terms `C_i` — measured, a `dQ` of 0 came out as 1.4 · 10⁻⁵
+//! from the CPU, against a bound of 6 · 10⁻⁸ at the scale of the result. And `P` is off,
+//! relatively, by the scores' rounding `u · T_i`. So `dS_ij / P_ij` rounds at
+//! `E_i = max(1, T_i) · (2 C_i + |dLSE_i|)`, and the rows' scales are that error carried
+//! through the last product: `|scale| · E_i · max(1, |f′|) · max|k|` for `dQ_i`, the `P`-weighted
+//! sums of `|scale| · E_i · max(1, |f′|) · max|q_i|` (for `dK_j`) and `max(1, T_i) · max|dO_i|`
+//! (for `dV_j`) over the rows that see key `j`. The score's slope `f′` enters as at least 1:
+//! softcap's `1 − tanh²(s/c)` computed in `f32` cancels where `tanh` nears ±1 and is off by
+//! about `u`, not by `u · f′` (found on the first run: `dQ` errors of 3 · 10⁻⁶ against
+//! bounds of 1.2 · 10⁻⁷ in saturated softcaps, with the slope taken as it is).
 
+use super::{GradientTerms, Gradients};
 use crate::element::DType;
 
 /// The outcome of a comparison: the numbers, so a failure message can show them. For a
@@ -335,6 +366,37 @@ fn rule(
         dtype,
         row_len,
     }
+}
+
+/// The rule for gradients (module docs, *Gradients*): `dQ`, `dK` and `dV` each under the
+/// per-row rule ([`compare_rows`]: rows of `head_dim`), the yardstick being the oracle's
+/// backward computed in `dtype` ([`super::try_backward_rounded_with`]) and each row's scale
+/// its [`super::GradientTerms`]. Returns the three comparisons, in that order.
+pub fn compare_gradients(
+    reference: &Gradients,
+    low_precision: &Gradients,
+    candidate: &Gradients,
+    terms: &GradientTerms,
+    dtype: DType,
+) -> [Comparison; 3] {
+    let parts = |g: &Gradients| [g.dq.clone(), g.dk.clone(), g.dv.clone()];
+    let (reference, low_precision, candidate) =
+        (parts(reference), parts(low_precision), parts(candidate));
+    let scales = [&terms.dq, &terms.dk, &terms.dv];
+    [0, 1, 2].map(|i| {
+        let row_len = reference[i].shape()[3];
+        if reference[i].is_empty() || row_len == 0 {
+            return compare(&reference[i], &low_precision[i], &candidate[i], dtype);
+        }
+        compare_rows(
+            &reference[i],
+            &low_precision[i],
+            &candidate[i],
+            dtype,
+            row_len,
+            scales[i],
+        )
+    })
 }
 
 #[cfg(test)]

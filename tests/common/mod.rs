@@ -7,6 +7,7 @@
 pub mod runner;
 #[macro_use]
 pub mod configs;
+pub mod backward;
 pub mod cube;
 pub mod decode;
 pub mod forward;

@@ -1,0 +1,227 @@
+//! The CPU backward (`Cpu::try_backward_with`) against the f64 oracle's gradients, under the
+//! tolerance rule for gradients (`oracle::compare_gradients`): every configuration of the shared
+//! list with the forward suites' problems (lengths 0..=300 across tile edges, rows that see no
+//! key, scores in the hundreds, every band in both alignments, softcap, ALiBi), f32, f16 and
+//! bf16, NaN-padded strided inputs; the library's mod families; non-finite values at keys no row
+//! sees; determinism across calls and thread counts; typed errors.
+//!
+//! `GQA_CPU_CASES` sets the cases per configuration and variant (default 4); seeds per test
+//! (`tests/common/runner.rs`).
+
+#[macro_use]
+mod common;
+
+use common::Problem;
+use common::backward::{Upstream, check_backward, upstream};
+use common::forward::{self, Variant};
+use common::mods::{Captures, checker, wobble};
+use common::runner::{self, Persist, env_count};
+use gqa::cpu::{Cpu, CpuElement};
+use gqa::dsl::ScoreMod;
+use gqa::dsl::{Aux, Mods, NoMask, NoScore, library};
+use gqa::{Error, Gqa};
+use half::{bf16, f16};
+use ndarray::{Array3, Array4, s};
+use proptest::prelude::*;
+
+fn cases() -> u32 {
+    env_count("GQA_CPU_CASES", 4)
+}
+
+fn run<T: CpuElement>(test: &str, variant: Variant, (hq, hkv, d): (usize, usize, usize)) {
+    let strategy =
+        forward::problems(variant, hq, hkv, d).prop_flat_map(|p| (Just(p.clone()), upstream(&p)));
+    runner::check(test, cases(), Persist::No, strategy, |(p, up)| {
+        runner::log_case(format!("{test} {}", forward::case_key(&p)));
+        check_backward::<T, Cpu, _, _>(&Cpu::new(), &p, &Mods::none(), &up).map(|_| ())
+    });
+}
+
+macro_rules! backward_tests {
+    ($name:ident, $hq:literal, $hkv:literal, $d:literal) => {
+        paste::paste! {
+            #[test]
+            fn [<$name _backward_right_softcap_f32>]() {
+                run::<f32>(stringify!([<$name _backward_right_softcap_f32>]), Variant::RightSoftcap, ($hq, $hkv, $d));
+            }
+            #[test]
+            fn [<$name _backward_window_alibi_f32>]() {
+                run::<f32>(stringify!([<$name _backward_window_alibi_f32>]), Variant::WindowAlibi, ($hq, $hkv, $d));
+            }
+            #[test]
+            fn [<$name _backward_everything_bf16>]() {
+                run::<bf16>(stringify!([<$name _backward_everything_bf16>]), Variant::Everything, ($hq, $hkv, $d));
+            }
+        }
+    };
+}
+
+for_each_config!(backward_tests);
+
+#[test]
+fn backward_plain_f16_left_band_f32() {
+    let test = "backward_plain_f16_left_band_f32";
+    run::<f16>(&format!("{test}/plain"), Variant::Plain, (8, 2, 64));
+    run::<f32>(&format!("{test}/left"), Variant::LeftBand, (12, 4, 80));
+}
+
+/// The library's mod families (and a user mod pair with kinks) through the CPU backward.
+macro_rules! family_tests {
+    ($name:ident, $variant:expr, $make:expr) => {
+        paste::paste! {
+            #[test]
+            fn [<backward_ $name _matches_the_oracle>]() {
+                let make = $make;
+                for config in [(6, 2, 8), (8, 2, 64)] {
+                    let test = format!("{}/{config:?}", stringify!([<backward_ $name _matches_the_oracle>]));
+                    let strategy = common::mods::cases($variant, config)
+                        .prop_flat_map(|(p, c)| (Just((p.clone(), c)), upstream(&p)));
+                    runner::check(&test, cases(), Persist::No, strategy, |((p, c), up)| {
+                        check_backward::<f32, Cpu, _, _>(&Cpu::new(), &p, &make(&c), &up).map(|_| ())
+                    });
+                }
+            }
+        }
+    };
+}
+
+for_each_mod_family!(family_tests);
+
+fn bits<T: Copy + Into<f64>>(x: &Array4<T>) -> Vec<u64> {
+    x.iter().map(|&v| v.into().to_bits()).collect()
+}
+
+/// Repeated calls give the same bits, and so do 1, 2 and 3 threads: every task sums in a
+/// fixed order (no atomics, no thread-dependent split).
+#[test]
+fn backward_is_deterministic_across_calls_and_thread_counts() {
+    let test = "backward_is_deterministic_across_calls_and_thread_counts";
+    let strategy = forward::problems(Variant::Everything, 8, 2, 64)
+        .prop_flat_map(|p| (Just(p.clone()), upstream(&p)));
+    runner::check(test, cases(), Persist::No, strategy, |(p, up)| {
+        let (q, k, v) = (
+            p.q.mapv(|x| x as f32),
+            p.k.mapv(|x| x as f32),
+            p.v.mapv(|x| x as f32),
+        );
+        let d_o = up.d_o.mapv(|x| x as f32);
+        let run = |cpu: &Cpu| {
+            let out = cpu
+                .try_forward(&p.spec, q.view(), k.view(), v.view())
+                .unwrap();
+            let d_lse = up.d_lse.as_ref().map(|d| d.view());
+            let g = cpu
+                .try_backward_with(
+                    &p.spec,
+                    &Mods::none(),
+                    [q.view(), k.view(), v.view()],
+                    &out,
+                    d_o.view(),
+                    d_lse,
+                )
+                .unwrap();
+            [bits(&g.dq), bits(&g.dk), bits(&g.dv)]
+        };
+        let first = run(&Cpu::new());
+        prop_assert!(first == run(&Cpu::new()), "two calls differ");
+        for threads in 1..=3 {
+            prop_assert!(
+                first == run(&Cpu::with_threads(threads).unwrap()),
+                "{threads} threads differ"
+            );
+        }
+        Ok(())
+    });
+}
+
+/// NaN and ∞ at keys no row sees (and at queries of rows that see no key) reach no gradient:
+/// the result still passes the rule against the oracle of the clean problem.
+#[test]
+fn non_finite_values_rows_cannot_see_leave_the_gradients_alone() {
+    let test = "non_finite_values_rows_cannot_see_leave_the_gradients_alone";
+    let strategy = forward::problems(Variant::RightSoftcap, 8, 2, 16)
+        .prop_flat_map(|p| (Just(p.clone()), upstream(&p)));
+    runner::check(test, cases() * 4, Persist::No, strategy, |(p, up)| {
+        let (seq_q, seq_k) = (p.seq_q(), p.seq_k());
+        let mask = p.spec.mask();
+        let seen = |j: usize| (0..seq_q).any(|i| mask.visible_keys(i, seq_q, seq_k).contains(&j));
+        let blind = |i: usize| mask.visible_keys(i, seq_q, seq_k).is_empty();
+        check_backward::<f32, Cpu, _, _>(&Cpu::new(), &p, &Mods::none(), &up)?;
+        let mut dirty = p.clone();
+        for j in (0..seq_k).filter(|&j| !seen(j)) {
+            dirty.k.slice_mut(s![.., .., j, ..]).fill(f64::NAN);
+            dirty.v.slice_mut(s![.., .., j, ..]).fill(f64::INFINITY);
+        }
+        for i in (0..seq_q).filter(|&i| blind(i)) {
+            dirty.q.slice_mut(s![.., .., i, ..]).fill(f64::NAN);
+        }
+        // The oracle never reads them, so its gradients of `dirty` are those of `p`.
+        check_backward::<f32, Cpu, _, _>(&Cpu::new(), &dirty, &Mods::none(), &up)?;
+        Ok(())
+    });
+}
+
+#[test]
+fn bad_backward_inputs_are_typed_errors_naming_the_tensor() {
+    let attention = Gqa::<4, 2, 8>::new().causal();
+    let cpu = Cpu::new();
+    let q = Array4::<f32>::zeros((1, 4, 3, 8));
+    let kv = Array4::<f32>::zeros((1, 2, 5, 8));
+    let out = attention
+        .try_forward(&cpu, q.view(), kv.view(), kv.view())
+        .unwrap();
+    let d_o = Array4::<f32>::zeros((1, 4, 3, 8));
+    let message = |e: Error| e.to_string();
+    let bad_d_o = Array4::<f32>::zeros((1, 4, 3, 7));
+    assert_eq!(
+        message(
+            attention
+                .try_backward(&cpu, q.view(), kv.view(), kv.view(), &out, bad_d_o.view())
+                .unwrap_err()
+        ),
+        "cpu::backward: `d_o` has shape [1, 4, 3, 7], expected [1, 4, 3, 8] ([batch, q_heads, seq_q, head_dim])"
+    );
+    let other = Array4::<f32>::zeros((1, 4, 2, 8));
+    let wrong = cpu
+        .try_forward(attention.spec(), other.view(), kv.view(), kv.view())
+        .unwrap();
+    assert_eq!(
+        message(
+            attention
+                .try_backward(&cpu, q.view(), kv.view(), kv.view(), &wrong, d_o.view())
+                .unwrap_err()
+        ),
+        "cpu::backward: `o` has shape [1, 4, 2, 8], expected [1, 4, 3, 8] ([batch, q_heads, seq_q, head_dim])"
+    );
+    let d_lse = Array3::<f32>::zeros((1, 4, 4));
+    assert_eq!(
+        message(
+            attention
+                .try_backward_lse(
+                    &cpu,
+                    q.view(),
+                    kv.view(),
+                    kv.view(),
+                    &out,
+                    d_o.view(),
+                    d_lse.view()
+                )
+                .unwrap_err()
+        ),
+        "cpu::backward: `d_lse` has shape [1, 4, 4], expected [1, 4, 3] ([batch, q_heads, seq_q])"
+    );
+    let short_k = Array4::<f32>::zeros((1, 2, 4, 8));
+    assert!(
+        message(
+            attention
+                .try_backward(&cpu, q.view(), short_k.view(), kv.view(), &out, d_o.view())
+                .unwrap_err()
+        )
+        .contains("`v`")
+    );
+}
+
+#[allow(dead_code)]
+fn _uses(_: Upstream, _: Problem, _: Captures, _: NoMask, _: NoScore, _: Aux<i32>) {
+    let _ = (library::causal, checker, wobble);
+}
