@@ -32,7 +32,7 @@ use gqa::{AttentionSpec, Gqa};
 use ndarray::Array4;
 
 mod common;
-use common::env_usize;
+use common::{alternate, env_usize};
 
 const HQ: usize = 32;
 const HKV: usize = 8;
@@ -47,27 +47,6 @@ fn inputs(tokens: usize) -> (Array4<f32>, Array4<f32>, Array4<f32>) {
         Array4::from_shape_fn((1, HKV, tokens, D), |(_, h, i, d)| f(h, i, d, 2)),
         Array4::from_shape_fn((1, HKV, tokens, D), |(_, h, i, d)| f(h, i, d, 3)),
     )
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
-/// Median seconds of `a` and `b`, called alternately `runs` times after one untimed call each.
-fn alternate(runs: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f64) {
-    a();
-    b();
-    let (mut ta, mut tb) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        let t = Instant::now();
-        a();
-        ta.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        b();
-        tb.push(t.elapsed().as_secs_f64());
-    }
-    (median(ta), median(tb))
 }
 
 /// Document ids of `tokens` tokens in 8 documents of lengths proportional to 1..=8.

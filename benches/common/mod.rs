@@ -27,3 +27,27 @@ pub fn env_f64(name: &str) -> Option<f64> {
             .unwrap_or_else(|_| panic!("{name}={value:?} is not a number")),
     )
 }
+
+/// The median of `xs` (the upper one of an even count).
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Median seconds of `a` and `b`, called alternately `runs` times after one untimed call each
+/// (so that a shared machine's drift hits both alike).
+pub fn alternate(runs: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f64) {
+    use std::time::Instant;
+    a();
+    b();
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t = Instant::now();
+        a();
+        ta.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        b();
+        tb.push(t.elapsed().as_secs_f64());
+    }
+    (median(ta), median(tb))
+}

@@ -21,13 +21,21 @@ use ndarray::{
 };
 use rayon::prelude::*;
 
+use multiversion::multiversion;
+
 use super::prefill::{chunks, matmul};
+use super::simd;
 use crate::dsl::block::{BlockMask, TileState};
 use crate::dsl::{MaskMod, Mods, Position, ScoreMod};
 use crate::spec::{AttentionSpec, ProblemShape};
 
 /// Queries and keys per tile.
 const BLOCK: usize = 64;
+/// Stacked rows (queries × the group's heads) per tile of the fused backward, at most.
+const TILE_ROWS: usize = 256;
+/// From this many (batch, KV head) pairs on, one task per pair computes all three gradients
+/// (five products per tile); below it, two passes share the work more finely (seven).
+const FUSED_TASKS: usize = 8;
 
 /// The backward's inputs, as f32 row-major views: the problem, the forward's output and LSE,
 /// and the upstream gradients.
@@ -50,19 +58,27 @@ struct Context<'a, 'i, M, S> {
     /// `rowsum(dO ∘ O)`, `[B, HQ, Lq]`.
     delta: Array3<f32>,
     blocks: Option<std::sync::Arc<BlockMask>>,
+    /// Queries per tile (of each head): the block mask's query tiles.
+    block_q: usize,
 }
 
 /// Per-task scratch: a tile's scores then probabilities, and its `dP` then `dS`.
 struct Scratch {
     p: Vec<f32>,
     ds: Vec<f32>,
+    /// A row's score slopes `f′`.
+    slopes: Vec<f32>,
+    /// The tile's rows, `(query head, query)`.
+    rows: Vec<(usize, usize)>,
 }
 
 impl Scratch {
     fn new() -> Scratch {
         Scratch {
-            p: vec![0.0; BLOCK * BLOCK],
-            ds: vec![0.0; BLOCK * BLOCK],
+            p: vec![0.0; TILE_ROWS.max(BLOCK) * BLOCK],
+            ds: vec![0.0; TILE_ROWS.max(BLOCK) * BLOCK],
+            slopes: vec![0.0; BLOCK],
+            rows: Vec::with_capacity(TILE_ROWS.max(BLOCK)),
         }
     }
 }
@@ -100,8 +116,14 @@ pub(super) fn backward_into<M: MaskMod, S: ScoreMod>(
             .map(|(&x, &y)| f64::from(x) * f64::from(y))
             .sum::<f64>() as f32;
     });
+    let fuse = shape.batch * spec.kv_heads() >= FUSED_TASKS;
+    let block_q = if fuse {
+        (TILE_ROWS / spec.group_size()).clamp(1, BLOCK)
+    } else {
+        BLOCK
+    };
     let blocks =
-        (!M::TRIVIAL && mods.block_masks()).then(|| mods.block_mask(spec, shape, (BLOCK, BLOCK)));
+        (!M::TRIVIAL && mods.block_masks()).then(|| mods.block_mask(spec, shape, (block_q, BLOCK)));
     let ctx = Context {
         spec,
         mods,
@@ -109,7 +131,12 @@ pub(super) fn backward_into<M: MaskMod, S: ScoreMod>(
         inputs,
         delta,
         blocks,
+        block_q,
     };
+    if fuse {
+        fused(&ctx, [dq, dk, dv]);
+        return;
+    }
     let group = spec.group_size();
 
     // dK and dV: one task per (batch, KV head, key tile).
@@ -145,7 +172,9 @@ pub(super) fn backward_into<M: MaskMod, S: ScoreMod>(
                     let Some(state) = ctx.tile_state(b, g, qt, kt, &rows, &keys) else {
                         continue;
                     };
-                    if !ctx.terms(scratch, (b, h), &rows, &keys, state) {
+                    let q_t = ctx.inputs.q.slice(s![b, h, rows.clone(), ..]);
+                    let d_o_t = ctx.inputs.d_o.slice(s![b, h, rows.clone(), ..]);
+                    if !ctx.head_terms(scratch, (b, h), &rows, (q_t, d_o_t), &keys, state) {
                         continue;
                     }
                     let (nq, nk) = (rows.len(), keys.len());
@@ -153,8 +182,6 @@ pub(super) fn backward_into<M: MaskMod, S: ScoreMod>(
                         ArrayView2::from_shape((nq, nk), &scratch.p[..nq * nk]).expect("nq × nk");
                     let ds =
                         ArrayView2::from_shape((nq, nk), &scratch.ds[..nq * nk]).expect("nq × nk");
-                    let q_t = ctx.inputs.q.slice(s![b, h, rows.clone(), ..]);
-                    let d_o_t = ctx.inputs.d_o.slice(s![b, h, rows.clone(), ..]);
                     product(&mut dv_t, &p.t(), &d_o_t, 1.0);
                     product(&mut dk_t, &ds.t(), &q_t, spec.scale_f32());
                 }
@@ -182,7 +209,9 @@ pub(super) fn backward_into<M: MaskMod, S: ScoreMod>(
                 let Some(state) = ctx.tile_state(b, g, qt, kt, &rows, &keys) else {
                     continue;
                 };
-                if !ctx.terms(scratch, (b, h), &rows, &keys, state) {
+                let q_t = ctx.inputs.q.slice(s![b, h, rows.clone(), ..]);
+                let d_o_t = ctx.inputs.d_o.slice(s![b, h, rows.clone(), ..]);
+                if !ctx.head_terms(scratch, (b, h), &rows, (q_t, d_o_t), &keys, state) {
                     continue;
                 }
                 let (nq, nk) = (rows.len(), keys.len());
@@ -222,33 +251,49 @@ impl<M: MaskMod, S: ScoreMod> Context<'_, '_, M, S> {
         (state != TileState::Empty).then_some(state)
     }
 
-    /// Fills the scratch with the tile's `P` (`rows × keys`) and `dS · f′` (not yet times the
-    /// scale), 0 at every hidden pair. Returns whether any pair is visible.
-    fn terms(
+    /// [`Self::terms`] of one query head's rows `rows`.
+    fn head_terms(
         &self,
         scratch: &mut Scratch,
         (b, h): (usize, usize),
         rows: &Range<usize>,
+        operands: (ArrayView2<f32>, ArrayView2<f32>),
+        keys: &Range<usize>,
+        state: TileState,
+    ) -> bool {
+        let mut list = std::mem::take(&mut scratch.rows);
+        list.clear();
+        list.extend(rows.clone().map(|i| (h, i)));
+        let live = self.terms(scratch, b, &list, operands, keys, state);
+        scratch.rows = list;
+        live
+    }
+
+    /// Fills the scratch with a tile's `P` (`rows × keys`) and `dS · f′` (not yet times the
+    /// scale), 0 at every hidden pair. The tile's rows are `rows` (`(query head, query)` each,
+    /// in batch entry `b`), whose queries and upstream gradients are the rows of `q_t` and
+    /// `d_o_t`. Returns whether any pair is live.
+    fn terms(
+        &self,
+        scratch: &mut Scratch,
+        b: usize,
+        rows: &[(usize, usize)],
+        (q_t, d_o_t): (ArrayView2<f32>, ArrayView2<f32>),
         keys: &Range<usize>,
         state: TileState,
     ) -> bool {
         let Inputs {
-            q,
-            k,
-            v,
-            lse,
-            d_o,
-            d_lse,
-            ..
+            k, v, lse, d_lse, ..
         } = self.inputs;
         let spec = self.spec;
         let ProblemShape { seq_q, seq_k, .. } = self.shape;
-        let g = spec.kv_head_of(h);
+        let Some(&(h0, _)) = rows.first() else {
+            return false;
+        };
+        let g = spec.kv_head_of(h0);
         let (nq, nk) = (rows.len(), keys.len());
-        let q_t = q.slice(s![b, h, rows.clone(), ..]);
         let k_t = k.slice(s![b, g, keys.clone(), ..]);
         let v_t = v.slice(s![b, g, keys.clone(), ..]);
-        let d_o_t = d_o.slice(s![b, h, rows.clone(), ..]);
         {
             let mut scores =
                 ArrayViewMut2::from_shape((nq, nk), &mut scratch.p[..nq * nk]).expect("nq × nk");
@@ -259,58 +304,102 @@ impl<M: MaskMod, S: ScoreMod> Context<'_, '_, M, S> {
         }
         let user_mask = !M::TRIVIAL && state != TileState::Full;
         let mask = spec.mask();
+        let cap = spec.softcap();
+        // Slopes f′ per key, where a modifier makes them other than 1.
+        let sloped = cap.is_some() || !S::TRIVIAL;
         let mut any = false;
-        for (ii, i) in rows.clone().enumerate() {
+        for (ii, &(h, i)) in rows.iter().enumerate() {
+            let alibi = spec.alibi().map(|a| a.slope(h));
             let p_row = &mut scratch.p[ii * nk..][..nk];
             let ds_row = &mut scratch.ds[ii * nk..][..nk];
             let row_lse = lse[[b, h, i]];
             let band = mask.visible_keys(i, seq_q, seq_k);
-            if row_lse == f32::NEG_INFINITY || !row_lse.is_finite() {
+            let lo = band.start.clamp(keys.start, keys.end) - keys.start;
+            let hi = band.end.clamp(keys.start, keys.end) - keys.start;
+            if !row_lse.is_finite() || lo >= hi {
                 p_row.fill(0.0);
                 ds_row.fill(0.0);
                 continue;
             }
-            let delta = self.delta[[b, h, i]];
-            let g_lse = d_lse.as_ref().map_or(0.0, |d| d[[b, h, i]]);
-            let diag = mask.diagonal(i, seq_q, seq_k);
-            let slope_h = spec.alibi().map(|a| a.slope(h));
-            for (jj, j) in keys.clone().enumerate() {
-                let at = Position {
-                    b: b as i64,
-                    h: h as i64,
-                    q: i as i64,
-                    k: j as i64,
-                    seq_q: seq_q as i64,
-                    seq_k: seq_k as i64,
-                };
-                if !band.contains(&j) || (user_mask && !self.mods.visible(at)) {
-                    p_row[jj] = 0.0;
-                    ds_row[jj] = 0.0;
-                    continue;
+            p_row[..lo].fill(0.0);
+            p_row[hi..].fill(0.0);
+            ds_row[..lo].fill(0.0);
+            ds_row[hi..].fill(0.0);
+            let live = &mut p_row[lo..hi];
+            let slopes = &mut scratch.slopes[..hi - lo];
+            if let Some(cap) = cap {
+                simd::softcap(live, cap);
+                for (f, &s) in slopes.iter_mut().zip(live.iter()) {
+                    let t = s / cap;
+                    *f = 1.0 - t * t;
                 }
-                let raw = p_row[jj];
-                let (mut score, mut slope) = match spec.softcap() {
-                    Some(cap) => {
-                        let t = (raw / cap).tanh();
-                        (cap * t, 1.0 - t * t)
-                    }
-                    None => (raw, 1.0),
-                };
-                if let Some(alibi) = slope_h {
-                    score -= alibi * (diag - j as i128).unsigned_abs() as f32;
-                }
-                if !S::TRIVIAL {
-                    slope *= self.mods.score().derivative(f64::from(score), at) as f32;
-                    score = self.mods.score_at(score, at);
-                }
-                let p = (score - row_lse).exp();
-                p_row[jj] = p;
-                ds_row[jj] = p * (ds_row[jj] - delta + g_lse) * slope;
-                any = true;
+            } else if sloped {
+                slopes.fill(1.0);
             }
+            if let Some(alibi) = alibi {
+                let diag = mask.diagonal(i, seq_q, seq_k);
+                for (jj, s) in live.iter_mut().enumerate() {
+                    let j = keys.start + lo + jj;
+                    *s -= alibi * (diag - j as i128).unsigned_abs() as f32;
+                }
+            }
+            if user_mask || !S::TRIVIAL {
+                for (jj, (s, f)) in live.iter_mut().zip(slopes.iter_mut()).enumerate() {
+                    let at = Position {
+                        b: b as i64,
+                        h: h as i64,
+                        q: i as i64,
+                        k: (keys.start + lo + jj) as i64,
+                        seq_q: seq_q as i64,
+                        seq_k: seq_k as i64,
+                    };
+                    if user_mask && !self.mods.visible(at) {
+                        *s = f32::NEG_INFINITY; // P = 0
+                        *f = 0.0;
+                        continue;
+                    }
+                    if !S::TRIVIAL {
+                        *f *= self.mods.score().derivative(f64::from(*s), at) as f32;
+                        *s = self.mods.score_at(*s, at);
+                    }
+                }
+            }
+            let shift = self.delta[[b, h, i]] - d_lse.as_ref().map_or(0.0, |d| d[[b, h, i]]);
+            let slopes = sloped.then_some(&*slopes);
+            any |= probabilities_and_ds(live, &mut ds_row[lo..hi], row_lse, shift, slopes);
         }
         any
     }
+}
+
+/// `p ← exp(s − lse)` (0 where `s = −∞`) and `ds ← p · (dp − shift) · f′` over one row's live
+/// keys (`ds` holding `dP` on entry, `slopes` the `f′`, 1 when absent); `ds` is selected to 0
+/// where `p` is 0, so that a hidden key's non-finite `dP` goes nowhere. Returns whether any
+/// key is live.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+fn probabilities_and_ds(
+    p: &mut [f32],
+    ds: &mut [f32],
+    lse: f32,
+    shift: f32,
+    slopes: Option<&[f32]>,
+) -> bool {
+    for v in p.iter_mut() {
+        *v = simd::exp(*v - lse);
+    }
+    match slopes {
+        Some(slopes) => {
+            for ((d, &p), &f) in ds.iter_mut().zip(p.iter()).zip(slopes) {
+                *d = if p == 0.0 { 0.0 } else { p * (*d - shift) * f };
+            }
+        }
+        None => {
+            for (d, &p) in ds.iter_mut().zip(p.iter()) {
+                *d = if p == 0.0 { 0.0 } else { p * (*d - shift) };
+            }
+        }
+    }
+    !p.is_empty()
 }
 
 /// `dst += beta · lhs · rhs`: one `gemm` when `rhs` is finite; otherwise term by term,
@@ -333,4 +422,97 @@ fn product(dst: &mut ArrayViewMut2<f32>, lhs: &ArrayView2<f32>, rhs: &ArrayView2
         dst.row_mut(r)
             .zip_mut_with(&row.row(0), |d, &x| *d += beta * x);
     }
+}
+
+/// The backward with one task per (batch, KV head). The task stacks its group's query heads:
+/// `q` and `dO` rows `(query i, head hh)` at `i · group + hh`, so that a tile of `block_q`
+/// queries is `block_q · group` rows sharing one K/V tile in each product (the group's reuse of
+/// K and V). For each key tile, over the query tiles that see it: `dV += Pᵀ·dO`, `dK += scale ·
+/// dSᵀ·Q` and `dQ += scale · dS·K` into the task's own stacked `dQ` — five products per tile,
+/// each gradient summed in a fixed order, no atomics. Chosen by the problem's shape alone
+/// ([`FUSED_TASKS`]), never by the thread count, so results stay independent of it.
+fn fused<M: MaskMod, S: ScoreMod>(
+    ctx: &Context<'_, '_, M, S>,
+    [dq, dk, dv]: [ArrayViewMut4<f32>; 3],
+) {
+    let Context {
+        spec,
+        shape,
+        block_q,
+        ..
+    } = *ctx;
+    let (group, dim) = (spec.group_size(), spec.head_dim());
+    let (batch, kv_heads, seq_q) = (shape.batch, spec.kv_heads(), shape.seq_q);
+    let dq_groups = dq
+        .into_shape_with_order((batch * kv_heads, group, seq_q, dim))
+        .expect("gradients are row-major");
+    let dq_groups = chunks(dq_groups, Axis(0), 1)
+        .into_iter()
+        .map(|x| x.index_axis_move(Axis(0), 0));
+    let items: Vec<_> = dq_groups
+        .zip(heads(dk))
+        .zip(heads(dv))
+        .enumerate()
+        .map(|(bg, ((dq_g, dk_h), dv_h))| (bg, dq_g, dk_h, dv_h))
+        .collect();
+    items.into_par_iter().for_each_init(
+        Scratch::new,
+        |scratch, (bg, mut dq_g, mut dk_h, mut dv_h)| {
+            let (b, g) = (bg / kv_heads, bg % kv_heads);
+            let heads = g * group..(g + 1) * group;
+            // The group's rows, stacked query-major.
+            let stack = |x: &ArrayView4<f32>| {
+                let x = x.slice(s![b, heads.clone(), .., ..]);
+                let x = x.permuted_axes([1, 0, 2]);
+                x.as_standard_layout()
+                    .into_owned()
+                    .into_shape_with_order((seq_q * group, dim))
+                    .expect("row-major")
+            };
+            let (q_s, d_o_s) = (stack(&ctx.inputs.q), stack(&ctx.inputs.d_o));
+            let mut dq_s = Array2::<f32>::zeros((seq_q * group, dim));
+            dk_h.fill(0.0);
+            dv_h.fill(0.0);
+            for kt in 0..shape.seq_k.div_ceil(BLOCK) {
+                let keys = kt * BLOCK..((kt + 1) * BLOCK).min(shape.seq_k);
+                let mut dk_t = dk_h.slice_mut(s![keys.clone(), ..]);
+                let mut dv_t = dv_h.slice_mut(s![keys.clone(), ..]);
+                let k_t = ctx.inputs.k.slice(s![b, g, keys.clone(), ..]);
+                for qt in 0..seq_q.div_ceil(block_q) {
+                    let queries = qt * block_q..((qt + 1) * block_q).min(seq_q);
+                    let Some(state) = ctx.tile_state(b, g, qt, kt, &queries, &keys) else {
+                        continue;
+                    };
+                    let stacked = queries.start * group..queries.end * group;
+                    let q_t = q_s.slice(s![stacked.clone(), ..]);
+                    let d_o_t = d_o_s.slice(s![stacked.clone(), ..]);
+                    let mut list = std::mem::take(&mut scratch.rows);
+                    list.clear();
+                    list.extend(
+                        queries
+                            .clone()
+                            .flat_map(|i| heads.clone().map(move |h| (h, i))),
+                    );
+                    let live = ctx.terms(scratch, b, &list, (q_t, d_o_t), &keys, state);
+                    scratch.rows = list;
+                    if !live {
+                        continue;
+                    }
+                    let (nq, nk) = (stacked.len(), keys.len());
+                    let p =
+                        ArrayView2::from_shape((nq, nk), &scratch.p[..nq * nk]).expect("nq × nk");
+                    let ds =
+                        ArrayView2::from_shape((nq, nk), &scratch.ds[..nq * nk]).expect("nq × nk");
+                    product(&mut dv_t, &p.t(), &d_o_t, 1.0);
+                    product(&mut dk_t, &ds.t(), &q_t, spec.scale_f32());
+                    let mut dq_t = dq_s.slice_mut(s![stacked, ..]);
+                    product(&mut dq_t, &ds, &k_t, spec.scale_f32());
+                }
+            }
+            let dq_s = dq_s
+                .into_shape_with_order((seq_q, group, dim))
+                .expect("row-major");
+            dq_g.assign(&dq_s.permuted_axes([1, 0, 2]));
+        },
+    );
 }

@@ -1,0 +1,138 @@
+//! The backward's costs, as ratios within one run: `cargo bench --bench backward`.
+//!
+//! Causal GQA 32/8/128 in f32, batch 1, at `GQA_BACKWARD_LENGTHS` tokens (default 1024,4096):
+//!
+//! 1. **Backward over forward.** The backward (from the forward's saved output, as training
+//!    runs it) against the forward on the same inputs: FlashAttention-2's ratio is about 2.5.
+//! 2. **GQA over MHA.** The same problem run as MHA on K/V repeated over each group (what a
+//!    library without a native GQA backward computes), whose `dK`, `dV` are then summed over
+//!    each group — against the native GQA backward; with the largest difference between the
+//!    two results printed (they are the same gradients). The repeat and the group sum are not
+//!    timed: the ratio is the backward alone.
+//!
+//! The GPU kernels' backward is not written yet (issue 14, item 3): this bench times the CPU.
+//! Timings: median of `GQA_BENCH_RUNS` (default 3) after one untimed call, the compared calls
+//! alternating. Inputs, forward outputs and repeated K/V are made before the timed calls.
+
+use gqa::backend::Backward;
+use gqa::cpu::Cpu;
+use gqa::{AttentionSpec, Gqa, Mha};
+use ndarray::{Array4, Axis, s};
+
+mod common;
+use common::{alternate, env_list, env_usize};
+
+const HQ: usize = 32;
+const HKV: usize = 8;
+const D: usize = 128;
+
+fn tensor(shape: (usize, usize, usize, usize), salt: usize) -> Array4<f32> {
+    Array4::from_shape_fn(shape, |(_, h, i, d)| {
+        (((h * 31 + i * 17 + d * 7 + salt) % 23) as f32 - 11.0) / 23.0
+    })
+}
+
+/// `x` with each head repeated `group` times: `[B, H, L, D] → [B, H·group, L, D]`.
+fn repeat(x: &Array4<f32>, group: usize) -> Array4<f32> {
+    let heads: Vec<_> = x
+        .axis_iter(Axis(1))
+        .flat_map(|h| std::iter::repeat_n(h, group))
+        .collect();
+    ndarray::stack(Axis(1), &heads).expect("equal heads")
+}
+
+/// `x` summed over consecutive groups of `group` heads.
+fn sum_groups(x: &Array4<f32>, group: usize) -> Array4<f32> {
+    let sh = x.shape();
+    let mut out = Array4::zeros((sh[0], sh[1] / group, sh[2], sh[3]));
+    for (h, head) in x.axis_iter(Axis(1)).enumerate() {
+        let mut dst = out.slice_mut(s![.., h / group, .., ..]);
+        dst += &head;
+    }
+    out
+}
+
+fn max_diff(a: &Array4<f32>, b: &Array4<f32>) -> f32 {
+    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+}
+
+fn main() {
+    let runs = env_usize("GQA_BENCH_RUNS", 3);
+    let cpu = Cpu::new();
+    println!(
+        "backward, causal {HQ}/{HKV}/{D} f32, batch 1, {} CPU threads",
+        cpu.threads()
+    );
+    for n in env_list("GQA_BACKWARD_LENGTHS", &[1024, 4096]) {
+        let gqa: AttentionSpec = *Gqa::<HQ, HKV, D>::new().causal().spec();
+        let mha: AttentionSpec = *Mha::<HQ, D>::new().causal().spec();
+        let group = HQ / HKV;
+        let (q, k, v) = (
+            tensor((1, HQ, n, D), 1),
+            tensor((1, HKV, n, D), 2),
+            tensor((1, HKV, n, D), 3),
+        );
+        let d_o = tensor((1, HQ, n, D), 4);
+        let forward = cpu.try_forward(&gqa, q.view(), k.view(), v.view()).unwrap();
+        let backward = || {
+            cpu.try_backward(&gqa, [q.view(), k.view(), v.view()], &forward, d_o.view())
+                .unwrap()
+        };
+        let (t_forward, t_backward) = alternate(
+            runs,
+            || {
+                cpu.try_forward(&gqa, q.view(), k.view(), v.view()).unwrap();
+            },
+            || {
+                backward();
+            },
+        );
+        println!(
+            "cpu   L{n}: forward {:8.1} ms, backward {:8.1} ms, backward / forward {:.2} (target <= 2.5)",
+            t_forward * 1e3,
+            t_backward * 1e3,
+            t_backward / t_forward
+        );
+
+        let (k_rep, v_rep) = (repeat(&k, group), repeat(&v, group));
+        let forward_mha = cpu
+            .try_forward(&mha, q.view(), k_rep.view(), v_rep.view())
+            .unwrap();
+        let backward_mha = || {
+            let inputs = [q.view(), k_rep.view(), v_rep.view()];
+            cpu.try_backward(&mha, inputs, &forward_mha, d_o.view())
+                .unwrap()
+        };
+        let (t_mha, t_gqa) = alternate(
+            runs,
+            || {
+                backward_mha();
+            },
+            || {
+                backward();
+            },
+        );
+        let (ours, theirs) = (backward(), backward_mha());
+        let diff = [
+            max_diff(&ours.dq, &theirs.dq),
+            max_diff(&ours.dk, &sum_groups(&theirs.dk, group)),
+            max_diff(&ours.dv, &sum_groups(&theirs.dv, group)),
+        ];
+        let scale = ours
+            .dk
+            .iter()
+            .chain(&ours.dv)
+            .fold(0.0f32, |m, x| m.max(x.abs()));
+        println!(
+            "cpu   L{n}: MHA backward on repeated K/V {:8.1} ms, GQA backward {:8.1} ms, speedup {:.2} (target >= 1.3); \
+             largest difference dq {:.1e} dk {:.1e} dv {:.1e} (of gradients up to {:.1e})",
+            t_mha * 1e3,
+            t_gqa * 1e3,
+            t_mha / t_gqa,
+            diff[0],
+            diff[1],
+            diff[2],
+            scale
+        );
+    }
+}
