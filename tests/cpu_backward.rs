@@ -92,46 +92,35 @@ fn bits<T: Copy + Into<f64>>(x: &Array4<T>) -> Vec<u64> {
 }
 
 /// Repeated calls give the same bits, and so do 1, 2 and 3 threads: every task sums in a
-/// fixed order (no atomics, no thread-dependent split).
+/// fixed order (no atomics, no thread-dependent split). Both schedules: two passes (8/2/64,
+/// batch ≤ 2: under 8 (batch, KV head) pairs) and one task per pair (32/8/128).
 #[test]
 fn backward_is_deterministic_across_calls_and_thread_counts() {
-    let test = "backward_is_deterministic_across_calls_and_thread_counts";
-    let strategy = forward::problems(Variant::Everything, 8, 2, 64)
-        .prop_flat_map(|p| (Just(p.clone()), upstream(&p)));
-    runner::check(test, cases(), Persist::No, strategy, |(p, up)| {
-        let (q, k, v) = (
-            p.q.mapv(|x| x as f32),
-            p.k.mapv(|x| x as f32),
-            p.v.mapv(|x| x as f32),
-        );
-        let d_o = up.d_o.mapv(|x| x as f32);
-        let run = |cpu: &Cpu| {
-            let out = cpu
-                .try_forward(&p.spec, q.view(), k.view(), v.view())
-                .unwrap();
-            let d_lse = up.d_lse.as_ref().map(|d| d.view());
-            let g = cpu
-                .try_backward_with(
-                    &p.spec,
-                    &Mods::none(),
-                    [q.view(), k.view(), v.view()],
-                    &out,
-                    d_o.view(),
-                    d_lse,
-                )
-                .unwrap();
-            [bits(&g.dq), bits(&g.dk), bits(&g.dv)]
-        };
-        let first = run(&Cpu::new());
-        prop_assert!(first == run(&Cpu::new()), "two calls differ");
-        for threads in 1..=3 {
-            prop_assert!(
-                first == run(&Cpu::with_threads(threads).unwrap()),
-                "{threads} threads differ"
-            );
-        }
-        Ok(())
-    });
+    for (hq, hkv, d) in [(8, 2, 64), (32, 8, 128)] {
+        let test = format!("backward_is_deterministic_across_calls_and_thread_counts/{hq}_{hkv}_{d}");
+        let strategy = forward::problems(Variant::Everything, hq, hkv, d)
+            .prop_flat_map(|p| (Just(p.clone()), upstream(&p)));
+        runner::check(&test, cases(), Persist::No, strategy, |(p, up)| {
+            let narrow = |x: &Array4<f64>| x.mapv(|x| x as f32);
+            let (q, k, v, d_o) = (narrow(&p.q), narrow(&p.k), narrow(&p.v), narrow(&up.d_o));
+            let run = |cpu: &Cpu| {
+                let out = cpu.try_forward(&p.spec, q.view(), k.view(), v.view()).unwrap();
+                let d_lse = up.d_lse.as_ref().map(|d| d.view());
+                let inputs = [q.view(), k.view(), v.view()];
+                let g = cpu
+                    .try_backward_with(&p.spec, &Mods::none(), inputs, &out, d_o.view(), d_lse)
+                    .unwrap();
+                [bits(&g.dq), bits(&g.dk), bits(&g.dv)]
+            };
+            let first = run(&Cpu::new());
+            prop_assert!(first == run(&Cpu::new()), "two calls differ");
+            for threads in 1..=3 {
+                let cpu = Cpu::with_threads(threads).unwrap();
+                prop_assert!(first == run(&cpu), "{threads} threads differ");
+            }
+            Ok(())
+        });
+    }
 }
 
 /// NaN and ∞ at keys no row sees (and at queries of rows that see no key) reach no gradient:
@@ -219,9 +208,4 @@ fn bad_backward_inputs_are_typed_errors_naming_the_tensor() {
         )
         .contains("`v`")
     );
-}
-
-#[allow(dead_code)]
-fn _uses(_: Upstream, _: Problem, _: Captures, _: NoMask, _: NoScore, _: Aux<i32>) {
-    let _ = (library::causal, checker, wobble);
 }

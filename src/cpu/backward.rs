@@ -31,6 +31,8 @@ use crate::spec::{AttentionSpec, ProblemShape};
 
 /// Queries and keys per tile.
 const BLOCK: usize = 64;
+/// Key tiles per sweep of the fused backward (512 keys: their `dK`, `dV` fit in L2).
+const KEY_SWEEP: usize = 8;
 /// Stacked rows (queries × the group's heads) per tile of the fused backward, at most.
 const TILE_ROWS: usize = 256;
 /// From this many (batch, KV head) pairs on, one task per pair computes all three gradients
@@ -427,7 +429,8 @@ fn product(dst: &mut ArrayViewMut2<f32>, lhs: &ArrayView2<f32>, rhs: &ArrayView2
 /// The backward with one task per (batch, KV head). The task stacks its group's query heads:
 /// `q` and `dO` rows `(query i, head hh)` at `i · group + hh`, so that a tile of `block_q`
 /// queries is `block_q · group` rows sharing one K/V tile in each product (the group's reuse of
-/// K and V). For each key tile, over the query tiles that see it: `dV += Pᵀ·dO`, `dK += scale ·
+/// K and V). For each key tile (in sweeps of [`KEY_SWEEP`] tiles, each query tile streaming
+/// past once per sweep), over the query tiles that see it: `dV += Pᵀ·dO`, `dK += scale ·
 /// dSᵀ·Q` and `dQ += scale · dS·K` into the task's own stacked `dQ` — five products per tile,
 /// each gradient summed in a fixed order, no atomics. Chosen by the problem's shape alone
 /// ([`FUSED_TASKS`]), never by the thread count, so results stay independent of it.
@@ -473,40 +476,38 @@ fn fused<M: MaskMod, S: ScoreMod>(
             let mut dq_s = Array2::<f32>::zeros((seq_q * group, dim));
             dk_h.fill(0.0);
             dv_h.fill(0.0);
-            for kt in 0..shape.seq_k.div_ceil(BLOCK) {
-                let keys = kt * BLOCK..((kt + 1) * BLOCK).min(shape.seq_k);
-                let mut dk_t = dk_h.slice_mut(s![keys.clone(), ..]);
-                let mut dv_t = dv_h.slice_mut(s![keys.clone(), ..]);
-                let k_t = ctx.inputs.k.slice(s![b, g, keys.clone(), ..]);
+            let mut list = Vec::with_capacity(block_q * group);
+            let key_tiles = shape.seq_k.div_ceil(BLOCK);
+            // Key tiles in sweeps of KEY_SWEEP: their dK, dV stay in cache while the query
+            // tiles stream past once per sweep (not once per key tile).
+            for sweep in (0..key_tiles).step_by(KEY_SWEEP) {
                 for qt in 0..seq_q.div_ceil(block_q) {
                     let queries = qt * block_q..((qt + 1) * block_q).min(seq_q);
-                    let Some(state) = ctx.tile_state(b, g, qt, kt, &queries, &keys) else {
-                        continue;
-                    };
                     let stacked = queries.start * group..queries.end * group;
                     let q_t = q_s.slice(s![stacked.clone(), ..]);
                     let d_o_t = d_o_s.slice(s![stacked.clone(), ..]);
-                    let mut list = std::mem::take(&mut scratch.rows);
                     list.clear();
-                    list.extend(
-                        queries
-                            .clone()
-                            .flat_map(|i| heads.clone().map(move |h| (h, i))),
-                    );
-                    let live = ctx.terms(scratch, b, &list, (q_t, d_o_t), &keys, state);
-                    scratch.rows = list;
-                    if !live {
-                        continue;
+                    list.extend(queries.clone().flat_map(|i| heads.clone().map(move |h| (h, i))));
+                    for kt in sweep..(sweep + KEY_SWEEP).min(key_tiles) {
+                        let keys = kt * BLOCK..((kt + 1) * BLOCK).min(shape.seq_k);
+                        let Some(state) = ctx.tile_state(b, g, qt, kt, &queries, &keys) else {
+                            continue;
+                        };
+                        if !ctx.terms(scratch, b, &list, (q_t, d_o_t), &keys, state) {
+                            continue;
+                        }
+                        let (nq, nk) = (stacked.len(), keys.len());
+                        let p = ArrayView2::from_shape((nq, nk), &scratch.p[..nq * nk])
+                            .expect("nq × nk");
+                        let ds = ArrayView2::from_shape((nq, nk), &scratch.ds[..nq * nk])
+                            .expect("nq × nk");
+                        let k_t = ctx.inputs.k.slice(s![b, g, keys.clone(), ..]);
+                        product(&mut dv_h.slice_mut(s![keys.clone(), ..]), &p.t(), &d_o_t, 1.0);
+                        let mut dk_t = dk_h.slice_mut(s![keys.clone(), ..]);
+                        product(&mut dk_t, &ds.t(), &q_t, spec.scale_f32());
+                        let mut dq_t = dq_s.slice_mut(s![stacked.clone(), ..]);
+                        product(&mut dq_t, &ds, &k_t, spec.scale_f32());
                     }
-                    let (nq, nk) = (stacked.len(), keys.len());
-                    let p =
-                        ArrayView2::from_shape((nq, nk), &scratch.p[..nq * nk]).expect("nq × nk");
-                    let ds =
-                        ArrayView2::from_shape((nq, nk), &scratch.ds[..nq * nk]).expect("nq × nk");
-                    product(&mut dv_t, &p.t(), &d_o_t, 1.0);
-                    product(&mut dk_t, &ds.t(), &q_t, spec.scale_f32());
-                    let mut dq_t = dq_s.slice_mut(s![stacked, ..]);
-                    product(&mut dq_t, &ds, &k_t, spec.scale_f32());
                 }
             }
             let dq_s = dq_s
