@@ -91,20 +91,50 @@ fn bits<T: Copy + Into<f64>>(x: &Array4<T>) -> Vec<u64> {
     x.iter().map(|&v| v.into().to_bits()).collect()
 }
 
+/// Key ranges past one sweep of key tiles (more than 512 keys) with few queries, on a
+/// configuration whose 8 KV heads take the one-task-per-pair schedule: every sweep's last tile
+/// and the sweeps' seams are reached.
+#[test]
+fn long_key_ranges_cross_the_key_sweeps() {
+    let test = "long_key_ranges_cross_the_key_sweeps";
+    let (hq, hkv, d) = (16, 8, 16);
+    let problems = (
+        1..=80usize,
+        520..=1200usize,
+        forward::spec_for(Variant::Everything, hq, hkv, d),
+    )
+        .prop_flat_map(move |(seq_q, seq_k, spec)| {
+            (
+                Just(spec),
+                common::tensor([1, hq, seq_q, d]),
+                common::tensor([1, hkv, seq_k, d]),
+                common::tensor([1, hkv, seq_k, d]),
+            )
+                .prop_map(|(spec, q, k, v)| Problem { spec, q, k, v })
+        });
+    let strategy = problems.prop_flat_map(|p| (Just(p.clone()), upstream(&p)));
+    runner::check(test, cases(), Persist::No, strategy, |(p, up)| {
+        check_backward::<f32, Cpu, _, _>(&Cpu::new(), &p, &Mods::none(), &up).map(|_| ())
+    });
+}
+
 /// Repeated calls give the same bits, and so do 1, 2 and 3 threads: every task sums in a
 /// fixed order (no atomics, no thread-dependent split). Both schedules: two passes (8/2/64,
 /// batch ≤ 2: under 8 (batch, KV head) pairs) and one task per pair (32/8/128).
 #[test]
 fn backward_is_deterministic_across_calls_and_thread_counts() {
     for (hq, hkv, d) in [(8, 2, 64), (32, 8, 128)] {
-        let test = format!("backward_is_deterministic_across_calls_and_thread_counts/{hq}_{hkv}_{d}");
+        let test =
+            format!("backward_is_deterministic_across_calls_and_thread_counts/{hq}_{hkv}_{d}");
         let strategy = forward::problems(Variant::Everything, hq, hkv, d)
             .prop_flat_map(|p| (Just(p.clone()), upstream(&p)));
         runner::check(&test, cases(), Persist::No, strategy, |(p, up)| {
             let narrow = |x: &Array4<f64>| x.mapv(|x| x as f32);
             let (q, k, v, d_o) = (narrow(&p.q), narrow(&p.k), narrow(&p.v), narrow(&up.d_o));
             let run = |cpu: &Cpu| {
-                let out = cpu.try_forward(&p.spec, q.view(), k.view(), v.view()).unwrap();
+                let out = cpu
+                    .try_forward(&p.spec, q.view(), k.view(), v.view())
+                    .unwrap();
                 let d_lse = up.d_lse.as_ref().map(|d| d.view());
                 let inputs = [q.view(), k.view(), v.view()];
                 let g = cpu

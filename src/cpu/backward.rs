@@ -487,7 +487,11 @@ fn fused<M: MaskMod, S: ScoreMod>(
                     let q_t = q_s.slice(s![stacked.clone(), ..]);
                     let d_o_t = d_o_s.slice(s![stacked.clone(), ..]);
                     list.clear();
-                    list.extend(queries.clone().flat_map(|i| heads.clone().map(move |h| (h, i))));
+                    list.extend(
+                        queries
+                            .clone()
+                            .flat_map(|i| heads.clone().map(move |h| (h, i))),
+                    );
                     for kt in sweep..(sweep + KEY_SWEEP).min(key_tiles) {
                         let keys = kt * BLOCK..((kt + 1) * BLOCK).min(shape.seq_k);
                         let Some(state) = ctx.tile_state(b, g, qt, kt, &queries, &keys) else {
@@ -502,7 +506,12 @@ fn fused<M: MaskMod, S: ScoreMod>(
                         let ds = ArrayView2::from_shape((nq, nk), &scratch.ds[..nq * nk])
                             .expect("nq × nk");
                         let k_t = ctx.inputs.k.slice(s![b, g, keys.clone(), ..]);
-                        product(&mut dv_h.slice_mut(s![keys.clone(), ..]), &p.t(), &d_o_t, 1.0);
+                        product(
+                            &mut dv_h.slice_mut(s![keys.clone(), ..]),
+                            &p.t(),
+                            &d_o_t,
+                            1.0,
+                        );
                         let mut dk_t = dk_h.slice_mut(s![keys.clone(), ..]);
                         product(&mut dk_t, &ds.t(), &q_t, spec.scale_f32());
                         let mut dq_t = dq_s.slice_mut(s![stacked.clone(), ..]);

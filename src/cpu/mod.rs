@@ -14,6 +14,11 @@
 //!   each split streams its rows once for all query heads of the group (quantized rows are
 //!   dequantized into a row buffer, f32 rows are read in place), keeps the state (max score,
 //!   sum of exponentials, output) and the splits are merged in `f64`.
+//! - **Backward** ([`Cpu::try_backward_with`], module `backward`): FlashAttention-2's tiles
+//!   from the forward's saved LSE, group-aware and without atomics — with enough (batch, KV
+//!   head) pairs one task per pair stacks its group's query heads so that each K/V tile serves
+//!   the group in one product, and owns its group's `dQ`; below that, a pass per key tile for
+//!   `dK`, `dV` and one per query tile for `dQ`. Deterministic whatever the thread count.
 //! - **Threads**: rayon, over batch × KV heads × query blocks (prefill) or splits (decode);
 //!   [`Cpu::new`] uses rayon's global pool (`RAYON_NUM_THREADS`), [`Cpu::with_threads`] a pool
 //!   of its own.

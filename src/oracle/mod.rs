@@ -9,6 +9,10 @@
 //! 4. a row with no visible key gets `o = 0` and `lse = −∞` (never NaN).
 //!
 //! Masked keys are never read, so NaNs placed there cannot leak into a result.
+//!
+//! The backward ([`try_backward`], [`try_backward_with`]) follows the same definition to the
+//! gradients of `q`, `k`, `v` (module `backward`'s docs); [`compare_gradients`] judges an
+//! executor's gradients against it.
 
 mod backward;
 mod low_precision;
