@@ -12,7 +12,7 @@
 mod common;
 
 use common::Problem;
-use common::backward::{Upstream, check_backward, upstream};
+use common::backward::{check_backward, upstream};
 use common::forward::{self, Variant};
 use common::mods::{Captures, checker, wobble};
 use common::runner::{self, Persist, env_count};

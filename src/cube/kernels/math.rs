@@ -87,7 +87,7 @@ fn accurate_expm1(x: f32) -> f32 {
 /// `tanh` may lose absolute accuracy near 0 (measured on lavapipe: softcapped f32 scores off by
 /// several ulps, outside the tolerance rule). Near 0 a Taylor polynomial (its first omitted
 /// term is below 2^-28 relative for |y| < 0.4); elsewhere `t / (t + 2)` with
-/// `t = e^{2|y|} − 1` ([`accurate_expm1`]), which has no cancellation; 1 from |y| = 9 on.
+/// `t = e^{2|y|} − 1` (`accurate_expm1`), which has no cancellation; 1 from |y| = 9 on.
 #[cube]
 pub fn accurate_tanh(y: f32) -> f32 {
     let a = y.abs();
