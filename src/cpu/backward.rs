@@ -75,6 +75,13 @@ struct Scratch {
 }
 
 impl Scratch {
+    /// The last tile's `P` and `dS`, `nq × nk`.
+    fn tile(&self, nq: usize, nk: usize) -> (ArrayView2<'_, f32>, ArrayView2<'_, f32>) {
+        let p = ArrayView2::from_shape((nq, nk), &self.p[..nq * nk]).expect("nq × nk");
+        let ds = ArrayView2::from_shape((nq, nk), &self.ds[..nq * nk]).expect("nq × nk");
+        (p, ds)
+    }
+
     fn new() -> Scratch {
         Scratch {
             p: vec![0.0; TILE_ROWS.max(BLOCK) * BLOCK],
@@ -171,19 +178,11 @@ pub(super) fn backward_into<M: MaskMod, S: ScoreMod>(
                 let h = g * group + hh;
                 for qt in 0..q_tiles {
                     let rows = qt * BLOCK..((qt + 1) * BLOCK).min(shape.seq_q);
-                    let Some(state) = ctx.tile_state(b, g, qt, kt, &rows, &keys) else {
+                    let Some((q_t, d_o_t)) = ctx.head_tile(scratch, (b, h, qt, kt), &rows, &keys)
+                    else {
                         continue;
                     };
-                    let q_t = ctx.inputs.q.slice(s![b, h, rows.clone(), ..]);
-                    let d_o_t = ctx.inputs.d_o.slice(s![b, h, rows.clone(), ..]);
-                    if !ctx.head_terms(scratch, (b, h), &rows, (q_t, d_o_t), &keys, state) {
-                        continue;
-                    }
-                    let (nq, nk) = (rows.len(), keys.len());
-                    let p =
-                        ArrayView2::from_shape((nq, nk), &scratch.p[..nq * nk]).expect("nq × nk");
-                    let ds =
-                        ArrayView2::from_shape((nq, nk), &scratch.ds[..nq * nk]).expect("nq × nk");
+                    let (p, ds) = scratch.tile(rows.len(), keys.len());
                     product(&mut dv_t, &p.t(), &d_o_t, 1.0);
                     product(&mut dk_t, &ds.t(), &q_t, spec.scale_f32());
                 }
@@ -208,16 +207,13 @@ pub(super) fn backward_into<M: MaskMod, S: ScoreMod>(
             let g = spec.kv_head_of(h);
             for kt in 0..shape.seq_k.div_ceil(BLOCK) {
                 let keys = kt * BLOCK..((kt + 1) * BLOCK).min(shape.seq_k);
-                let Some(state) = ctx.tile_state(b, g, qt, kt, &rows, &keys) else {
-                    continue;
-                };
-                let q_t = ctx.inputs.q.slice(s![b, h, rows.clone(), ..]);
-                let d_o_t = ctx.inputs.d_o.slice(s![b, h, rows.clone(), ..]);
-                if !ctx.head_terms(scratch, (b, h), &rows, (q_t, d_o_t), &keys, state) {
+                if ctx
+                    .head_tile(scratch, (b, h, qt, kt), &rows, &keys)
+                    .is_none()
+                {
                     continue;
                 }
-                let (nq, nk) = (rows.len(), keys.len());
-                let ds = ArrayView2::from_shape((nq, nk), &scratch.ds[..nq * nk]).expect("nq × nk");
+                let (_, ds) = scratch.tile(rows.len(), keys.len());
                 let k_t = ctx.inputs.k.slice(s![b, g, keys.clone(), ..]);
                 product(&mut dq_t, &ds, &k_t, spec.scale_f32());
             }
@@ -253,22 +249,24 @@ impl<M: MaskMod, S: ScoreMod> Context<'_, '_, M, S> {
         (state != TileState::Empty).then_some(state)
     }
 
-    /// [`Self::terms`] of one query head's rows `rows`.
-    fn head_terms(
+    /// One query head's tile `(b, h, qt, kt)` of rows `rows` and keys `keys` into the scratch
+    /// ([`Self::terms`]): its `q` and `dO` rows, or `None` when no pair of it is live.
+    fn head_tile(
         &self,
         scratch: &mut Scratch,
-        (b, h): (usize, usize),
+        (b, h, qt, kt): (usize, usize, usize, usize),
         rows: &Range<usize>,
-        operands: (ArrayView2<f32>, ArrayView2<f32>),
         keys: &Range<usize>,
-        state: TileState,
-    ) -> bool {
+    ) -> Option<(ArrayView2<'_, f32>, ArrayView2<'_, f32>)> {
+        let state = self.tile_state(b, self.spec.kv_head_of(h), qt, kt, rows, keys)?;
+        let q_t = self.inputs.q.slice(s![b, h, rows.clone(), ..]);
+        let d_o_t = self.inputs.d_o.slice(s![b, h, rows.clone(), ..]);
         let mut list = std::mem::take(&mut scratch.rows);
         list.clear();
         list.extend(rows.clone().map(|i| (h, i)));
-        let live = self.terms(scratch, b, &list, operands, keys, state);
+        let live = self.terms(scratch, b, &list, (q_t, d_o_t), keys, state);
         scratch.rows = list;
-        live
+        live.then_some((q_t, d_o_t))
     }
 
     /// Fills the scratch with a tile's `P` (`rows × keys`) and `dS · f′` (not yet times the
@@ -500,11 +498,7 @@ fn fused<M: MaskMod, S: ScoreMod>(
                         if !ctx.terms(scratch, b, &list, (q_t, d_o_t), &keys, state) {
                             continue;
                         }
-                        let (nq, nk) = (stacked.len(), keys.len());
-                        let p = ArrayView2::from_shape((nq, nk), &scratch.p[..nq * nk])
-                            .expect("nq × nk");
-                        let ds = ArrayView2::from_shape((nq, nk), &scratch.ds[..nq * nk])
-                            .expect("nq × nk");
+                        let (p, ds) = scratch.tile(stacked.len(), keys.len());
                         let k_t = ctx.inputs.k.slice(s![b, g, keys.clone(), ..]);
                         product(
                             &mut dv_h.slice_mut(s![keys.clone(), ..]),
@@ -539,6 +533,9 @@ fn all_finite(x: &ArrayView2<f32>) -> bool {
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
 fn finite_slice(data: &[f32]) -> bool {
     // |v| < ∞ is false for ±∞ and NaN; the lanes fold with `&` so the loop has no branch.
-    data.chunks(256)
-        .all(|chunk| chunk.iter().fold(true, |ok, v| ok & (v.abs() < f32::INFINITY)))
+    data.chunks(256).all(|chunk| {
+        chunk
+            .iter()
+            .fold(true, |ok, v| ok & (v.abs() < f32::INFINITY))
+    })
 }
