@@ -96,6 +96,21 @@ pub fn try_backward_rounded_with<T: Element, M: MaskMod, S: ScoreMod>(
     backward_dyn(spec, mods, [q, k, v, d_o], d_lse, dtype)
 }
 
+/// The problem's shape, after checking `q`, `k`, `v`, `d_o` and `d_lse` against `spec`.
+fn check_shapes<T: Element>(
+    op: &'static str,
+    spec: &AttentionSpec,
+    [q, k, v, d_o]: [&ArrayView4<T>; 4],
+    d_lse: Option<&ArrayView3<f32>>,
+) -> Result<ProblemShape> {
+    let shape = spec.check_shapes(op, q.shape(), k.shape(), v.shape())?;
+    spec.check_like_q(op, shape, "d_o", d_o.shape())?;
+    if let Some(d_lse) = d_lse {
+        spec.check_like_lse(op, shape, "d_lse", d_lse.shape())?;
+    }
+    Ok(shape)
+}
+
 /// One visible key of a row: its index, its score (after every modifier) and `f′(raw)`.
 struct Term {
     j: usize,
@@ -110,12 +125,7 @@ fn backward_dyn<T: Element>(
     d_lse: Option<ArrayView3<f32>>,
     dtype: DType,
 ) -> Result<Gradients> {
-    const OP: &str = "oracle::backward";
-    let shape = spec.check_shapes(OP, q.shape(), k.shape(), v.shape())?;
-    spec.check_like_q(OP, shape, "d_o", d_o.shape())?;
-    if let Some(d_lse) = &d_lse {
-        spec.check_like_lse(OP, shape, "d_lse", d_lse.shape())?;
-    }
+    let shape = check_shapes("oracle::backward", spec, [&q, &k, &v, &d_o], d_lse.as_ref())?;
     let Output { o, lse } = if dtype == DType::F64 {
         super::forward_keys_dyn(spec, mods, q, k, v, 0..usize::MAX)?
     } else {
@@ -265,12 +275,12 @@ pub fn try_gradient_terms_with<T: Element, M: MaskMod, S: ScoreMod>(
     [q, k, v, d_o]: [ArrayView4<T>; 4],
     d_lse: Option<ArrayView3<f32>>,
 ) -> Result<GradientTerms> {
-    const OP: &str = "oracle::gradient_terms";
-    let shape = spec.check_shapes(OP, q.shape(), k.shape(), v.shape())?;
-    spec.check_like_q(OP, shape, "d_o", d_o.shape())?;
-    if let Some(d_lse) = &d_lse {
-        spec.check_like_lse(OP, shape, "d_lse", d_lse.shape())?;
-    }
+    let shape = check_shapes(
+        "oracle::gradient_terms",
+        spec,
+        [&q, &k, &v, &d_o],
+        d_lse.as_ref(),
+    )?;
     let forward = super::forward_keys_dyn(spec, mods, q, k, v, 0..usize::MAX)?;
     let rows = super::row_terms_dyn(spec, mods, q, k, v, 0..usize::MAX)?;
     let ProblemShape {
