@@ -174,8 +174,13 @@ fn backward_dyn<T: Element>(
                 let g_lse = d_lse.as_ref().map_or(0.0, |d| f64::from(d[[b, h, i]]));
                 for &Term { j, score, slope } in &terms {
                     let p = round((score - row_lse).exp());
-                    let v_row = v.slice(s![b, g, j, ..]).mapv(|x| x.widen());
-                    let dp = round(dot(d_out, v_row.view()));
+                    let v_row = v.slice(s![b, g, j, ..]);
+                    let dp = round(
+                        d_out
+                            .iter()
+                            .zip(v_row)
+                            .fold(0.0, |acc, (x, y)| f32_or_f64(acc + x.widen() * y.widen())),
+                    );
                     let ds = round(p * f32_or_f64(f32_or_f64(dp - delta) + g_lse));
                     let d_raw = f32_or_f64(scale * f32_or_f64(ds * slope));
                     dv.slice_mut(s![b, g, j, ..])

@@ -379,19 +379,21 @@ pub fn compare_gradients(
     terms: &GradientTerms,
     dtype: DType,
 ) -> [Comparison; 3] {
-    let parts = |g: &Gradients| [g.dq.clone(), g.dk.clone(), g.dv.clone()];
-    let (reference, low_precision, candidate) =
-        (parts(reference), parts(low_precision), parts(candidate));
+    let (reference, low_precision, candidate) = (
+        [&reference.dq, &reference.dk, &reference.dv],
+        [&low_precision.dq, &low_precision.dk, &low_precision.dv],
+        [&candidate.dq, &candidate.dk, &candidate.dv],
+    );
     let scales = [&terms.dq, &terms.dk, &terms.dv];
     [0, 1, 2].map(|i| {
         let row_len = reference[i].shape()[3];
         if reference[i].is_empty() || row_len == 0 {
-            return compare(&reference[i], &low_precision[i], &candidate[i], dtype);
+            return compare(reference[i], low_precision[i], candidate[i], dtype);
         }
         compare_rows(
-            &reference[i],
-            &low_precision[i],
-            &candidate[i],
+            reference[i],
+            low_precision[i],
+            candidate[i],
             dtype,
             row_len,
             scales[i],
