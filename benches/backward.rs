@@ -10,12 +10,18 @@
 //!    two results printed (they are the same gradients). The repeat and the group sum are not
 //!    timed: the ratio is the backward alone.
 //!
-//! The GPU kernels' backward is not written yet (issue 14, item 3): this bench times the CPU.
+//! Both rows run on the CPU and then on the GPU device `CubeDevice::try_default` finds (the
+//! forward untuned, as in the kernel suites), at `GQA_BACKWARD_CUBE_LENGTHS` there (default the
+//! same lengths; lavapipe is slow); `GQA_BACKWARD_ONLY=cpu|cube` runs one side. On the device
+//! the calls are the device-tensor ones (`try_forward_into`, `try_backward_device_with`) followed
+//! by a sync: inputs stay uploaded, nothing is copied inside the timed calls.
 //! Timings: median of `GQA_BENCH_RUNS` (default 3) after one untimed call, the compared calls
 //! alternating. Inputs, forward outputs and repeated K/V are made before the timed calls.
 
 use gqa::backend::Backward;
 use gqa::cpu::Cpu;
+use gqa::cube::{CubeDevice, DeviceGradients};
+use gqa::dsl::Mods;
 use gqa::{AttentionSpec, Gqa, Mha};
 use ndarray::{Array4, Axis, s};
 
@@ -56,8 +62,7 @@ fn max_diff(a: &Array4<f32>, b: &Array4<f32>) -> f32 {
     a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
 }
 
-fn main() {
-    let runs = env_usize("GQA_BENCH_RUNS", 3);
+fn cpu_rows(runs: usize) {
     let cpu = Cpu::new();
     println!(
         "backward, causal {HQ}/{HKV}/{D} f32, batch 1, {} CPU threads",
@@ -134,5 +139,109 @@ fn main() {
             diff[2],
             scale
         );
+    }
+}
+
+/// The two rows on the device, from device tensors.
+fn cube_rows(device: &CubeDevice, runs: usize) {
+    println!(
+        "backward, causal {HQ}/{HKV}/{D} f32, batch 1, on {}",
+        device.name()
+    );
+    let lengths = env_list(
+        "GQA_BACKWARD_CUBE_LENGTHS",
+        &env_list("GQA_BACKWARD_LENGTHS", &[1024, 4096]),
+    );
+    for n in lengths {
+        let gqa: AttentionSpec = *Gqa::<HQ, HKV, D>::new().causal().spec();
+        let mha: AttentionSpec = *Mha::<HQ, D>::new().causal().spec();
+        let group = HQ / HKV;
+        let (k, v) = (tensor((1, HKV, n, D), 2), tensor((1, HKV, n, D), 3));
+        let up = |x: &Array4<f32>| device.try_upload(x.view()).unwrap();
+        let (q, d_o) = (up(&tensor((1, HQ, n, D), 1)), up(&tensor((1, HQ, n, D), 4)));
+        let (kd, vd) = (up(&k), up(&v));
+        let (k_rep, v_rep) = (up(&repeat(&k, group)), up(&repeat(&v, group)));
+        let forward_of = |spec: &AttentionSpec, k, v| {
+            let mut out = device.try_forward_output::<f32>(spec, 1, n).unwrap();
+            device.try_forward_into(spec, &q, k, v, &mut out).unwrap();
+            out
+        };
+        let (saved, saved_mha) = (forward_of(&gqa, &kd, &vd), forward_of(&mha, &k_rep, &v_rep));
+        let mut out = device.try_forward_output::<f32>(&gqa, 1, n).unwrap();
+        let backward = |spec: &AttentionSpec, k, v, saved| -> DeviceGradients<f32> {
+            let g = device
+                .try_backward_device_with(spec, &Mods::none(), [&q, k, v], saved, &d_o, None)
+                .unwrap();
+            device.try_sync().unwrap();
+            g
+        };
+        let (t_forward, t_backward) = alternate(
+            runs,
+            || {
+                device
+                    .try_forward_into(&gqa, &q, &kd, &vd, &mut out)
+                    .unwrap();
+                device.try_sync().unwrap();
+            },
+            || {
+                backward(&gqa, &kd, &vd, &saved);
+            },
+        );
+        println!(
+            "cube  L{n}: forward {:8.1} ms, backward {:8.1} ms, backward / forward {:.2} (target <= 2.5)",
+            t_forward * 1e3,
+            t_backward * 1e3,
+            t_backward / t_forward
+        );
+        let (t_mha, t_gqa) = alternate(
+            runs,
+            || {
+                backward(&mha, &k_rep, &v_rep, &saved_mha);
+            },
+            || {
+                backward(&gqa, &kd, &vd, &saved);
+            },
+        );
+        let down = |x: &gqa::cube::DeviceTensor<f32>| -> Array4<f32> {
+            device
+                .try_download(x)
+                .unwrap()
+                .into_dimensionality()
+                .unwrap()
+        };
+        let (ours, theirs) = (
+            backward(&gqa, &kd, &vd, &saved),
+            backward(&mha, &k_rep, &v_rep, &saved_mha),
+        );
+        let diff = [
+            max_diff(&down(&ours.dq), &down(&theirs.dq)),
+            max_diff(&down(&ours.dk), &sum_groups(&down(&theirs.dk), group)),
+            max_diff(&down(&ours.dv), &sum_groups(&down(&theirs.dv), group)),
+        ];
+        println!(
+            "cube  L{n}: MHA backward on repeated K/V {:8.1} ms, GQA backward {:8.1} ms, speedup {:.2} (target >= 1.3); \
+             largest difference dq {:.1e} dk {:.1e} dv {:.1e}",
+            t_mha * 1e3,
+            t_gqa * 1e3,
+            t_mha / t_gqa,
+            diff[0],
+            diff[1],
+            diff[2],
+        );
+    }
+}
+
+fn main() {
+    let runs = env_usize("GQA_BENCH_RUNS", 3);
+    let only = std::env::var("GQA_BACKWARD_ONLY").ok();
+    if only.as_deref() != Some("cube") {
+        cpu_rows(runs);
+    }
+    if only.as_deref() == Some("cpu") {
+        return;
+    }
+    match CubeDevice::try_default() {
+        Ok(device) => cube_rows(&device.untuned(), runs),
+        Err(error) => println!("no GPU device: {error}"),
     }
 }

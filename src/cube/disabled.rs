@@ -110,6 +110,9 @@ impl Device {
     pub fn forward<T, M, S>(&self, _: super::ForwardCall<'_>) -> Result<()> {
         match *self {}
     }
+    pub fn backward<T, M>(&self, _: super::BackwardCall<'_>) -> Result<()> {
+        match *self {}
+    }
     pub fn block_mask_tiles(
         &self,
         _: &AttentionSpec,

@@ -58,7 +58,7 @@ use std::marker::PhantomData;
 
 pub use cache::{DeviceKvCache, MAX_DECODE_QUERIES};
 
-use ndarray::{ArrayView4, Dimension};
+use ndarray::{Array4, ArrayView3, ArrayView4, Dimension};
 
 use crate::dsl::{MaskMod, Mods, NoMask, NoScore, ScoreMod};
 use crate::element::{DType, Element};
@@ -595,6 +595,181 @@ impl CubeDevice {
         self.download_output(&out)
     }
 
+    /// The gradients of attention ([`crate::oracle::try_backward`] defines them) on the
+    /// device, given the forward's output `forward` for the same problem, spec and mods, the
+    /// upstream gradient `d_o` (the shape of `q`) and optionally `d_lse` (`[batch, q_heads,
+    /// seq_q]`). The forward's `O` and LSE are reused, not recomputed. Three kernels (docs in
+    /// `kernels/backward.rs`): a row prepass, `dK`/`dV` with one cube per (key tile, KV head,
+    /// batch entry) that sums the group in its registers and writes each KV head's gradient
+    /// once, and `dQ` laid out like the forward; no atomics, the same bits on every launch.
+    ///
+    /// Errors: [`Error::Shape`] naming the tensor; [`Error::UnsupportedDType`];
+    /// [`Error::Unsupported`] for a user score mod (its derivative is not generated for
+    /// kernels yet; user mask mods work); [`Error::DeviceLimit`] past the device's limits.
+    ///
+    /// ```no_run
+    /// use gqa::{cube::CubeDevice, Gqa};
+    /// use ndarray::Array4;
+    /// let device = CubeDevice::try_default()?;
+    /// let attention = Gqa::<4, 2, 8>::new().causal();
+    /// let q = Array4::<f32>::from_elem((1, 4, 3, 8), 0.5);
+    /// let kv = Array4::<f32>::from_elem((1, 2, 5, 8), 0.25);
+    /// let out = attention.try_forward(&device, q.view(), kv.view(), kv.view())?;
+    /// let d_o = Array4::<f32>::ones((1, 4, 3, 8));
+    /// let grads = attention.try_backward(&device, q.view(), kv.view(), kv.view(), &out, d_o.view())?;
+    /// assert_eq!(grads.dk.shape(), &[1, 2, 5, 8]); // one gradient per KV head
+    /// # Ok::<(), gqa::Error>(())
+    /// ```
+    pub fn try_backward_with<T: CubeElement, M: MaskMod, S: ScoreMod>(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, S>,
+        [q, k, v]: [ArrayView4<T>; 3],
+        forward: &HostOutput<T>,
+        d_o: ArrayView4<T>,
+        d_lse: Option<ArrayView3<f32>>,
+    ) -> Result<HostGradients<T>> {
+        const OP: &str = "cube::backward";
+        // Shapes are checked before anything is copied.
+        check_backward_shapes(
+            OP,
+            spec,
+            [q.shape(), k.shape(), v.shape()],
+            forward,
+            d_o.shape(),
+            d_lse.as_ref().map(|d| d.shape()),
+        )?;
+        let upload_f32 = |x: ArrayView3<f32>| {
+            let data: Vec<f32> = x.iter().copied().collect();
+            let shape = x.shape().to_vec();
+            let strides = contiguous_strides(&shape);
+            self.try_upload_strided(&data, 0, &shape, &strides)
+        };
+        let (q, k, v, d_o) = (
+            self.try_upload(q)?,
+            self.try_upload(k)?,
+            self.try_upload(v)?,
+            self.try_upload(d_o)?,
+        );
+        let forward = DeviceOutput {
+            o: self.try_upload(forward.o.view())?,
+            lse: upload_f32(forward.lse.view())?,
+        };
+        let d_lse = d_lse.map(upload_f32).transpose()?;
+        let grads = self.try_backward_device_with(
+            spec,
+            mods,
+            [&q, &k, &v],
+            &forward,
+            &d_o,
+            d_lse.as_ref(),
+        )?;
+        let download = |x: &DeviceTensor<T>| -> Result<Array4<T>> {
+            Ok(self
+                .try_download(x)?
+                .into_dimensionality()
+                .expect("gradients are 4-D"))
+        };
+        Ok(HostGradients {
+            dq: download(&grads.dq)?,
+            dk: download(&grads.dk)?,
+            dv: download(&grads.dv)?,
+        })
+    }
+
+    /// [`CubeDevice::try_backward_with`] on device tensors: `q`, `k`, `v`, `d_o` and `d_lse`
+    /// must be contiguous (as [`CubeDevice::try_upload`] makes them), `forward` a forward's
+    /// outputs for them. Returns contiguous gradients, allocated here. Errors: as
+    /// [`CubeDevice::try_backward_with`], and [`Error::Shape`] for a strided input.
+    pub fn try_backward_device_with<T: CubeElement, M: MaskMod, S: ScoreMod>(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, S>,
+        [q, k, v]: [&DeviceTensor<T>; 3],
+        forward: &DeviceOutput<T>,
+        d_o: &DeviceTensor<T>,
+        d_lse: Option<&DeviceTensor<f32>>,
+    ) -> Result<DeviceGradients<T>> {
+        const OP: &str = "cube::backward";
+        let shape = spec.check_shapes(OP, &q.shape, &k.shape, &v.shape)?;
+        spec.check_like_q(OP, shape, "d_o", &d_o.shape)?;
+        if let Some(d_lse) = d_lse {
+            spec.check_like_lse(OP, shape, "d_lse", &d_lse.shape)?;
+        }
+        self.check_output(
+            OP,
+            forward,
+            [shape.batch, spec.q_heads(), shape.seq_q],
+            spec.head_dim(),
+        )?;
+        for (name, tensor) in [("q", q), ("k", k), ("v", v), ("d_o", d_o)] {
+            self.check_owns(OP, &tensor.device)?;
+            check_contiguous(OP, name, &tensor.shape, tensor.offset, &tensor.strides)?;
+        }
+        if let Some(d_lse) = d_lse {
+            self.check_owns(OP, &d_lse.device)?;
+            check_contiguous(OP, "d_lse", &d_lse.shape, d_lse.offset, &d_lse.strides)?;
+        }
+        if !S::TRIVIAL {
+            return Err(Error::Unsupported {
+                op: OP,
+                reason: "the kernels' backward has no score-mod derivative yet (mask mods, \
+                         softcap and ALiBi are supported; the CPU backend takes score mods)"
+                    .into(),
+            });
+        }
+        if !self.supports(T::DTYPE) {
+            return Err(Error::UnsupportedDType {
+                op: OP,
+                dtype: T::DTYPE,
+                device: self.name().to_string(),
+            });
+        }
+        let key = self.inner.key().clone();
+        let gradient = |like: &DeviceTensor<T>, zeros: bool| -> Result<DeviceTensor<T>> {
+            let len = like.shape.iter().product();
+            let buffer = if zeros {
+                self.inner.upload(OP, &vec![T::narrow(0.0); len])?
+            } else {
+                self.inner.empty(OP, len, size_of::<T>())?
+            };
+            Ok(DeviceTensor::contiguous(
+                buffer,
+                key.clone(),
+                like.shape.clone(),
+            ))
+        };
+        // No pair at all: every gradient is 0, and nothing is launched.
+        let empty = shape.batch == 0 || shape.seq_q == 0 || shape.seq_k == 0;
+        let grads = DeviceGradients {
+            dq: gradient(q, empty)?,
+            dk: gradient(k, empty)?,
+            dv: gradient(v, empty)?,
+        };
+        if empty {
+            return Ok(grads);
+        }
+        let aux = self.inner.constant(OP, &mods.captured_words())?;
+        self.inner.backward::<T, M>(BackwardCall {
+            op: OP,
+            spec,
+            shape,
+            inputs: [
+                &q.buffer,
+                &k.buffer,
+                &v.buffer,
+                &forward.o.buffer,
+                &d_o.buffer,
+            ],
+            lse: &forward.lse.buffer,
+            d_lse: d_lse.map(|d| &d.buffer),
+            aux: &aux,
+            mask_mod: !M::TRIVIAL,
+            grads: [&grads.dq.buffer, &grads.dk.buffer, &grads.dv.buffer],
+        })?;
+        Ok(grads)
+    }
+
     fn check_owns(&self, op: &'static str, device: &std::sync::Arc<()>) -> Result<()> {
         if std::sync::Arc::ptr_eq(device, self.inner.key()) {
             Ok(())
@@ -748,7 +923,55 @@ pub struct DeviceOutput<T> {
     pub lse: DeviceTensor<f32>,
 }
 
-pub use crate::backend::HostOutput;
+pub use crate::backend::{HostGradients, HostOutput};
+
+/// The gradients of a backward on the device ([`CubeDevice::try_backward_device_with`]),
+/// contiguous: `dq` like `q`, `dk` and `dv` like `k` (each KV head's, summed over its group).
+#[derive(Debug)]
+pub struct DeviceGradients<T> {
+    pub dq: DeviceTensor<T>,
+    pub dk: DeviceTensor<T>,
+    pub dv: DeviceTensor<T>,
+}
+
+/// The backward's host-side shape checks: the problem, the forward's outputs, the upstream
+/// gradients.
+fn check_backward_shapes<T>(
+    op: &'static str,
+    spec: &AttentionSpec,
+    [q, k, v]: [&[usize]; 3],
+    forward: &HostOutput<T>,
+    d_o: &[usize],
+    d_lse: Option<&[usize]>,
+) -> Result<()> {
+    let shape = spec.check_shapes(op, q, k, v)?;
+    spec.check_like_q(op, shape, "o", forward.o.shape())?;
+    spec.check_like_lse(op, shape, "lse", forward.lse.shape())?;
+    spec.check_like_q(op, shape, "d_o", d_o)?;
+    if let Some(d_lse) = d_lse {
+        spec.check_like_lse(op, shape, "d_lse", d_lse)?;
+    }
+    Ok(())
+}
+
+/// [`Error::Shape`] unless the view `(shape, offset, strides)` is contiguous from element 0.
+fn check_contiguous(
+    op: &'static str,
+    tensor: &'static str,
+    shape: &[usize],
+    offset: usize,
+    strides: &[usize],
+) -> Result<()> {
+    if offset != 0 || strides != contiguous_strides(shape).as_slice() {
+        return Err(Error::Shape {
+            op,
+            tensor,
+            got: shape.to_vec(),
+            expected: format!("{shape:?}, contiguous (the backward kernels read packed rows)"),
+        });
+    }
+    Ok(())
+}
 
 /// One forward launch: the spec, the problem, the q, k, v buffers and their layout (`[offset,
 /// stride_b, stride_h, stride_s, stride_d]` of each), and the contiguous outputs the caller
@@ -778,6 +1001,29 @@ pub(crate) struct ForwardCall<'a> {
     /// A varlen launch ([`crate::spec::Varlen`]): `shape` is then the grid's (`batch` the
     /// sequences, `seq_q`, `seq_k` the longest sequence's lengths) and this the packing.
     pub packed: Option<Packed<'a>>,
+}
+
+/// One backward launch ([`CubeDevice::try_backward_with`]): contiguous uploads of the inputs,
+/// the forward's outputs and the upstream gradients, and the gradient buffers the caller sized
+/// (`dq` like `q`, `dk`, `dv` like `k`), in the storage type.
+#[cfg_attr(
+    not(any(feature = "wgpu", feature = "cuda", feature = "hip")),
+    allow(dead_code)
+)]
+pub(crate) struct BackwardCall<'a> {
+    pub op: &'static str,
+    pub spec: &'a AttentionSpec,
+    pub shape: crate::spec::ProblemShape,
+    /// `q`, `k`, `v`, `o`, `d_o`, contiguous.
+    pub inputs: [&'a runtime::Buffer; 5],
+    /// The forward's LSE and `∂L/∂LSE`, f32, contiguous `[B, HQ, Lq]`.
+    pub lse: &'a runtime::Buffer,
+    pub d_lse: Option<&'a runtime::Buffer>,
+    /// The user mods' captures; `mask_mod`: the kernels evaluate the user mask mod.
+    pub aux: &'a runtime::Buffer,
+    pub mask_mod: bool,
+    /// `dq`, `dk`, `dv`.
+    pub grads: [&'a runtime::Buffer; 3],
 }
 
 /// The packing of a varlen launch.
@@ -867,6 +1113,20 @@ pub(crate) struct DecodeInputs<'a> {
     /// Whether the kernel evaluates the user mask mod, and applies the user score mod.
     pub mask_mod: bool,
     pub score_mod: bool,
+}
+
+impl<T: CubeElement> crate::backend::Backward<T> for CubeDevice {
+    fn try_backward_with<M: MaskMod, S: ScoreMod>(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, S>,
+        inputs: [ArrayView4<T>; 3],
+        forward: &HostOutput<T>,
+        d_o: ArrayView4<T>,
+        d_lse: Option<ArrayView3<f32>>,
+    ) -> Result<HostGradients<T>> {
+        CubeDevice::try_backward_with(self, spec, mods, inputs, forward, d_o, d_lse)
+    }
 }
 
 impl<T: CubeElement> crate::backend::Backend<T> for CubeDevice {

@@ -157,7 +157,15 @@ pub(super) fn score_f32<T: Element>(
     }
     if let Some(alibi) = spec.alibi() {
         let diag = spec.mask().diagonal(i, shape.seq_q, shape.seq_k);
-        s -= alibi.slope(h) * (diag - j as i128).unsigned_abs() as f32;
+        let distance = (diag - j as i128).unsigned_abs() as f32;
+        s = match order {
+            Order::Forward => s - alibi.slope(h) * distance,
+            // The recomputation subtracts the bias with one rounding, as a compiler that
+            // contracts it into a fused multiply-add does: where the dot product has one term
+            // (head dim 1) the reversed sum alone would round the score exactly as the
+            // forward did, which no separately compiled recomputation promises.
+            Order::Reverse => (-alibi.slope(h)).mul_add(distance, s),
+        };
     }
     (s, raw)
 }

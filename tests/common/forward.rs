@@ -19,12 +19,18 @@ use super::{Problem, row_is_fully_masked, runner, tensor};
 
 /// A length in 0..=300, weighted towards the edges that break kernels: 0, 1, tile boundaries.
 pub fn length() -> impl Strategy<Value = usize> {
+    length_up_to(300)
+}
+
+/// [`length`] in `0..=max` (`max` above 129: the tile edges stay in).
+pub fn length_up_to(max: usize) -> impl Strategy<Value = usize> {
+    assert!(max > 129, "the tile edges up to 129 stay in");
     prop_oneof![
         1 => Just(0usize),
         2 => Just(1usize),
         3 => 2..=70usize,
         1 => prop::sample::select(vec![63, 64, 65, 127, 128, 129]),
-        2 => 71..=300usize,
+        2 => 71..=max,
     ]
 }
 
@@ -138,10 +144,22 @@ pub fn problems(
     kv_heads: usize,
     head_dim: usize,
 ) -> impl Strategy<Value = Problem> {
+    problems_up_to(variant, q_heads, kv_heads, head_dim, 300)
+}
+
+/// [`problems`] with lengths from [`length_up_to`]`(max)` (lengths that leave a row fully
+/// masked may still reach 300).
+pub fn problems_up_to(
+    variant: Variant,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    max: usize,
+) -> impl Strategy<Value = Problem> {
     (
         batch(),
-        length(),
-        length(),
+        length_up_to(max),
+        length_up_to(max),
         spec_for(variant, q_heads, kv_heads, head_dim),
         prop::bool::weighted(0.25),
         query_gain(),

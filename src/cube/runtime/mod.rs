@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+mod backward;
+
 use super::kernels::decode::{
     DecodeConfig, STORAGE_BF16, STORAGE_F16, STORAGE_F32, STORAGE_INT4, STORAGE_INT8, paged_decode,
     plane_decode, scatter_rows, stream_cache,

@@ -1,0 +1,639 @@
+//! The backward kernels: FlashAttention-2's structure without its atomics, GQA-aware.
+//!
+//! 1. [`backward_rows`], the prepass: per query row, `δ − dLSE` with `δ = Σ_d dO·O` (f32), next
+//!    to the forward's saved LSE, in one f32 buffer `stats = [lse; rows | δ − dLSE; rows |
+//!    ALiBi slopes]` that the two main kernels read (one binding instead of three).
+//! 2. [`backward_dkv`]: one cube per (key tile, KV head, batch entry). Each unit owns `rows`
+//!    consecutive keys — their K and V rows and their f32 `dK`, `dV` accumulators — and every
+//!    unit of the cube walks the same (query head of the group, query block) items: the group's
+//!    heads one after another, each over the query blocks the mask lets see the cube's keys. A
+//!    query element it loads has the same address in every unit (one load for the cube, as the
+//!    forward's K/V loads). The group's sum of `dK` and `dV` therefore happens in the unit's
+//!    registers, and each KV head's gradient is written once: no repeat of K/V, no atomics,
+//!    the same bits on every launch.
+//! 3. [`backward_dq`]: laid out like the forward (one cube per query tile, KV head and batch
+//!    entry, units `group × head_units`, each `rows` query rows of one head), walking the key
+//!    blocks its band allows.
+//!
+//! Per block both main kernels make two passes over the head dim: the first forms
+//! `S = Q·Kᵀ` and `dP = dO·Vᵀ` together; then per pair `P = exp(mod(scale·S) − LSE)` and
+//! `dS = P ∘ (dP − δ + dLSE) · mod′` (softcap's `1 − tanh²`, ALiBi's 1); the second pass adds
+//! `Pᵀ·dO` to `dV` and `dSᵀ·Q` to `dK` (or `dS·K` to `dQ`). `scale` multiplies `dK` and `dQ`
+//! once, when they are written. A pair the mask hides, or of a row that sees no key (LSE −∞),
+//! has `P = dS = 0` and its products are skipped, not multiplied by 0: a NaN at a position
+//! no visible pair reads never reaches a gradient.
+//!
+//! **Splits.** Lavapipe silently stops a shader invocation's loops after about 65 000
+//! iterations (see `forward.rs`). Each main kernel therefore takes a share of its work items
+//! per split (`CUBE_POS_Z = split · batch + b`) and writes an f32 partial of its rows;
+//! [`sum_splits`] adds the partials in split order and casts to the storage type. Every launch
+//! goes through the partials (one split elsewhere): one code path, deterministic sums.
+//!
+//! **User mods.** A mask mod is evaluated per pair (no block mask yet). Score mods need their
+//! derivative in the kernel, which the DSL does not generate yet: the host refuses them.
+//!
+//! **Loop bounds.** The head-dim loops run to a runtime bound (`dims`, the padded head dim):
+//! with a constant one, Mesa unrolls them (up to ~32 iterations), and the unrolled kernel for a
+//! head dim of 256 took lavapipe minutes to compile.
+//!
+//! **Bounds.** Launched unchecked: the inputs are contiguous uploads the host sized; query rows
+//! are clamped to `seq_q − 1` and keys to `seq_k − 1` before they form an address (the host
+//! launches nothing when either is 0); rows past the sequences are not written.
+
+use cubecl::prelude::*;
+
+use super::math::{NEG_INFINITY_BITS, accurate_exp, accurate_tanh};
+use crate::dsl::cube::CubeMask;
+
+/// Everything that changes the generated code of [`backward_dkv`] and [`backward_dq`].
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct BackwardConfig {
+    pub head_dim: usize,
+    /// Channels per iteration of the head-dim loops (unrolled; divides `padded_dim`).
+    pub chunk: usize,
+    /// `head_dim` rounded up to whole chunks: the length of a unit's register rows (channels
+    /// past `head_dim` hold zeros where they would reach a product, and are never written).
+    pub padded_dim: usize,
+    /// How the block's rows reach the units: `false`, every unit loads every element (one
+    /// address across the cube); `true`, lane `p` of each plane loads channel `p` of each row of
+    /// the chunk and `plane_broadcast` hands it to the others (as the forward's plane loads;
+    /// `chunk` is then a plane's [`super::probe::PLANE_LOAD_LANES`] and the cube whole planes).
+    pub plane_loads: bool,
+    /// Query heads per KV head.
+    pub group: usize,
+    /// Rows a unit owns: keys in `backward_dkv`, query rows in `backward_dq`.
+    pub rows: usize,
+    /// Rows of the other side per block: queries in `backward_dkv`, keys in `backward_dq`.
+    pub block: usize,
+    /// `backward_dkv`: units per cube; `backward_dq`: units per query head (a cube has
+    /// `group · head_units` that own rows, and with plane loads idle ones up to a whole plane).
+    pub units: usize,
+    pub left_bounded: bool,
+    pub right_bounded: bool,
+    pub softcap: bool,
+    pub alibi: bool,
+    /// A user mask mod is evaluated on every pair (its captures in `aux`).
+    pub mask_mod: bool,
+}
+
+/// The prepass: `stats[r] = lse[r]`, `stats[rows + r] = Σ_d dO[r, d]·O[r, d] − dLSE[r]` for
+/// the `rows` rows of the contiguous `o` and `d_o` (`d_lse` read only with `has_d_lse`), and
+/// the `q_heads` ALiBi slopes after them (with `alibi`). One unit per row.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn backward_rows<F: Float>(
+    o: &[F],
+    d_o: &[F],
+    lse: &[f32],
+    d_lse: &[f32],
+    slopes: &[f32],
+    stats: &mut [f32],
+    rows: u32,
+    q_heads: u32,
+    #[comptime] head_dim: usize,
+    #[comptime] has_d_lse: bool,
+    #[comptime] alibi: bool,
+) {
+    let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
+    if row < rows {
+        let base = row as usize * head_dim;
+        let mut delta = 0.0f32;
+        for d in 0..head_dim {
+            delta += f32::cast_from(d_o[base + d]) * f32::cast_from(o[base + d]);
+        }
+        if has_d_lse {
+            delta -= d_lse[row as usize];
+        }
+        stats[row as usize] = lse[row as usize];
+        stats[(rows + row) as usize] = delta;
+    }
+    if alibi {
+        if row < q_heads {
+            stats[(2 * rows + row) as usize] = slopes[row as usize];
+        }
+    }
+}
+
+/// One pair's `P` and `dS` (see the module docs), in place: `s[at]` holds `q·k` and becomes
+/// `P`, `dp[at]` holds `dO·v` and becomes `dS` (without `scale`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn pair<M: CubeMask>(
+    s: &mut Array<f32>,
+    dp: &mut Array<f32>,
+    #[comptime] at: usize,
+    lse: f32,
+    dd: f32,
+    slope: f32,
+    aux: &[u32],
+    batch: u32,
+    head: u32,
+    i: u32,
+    j: u32,
+    seq_q: u32,
+    seq_k: u32,
+    diag_offset: i32,
+    left: i32,
+    right: i32,
+    scale: f32,
+    softcap: f32,
+    #[comptime] cfg: BackwardConfig,
+) {
+    let diag = i as i32 + diag_offset;
+    let kj = j as i32;
+    let mut x = scale * s[at];
+    let mut d_score = 1.0f32;
+    if cfg.softcap {
+        let t = accurate_tanh(x / softcap);
+        x = softcap * t;
+        d_score = 1.0f32 - t * t;
+    }
+    if cfg.alibi {
+        x -= slope * f32::cast_from(diag - kj).abs();
+    }
+    // A row that sees no key has LSE −∞ (its bits: the comparison must not depend on how the
+    // driver treats infinities).
+    let mut visible = i < seq_q && j < seq_k && u32::reinterpret(lse) != NEG_INFINITY_BITS;
+    if cfg.left_bounded {
+        visible = visible && kj >= diag - left;
+    }
+    if cfg.right_bounded {
+        visible = visible && kj <= diag + right;
+    }
+    if cfg.mask_mod {
+        let seen = M::visible(
+            aux,
+            batch as i32,
+            head as i32,
+            i as i32,
+            kj,
+            seq_q as i32,
+            seq_k as i32,
+            0u32,
+        );
+        visible = visible && seen;
+    }
+    let p = select(visible, accurate_exp(x - lse), 0.0f32);
+    s[at] = p;
+    dp[at] = select(p > 0.0f32, p * (dp[at] - dd) * d_score, 0.0f32);
+}
+
+/// `dK` (times `scale`) and `dV` of one key tile of one KV head, summed over the group's query
+/// heads, as f32 partials `partial[split][0 = dK, 1 = dV][B, HKV, Lk, D]`. The inputs are
+/// contiguous `[B, H, L, D]`; `stats` is [`backward_rows`]'s. A cube's work items are its
+/// (query head, query block) pairs in that order; split `s` takes items
+/// `s·items_per_split..(s + 1)·items_per_split`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments, clippy::manual_div_ceil)]
+pub fn backward_dkv<F: Float, M: CubeMask>(
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    d_o: &[F],
+    stats: &[f32],
+    aux: &[u32],
+    partial: &mut [f32],
+    q_heads: u32,
+    seq_q: u32,
+    seq_k: u32,
+    diag_offset: i32,
+    left: i32,
+    right: i32,
+    scale: f32,
+    softcap: f32,
+    batch_size: u32,
+    items_per_split: u32,
+    dims: u32,
+    #[comptime] cfg: BackwardConfig,
+) {
+    let dim = cfg.head_dim;
+    let chunk = cfg.chunk;
+    let rows = cfg.rows;
+    let bm = cfg.block;
+    let group = cfg.group as u32;
+    let block_k = (cfg.units * rows) as u32;
+
+    let kv_heads = CUBE_COUNT_Y;
+    let kv_head = CUBE_POS_Y;
+    let batch = CUBE_POS_Z % batch_size;
+    let split = CUBE_POS_Z / batch_size;
+    let tile0 = CUBE_POS_X * block_k;
+    let key0 = tile0 + UNIT_POS_X * rows as u32;
+    let all_rows = batch_size * q_heads * seq_q;
+
+    // The unit's K and V rows (keys past the sequence read its last: in bounds, never written).
+    let kv_base = (batch * kv_heads + kv_head) * seq_k;
+    let padded = cfg.padded_dim;
+    let mut k_reg = Array::<f32>::new(rows * padded);
+    let mut v_reg = Array::<f32>::new(rows * padded);
+    let mut dk = Array::<f32>::new(rows * padded);
+    let mut dv = Array::<f32>::new(rows * padded);
+    #[unroll]
+    for r in 0..rows {
+        let at = ((kv_base + min(key0 + r as u32, seq_k - 1)) as usize) * dim;
+        for du in 0..dims {
+            let d = du as usize;
+            let mut kx = 0.0f32;
+            let mut vx = 0.0f32;
+            if d < dim {
+                kx = f32::cast_from(k[at + d]);
+                vx = f32::cast_from(v[at + d]);
+            }
+            k_reg[r * padded + d] = kx;
+            v_reg[r * padded + d] = vx;
+            dk[r * padded + d] = 0.0f32;
+            dv[r * padded + d] = 0.0f32;
+        }
+    }
+
+    // The query rows that may see a key of this tile (uniform over the cube).
+    let tile_last = min(tile0 + block_k, seq_k) as i32 - 1;
+    let mut q_lo = 0i32;
+    let mut q_hi = seq_q as i32; // exclusive
+    if cfg.right_bounded {
+        q_lo = max(q_lo, tile0 as i32 - diag_offset - right);
+    }
+    if cfg.left_bounded {
+        q_hi = min(q_hi, tile_last - diag_offset + left + 1);
+    }
+    let mut qb_lo = 0u32;
+    let mut blocks = 0u32;
+    if q_hi > q_lo {
+        qb_lo = q_lo as u32 / bm as u32;
+        blocks = (q_hi as u32 + bm as u32 - 1) / bm as u32 - qb_lo;
+    }
+    let items = group * blocks;
+    let item_lo = min(items, split * items_per_split);
+    let item_hi = min(items, (split + 1) * items_per_split);
+
+    let mut s = Array::<f32>::new(rows * bm);
+    let mut dp = Array::<f32>::new(rows * bm);
+    let mut qc = Array::<f32>::new(bm * chunk);
+    let mut oc = Array::<f32>::new(bm * chunk);
+    let mut q_at = Array::<u32>::new(bm);
+    let mut lse = Array::<f32>::new(bm);
+    let mut dd = Array::<f32>::new(bm);
+
+    for item in item_lo..item_hi {
+        let head = kv_head * group + item / blocks;
+        let q_row0 = (qb_lo + item % blocks) * bm as u32;
+        let row_base = (batch * q_heads + head) * seq_q;
+        let mut slope = 0.0f32;
+        if cfg.alibi {
+            slope = stats[(2 * all_rows + head) as usize];
+        }
+        #[unroll]
+        for j in 0..bm {
+            let row = row_base + min(q_row0 + j as u32, seq_q - 1);
+            q_at[j] = row * dim as u32;
+            lse[j] = stats[row as usize];
+            dd[j] = stats[(all_rows + row) as usize];
+        }
+        #[unroll]
+        for x in 0..rows * bm {
+            s[x] = 0.0f32;
+            dp[x] = 0.0f32;
+        }
+        // S = K·Qᵀ and dP = V·dOᵀ for the block.
+        for cu in 0..dims / chunk as u32 {
+            let c = cu as usize;
+            load_rows::<F>(q, &q_at, c * chunk, &mut qc, bm, cfg);
+            load_rows::<F>(d_o, &q_at, c * chunk, &mut oc, bm, cfg);
+            #[unroll]
+            for r in 0..rows {
+                #[unroll]
+                for e in 0..chunk {
+                    let kd = k_reg[r * padded + c * chunk + e];
+                    let vd = v_reg[r * padded + c * chunk + e];
+                    #[unroll]
+                    for j in 0..bm {
+                        s[r * bm + j] += kd * qc[j * chunk + e];
+                        dp[r * bm + j] += vd * oc[j * chunk + e];
+                    }
+                }
+            }
+        }
+        #[unroll]
+        for r in 0..rows {
+            #[unroll]
+            for j in 0..bm {
+                pair::<M>(
+                    &mut s,
+                    &mut dp,
+                    r * bm + j,
+                    lse[j],
+                    dd[j],
+                    slope,
+                    aux,
+                    batch,
+                    head,
+                    q_row0 + j as u32,
+                    key0 + r as u32,
+                    seq_q,
+                    seq_k,
+                    diag_offset,
+                    left,
+                    right,
+                    scale,
+                    softcap,
+                    cfg,
+                );
+            }
+        }
+        // dV += Pᵀ·dO, dK += dSᵀ·Q (hidden pairs skipped).
+        for cu in 0..dims / chunk as u32 {
+            let c = cu as usize;
+            load_rows::<F>(q, &q_at, c * chunk, &mut qc, bm, cfg);
+            load_rows::<F>(d_o, &q_at, c * chunk, &mut oc, bm, cfg);
+            #[unroll]
+            for r in 0..rows {
+                #[unroll]
+                for e in 0..chunk {
+                    let at = r * padded + c * chunk + e;
+                    let mut a = dv[at];
+                    let mut b = dk[at];
+                    #[unroll]
+                    for j in 0..bm {
+                        let p = s[r * bm + j];
+                        a += select(p > 0.0f32, p * oc[j * chunk + e], 0.0f32);
+                        b += select(p > 0.0f32, dp[r * bm + j] * qc[j * chunk + e], 0.0f32);
+                    }
+                    dv[at] = a;
+                    dk[at] = b;
+                }
+            }
+        }
+    }
+
+    let all = (batch_size * kv_heads * seq_k) as usize * dim;
+    let out0 = split as usize * 2 * all;
+    #[unroll]
+    for r in 0..rows {
+        let key = key0 + r as u32;
+        if key < seq_k {
+            let at = ((kv_base + key) as usize) * dim;
+            for du in 0..dims {
+                let d = du as usize;
+                if d < dim {
+                    partial[out0 + at + d] = scale * dk[r * padded + d];
+                    partial[out0 + all + at + d] = dv[r * padded + d];
+                }
+            }
+        }
+    }
+}
+
+/// `dQ` (times `scale`) of one query tile of one KV group, as f32 partials `partial[split][B,
+/// HQ, Lq, D]`; split `s` takes keys `s·keys_per_split..(s + 1)·keys_per_split` (a multiple of
+/// `block`). Inputs as [`backward_dkv`]'s.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments, clippy::manual_div_ceil)]
+pub fn backward_dq<F: Float, M: CubeMask>(
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    d_o: &[F],
+    stats: &[f32],
+    aux: &[u32],
+    partial: &mut [f32],
+    q_heads: u32,
+    seq_q: u32,
+    seq_k: u32,
+    diag_offset: i32,
+    left: i32,
+    right: i32,
+    scale: f32,
+    softcap: f32,
+    batch_size: u32,
+    keys_per_split: u32,
+    dims: u32,
+    #[comptime] cfg: BackwardConfig,
+) {
+    let dim = cfg.head_dim;
+    let chunk = cfg.chunk;
+    let rows = cfg.rows;
+    let bn = cfg.block;
+    let head_units = cfg.units as u32;
+    let block_m = head_units * rows as u32;
+
+    let q_tile = CUBE_POS_X;
+    let kv_heads = CUBE_COUNT_Y;
+    let kv_head = CUBE_POS_Y;
+    let batch = CUBE_POS_Z % batch_size;
+    let split = CUBE_POS_Z / batch_size;
+    // Units past the group's (a cube padded to whole planes for plane loads) repeat the last
+    // head's rows, load their share, and write nothing.
+    let owner = UNIT_POS_X < cfg.group as u32 * head_units;
+    let head = kv_head * cfg.group as u32 + min(UNIT_POS_X / head_units, cfg.group as u32 - 1);
+    let row0 = q_tile * block_m + (UNIT_POS_X % head_units) * rows as u32;
+    let row_base = (batch * q_heads + head) * seq_q;
+    let all_rows = batch_size * q_heads * seq_q;
+
+    let padded = cfg.padded_dim;
+    let mut q_reg = Array::<f32>::new(rows * padded);
+    let mut o_reg = Array::<f32>::new(rows * padded);
+    let mut dq = Array::<f32>::new(rows * padded);
+    let mut lse = Array::<f32>::new(rows);
+    let mut dd = Array::<f32>::new(rows);
+    #[unroll]
+    for i in 0..rows {
+        let row = row_base + min(row0 + i as u32, seq_q - 1);
+        let at = row as usize * dim;
+        for du in 0..dims {
+            let d = du as usize;
+            let mut qx = 0.0f32;
+            let mut ox = 0.0f32;
+            if d < dim {
+                qx = f32::cast_from(q[at + d]);
+                ox = f32::cast_from(d_o[at + d]);
+            }
+            q_reg[i * padded + d] = qx;
+            o_reg[i * padded + d] = ox;
+            dq[i * padded + d] = 0.0f32;
+        }
+        lse[i] = stats[row as usize];
+        dd[i] = stats[(all_rows + row) as usize];
+    }
+    let mut slope = 0.0f32;
+    if cfg.alibi {
+        slope = stats[(2 * all_rows + head) as usize];
+    }
+
+    // The keys any row of this cube may see, within this split (uniform over the cube).
+    let first_row = (q_tile * block_m) as i32;
+    let last_row = min(seq_q, (q_tile + 1) * block_m) as i32 - 1;
+    let mut band_lo = (split * keys_per_split) as i32;
+    let mut band_hi = min(seq_k, (split + 1) * keys_per_split) as i32; // exclusive
+    if cfg.left_bounded {
+        band_lo = max(band_lo, first_row + diag_offset - left);
+    }
+    if cfg.right_bounded {
+        band_hi = min(band_hi, last_row + diag_offset + right + 1);
+    }
+    let mut tile_lo = 0u32;
+    let mut tile_hi = 0u32;
+    if band_hi > band_lo {
+        tile_lo = band_lo as u32 / bn as u32;
+        tile_hi = (band_hi as u32 + bn as u32 - 1) / bn as u32;
+    }
+
+    let kv_base = (batch * kv_heads + kv_head) * seq_k;
+    let mut s = Array::<f32>::new(rows * bn);
+    let mut dp = Array::<f32>::new(rows * bn);
+    let mut kc = Array::<f32>::new(bn * chunk);
+    let mut vc = Array::<f32>::new(bn * chunk);
+    let mut k_at = Array::<u32>::new(bn);
+    for t in tile_lo..tile_hi {
+        let key0 = t * bn as u32;
+        #[unroll]
+        for j in 0..bn {
+            k_at[j] = (kv_base + min(key0 + j as u32, seq_k - 1)) * dim as u32;
+        }
+        #[unroll]
+        for x in 0..rows * bn {
+            s[x] = 0.0f32;
+            dp[x] = 0.0f32;
+        }
+        // S = Q·Kᵀ and dP = dO·Vᵀ for the block.
+        for cu in 0..dims / chunk as u32 {
+            let c = cu as usize;
+            load_rows::<F>(k, &k_at, c * chunk, &mut kc, bn, cfg);
+            load_rows::<F>(v, &k_at, c * chunk, &mut vc, bn, cfg);
+            #[unroll]
+            for i in 0..rows {
+                #[unroll]
+                for e in 0..chunk {
+                    let qd = q_reg[i * padded + c * chunk + e];
+                    let od = o_reg[i * padded + c * chunk + e];
+                    #[unroll]
+                    for j in 0..bn {
+                        s[i * bn + j] += qd * kc[j * chunk + e];
+                        dp[i * bn + j] += od * vc[j * chunk + e];
+                    }
+                }
+            }
+        }
+        #[unroll]
+        for i in 0..rows {
+            #[unroll]
+            for j in 0..bn {
+                pair::<M>(
+                    &mut s,
+                    &mut dp,
+                    i * bn + j,
+                    lse[i],
+                    dd[i],
+                    slope,
+                    aux,
+                    batch,
+                    head,
+                    row0 + i as u32,
+                    key0 + j as u32,
+                    seq_q,
+                    seq_k,
+                    diag_offset,
+                    left,
+                    right,
+                    scale,
+                    softcap,
+                    cfg,
+                );
+            }
+        }
+        // dQ += dS·K (hidden pairs skipped).
+        for cu in 0..dims / chunk as u32 {
+            let c = cu as usize;
+            load_rows::<F>(k, &k_at, c * chunk, &mut kc, bn, cfg);
+            #[unroll]
+            for i in 0..rows {
+                #[unroll]
+                for e in 0..chunk {
+                    let at = i * padded + c * chunk + e;
+                    let mut a = dq[at];
+                    #[unroll]
+                    for j in 0..bn {
+                        let p = s[i * bn + j];
+                        a += select(p > 0.0f32, dp[i * bn + j] * kc[j * chunk + e], 0.0f32);
+                    }
+                    dq[at] = a;
+                }
+            }
+        }
+    }
+
+    let out0 = split as usize * all_rows as usize * dim;
+    #[unroll]
+    for i in 0..rows {
+        let row = row0 + i as u32;
+        if owner && row < seq_q {
+            let at = out0 + (row_base + row) as usize * dim;
+            for du in 0..dims {
+                let d = du as usize;
+                if d < dim {
+                    partial[at + d] = scale * dq[i * padded + d];
+                }
+            }
+        }
+    }
+}
+
+/// Channels `c0..c0 + chunk` of `n` contiguous rows of `x` starting at `at[j]`, into
+/// `out[j·chunk + e]` as f32: the loads the block products share (the same addresses in every
+/// unit of a cube). Channels past the head dim (the last chunk of a padded row) read the row's
+/// last channel, in bounds; the registers' zeros cancel them. With plane loads, lane `p` of
+/// each plane loads channel `c0 + p` of each row and `plane_broadcast` hands it to the others: a
+/// device whose loads are per-lane whatever their addresses (lavapipe) issues `1 / chunk` as
+/// many.
+#[cube]
+fn load_rows<F: Float>(
+    x: &[F],
+    at: &Array<u32>,
+    c0: usize,
+    out: &mut Array<f32>,
+    #[comptime] n: usize,
+    #[comptime] cfg: BackwardConfig,
+) {
+    let chunk = cfg.chunk;
+    let last = cfg.head_dim as u32 - 1;
+    if cfg.plane_loads {
+        let d = min(c0 as u32 + UNIT_POS_PLANE % chunk as u32, last);
+        #[unroll]
+        for j in 0..n {
+            let mine = f32::cast_from(x[(at[j] + d) as usize]);
+            #[unroll]
+            for e in 0..chunk {
+                out[j * chunk + e] = plane_broadcast(mine, e as u32);
+            }
+        }
+    } else {
+        #[unroll]
+        for j in 0..n {
+            #[unroll]
+            for e in 0..chunk {
+                let d = min(c0 as u32 + e as u32, last);
+                out[j * chunk + e] = f32::cast_from(x[(at[j] + d) as usize]);
+            }
+        }
+    }
+}
+
+/// `out[x] = Σ_s partial[offset + s·stride + x]` for `x < len`, in split order, cast to the
+/// storage type: the final gradients from the main kernels' partials. One unit per element.
+#[cube(launch_unchecked)]
+pub fn sum_splits<F: Float>(
+    partial: &[f32],
+    out: &mut [F],
+    len: u32,
+    offset: u32,
+    stride: u32,
+    splits: u32,
+) {
+    let x = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
+    if x < len {
+        let mut acc = 0.0f32;
+        for s in 0..splits {
+            acc += partial[(offset + s * stride + x) as usize];
+        }
+        out[x as usize] = F::cast_from(acc);
+    }
+}

@@ -1,0 +1,302 @@
+//! Launching the backward kernels (`kernels/backward.rs`): their tiles, the splits lavapipe's
+//! loop limit needs, and the device limits they are checked against.
+
+use cubecl::prelude::*;
+
+use super::{Buffer, Device, PLANE_LOAD_LANES, arg};
+use crate::cube::BackwardCall;
+use crate::cube::kernels::backward::{
+    BackwardConfig, backward_dkv, backward_dq, backward_rows, sum_splits,
+};
+use crate::dsl::cube::CubeMask;
+use crate::error::{Error, Result};
+use crate::spec::ProblemShape;
+
+use super::KernelElement;
+
+/// Keys a unit of the `dK`/`dV` kernel owns, and queries per block it walks.
+const DKV_ROWS: usize = 4;
+const DKV_BLOCK: usize = 8;
+/// Query rows a unit of the `dQ` kernel owns, and keys per block it walks.
+const DQ_ROWS: usize = 4;
+const DQ_BLOCK: usize = 8;
+/// Buffers the main kernels bind: q, k, v, dO, stats, aux, partials.
+const BINDINGS: u32 = 7;
+/// Loop iterations a unit may run on lavapipe before its loops silently stop (about 65 000;
+/// the forward's measurements in `Device::keys_per_split` leave this margin).
+const LAVAPIPE_LOOP_BUDGET: usize = 50_000;
+/// Units per cube of the prepass and of the split sums.
+const LINE_UNITS: usize = 64;
+
+impl Device {
+    /// The gradients of one problem into `call.grads` (module docs of `kernels/backward.rs`).
+    /// The caller checked the shapes and that no length is 0.
+    pub fn backward<T: KernelElement, M: CubeMask>(&self, call: BackwardCall<'_>) -> Result<()> {
+        let BackwardCall {
+            op,
+            spec,
+            shape,
+            inputs: [q, k, v, o, d_o],
+            lse,
+            d_lse,
+            aux,
+            mask_mod,
+            grads: [dq, dk, dv],
+        } = call;
+        let ProblemShape {
+            batch,
+            seq_q,
+            seq_k,
+        } = shape;
+        let hardware = &self.client.properties().hardware;
+        if hardware.max_bindings < BINDINGS {
+            return Err(Error::DeviceLimit {
+                op,
+                reason: format!(
+                    "the backward kernels bind {BINDINGS} storage buffers; {} allows {}",
+                    self.name, hardware.max_bindings
+                ),
+            });
+        }
+        let limit = i32::MAX as usize / 4;
+        if seq_q > limit || seq_k > limit {
+            return Err(Error::DeviceLimit {
+                op,
+                reason: format!("sequence lengths above {limit} (got {seq_q} and {seq_k})"),
+            });
+        }
+        let (head_dim, group) = (spec.head_dim(), spec.group_size());
+        let max_units = hardware.max_units_per_cube as usize;
+        let plane = (hardware.plane_size_max as usize).clamp(1, max_units);
+        if group > max_units {
+            return Err(Error::DeviceLimit {
+                op,
+                reason: format!(
+                    "a KV group of {group} query heads needs {group} units per cube; {} allows {max_units}",
+                    self.name
+                ),
+            });
+        }
+        // Plane loads where the device's plane broadcasts were found to work (as the
+        // forward's; `probe_planes`), in chunks of a plane's lanes; uniform loads elsewhere.
+        let plane_loads = self.planes.loads;
+        let chunk = if plane_loads {
+            PLANE_LOAD_LANES as usize
+        } else {
+            [4, 2, 1]
+                .into_iter()
+                .find(|c| head_dim.is_multiple_of(*c))
+                .expect("1 divides every head dim")
+        };
+        let mask = spec.mask();
+        let base = BackwardConfig {
+            head_dim,
+            chunk,
+            padded_dim: head_dim.next_multiple_of(chunk),
+            plane_loads,
+            group,
+            rows: 0,
+            block: 0,
+            units: 0,
+            left_bounded: mask.left().is_some(),
+            right_bounded: mask.right().is_some(),
+            softcap: spec.softcap().is_some(),
+            alibi: spec.alibi().is_some(),
+            mask_mod,
+        };
+        // Rows per unit: fewer at large head dims, where lavapipe's compile time grows with
+        // the units' register rows (measured: 20/4/256 and 16/2/200 took it minutes).
+        let rows = |most: usize| {
+            if base.padded_dim > 128 {
+                most / 2
+            } else {
+                most
+            }
+        };
+        let dkv = BackwardConfig {
+            rows: rows(DKV_ROWS),
+            block: DKV_BLOCK,
+            units: plane,
+            ..base
+        };
+        let dq_config = BackwardConfig {
+            rows: rows(DQ_ROWS),
+            block: DQ_BLOCK,
+            units: (plane / group).clamp(1, max_units / group),
+            ..base
+        };
+        let mut dq_units = group * dq_config.units;
+        if plane_loads {
+            dq_units = dq_units.next_multiple_of(plane);
+            if dq_units > max_units {
+                return Err(Error::DeviceLimit {
+                    op,
+                    reason: format!(
+                        "plane loads for a KV group of {group} query heads need {dq_units} units per cube (whole planes of {plane}); {} allows {max_units}",
+                        self.name
+                    ),
+                });
+            }
+        }
+
+        // Work per split: items of (query head, query block) for dK/dV, keys for dQ.
+        let items = group * seq_q.div_ceil(DKV_BLOCK);
+        let items_per_split = self.backward_items_per_split(&dkv).min(items).max(1);
+        let dkv_splits = items.div_ceil(items_per_split).max(1);
+        let keys = seq_k.next_multiple_of(DQ_BLOCK);
+        let keys_per_split = (self.backward_items_per_split(&dq_config))
+            .saturating_mul(DQ_BLOCK)
+            .min(keys);
+        let dq_splits = keys.div_ceil(keys_per_split).max(1);
+
+        let q_rows = batch * spec.q_heads() * seq_q;
+        let kv_len = batch * spec.kv_heads() * seq_k * head_dim;
+        let q_len = q_rows * head_dim;
+        let words = |n: Option<usize>| {
+            n.filter(|&n| n <= u32::MAX as usize)
+                .ok_or_else(|| Error::DeviceLimit {
+                    op,
+                    reason: "the backward's partial gradients need more than 2^32 elements".into(),
+                })
+        };
+        let dkv_partial_len = words(dkv_splits.checked_mul(2 * kv_len))?;
+        let dq_partial_len = words(dq_splits.checked_mul(q_len))?;
+        let stats_len = 2 * q_rows + spec.q_heads();
+        let stats = self.empty(op, stats_len, size_of::<f32>())?;
+        let dkv_partial = self.empty(op, dkv_partial_len, size_of::<f32>())?;
+        let dq_partial = self.empty(op, dq_partial_len, size_of::<f32>())?;
+        let slopes = self.slopes(op, spec)?;
+        let scalars = super::launch_scalars(spec, shape, None, keys_per_split, op)?;
+
+        let block_k = dkv.units * dkv.rows;
+        let dkv_cubes = self.grid(
+            op,
+            [seq_k.div_ceil(block_k), spec.kv_heads(), dkv_splits * batch],
+        )?;
+        let block_m = dq_config.units * dq_config.rows;
+        let dq_cubes = self.grid(
+            op,
+            [seq_q.div_ceil(block_m), spec.kv_heads(), dq_splits * batch],
+        )?;
+        let line = |n: usize| self.grid_1d(op, n.div_ceil(LINE_UNITS));
+        let rows_cubes = line(q_rows.max(spec.q_heads()))?;
+        let (dq_cubes_sum, dkv_cubes_sum) = (line(q_len)?, line(kv_len)?);
+        let line_dim = CubeDim::new_1d(LINE_UNITS as u32);
+        let d_lse = d_lse.unwrap_or(&self.scratch.0);
+
+        // SAFETY: launched unchecked (module docs of `kernels/backward.rs`). The inputs are the
+        // contiguous uploads of `[batch, heads, len, head_dim]` tensors the caller checked
+        // against `spec` and `shape` (`lse`, `d_lse` of `q_rows` rows; `d_lse` read only when
+        // given); no length is 0, so the kernels' clamped rows and keys are in bounds. `stats`
+        // holds `2 · q_rows + q_heads` words, written by the prepass before the main kernels
+        // read them (one stream: launches run in order); the partials hold `splits` copies of
+        // the gradients, every element written by exactly one cube (rows past the sequences are
+        // not written, and are not inside the buffers); the grids of the prepass and the sums
+        // cover their lengths in cubes of `LINE_UNITS`.
+        unsafe {
+            backward_rows::launch_unchecked::<T>(
+                &self.client,
+                rows_cubes,
+                line_dim,
+                arg(o),
+                arg(d_o),
+                arg(lse),
+                arg(d_lse),
+                arg(&slopes),
+                arg(&stats),
+                q_rows as u32,
+                spec.q_heads() as u32,
+                head_dim,
+                call.d_lse.is_some(),
+                base.alibi,
+            );
+            backward_dkv::launch_unchecked::<T, M>(
+                &self.client,
+                dkv_cubes,
+                CubeDim::new_1d(dkv.units as u32),
+                arg(q),
+                arg(k),
+                arg(v),
+                arg(d_o),
+                arg(&stats),
+                arg(aux),
+                arg(&dkv_partial),
+                scalars.q_heads,
+                scalars.seq_q,
+                scalars.seq_k,
+                scalars.diag_offset,
+                scalars.left,
+                scalars.right,
+                scalars.scale,
+                scalars.softcap,
+                scalars.batch,
+                items_per_split as u32,
+                dkv.padded_dim as u32,
+                dkv,
+            );
+            backward_dq::launch_unchecked::<T, M>(
+                &self.client,
+                dq_cubes,
+                CubeDim::new_1d(dq_units as u32),
+                arg(q),
+                arg(k),
+                arg(v),
+                arg(d_o),
+                arg(&stats),
+                arg(aux),
+                arg(&dq_partial),
+                scalars.q_heads,
+                scalars.seq_q,
+                scalars.seq_k,
+                scalars.diag_offset,
+                scalars.left,
+                scalars.right,
+                scalars.scale,
+                scalars.softcap,
+                scalars.batch,
+                keys_per_split as u32,
+                dq_config.padded_dim as u32,
+                dq_config,
+            );
+            let sums: [(&Buffer, &Buffer, &CubeCount, usize, usize, usize); 3] = [
+                (&dq_partial, dq, &dq_cubes_sum, 0, q_len, dq_splits),
+                (&dkv_partial, dk, &dkv_cubes_sum, 0, 2 * kv_len, dkv_splits),
+                (
+                    &dkv_partial,
+                    dv,
+                    &dkv_cubes_sum,
+                    kv_len,
+                    2 * kv_len,
+                    dkv_splits,
+                ),
+            ];
+            for (partial, out, cubes, offset, stride, splits) in sums {
+                sum_splits::launch_unchecked::<T>(
+                    &self.client,
+                    cubes.clone(),
+                    line_dim,
+                    arg(partial),
+                    arg(out),
+                    out.len as u32,
+                    offset as u32,
+                    stride as u32,
+                    splits as u32,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocks one unit of a backward kernel cut as `config` may walk: all of them, except on
+    /// lavapipe, where its loops must stay under [`LAVAPIPE_LOOP_BUDGET`] iterations. A block
+    /// costs two head-dim loops (`head_dim / chunk + 1` iterations each, counting the test
+    /// that ends it) and the block loop's own; the rows' loads, zeroing and writes are fixed.
+    fn backward_items_per_split(&self, config: &BackwardConfig) -> usize {
+        if !self.name.contains("llvmpipe") {
+            return usize::MAX / 4;
+        }
+        let fixed = 2 * config.rows * (config.padded_dim + 1) + 16;
+        let per_block = 2 * (config.padded_dim / config.chunk + 1) + 1;
+        (LAVAPIPE_LOOP_BUDGET.saturating_sub(fixed) / per_block).max(1)
+    }
+}

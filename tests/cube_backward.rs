@@ -1,0 +1,221 @@
+//! The kernels' backward (`CubeDevice::try_backward_with`) against the f64 oracle's gradients,
+//! under the tolerance rule for gradients (`oracle::compare_gradients`), on whatever device
+//! `CubeDevice::try_default` finds (Mesa's lavapipe in CI).
+//!
+//! Every configuration of the shared list runs one kernel specialisation — right band with
+//! softcap (f32), a two-sided window with ALiBi (f32), or everything at once (f16), in turn —
+//! over the forward suites' problems (batch 0 included, lengths 0..=160 across tile edges, rows
+//! that see nothing, both alignments, scores in the hundreds) with NaN-padded strided inputs;
+//! then the library's mask-mod families, key and query ranges long enough to split on
+//! lavapipe, non-finite values at positions no visible pair reads, bit-identical repeats, and
+//! typed errors. Each distinct specialisation is a kernel compile, so the set is deliberate.
+//!
+//! Without a device: in CI (`CI` set) the tests fail; elsewhere they say loudly that they were
+//! skipped. `GQA_CUBE_CASES` sets the cases per test (default 3); seeds per test
+//! (`tests/common/runner.rs`).
+
+#[macro_use]
+mod common;
+
+use common::Problem;
+use common::backward::{check_backward, upstream};
+use common::cube::{cases, device};
+use common::forward::{self, Variant};
+use common::mods::Captures;
+use common::runner::{self, Persist};
+use gqa::cube::{CubeDevice, CubeElement};
+use gqa::dsl::{Aux, Mods, NoScore, library};
+use gqa::{Error, Gqa};
+use half::f16;
+use ndarray::{Array4, s};
+use proptest::prelude::*;
+
+/// Lengths up to this (the forward suites go to 300): lavapipe runs the backward of a 300 × 300
+/// problem with 20 heads of 256 in about a minute, and the tile edges end at 129.
+const MAX_LEN: usize = 160;
+
+fn run<T: CubeElement>(test: &str, variant: Variant, (hq, hkv, d): (usize, usize, usize)) {
+    let Some(device) = device() else { return };
+    let strategy = forward::problems_up_to(variant, hq, hkv, d, MAX_LEN)
+        .prop_flat_map(|p| (Just(p.clone()), upstream(&p)));
+    runner::check(test, cases(), Persist::No, strategy, |(p, up)| {
+        runner::log_case(format!("{test} {}", forward::case_key(&p)));
+        check_backward::<T, CubeDevice, _, _>(device, &p, &Mods::none(), &up).map(|_| ())
+    });
+}
+
+/// One specialisation per configuration, the three in turn down the list (`$variant`).
+macro_rules! backward_tests {
+    ($name:ident, $hq:literal, $hkv:literal, $d:literal) => {
+        paste::paste! {
+            #[test]
+            fn [<$name _backward_matches_the_oracle>]() {
+                let test = stringify!([<$name _backward_matches_the_oracle>]);
+                match ($hq * 31 + $hkv * 7 + $d) % 3 {
+                    0 => run::<f32>(test, Variant::RightSoftcap, ($hq, $hkv, $d)),
+                    1 => run::<f32>(test, Variant::WindowAlibi, ($hq, $hkv, $d)),
+                    _ => run::<f16>(test, Variant::Everything, ($hq, $hkv, $d)),
+                }
+            }
+        }
+    };
+}
+
+for_each_config!(backward_tests);
+
+/// The specialisations the list above leaves out, on one configuration each.
+#[test]
+fn backward_plain_and_left_band() {
+    let test = "backward_plain_and_left_band";
+    run::<f32>(&format!("{test}/plain"), Variant::Plain, (8, 2, 64));
+    run::<f32>(&format!("{test}/left"), Variant::LeftBand, (12, 4, 80));
+}
+
+/// The library's mask-mod families through the kernels (evaluated per pair).
+macro_rules! family_tests {
+    ($name:ident, $variant:expr, $make:expr) => {
+        paste::paste! {
+            #[test]
+            fn [<backward_ $name _matches_the_oracle>]() {
+                let Some(device) = device() else { return };
+                let make = $make;
+                let test = stringify!([<backward_ $name _matches_the_oracle>]);
+                let strategy = common::mods::cases($variant, (6, 2, 8))
+                    .prop_flat_map(|(p, c)| (Just((p.clone(), c)), upstream(&p)));
+                runner::check(test, cases(), Persist::No, strategy, |((p, c), up)| {
+                    check_backward::<f32, CubeDevice, _, _>(device, &p, &make(&c), &up).map(|_| ())
+                });
+            }
+        }
+    };
+}
+
+family_tests!(document_causal, Variant::Plain, |c: &Captures| Mods::new(
+    library::document(Aux::new(c.docs.clone())) & library::causal(),
+    NoScore
+));
+family_tests!(streaming, Variant::Plain, |c: &Captures| Mods::new(
+    library::streaming(c.b, c.a),
+    NoScore
+));
+family_tests!(not_dilated_or_sinks, Variant::LeftBand, |c: &Captures| {
+    Mods::new(!library::dilated(c.b) | library::sinks(c.b), NoScore)
+});
+
+/// Long key and query ranges with the largest head dim: on lavapipe both main kernels split
+/// their work (its loop limit), and the splits' partials are summed.
+#[test]
+fn long_ranges_split_and_sum() {
+    let Some(device) = device() else { return };
+    let test = "long_ranges_split_and_sum";
+    let (hq, hkv, d) = (4, 1, 256);
+    let problems = (
+        700..=1100usize,
+        700..=1100usize,
+        forward::spec_for(Variant::Everything, hq, hkv, d),
+    )
+        .prop_flat_map(move |(seq_q, seq_k, spec)| {
+            (
+                Just(spec),
+                common::tensor([1, hq, seq_q, d]),
+                common::tensor([1, hkv, seq_k, d]),
+                common::tensor([1, hkv, seq_k, d]),
+            )
+                .prop_map(|(spec, q, k, v)| Problem { spec, q, k, v })
+        });
+    let strategy = problems.prop_flat_map(|p| (Just(p.clone()), upstream(&p)));
+    runner::check(test, 2, Persist::No, strategy, |(p, up)| {
+        check_backward::<f16, CubeDevice, _, _>(device, &p, &Mods::none(), &up).map(|_| ())
+    });
+}
+
+fn bits<T: Copy + Into<f64>>(x: &Array4<T>) -> Vec<u64> {
+    x.iter().map(|&v| v.into().to_bits()).collect()
+}
+
+/// NaN and ∞ at keys no row sees, and at queries of rows that see no key, reach no gradient;
+/// and a second launch gives the same bits (no atomics).
+#[test]
+fn non_finite_values_rows_cannot_see_leave_the_gradients_alone_and_repeats_agree() {
+    let Some(device) = device() else { return };
+    let test = "non_finite_values_rows_cannot_see_leave_the_gradients_alone_and_repeats_agree";
+    let strategy = forward::problems(Variant::RightSoftcap, 8, 2, 16)
+        .prop_flat_map(|p| (Just(p.clone()), upstream(&p)));
+    runner::check(test, cases() * 2, Persist::No, strategy, |(p, up)| {
+        let (seq_q, seq_k) = (p.seq_q(), p.seq_k());
+        let mask = p.spec.mask();
+        let seen = |j: usize| (0..seq_q).any(|i| mask.visible_keys(i, seq_q, seq_k).contains(&j));
+        let blind = |i: usize| mask.visible_keys(i, seq_q, seq_k).is_empty();
+        let mut dirty = p.clone();
+        for j in (0..seq_k).filter(|&j| !seen(j)) {
+            dirty.k.slice_mut(s![.., .., j, ..]).fill(f64::NAN);
+            dirty.v.slice_mut(s![.., .., j, ..]).fill(f64::INFINITY);
+        }
+        for i in (0..seq_q).filter(|&i| blind(i)) {
+            dirty.q.slice_mut(s![.., .., i, ..]).fill(f64::NAN);
+        }
+        // The oracle never reads them, so its gradients of `dirty` are those of `p`.
+        check_backward::<f32, CubeDevice, _, _>(device, &dirty, &Mods::none(), &up)?;
+
+        let narrow = |x: &Array4<f64>| x.mapv(|x| x as f32);
+        let (q, k, v, d_o) = (narrow(&p.q), narrow(&p.k), narrow(&p.v), narrow(&up.d_o));
+        let out = device
+            .try_forward(&p.spec, q.view(), k.view(), v.view())
+            .unwrap();
+        let run = || {
+            let d_lse = up.d_lse.as_ref().map(|d| d.view());
+            let inputs = [q.view(), k.view(), v.view()];
+            let g = device
+                .try_backward_with(&p.spec, &Mods::none(), inputs, &out, d_o.view(), d_lse)
+                .unwrap();
+            [bits(&g.dq), bits(&g.dk), bits(&g.dv)]
+        };
+        prop_assert!(run() == run(), "two launches differ");
+        Ok(())
+    });
+}
+
+#[test]
+fn bad_backward_inputs_and_score_mods_are_typed_errors() {
+    let Some(device) = device() else { return };
+    let attention = Gqa::<4, 2, 8>::new().causal();
+    let q = Array4::<f32>::zeros((1, 4, 3, 8));
+    let kv = Array4::<f32>::zeros((1, 2, 5, 8));
+    let out = attention
+        .try_forward(device, q.view(), kv.view(), kv.view())
+        .unwrap();
+    let bad_d_o = Array4::<f32>::zeros((1, 4, 3, 7));
+    assert_eq!(
+        attention
+            .try_backward(device, q.view(), kv.view(), kv.view(), &out, bad_d_o.view())
+            .unwrap_err()
+            .to_string(),
+        "cube::backward: `d_o` has shape [1, 4, 3, 7], expected [1, 4, 3, 8] ([batch, q_heads, seq_q, head_dim])"
+    );
+    let d_o = Array4::<f32>::zeros((1, 4, 3, 8));
+    let modded = attention.clone().score_mod(library::softcap(30.0));
+    let out = modded
+        .try_forward(device, q.view(), kv.view(), kv.view())
+        .unwrap();
+    let error = modded
+        .try_backward(
+            device,
+            q.view(),
+            kv.view(),
+            kv.view(),
+            &out,
+            d_o.view(),
+            None,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::Unsupported {
+                op: "cube::backward",
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
