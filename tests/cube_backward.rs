@@ -102,77 +102,87 @@ family_tests!(not_dilated_or_sinks, Variant::LeftBand, |c: &Captures| {
     Mods::new(!library::dilated(c.b) | library::sinks(c.b), NoScore)
 });
 
-/// Long key and query ranges with the largest head dim: on lavapipe both main kernels split
-/// their work (its loop limit), and the splits' partials are summed.
+/// Ranges long enough that on lavapipe each main kernel splits its work (its loop limit) and
+/// the splits' partials are summed: at head dim 256 (two rows per unit, chunks of 8 channels),
+/// a split walks at most 730 blocks, so 1500–1800 queries of a group of 4 split `dK`/`dV`
+/// (4 · 188 blocks or more) and 5900–6500 keys split `dQ` (730 blocks of 8 keys).
 #[test]
 fn long_ranges_split_and_sum() {
     let Some(device) = device() else { return };
-    let test = "long_ranges_split_and_sum";
     let (hq, hkv, d) = (4, 1, 256);
-    let problems = (
-        700..=1100usize,
-        700..=1100usize,
-        forward::spec_for(Variant::Everything, hq, hkv, d),
-    )
-        .prop_flat_map(move |(seq_q, seq_k, spec)| {
-            (
-                Just(spec),
-                common::tensor([1, hq, seq_q, d]),
-                common::tensor([1, hkv, seq_k, d]),
-                common::tensor([1, hkv, seq_k, d]),
-            )
-                .prop_map(|(spec, q, k, v)| Problem { spec, q, k, v })
+    for (name, queries, keys) in [
+        ("queries", 1500..=1800usize, 1..=64usize),
+        ("keys", 1..=16, 5900..=6500),
+    ] {
+        let test = format!("long_ranges_split_and_sum/{name}");
+        let problems = (queries, keys, forward::spec_for(Variant::Plain, hq, hkv, d))
+            .prop_flat_map(move |(seq_q, seq_k, spec)| {
+                (
+                    Just(spec),
+                    common::tensor([1, hq, seq_q, d]),
+                    common::tensor([1, hkv, seq_k, d]),
+                    common::tensor([1, hkv, seq_k, d]),
+                )
+                    .prop_map(|(spec, q, k, v)| Problem { spec, q, k, v })
+            });
+        let strategy = problems.prop_flat_map(|p| (Just(p.clone()), upstream(&p)));
+        runner::check(&test, 2, Persist::No, strategy, |(p, up)| {
+            check_backward::<f32, CubeDevice, _, _>(device, &p, &Mods::none(), &up).map(|_| ())
         });
-    let strategy = problems.prop_flat_map(|p| (Just(p.clone()), upstream(&p)));
-    runner::check(test, 2, Persist::No, strategy, |(p, up)| {
-        check_backward::<f16, CubeDevice, _, _>(device, &p, &Mods::none(), &up).map(|_| ())
-    });
+    }
 }
 
 fn bits<T: Copy + Into<f64>>(x: &Array4<T>) -> Vec<u64> {
     x.iter().map(|&v| v.into().to_bits()).collect()
 }
 
-/// NaN and ∞ at keys no row sees, and at queries of rows that see no key, reach no gradient;
-/// and a second launch gives the same bits (no atomics).
+/// NaN and ∞ at keys no row sees, and at queries and upstream gradients of rows that see no
+/// key, reach no gradient; and a second launch gives the same bits (no atomics). A band on
+/// each side (and a right band alone) leave keys no row sees at both ends.
 #[test]
 fn non_finite_values_rows_cannot_see_leave_the_gradients_alone_and_repeats_agree() {
     let Some(device) = device() else { return };
-    let test = "non_finite_values_rows_cannot_see_leave_the_gradients_alone_and_repeats_agree";
-    let strategy = forward::problems(Variant::RightSoftcap, 8, 2, 16)
-        .prop_flat_map(|p| (Just(p.clone()), upstream(&p)));
-    runner::check(test, cases() * 2, Persist::No, strategy, |(p, up)| {
-        let (seq_q, seq_k) = (p.seq_q(), p.seq_k());
-        let mask = p.spec.mask();
-        let seen = |j: usize| (0..seq_q).any(|i| mask.visible_keys(i, seq_q, seq_k).contains(&j));
-        let blind = |i: usize| mask.visible_keys(i, seq_q, seq_k).is_empty();
-        let mut dirty = p.clone();
-        for j in (0..seq_k).filter(|&j| !seen(j)) {
-            dirty.k.slice_mut(s![.., .., j, ..]).fill(f64::NAN);
-            dirty.v.slice_mut(s![.., .., j, ..]).fill(f64::INFINITY);
-        }
-        for i in (0..seq_q).filter(|&i| blind(i)) {
-            dirty.q.slice_mut(s![.., .., i, ..]).fill(f64::NAN);
-        }
-        // The oracle never reads them, so its gradients of `dirty` are those of `p`.
-        check_backward::<f32, CubeDevice, _, _>(device, &dirty, &Mods::none(), &up)?;
+    for variant in [Variant::RightSoftcap, Variant::WindowAlibi] {
+        let test = format!(
+            "non_finite_values_rows_cannot_see_leave_the_gradients_alone_and_repeats_agree/{variant:?}"
+        );
+        let strategy =
+            forward::problems(variant, 8, 2, 16).prop_flat_map(|p| (Just(p.clone()), upstream(&p)));
+        runner::check(&test, cases() * 3, Persist::No, strategy, |(p, up)| {
+            let (seq_q, seq_k) = (p.seq_q(), p.seq_k());
+            let mask = p.spec.mask();
+            let seen =
+                |j: usize| (0..seq_q).any(|i| mask.visible_keys(i, seq_q, seq_k).contains(&j));
+            let blind = |i: usize| mask.visible_keys(i, seq_q, seq_k).is_empty();
+            let (mut dirty, mut dirty_up) = (p.clone(), up.clone());
+            for j in (0..seq_k).filter(|&j| !seen(j)) {
+                dirty.k.slice_mut(s![.., .., j, ..]).fill(f64::NAN);
+                dirty.v.slice_mut(s![.., .., j, ..]).fill(f64::INFINITY);
+            }
+            for i in (0..seq_q).filter(|&i| blind(i)) {
+                dirty.q.slice_mut(s![.., .., i, ..]).fill(f64::NAN);
+                dirty_up.d_o.slice_mut(s![.., .., i, ..]).fill(f64::NAN);
+            }
+            // The oracle never reads them, so its gradients of `dirty` are those of `p`.
+            check_backward::<f32, CubeDevice, _, _>(device, &dirty, &Mods::none(), &dirty_up)?;
 
-        let narrow = |x: &Array4<f64>| x.mapv(|x| x as f32);
-        let (q, k, v, d_o) = (narrow(&p.q), narrow(&p.k), narrow(&p.v), narrow(&up.d_o));
-        let out = device
-            .try_forward(&p.spec, q.view(), k.view(), v.view())
-            .unwrap();
-        let run = || {
-            let d_lse = up.d_lse.as_ref().map(|d| d.view());
-            let inputs = [q.view(), k.view(), v.view()];
-            let g = device
-                .try_backward_with(&p.spec, &Mods::none(), inputs, &out, d_o.view(), d_lse)
+            let narrow = |x: &Array4<f64>| x.mapv(|x| x as f32);
+            let (q, k, v, d_o) = (narrow(&p.q), narrow(&p.k), narrow(&p.v), narrow(&up.d_o));
+            let out = device
+                .try_forward(&p.spec, q.view(), k.view(), v.view())
                 .unwrap();
-            [bits(&g.dq), bits(&g.dk), bits(&g.dv)]
-        };
-        prop_assert!(run() == run(), "two launches differ");
-        Ok(())
-    });
+            let run = || {
+                let d_lse = up.d_lse.as_ref().map(|d| d.view());
+                let inputs = [q.view(), k.view(), v.view()];
+                let g = device
+                    .try_backward_with(&p.spec, &Mods::none(), inputs, &out, d_o.view(), d_lse)
+                    .unwrap();
+                [bits(&g.dq), bits(&g.dk), bits(&g.dv)]
+            };
+            prop_assert!(run() == run(), "two launches differ");
+            Ok(())
+        });
+    }
 }
 
 #[test]
@@ -193,7 +203,7 @@ fn bad_backward_inputs_and_score_mods_are_typed_errors() {
         "cube::backward: `d_o` has shape [1, 4, 3, 7], expected [1, 4, 3, 8] ([batch, q_heads, seq_q, head_dim])"
     );
     let d_o = Array4::<f32>::zeros((1, 4, 3, 8));
-    let modded = attention.clone().score_mod(library::softcap(30.0));
+    let modded = attention.score_mod(library::softcap(30.0));
     let out = modded
         .try_forward(device, q.view(), kv.view(), kv.view())
         .unwrap();

@@ -80,7 +80,8 @@ pub struct BackwardConfig {
 /// the `rows` rows of the contiguous `o` and `d_o` (`d_lse` read only with `has_d_lse`), and
 /// the `q_heads` ALiBi slopes after them (with `alibi`). One unit per row.
 #[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
+// A comptime `if` stays apart from the runtime one it guards.
+#[allow(clippy::too_many_arguments, clippy::collapsible_if)]
 pub fn backward_rows<F: Float>(
     o: &[F],
     d_o: &[F],
