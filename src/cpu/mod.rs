@@ -267,13 +267,14 @@ impl Cpu {
         d_lse: Option<ArrayView3<f32>>,
     ) -> Result<HostGradients<T>> {
         const OP: &str = "cpu::backward";
-        let shape = spec.check_shapes(OP, q.shape(), k.shape(), v.shape())?;
-        spec.check_like_q(OP, shape, "o", forward.o.shape())?;
-        spec.check_like_lse(OP, shape, "lse", forward.lse.shape())?;
-        spec.check_like_q(OP, shape, "d_o", d_o.shape())?;
-        if let Some(d_lse) = &d_lse {
-            spec.check_like_lse(OP, shape, "d_lse", d_lse.shape())?;
-        }
+        let shape = spec.check_backward_shapes(
+            OP,
+            [q.shape(), k.shape(), v.shape()],
+            forward.o.shape(),
+            forward.lse.shape(),
+            d_o.shape(),
+            d_lse.as_ref().map(|d| d.shape()),
+        )?;
         let (q, k, v) = (T::as_f32(q), T::as_f32(k), T::as_f32(v));
         let (o, d_o) = (T::as_f32(forward.o.view()), T::as_f32(d_o));
         let inputs = backward::Inputs {

@@ -24,12 +24,17 @@
 //! ([`DeviceKvCache`]): with the lanes of a plane across the head dim where the device's plane
 //! sums work ([`CubeDevice::plane_decode_lanes`]), with rows per unit elsewhere.
 //!
+//! The backward ([`CubeDevice::try_backward_with`], on device tensors
+//! [`CubeDevice::try_backward_device_with`]; docs in `kernels/backward.rs`) is three kernels: a
+//! row prepass, `dK`/`dV` with one cube per key tile and KV head that sums the group's query
+//! heads in its registers, and `dQ` laid out like the forward; no atomics.
+//!
 //! What a device's planes do is found, not assumed: a probe kernel runs when a device opens
 //! (cubecl's own plane flag is off for CPU adapters such as lavapipe, whose subgroup operations
 //! work and are what makes both kernels fast there).
 //!
 //! The room's layout: this file and `cache.rs` are the public API; `runtime.rs` the host side
-//! (device, buffers, launch plans, probes); `tune.rs` the forward tile's autotune; `kernels/`
+//! (device, buffers, launch plans, probes; `runtime/backward.rs` the backward's); `tune.rs` the forward tile's autotune; `kernels/`
 //! the kernel side (`#[cube]` code only).
 //!
 //! The API is the same in every build: with no cubecl runtime feature on,
@@ -631,11 +636,11 @@ impl CubeDevice {
     ) -> Result<HostGradients<T>> {
         const OP: &str = "cube::backward";
         // Shapes are checked before anything is copied.
-        check_backward_shapes(
+        spec.check_backward_shapes(
             OP,
-            spec,
             [q.shape(), k.shape(), v.shape()],
-            forward,
+            forward.o.shape(),
+            forward.lse.shape(),
             d_o.shape(),
             d_lse.as_ref().map(|d| d.shape()),
         )?;
@@ -932,26 +937,6 @@ pub struct DeviceGradients<T> {
     pub dq: DeviceTensor<T>,
     pub dk: DeviceTensor<T>,
     pub dv: DeviceTensor<T>,
-}
-
-/// The backward's host-side shape checks: the problem, the forward's outputs, the upstream
-/// gradients.
-fn check_backward_shapes<T>(
-    op: &'static str,
-    spec: &AttentionSpec,
-    [q, k, v]: [&[usize]; 3],
-    forward: &HostOutput<T>,
-    d_o: &[usize],
-    d_lse: Option<&[usize]>,
-) -> Result<()> {
-    let shape = spec.check_shapes(op, q, k, v)?;
-    spec.check_like_q(op, shape, "o", forward.o.shape())?;
-    spec.check_like_lse(op, shape, "lse", forward.lse.shape())?;
-    spec.check_like_q(op, shape, "d_o", d_o)?;
-    if let Some(d_lse) = d_lse {
-        spec.check_like_lse(op, shape, "d_lse", d_lse)?;
-    }
-    Ok(())
 }
 
 /// [`Error::Shape`] unless the view `(shape, offset, strides)` is contiguous from element 0.

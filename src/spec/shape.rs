@@ -95,6 +95,29 @@ impl AttentionSpec {
         let want = [shape.batch, self.q_heads(), shape.seq_q];
         check_exact(op, tensor, got, &want, "[batch, q_heads, seq_q]")
     }
+
+    /// The backward's shape checks ([`crate::backend::Backward`]): the problem `q`, `k`, `v`,
+    /// the forward's `o` and `lse`, the upstream `d_o` and, when given, `d_lse`. Returns the
+    /// problem's shape; [`Error::Shape`] names the first tensor that disagrees.
+    #[allow(clippy::too_many_arguments)]
+    pub fn check_backward_shapes(
+        &self,
+        op: &'static str,
+        [q, k, v]: [&[usize]; 3],
+        o: &[usize],
+        lse: &[usize],
+        d_o: &[usize],
+        d_lse: Option<&[usize]>,
+    ) -> Result<ProblemShape> {
+        let shape = self.check_shapes(op, q, k, v)?;
+        self.check_like_q(op, shape, "o", o)?;
+        self.check_like_lse(op, shape, "lse", lse)?;
+        self.check_like_q(op, shape, "d_o", d_o)?;
+        if let Some(d_lse) = d_lse {
+            self.check_like_lse(op, shape, "d_lse", d_lse)?;
+        }
+        Ok(shape)
+    }
 }
 
 fn check_exact(

@@ -300,19 +300,7 @@ pub fn backward_dkv<F: Float, M: CubeMask>(
             let c = cu as usize;
             load_rows::<F>(q, &q_at, c * chunk, &mut qc, bm, cfg);
             load_rows::<F>(d_o, &q_at, c * chunk, &mut oc, bm, cfg);
-            #[unroll]
-            for r in 0..rows {
-                #[unroll]
-                for e in 0..chunk {
-                    let kd = k_reg[r * padded + c * chunk + e];
-                    let vd = v_reg[r * padded + c * chunk + e];
-                    #[unroll]
-                    for j in 0..bm {
-                        s[r * bm + j] += kd * qc[j * chunk + e];
-                        dp[r * bm + j] += vd * oc[j * chunk + e];
-                    }
-                }
-            }
+            chunk_products(&k_reg, &v_reg, c, &qc, &oc, &mut s, &mut dp, rows, bm, cfg);
         }
         #[unroll]
         for r in 0..rows {
@@ -500,19 +488,7 @@ pub fn backward_dq<F: Float, M: CubeMask>(
             let c = cu as usize;
             load_rows::<F>(k, &k_at, c * chunk, &mut kc, bn, cfg);
             load_rows::<F>(v, &k_at, c * chunk, &mut vc, bn, cfg);
-            #[unroll]
-            for i in 0..rows {
-                #[unroll]
-                for e in 0..chunk {
-                    let qd = q_reg[i * padded + c * chunk + e];
-                    let od = o_reg[i * padded + c * chunk + e];
-                    #[unroll]
-                    for j in 0..bn {
-                        s[i * bn + j] += qd * kc[j * chunk + e];
-                        dp[i * bn + j] += od * vc[j * chunk + e];
-                    }
-                }
-            }
+            chunk_products(&q_reg, &o_reg, c, &kc, &vc, &mut s, &mut dp, rows, bn, cfg);
         }
         #[unroll]
         for i in 0..rows {
@@ -573,6 +549,41 @@ pub fn backward_dq<F: Float, M: CubeMask>(
                 if d < dim {
                     partial[at + d] = scale * dq[i * padded + d];
                 }
+            }
+        }
+    }
+}
+
+/// One chunk of the first pass's products, for either kernel: `s[r·n + j] += a_r · x_j` and
+/// `dp[r·n + j] += b_r · y_j` over channels `c·chunk..(c + 1)·chunk`, where `a`, `b` hold the
+/// unit's `rows` register rows (`padded_dim` apart: K and V, or Q and dO) and `x`, `y` the
+/// block's `n` loaded rows (`chunk` apart: Q and dO, or K and V).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn chunk_products(
+    a: &Array<f32>,
+    b: &Array<f32>,
+    c: usize,
+    x: &Array<f32>,
+    y: &Array<f32>,
+    s: &mut Array<f32>,
+    dp: &mut Array<f32>,
+    #[comptime] rows: usize,
+    #[comptime] n: usize,
+    #[comptime] cfg: BackwardConfig,
+) {
+    let chunk = cfg.chunk;
+    let padded = cfg.padded_dim;
+    #[unroll]
+    for r in 0..rows {
+        #[unroll]
+        for e in 0..chunk {
+            let ad = a[r * padded + c * chunk + e];
+            let bd = b[r * padded + c * chunk + e];
+            #[unroll]
+            for j in 0..n {
+                s[r * n + j] += ad * x[j * chunk + e];
+                dp[r * n + j] += bd * y[j * chunk + e];
             }
         }
     }
