@@ -89,10 +89,6 @@ pub enum Error {
     #[error("{op}: the kernel failed on the device: {reason}")]
     Kernel { op: &'static str, reason: String },
 
-    /// A backend cannot compute this yet (the message says what, and what can).
-    #[error("{op}: {reason}")]
-    Unsupported { op: &'static str, reason: String },
-
     /// A KV-cache layout that cannot hold anything.
     #[error("{op}: invalid cache layout: {reason}")]
     CacheLayout { op: &'static str, reason: String },

@@ -6,9 +6,9 @@
 //! softcap (f32), a two-sided window with ALiBi (f32), or everything at once (f16), in turn —
 //! over the forward suites' problems (batch 0 included, lengths 0..=160 across tile edges, rows
 //! that see nothing, both alignments, scores in the hundreds) with NaN-padded strided inputs;
-//! then the library's mask-mod families, key and query ranges long enough to split on
-//! lavapipe, non-finite values at positions no visible pair reads, bit-identical repeats, and
-//! typed errors. Each distinct specialisation is a kernel compile, so the set is deliberate.
+//! then the DSL suites' mod families (mask mods, score mods and their generated derivatives, a
+//! user pair with kinks), key and query ranges long enough to split on lavapipe, non-finite
+//! values at positions no visible pair reads, bit-identical repeats, and typed errors. Each distinct specialisation is a kernel compile, so the set is deliberate.
 //!
 //! Without a device: in CI (`CI` set) the tests fail; elsewhere they say loudly that they were
 //! skipped. `GQA_CUBE_CASES` sets the cases per test (default 3); seeds per test
@@ -21,11 +21,11 @@ use common::Problem;
 use common::backward::{check_backward, upstream};
 use common::cube::{cases, device};
 use common::forward::{self, Variant};
-use common::mods::Captures;
+use common::mods::{Captures, checker, wobble};
 use common::runner::{self, Persist};
+use gqa::Gqa;
 use gqa::cube::{CubeDevice, CubeElement};
-use gqa::dsl::{Aux, Mods, NoScore, library};
-use gqa::{Error, Gqa};
+use gqa::dsl::{Aux, Mods, NoMask, NoScore, ScoreMod, library};
 use half::f16;
 use ndarray::{Array4, s};
 use proptest::prelude::*;
@@ -71,7 +71,10 @@ fn backward_plain_and_left_band() {
     run::<f32>(&format!("{test}/left"), Variant::LeftBand, (12, 4, 80));
 }
 
-/// The library's mask-mod families through the kernels (evaluated per pair).
+/// The mod families of the DSL suites (`tests/common/mods.rs`): library mask mods under `&`,
+/// `|`, `!` (evaluated per pair), score mods chained with `then` after the built-in softcap and
+/// ALiBi (their derivative generated as kernel code by `#[score_mod]`), and a user mod pair
+/// with kinks (`max`, `clamp`, `abs`, `floor`, `if` chains).
 macro_rules! family_tests {
     ($name:ident, $variant:expr, $make:expr) => {
         paste::paste! {
@@ -90,16 +93,12 @@ macro_rules! family_tests {
     };
 }
 
-family_tests!(document_causal, Variant::Plain, |c: &Captures| Mods::new(
-    library::document(Aux::new(c.docs.clone())) & library::causal(),
-    NoScore
-));
-family_tests!(streaming, Variant::Plain, |c: &Captures| Mods::new(
-    library::streaming(c.b, c.a),
-    NoScore
-));
-family_tests!(not_dilated_or_sinks, Variant::LeftBand, |c: &Captures| {
-    Mods::new(!library::dilated(c.b) | library::sinks(c.b), NoScore)
+for_each_mod_family!(family_tests);
+
+// A chain whose first mod's derivative is not 1 (the shared list's chain starts with a bias):
+// the kernels' `then` passes the first mod's tangent on.
+family_tests!(softcap_then_wobble, Variant::Plain, |c: &Captures| {
+    Mods::new(NoMask, library::softcap(c.cap).then(wobble(c.gain)))
 });
 
 /// Ranges long enough that on lavapipe each main kernel splits its work (its loop limit) and
@@ -186,7 +185,7 @@ fn non_finite_values_rows_cannot_see_leave_the_gradients_alone_and_repeats_agree
 }
 
 #[test]
-fn bad_backward_inputs_and_score_mods_are_typed_errors() {
+fn bad_backward_inputs_are_typed_errors() {
     let Some(device) = device() else { return };
     let attention = Gqa::<4, 2, 8>::new().causal();
     let q = Array4::<f32>::zeros((1, 4, 3, 8));
@@ -201,31 +200,5 @@ fn bad_backward_inputs_and_score_mods_are_typed_errors() {
             .unwrap_err()
             .to_string(),
         "cube::backward: `d_o` has shape [1, 4, 3, 7], expected [1, 4, 3, 8] ([batch, q_heads, seq_q, head_dim])"
-    );
-    let d_o = Array4::<f32>::zeros((1, 4, 3, 8));
-    let modded = attention.score_mod(library::softcap(30.0));
-    let out = modded
-        .try_forward(device, q.view(), kv.view(), kv.view())
-        .unwrap();
-    let error = modded
-        .try_backward(
-            device,
-            q.view(),
-            kv.view(),
-            kv.view(),
-            &out,
-            d_o.view(),
-            None,
-        )
-        .unwrap_err();
-    assert!(
-        matches!(
-            error,
-            Error::Unsupported {
-                op: "cube::backward",
-                ..
-            }
-        ),
-        "{error}"
     );
 }

@@ -88,6 +88,19 @@ struct Typed {
     ty: Ty,
     host: TokenStream,
     cube: TokenStream,
+    /// Kernel code for the float expression's derivative with respect to the score (times the
+    /// score's tangent `__t`), by the rules of the host's `Dual`; `0.0f32` where the expression
+    /// does not depend on the score or is not a float.
+    tangent: TokenStream,
+}
+
+/// The kernel name of a float local's tangent.
+fn tangent_name(ident: &Ident) -> Ident {
+    format_ident!("__t_{}", ident)
+}
+
+fn zero() -> TokenStream {
+    quote!(0.0f32)
 }
 
 struct Lowering {
@@ -275,7 +288,7 @@ pub fn expand(kind: Kind, attr: TokenStream, item: TokenStream) -> syn::Result<T
         name: fn_name.to_string(),
         vars,
     };
-    let (host_body, cube_body) = lowering.body(&function.block, expected)?;
+    let (host_body, cube_body, tangent_body) = lowering.body(&function.block, expected)?;
 
     let field_tys: Vec<TokenStream> = captures
         .iter()
@@ -446,6 +459,14 @@ pub fn expand(kind: Kind, attr: TokenStream, item: TokenStream) -> syn::Result<T
                         ) -> f32 {
                             #cube_body
                         }
+
+                        #[allow(unused_variables, unused_parens, clippy::all)]
+                        fn tangent(
+                            __aux: &[u32], __s: f32, __t: f32, __b: i32, __h: i32, __q: i32,
+                            __k: i32, __seq_q: i32, __seq_k: i32, #[comptime] __base: u32
+                        ) -> f32 {
+                            #tangent_body
+                        }
                     }
                 };
             }
@@ -459,9 +480,11 @@ impl Lowering {
         &mut self,
         block: &syn::Block,
         expected: Ty,
-    ) -> syn::Result<(TokenStream, TokenStream)> {
+    ) -> syn::Result<(TokenStream, TokenStream, TokenStream)> {
         let mut host = TokenStream::new();
         let mut cube = TokenStream::new();
+        // The values, and after each float value its tangent.
+        let mut tangent = TokenStream::new();
         let Some((last, lets)) = block.stmts.split_last() else {
             return err(
                 block.span(),
@@ -511,6 +534,11 @@ impl Lowering {
                     let (h, c) = (&value.host, &value.cube);
                     host.extend(quote!(let #ident = #h;));
                     cube.extend(quote!(let #ident = #c;));
+                    tangent.extend(quote!(let #ident = #c;));
+                    if value.ty == Ty::Float {
+                        let (name, t) = (tangent_name(&ident), &value.tangent);
+                        tangent.extend(quote!(let #name = #t;));
+                    }
                     self.vars.insert(ident.to_string(), Var::Local(value.ty));
                 }
                 Stmt::Expr(e, _) => return err(e.span(), unsupported_statement(e)),
@@ -548,10 +576,11 @@ impl Lowering {
                 ),
             );
         }
-        let (h, c) = (&result.host, &result.cube);
+        let (h, c, t) = (&result.host, &result.cube, &result.tangent);
         host.extend(quote!(#h));
         cube.extend(quote!(#c));
-        Ok((host, cube))
+        tangent.extend(quote!(#t));
+        Ok((host, cube, tangent))
     }
 
     fn expr(&self, e: &Expr) -> syn::Result<Typed> {
@@ -559,11 +588,12 @@ impl Lowering {
             Expr::Lit(lit) => self.literal(&lit.lit),
             Expr::Paren(p) => {
                 let inner = self.expr(&p.expr)?;
-                let (h, c) = (inner.host, inner.cube);
+                let (h, c, t) = (inner.host, inner.cube, inner.tangent);
                 Ok(Typed {
                     ty: inner.ty,
                     host: quote!((#h)),
                     cube: quote!((#c)),
+                    tangent: quote!((#t)),
                 })
             }
             Expr::Group(g) => self.expr(&g.expr),
@@ -605,6 +635,7 @@ impl Lowering {
                     ty: Ty::Int,
                     host: quote!(#host),
                     cube: quote!(#cube),
+                    tangent: zero(),
                 })
             }
             syn::Lit::Float(f) => {
@@ -624,12 +655,14 @@ impl Lowering {
                     ty: Ty::Float,
                     host: quote!(<N as ::gqa::dsl::__private::Real>::constant(#host)),
                     cube: quote!(#cube),
+                    tangent: zero(),
                 })
             }
             syn::Lit::Bool(b) => Ok(Typed {
                 ty: Ty::Bool,
                 host: quote!(#b),
                 cube: quote!(#b),
+                tangent: zero(),
             }),
             other => err(
                 other.span(),
@@ -657,11 +690,18 @@ impl Lowering {
                 ty: *ty,
                 host: quote!(#ident),
                 cube: quote!(#ident),
+                tangent: if *ty == Ty::Float {
+                    let t = tangent_name(ident);
+                    quote!(#t)
+                } else {
+                    zero()
+                },
             },
             Var::Score => Typed {
                 ty: Ty::Float,
                 host: quote!(__s),
                 cube: quote!(__s),
+                tangent: quote!(__t),
             },
             Var::Scalar { elem, slot } => {
                 let host = match elem {
@@ -685,6 +725,7 @@ impl Lowering {
                     ty: elem.ty(),
                     host,
                     cube,
+                    tangent: zero(),
                 }
             }
             Var::Table { .. } => {
@@ -736,6 +777,7 @@ impl Lowering {
             ty: Ty::Int,
             host,
             cube,
+            tangent: zero(),
         })
     }
 
@@ -780,27 +822,31 @@ impl Lowering {
             ty: elem.ty(),
             host,
             cube,
+            tangent: zero(),
         })
     }
 
     fn unary(&self, u: &syn::ExprUnary) -> syn::Result<Typed> {
         let inner = self.expr(&u.expr)?;
-        let (h, c) = (&inner.host, &inner.cube);
+        let (h, c, t) = (&inner.host, &inner.cube, &inner.tangent);
         match (&u.op, inner.ty) {
             (UnOp::Neg(_), Ty::Int) => Ok(Typed {
                 ty: Ty::Int,
                 host: quote!((-#h)),
                 cube: quote!((0i32 - #c)),
+                tangent: zero(),
             }),
             (UnOp::Neg(_), Ty::Float) => Ok(Typed {
                 ty: Ty::Float,
                 host: quote!((-#h)),
                 cube: quote!((-#c)),
+                tangent: quote!((-#t)),
             }),
             (UnOp::Not(_), Ty::Bool) => Ok(Typed {
                 ty: Ty::Bool,
                 host: quote!((!#h)),
                 cube: quote!((!#c)),
+                tangent: zero(),
             }),
             (UnOp::Neg(_), ty) | (UnOp::Not(_), ty) => err(
                 u.op.span(),
@@ -863,10 +909,25 @@ impl Lowering {
             );
         };
         let (lh, lc, rh, rc) = (&l.host, &l.cube, &r.host, &r.cube);
+        let (lt, rt) = (&l.tangent, &r.tangent);
+        let chain = quote!(::gqa::dsl::cube::chain);
+        // The host `Dual`'s rules (`src/dsl/real.rs`).
+        let tangent = match op {
+            _ if ty != Ty::Float => zero(),
+            BinOp::Add(_) => quote!((#lt + #rt)),
+            BinOp::Sub(_) => quote!((#lt - #rt)),
+            BinOp::Mul(_) => quote!((#chain(#lt, #rc) + #chain(#rt, #lc))),
+            BinOp::Div(_) => {
+                quote!((#chain(#lt, 1.0f32 / #rc) - #chain(#rt, #lc / (#rc * #rc))))
+            }
+            // `a % b = a − trunc(a / b)·b`.
+            _ => quote!((#lt - #chain(#rt, ::gqa::dsl::cube::trunc(#lc / #rc)))),
+        };
         Ok(Typed {
             ty,
             host: quote_spanned!(span=> (#lh #op #rh)),
             cube: quote_spanned!(span=> (#lc #op #rc)),
+            tangent,
         })
     }
 
@@ -895,10 +956,17 @@ impl Lowering {
             (a, b) if a == b => (h.clone(), cu.clone()),
             (a, _) => return err(c.span(), format!("cannot cast {}", a.name())),
         };
+        // A float cast to a float keeps its tangent; one from an integer has none.
+        let tangent = if inner.ty == Ty::Float && target == Ty::Float {
+            inner.tangent.clone()
+        } else {
+            zero()
+        };
         Ok(Typed {
             ty: target,
             host,
             cube,
+            tangent,
         })
     }
 
@@ -950,10 +1018,14 @@ impl Lowering {
         };
         let h: Vec<&TokenStream> = args.iter().map(|a| &a.host).collect();
         let cu: Vec<&TokenStream> = args.iter().map(|a| &a.cube).collect();
+        let t: Vec<&TokenStream> = args.iter().map(|a| &a.tangent).collect();
+        let chain = quote!(::gqa::dsl::cube::chain);
         let numeric = |t: Ty| t != Ty::Bool;
         let float = |t: Ty| t == Ty::Float;
         let real = quote!(<N as ::gqa::dsl::__private::Real>);
-        let (ty, host, cube) = match name.as_str() {
+        // The tangents follow the host `Dual`'s rules (`src/dsl/real.rs`): `min` keeps the first
+        // on ties, `abs` negates below 0, `exp`'s is not chained.
+        let (ty, host, cube, tangent) = match name.as_str() {
             "min" | "max" => {
                 arity(2)?;
                 let ty = same(&numeric)?;
@@ -964,7 +1036,18 @@ impl Lowering {
                 } else {
                     quote!(#real::#f(#a, #b))
                 };
-                (ty, host, quote!(#f(#ca, #cb)))
+                let (ta, tb) = (t[0], t[1]);
+                let second = if name == "min" {
+                    quote!(#cb < #ca)
+                } else {
+                    quote!(#cb > #ca)
+                };
+                let tangent = if ty == Ty::Float {
+                    quote!(select(#second, #tb, #ta))
+                } else {
+                    zero()
+                };
+                (ty, host, quote!(#f(#ca, #cb)), tangent)
             }
             "clamp" => {
                 arity(3)?;
@@ -975,7 +1058,15 @@ impl Lowering {
                 } else {
                     quote!(#real::min(#real::max(#x, #lo), #hi))
                 };
-                (ty, host, quote!(min(max(#cx, #clo), #chi)))
+                // `min(max(x, lo), hi)`, each keeping its first argument on ties.
+                let (tx, tlo, thi) = (t[0], t[1], t[2]);
+                let tangent = if ty == Ty::Float {
+                    let raised = quote!(max(#cx, #clo));
+                    quote!(select(#chi < #raised, #thi, select(#clo > #cx, #tlo, #tx)))
+                } else {
+                    zero()
+                };
+                (ty, host, quote!(min(max(#cx, #clo), #chi)), tangent)
             }
             "abs" => {
                 arity(1)?;
@@ -986,28 +1077,47 @@ impl Lowering {
                         ty,
                         quote!(i64::abs(#x)),
                         quote!(::gqa::dsl::cube::abs_int(#cx)),
+                        zero(),
                     )
                 } else {
-                    (ty, quote!(#real::abs(#x)), quote!((#cx).abs()))
+                    let tx = t[0];
+                    (
+                        ty,
+                        quote!(#real::abs(#x)),
+                        quote!((#cx).abs()),
+                        quote!(select(#cx < 0.0f32, -#tx, #tx)),
+                    )
                 }
             }
             "exp" | "ln" | "tanh" => {
                 arity(1)?;
                 same(&float)?;
                 let f = format_ident!("{}", name);
-                let (x, cx) = (h[0], cu[0]);
-                (
-                    Ty::Float,
-                    quote!(#real::#f(#x)),
-                    quote!(::gqa::dsl::cube::#f(#cx)),
-                )
+                let (x, cx, tx) = (h[0], cu[0], t[0]);
+                let value = quote!(::gqa::dsl::cube::#f(#cx));
+                let tangent = match name.as_str() {
+                    "exp" => quote!((#tx * #value)),
+                    "ln" => quote!(#chain(#tx, 1.0f32 / #cx)),
+                    _ => quote!(#chain(#tx, 1.0f32 - #value * #value)),
+                };
+                (Ty::Float, quote!(#real::#f(#x)), value, tangent)
             }
             "sqrt" | "floor" => {
                 arity(1)?;
                 same(&float)?;
                 let f = format_ident!("{}", name);
-                let (x, cx) = (h[0], cu[0]);
-                (Ty::Float, quote!(#real::#f(#x)), quote!((#cx).#f()))
+                let (x, cx, tx) = (h[0], cu[0], t[0]);
+                let tangent = if name == "sqrt" {
+                    quote!(#chain(#tx, 0.5f32 / (#cx).sqrt()))
+                } else {
+                    zero()
+                };
+                (
+                    Ty::Float,
+                    quote!(#real::#f(#x)),
+                    quote!((#cx).#f()),
+                    tangent,
+                )
             }
             _ => {
                 return err(
@@ -1018,7 +1128,12 @@ impl Lowering {
                 );
             }
         };
-        Ok(Typed { ty, host, cube })
+        Ok(Typed {
+            ty,
+            host,
+            cube,
+            tangent,
+        })
     }
 
     fn if_else(&self, i: &syn::ExprIf) -> syn::Result<Typed> {
@@ -1059,10 +1174,12 @@ impl Lowering {
             &other.host,
             &other.cube,
         );
+        let (tt, ot) = (&then.tangent, &other.tangent);
         Ok(Typed {
             ty: then.ty,
             host: quote!((if #ch { #th } else { #oh })),
             cube: quote!(select(#cc, #tc, #oc)),
+            tangent: quote!(select(#cc, #tt, #ot)),
         })
     }
 

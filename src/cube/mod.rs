@@ -609,8 +609,7 @@ impl CubeDevice {
     /// once, and `dQ` laid out like the forward; no atomics, the same bits on every launch.
     ///
     /// Errors: [`Error::Shape`] naming the tensor; [`Error::UnsupportedDType`];
-    /// [`Error::Unsupported`] for a user score mod (its derivative is not generated for
-    /// kernels yet; user mask mods work); [`Error::DeviceLimit`] past the device's limits.
+    /// [`Error::DeviceLimit`] past the device's limits.
     ///
     /// ```no_run
     /// use gqa::{cube::CubeDevice, Gqa};
@@ -715,14 +714,6 @@ impl CubeDevice {
             self.check_owns(OP, &d_lse.device)?;
             check_contiguous(OP, "d_lse", &d_lse.shape, d_lse.offset, &d_lse.strides)?;
         }
-        if !S::TRIVIAL {
-            return Err(Error::Unsupported {
-                op: OP,
-                reason: "the kernels' backward has no score-mod derivative yet (mask mods, \
-                         softcap and ALiBi are supported; the CPU backend takes score mods)"
-                    .into(),
-            });
-        }
         if !self.supports(T::DTYPE) {
             return Err(Error::UnsupportedDType {
                 op: OP,
@@ -755,7 +746,7 @@ impl CubeDevice {
             return Ok(grads);
         }
         let aux = self.inner.constant(OP, &mods.captured_words())?;
-        self.inner.backward::<T, M>(BackwardCall {
+        self.inner.backward::<T, M, S>(BackwardCall {
             op: OP,
             spec,
             shape,
@@ -770,6 +761,7 @@ impl CubeDevice {
             d_lse: d_lse.map(|d| &d.buffer),
             aux: &aux,
             mask_mod: !M::TRIVIAL,
+            score_mod: !S::TRIVIAL,
             grads: [&grads.dq.buffer, &grads.dk.buffer, &grads.dv.buffer],
         })?;
         Ok(grads)
@@ -1004,9 +996,10 @@ pub(crate) struct BackwardCall<'a> {
     /// The forward's LSE and `∂L/∂LSE`, f32, contiguous `[B, HQ, Lq]`.
     pub lse: &'a runtime::Buffer,
     pub d_lse: Option<&'a runtime::Buffer>,
-    /// The user mods' captures; `mask_mod`: the kernels evaluate the user mask mod.
+    /// The user mods' captures; `mask_mod`, `score_mod`: the kernels apply the user's.
     pub aux: &'a runtime::Buffer,
     pub mask_mod: bool,
+    pub score_mod: bool,
     /// `dq`, `dk`, `dv`.
     pub grads: [&'a runtime::Buffer; 3],
 }

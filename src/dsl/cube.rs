@@ -46,6 +46,30 @@ pub trait CubeScore: Captures + 'static + Send + Sync {
         seq_k: i32,
         #[comptime] base: u32,
     ) -> f32;
+
+    /// `apply′(s) · t`, the derivative of [`CubeScore::apply`] with respect to the score at
+    /// `s`, times the tangent `t` (forward mode: a chain of mods passes each one's tangent on).
+    /// The same rules as the host's [`crate::dsl::Dual`], so that the kernels' backward and the
+    /// oracle's differentiate a mod alike.
+    fn tangent(
+        aux: &[u32],
+        s: f32,
+        t: f32,
+        b: i32,
+        h: i32,
+        q: i32,
+        k: i32,
+        seq_q: i32,
+        seq_k: i32,
+        #[comptime] base: u32,
+    ) -> f32;
+}
+
+/// `t · factor`, with a zero tangent staying zero (the host's `Dual` rule: a sub-expression
+/// that does not depend on the score has derivative 0 even where `factor` is not finite).
+#[cube]
+pub fn chain(t: f32, factor: f32) -> f32 {
+    select(t == 0.0f32, 0.0f32, t * factor)
 }
 
 /// Word `index` of slot `slot`, the index clamped into the slot (never outside the buffer).
@@ -67,6 +91,12 @@ pub fn read_int(aux: &[u32], index: i32, #[comptime] slot: u32) -> i32 {
 #[cube]
 pub fn read_float(aux: &[u32], index: i32, #[comptime] slot: u32) -> f32 {
     f32::reinterpret(read_word(aux, index, slot))
+}
+
+/// `x` rounded toward zero.
+#[cube]
+pub fn trunc(x: f32) -> f32 {
+    select(x < 0.0f32, -(-x).floor(), x.floor())
 }
 
 /// `|x|` of an integer.
@@ -107,6 +137,22 @@ impl CubeScore for NoScore {
         #[comptime] base: u32,
     ) -> f32 {
         s
+    }
+
+    #[allow(unused_variables)]
+    fn tangent(
+        aux: &[u32],
+        s: f32,
+        t: f32,
+        b: i32,
+        h: i32,
+        q: i32,
+        k: i32,
+        seq_q: i32,
+        seq_k: i32,
+        #[comptime] base: u32,
+    ) -> f32 {
+        t
     }
 }
 
@@ -179,6 +225,34 @@ impl<A: CubeScore, B: CubeScore> CubeScore for Then<A, B> {
         B::apply(
             aux,
             first,
+            b,
+            h,
+            q,
+            k,
+            seq_q,
+            seq_k,
+            comptime!(base + A::SLOTS),
+        )
+    }
+
+    fn tangent(
+        aux: &[u32],
+        s: f32,
+        t: f32,
+        b: i32,
+        h: i32,
+        q: i32,
+        k: i32,
+        seq_q: i32,
+        seq_k: i32,
+        #[comptime] base: u32,
+    ) -> f32 {
+        let first = A::apply(aux, s, b, h, q, k, seq_q, seq_k, base);
+        let first_t = A::tangent(aux, s, t, b, h, q, k, seq_q, seq_k, base);
+        B::tangent(
+            aux,
+            first,
+            first_t,
             b,
             h,
             q,

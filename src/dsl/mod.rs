@@ -37,8 +37,9 @@
 //!   for the CPU backend and the tolerance rule's yardstick, [`Dual`] for derivatives);
 //! - the `#[cube]` implementation the kernels are generic over (in builds with a cubecl
 //!   runtime), compiled once per mod type;
-//! - for a score mod, its derivative in the score ([`ScoreMod::derivative`]): forward-mode over
-//!   the function's expression tree.
+//! - for a score mod, its derivative in the score, forward-mode over the function's expression
+//!   tree: on the host by evaluating it on [`Dual`] numbers ([`ScoreMod::derivative`]), and as
+//!   kernel code (`cube::CubeScore::tangent`, the same rules) for the kernels' backward.
 //!
 //! **The language.** Parameters: `&Aux<i32>`, `&Aux<u32>`, `&Aux<f32>` (read-only tables),
 //! `i32`, `u32`, `f32` (scalars), then for a score mod the score `f32`, then the [`Position`].

@@ -29,8 +29,9 @@
 //! [`sum_splits`] adds the partials in split order and casts to the storage type. Every launch
 //! goes through the partials (one split elsewhere): one code path, deterministic sums.
 //!
-//! **User mods.** A mask mod is evaluated per pair (no block mask yet). Score mods need their
-//! derivative in the kernel, which the DSL does not generate yet: the host refuses them.
+//! **User mods.** A mask mod is evaluated per pair (no block mask yet). A score mod is applied
+//! as in the forward, and `dS` is multiplied by its derivative, which `#[score_mod]` generates
+//! as kernel code ([`CubeScore::tangent`], forward mode over the mod's expression).
 //!
 //! **Loop bounds.** The head-dim loops run to a runtime bound (`dims`, the padded head dim):
 //! with a constant one, Mesa unrolls them (up to ~32 iterations), and the unrolled kernel for a
@@ -43,7 +44,7 @@
 use cubecl::prelude::*;
 
 use super::math::{NEG_INFINITY_BITS, accurate_exp, accurate_tanh};
-use crate::dsl::cube::CubeMask;
+use crate::dsl::cube::{CubeMask, CubeScore};
 
 /// Everything that changes the generated code of [`backward_dkv`] and [`backward_dq`].
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -74,6 +75,10 @@ pub struct BackwardConfig {
     pub alibi: bool,
     /// A user mask mod is evaluated on every pair (its captures in `aux`).
     pub mask_mod: bool,
+    /// A user score mod is applied after softcap and ALiBi, as in the forward, and its
+    /// generated derivative ([`CubeScore::tangent`]) multiplies `dS` (its captures in `aux`
+    /// after the mask mod's).
+    pub score_mod: bool,
 }
 
 /// The prepass: `stats[r] = lse[r]`, `stats[rows + r] = Σ_d dO[r, d]·O[r, d] − dLSE[r]` for
@@ -119,7 +124,7 @@ pub fn backward_rows<F: Float>(
 /// `P`, `dp[at]` holds `dO·v` and becomes `dS` (without `scale`).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn pair<M: CubeMask>(
+fn pair<M: CubeMask, S: CubeScore>(
     s: &mut Array<f32>,
     dp: &mut Array<f32>,
     #[comptime] at: usize,
@@ -151,6 +156,25 @@ fn pair<M: CubeMask>(
     }
     if cfg.alibi {
         x -= slope * f32::cast_from(diag - kj).abs();
+    }
+    if cfg.score_mod {
+        // The chain rule in forward mode: the mod's derivative at its input times softcap's.
+        let before = x;
+        let (b, h, q) = (batch as i32, head as i32, i as i32);
+        let (n_q, n_k) = (seq_q as i32, seq_k as i32);
+        x = S::apply(aux, before, b, h, q, kj, n_q, n_k, comptime!(M::SLOTS));
+        d_score = S::tangent(
+            aux,
+            before,
+            d_score,
+            b,
+            h,
+            q,
+            kj,
+            n_q,
+            n_k,
+            comptime!(M::SLOTS),
+        );
     }
     // A row that sees no key has LSE −∞ (its bits: the comparison must not depend on how the
     // driver treats infinities).
@@ -186,7 +210,7 @@ fn pair<M: CubeMask>(
 /// `s·items_per_split..(s + 1)·items_per_split`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments, clippy::manual_div_ceil)]
-pub fn backward_dkv<F: Float, M: CubeMask>(
+pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
     q: &[F],
     k: &[F],
     v: &[F],
@@ -306,7 +330,7 @@ pub fn backward_dkv<F: Float, M: CubeMask>(
         for r in 0..rows {
             #[unroll]
             for j in 0..bm {
-                pair::<M>(
+                pair::<M, S>(
                     &mut s,
                     &mut dp,
                     r * bm + j,
@@ -377,7 +401,7 @@ pub fn backward_dkv<F: Float, M: CubeMask>(
 /// `block`). Inputs as [`backward_dkv`]'s.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments, clippy::manual_div_ceil)]
-pub fn backward_dq<F: Float, M: CubeMask>(
+pub fn backward_dq<F: Float, M: CubeMask, S: CubeScore>(
     q: &[F],
     k: &[F],
     v: &[F],
@@ -494,7 +518,7 @@ pub fn backward_dq<F: Float, M: CubeMask>(
         for i in 0..rows {
             #[unroll]
             for j in 0..bn {
-                pair::<M>(
+                pair::<M, S>(
                     &mut s,
                     &mut dp,
                     i * bn + j,

@@ -8,7 +8,7 @@ use crate::cube::BackwardCall;
 use crate::cube::kernels::backward::{
     BackwardConfig, backward_dkv, backward_dq, backward_rows, sum_splits,
 };
-use crate::dsl::cube::CubeMask;
+use crate::dsl::cube::{CubeMask, CubeScore};
 use crate::error::{Error, Result};
 use crate::spec::ProblemShape;
 
@@ -31,7 +31,10 @@ const LINE_UNITS: usize = 64;
 impl Device {
     /// The gradients of one problem into `call.grads` (module docs of `kernels/backward.rs`).
     /// The caller checked the shapes and that no length is 0.
-    pub fn backward<T: KernelElement, M: CubeMask>(&self, call: BackwardCall<'_>) -> Result<()> {
+    pub fn backward<T: KernelElement, M: CubeMask, S: CubeScore>(
+        &self,
+        call: BackwardCall<'_>,
+    ) -> Result<()> {
         let BackwardCall {
             op,
             spec,
@@ -41,6 +44,7 @@ impl Device {
             d_lse,
             aux,
             mask_mod,
+            score_mod,
             grads: [dq, dk, dv],
         } = call;
         let ProblemShape {
@@ -103,6 +107,7 @@ impl Device {
             softcap: spec.softcap().is_some(),
             alibi: spec.alibi().is_some(),
             mask_mod,
+            score_mod,
         };
         // Rows per unit: fewer at large head dims, where lavapipe's compile time grows with
         // the units' register rows (measured: 20/4/256 and 16/2/200 took it minutes).
@@ -210,7 +215,7 @@ impl Device {
                 call.d_lse.is_some(),
                 base.alibi,
             );
-            backward_dkv::launch_unchecked::<T, M>(
+            backward_dkv::launch_unchecked::<T, M, S>(
                 &self.client,
                 dkv_cubes,
                 CubeDim::new_1d(dkv.units as u32),
@@ -234,7 +239,7 @@ impl Device {
                 dkv.padded_dim as u32,
                 dkv,
             );
-            backward_dq::launch_unchecked::<T, M>(
+            backward_dq::launch_unchecked::<T, M, S>(
                 &self.client,
                 dq_cubes,
                 CubeDim::new_1d(dq_units as u32),
