@@ -22,9 +22,6 @@ const DQ_ROWS: usize = 4;
 const DQ_BLOCK: usize = 8;
 /// Buffers the main kernels bind: q, k, v, dO, stats, aux, partials.
 const BINDINGS: u32 = 7;
-/// Loop iterations a unit may run on lavapipe before its loops silently stop (about 65 000;
-/// the forward's measurements in `Device::keys_per_split` leave this margin).
-const LAVAPIPE_LOOP_BUDGET: usize = 50_000;
 /// Units per cube of the prepass and of the split sums.
 const LINE_UNITS: usize = 64;
 
@@ -292,16 +289,12 @@ impl Device {
         Ok(())
     }
 
-    /// Blocks one unit of a backward kernel cut as `config` may walk: all of them, except on
-    /// lavapipe, where its loops must stay under [`LAVAPIPE_LOOP_BUDGET`] iterations. A block
-    /// costs two head-dim loops (`head_dim / chunk + 1` iterations each, counting the test
-    /// that ends it) and the block loop's own; the rows' loads, zeroing and writes are fixed.
+    /// Blocks one unit of a backward kernel cut as `config` may walk: all of them, except
+    /// where the device's loops are limited ([`super::blocks_within_loop_budget`]).
     fn backward_items_per_split(&self, config: &BackwardConfig) -> usize {
-        if !self.name.contains("llvmpipe") {
+        if !self.loops_limited() {
             return usize::MAX / 4;
         }
-        let fixed = 2 * config.rows * (config.padded_dim + 1) + 16;
-        let per_block = 2 * (config.padded_dim / config.chunk + 1) + 1;
-        (LAVAPIPE_LOOP_BUDGET.saturating_sub(fixed) / per_block).max(1)
+        super::blocks_within_loop_budget(config.rows, config.padded_dim, config.chunk)
     }
 }

@@ -516,19 +516,18 @@ impl Device {
     fn keys_per_split(&self, plan: &ForwardPlan, seq_k: usize) -> usize {
         let config = &plan.config;
         let whole = seq_k.max(1).next_multiple_of(config.block_n);
-        if !self.name.contains("llvmpipe") {
+        if !self.loops_limited() {
             return whole;
         }
-        // Run-time loop iterations, each loop counting one more than its trips (the test that
-        // ends it): loading q and writing o, `rows · (padded_dim + 1)` each; per key block, the
-        // two head-dim loops of `padded_dim / chunk + 1` and the block loop's own. The count
-        // misses something: with the 4x8p tile at head dim 64, 30 000 keys came out wrong when
-        // a split held 64 500 counted iterations and right at 60 000 (`long_key_ranges_...`
-        // in tests/cube_forward.rs); a budget of 50 000 leaves a margin.
-        let fixed = 2 * config.rows * (config.padded_dim + 1) + 16;
-        let per_block = 2 * (config.padded_dim / config.chunk + 1) + 1;
-        let blocks = (50_000usize.saturating_sub(fixed) / per_block).max(1);
+        let blocks = blocks_within_loop_budget(config.rows, config.padded_dim, config.chunk);
         (blocks * config.block_n).min(whole)
+    }
+
+    /// Whether the device's shader invocations silently stop looping after 65 535 iterations
+    /// in all (Mesa's lavapipe; the forward kernel's docs): its kernels then split their work
+    /// ([`blocks_within_loop_budget`]).
+    pub(super) fn loops_limited(&self) -> bool {
+        self.name.contains("llvmpipe")
     }
 
     /// The forward kernel's tiles for `spec` on this device. A unit owns `rows` query rows of
@@ -1063,7 +1062,7 @@ impl Device {
             .map_or(64, |n| 4 * n as usize);
         let splits = (cores / cubes.max(1)).max(1);
         let mut keys = max_len.div_ceil(splits).max(256);
-        if self.name.contains("llvmpipe") {
+        if self.loops_limited() {
             keys = keys.min(match layout {
                 // Three run-time loop iterations per key at most, with pages of one key: the
                 // page loop's, the block loop's, and the block loop's test that ends it; 48 000
@@ -1302,4 +1301,20 @@ fn pick_device() -> Result<cubecl::Device> {
         backend: "cubecl",
         reason: "no CUDA or ROCm device found".into(),
     })
+}
+
+/// Blocks of the other side one unit of a prefill kernel (the forward, or either main kernel of
+/// the backward) may walk on a device whose loops are limited ([`Device::loops_limited`]),
+/// when it owns `rows` register rows of `padded_dim` channels and walks the head dim in chunks
+/// of `chunk`. Run-time loop iterations, each loop counting one more than its trips (the test
+/// that ends it): loading and writing the rows, `rows · (padded_dim + 1)` each; per block, two
+/// head-dim loops of `padded_dim / chunk + 1` and the block loop's own. The count misses
+/// something: with the forward's 4x8p tile at head dim 64, 30 000 keys came out wrong when a
+/// split held 64 500 counted iterations and right at 60 000 (`long_key_ranges_...` in
+/// tests/cube_forward.rs); a budget of 50 000 leaves a margin.
+pub(super) fn blocks_within_loop_budget(rows: usize, padded_dim: usize, chunk: usize) -> usize {
+    const BUDGET: usize = 50_000;
+    let fixed = 2 * rows * (padded_dim + 1) + 16;
+    let per_block = 2 * (padded_dim / chunk + 1) + 1;
+    (BUDGET.saturating_sub(fixed) / per_block).max(1)
 }
