@@ -13,8 +13,9 @@
 //! Both rows run on the CPU and then on the GPU device `CubeDevice::try_default` finds (the
 //! forward untuned, as in the kernel suites), at `GQA_BACKWARD_CUBE_LENGTHS` there (default the
 //! same lengths; lavapipe is slow); `GQA_BACKWARD_ONLY=cpu|cube` runs one side. On the device
-//! the calls are the device-tensor ones (`try_forward_into`, `try_backward_device_with`) followed
-//! by a sync: inputs stay uploaded, nothing is copied inside the timed calls.
+//! the calls are the device-tensor ones (`try_forward_into`, `try_backward_into_with`) followed
+//! by a sync: inputs stay uploaded, outputs and gradients are allocated before the timed calls,
+//! nothing is copied inside them.
 //! Timings: median of `GQA_BENCH_RUNS` (default 3) after one untimed call, the compared calls
 //! alternating. Inputs, forward outputs and repeated K/V are made before the timed calls.
 
@@ -168,12 +169,13 @@ fn cube_rows(device: &CubeDevice, runs: usize) {
         };
         let (saved, saved_mha) = (forward_of(&gqa, &kd, &vd), forward_of(&mha, &k_rep, &v_rep));
         let mut out = device.try_forward_output::<f32>(&gqa, 1, n).unwrap();
-        let backward = |spec: &AttentionSpec, k, v, saved| -> DeviceGradients<f32> {
-            let g = device
-                .try_backward_device_with(spec, &Mods::none(), [&q, k, v], saved, &d_o, None)
+        let gradients = |spec: &AttentionSpec| device.try_gradients::<f32>(spec, 1, n, n).unwrap();
+        let (mut g_gqa, mut g_mha) = (gradients(&gqa), gradients(&mha));
+        let backward = |spec: &AttentionSpec, k, v, saved, grads: &mut DeviceGradients<f32>| {
+            device
+                .try_backward_into_with(spec, &Mods::none(), [&q, k, v], saved, &d_o, None, grads)
                 .unwrap();
             device.try_sync().unwrap();
-            g
         };
         let (t_forward, t_backward) = alternate(
             runs,
@@ -183,9 +185,7 @@ fn cube_rows(device: &CubeDevice, runs: usize) {
                     .unwrap();
                 device.try_sync().unwrap();
             },
-            || {
-                backward(&gqa, &kd, &vd, &saved);
-            },
+            || backward(&gqa, &kd, &vd, &saved, &mut g_gqa),
         );
         println!(
             "cube  L{n}: forward {:8.1} ms, backward {:8.1} ms, backward / forward {:.2} (target <= 2.5)",
@@ -195,12 +195,8 @@ fn cube_rows(device: &CubeDevice, runs: usize) {
         );
         let (t_mha, t_gqa) = alternate(
             runs,
-            || {
-                backward(&mha, &k_rep, &v_rep, &saved_mha);
-            },
-            || {
-                backward(&gqa, &kd, &vd, &saved);
-            },
+            || backward(&mha, &k_rep, &v_rep, &saved_mha, &mut g_mha),
+            || backward(&gqa, &kd, &vd, &saved, &mut g_gqa),
         );
         let down = |x: &gqa::cube::DeviceTensor<f32>| -> Array4<f32> {
             device
@@ -209,10 +205,7 @@ fn cube_rows(device: &CubeDevice, runs: usize) {
                 .into_dimensionality()
                 .unwrap()
         };
-        let (ours, theirs) = (
-            backward(&gqa, &kd, &vd, &saved),
-            backward(&mha, &k_rep, &v_rep, &saved_mha),
-        );
+        let (ours, theirs) = (&g_gqa, &g_mha);
         let diff = [
             max_diff(&down(&ours.dq), &down(&theirs.dq)),
             max_diff(&down(&ours.dk), &sum_groups(&down(&theirs.dk), group)),

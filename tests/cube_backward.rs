@@ -202,3 +202,75 @@ fn bad_backward_inputs_are_typed_errors() {
         "cube::backward: `d_o` has shape [1, 4, 3, 7], expected [1, 4, 3, 8] ([batch, q_heads, seq_q, head_dim])"
     );
 }
+
+/// Gradients written into buffers a caller keeps (`try_backward_into_with`, as a training
+/// loop reuses them) are the bits of fresh ones, whatever the buffers held; a problem with no
+/// key still writes zeros over stale values; a gradient of another shape is a typed error.
+#[test]
+fn gradients_written_into_kept_buffers_are_those_of_fresh_ones() {
+    let Some(device) = device() else { return };
+    let spec = *Gqa::<4, 2, 8>::new().causal().spec();
+    let mods = Mods::none();
+    let tensor = |shape: (usize, usize, usize, usize), salt: usize| {
+        Array4::from_shape_fn(shape, |(b, h, i, d)| {
+            (((b * 5 + h * 31 + i * 17 + d * 7 + salt) % 23) as f32 - 11.0) / 7.0
+        })
+    };
+    let upload = |x: &Array4<f32>| device.try_upload(x.view()).unwrap();
+    let problem = |salt: usize, seq_k: usize| {
+        let q = upload(&tensor((2, 4, 5, 8), salt));
+        let k = upload(&tensor((2, 2, seq_k, 8), salt + 1));
+        let v = upload(&tensor((2, 2, seq_k, 8), salt + 2));
+        let d_o = upload(&tensor((2, 4, 5, 8), salt + 3));
+        let out = device.try_forward_device(&spec, &q, &k, &v).unwrap();
+        (q, k, v, d_o, out)
+    };
+    let bits = |g: &gqa::cube::DeviceGradients<f32>| {
+        [&g.dq, &g.dk, &g.dv].map(|x| {
+            let x = device.try_download(x).unwrap();
+            x.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        })
+    };
+    let (a, b) = (problem(0, 7), problem(9, 7));
+    let backward_into = |(q, k, v, d_o, out): &(_, _, _, _, _), grads: &mut _| {
+        device.try_backward_into_with(&spec, &mods, [q, k, v], out, d_o, None, grads)
+    };
+    let mut kept = device
+        .try_backward_device_with(&spec, &mods, [&a.0, &a.1, &a.2], &a.4, &a.3, None)
+        .unwrap();
+    backward_into(&b, &mut kept).unwrap();
+    let fresh = device
+        .try_backward_device_with(&spec, &mods, [&b.0, &b.1, &b.2], &b.4, &b.3, None)
+        .unwrap();
+    assert!(
+        bits(&kept) == bits(&fresh),
+        "kept buffers differ from fresh ones"
+    );
+    assert!(bits(&kept)[0].iter().any(|&x| x != 0), "a trivial problem");
+
+    // No key: `dq` is all zeros, over the values it held.
+    let blind = problem(3, 0);
+    let empty = device.try_gradients::<f32>(&spec, 2, 5, 0).unwrap();
+    let mut stale = gqa::cube::DeviceGradients {
+        dq: kept.dq,
+        dk: empty.dk,
+        dv: empty.dv,
+    };
+    backward_into(&blind, &mut stale).unwrap();
+    assert!(
+        bits(&stale)[0].iter().all(|&x| x == 0),
+        "stale values left in dq"
+    );
+
+    // A gradient of another shape (keys 7 instead of 0) is refused, naming it.
+    let mut wrong = gqa::cube::DeviceGradients {
+        dq: stale.dq,
+        dk: fresh.dk,
+        dv: stale.dv,
+    };
+    let error = backward_into(&blind, &mut wrong).unwrap_err().to_string();
+    assert_eq!(
+        error,
+        "cube::backward: `dk` has shape [2, 2, 7, 8], expected [2, 2, 0, 8], contiguous"
+    );
+}

@@ -25,7 +25,8 @@
 //! sums work ([`CubeDevice::plane_decode_lanes`]), with rows per unit elsewhere.
 //!
 //! The backward ([`CubeDevice::try_backward_with`], on device tensors
-//! [`CubeDevice::try_backward_device_with`]; docs in `kernels/backward.rs`) is three kernels: a
+//! [`CubeDevice::try_backward_device_with`] and, into kept gradients,
+//! [`CubeDevice::try_backward_into_with`]; docs in `kernels/backward.rs`) is three kernels: a
 //! row prepass, `dK`/`dV` with one cube per key tile and KV head that sums the group's query
 //! heads in its registers, and `dQ` laid out like the forward; no atomics.
 //!
@@ -683,7 +684,8 @@ impl CubeDevice {
 
     /// [`CubeDevice::try_backward_with`] on device tensors: `q`, `k`, `v`, `d_o` and `d_lse`
     /// must be contiguous (as [`CubeDevice::try_upload`] makes them), `forward` a forward's
-    /// outputs for them. Returns contiguous gradients, allocated here. Errors: as
+    /// outputs for them. Returns contiguous gradients, allocated here (a training loop reuses
+    /// them with [`CubeDevice::try_backward_into_with`]). Errors: as
     /// [`CubeDevice::try_backward_with`], and [`Error::Shape`] for a strided input.
     pub fn try_backward_device_with<T: CubeElement, M: MaskMod, S: ScoreMod>(
         &self,
@@ -694,6 +696,62 @@ impl CubeDevice {
         d_o: &DeviceTensor<T>,
         d_lse: Option<&DeviceTensor<f32>>,
     ) -> Result<DeviceGradients<T>> {
+        let shape = spec.check_shapes("cube::backward", &q.shape, &k.shape, &v.shape)?;
+        let mut grads = self.try_gradients(spec, shape.batch, shape.seq_q, shape.seq_k)?;
+        self.try_backward_into_with(spec, mods, [q, k, v], forward, d_o, d_lse, &mut grads)?;
+        Ok(grads)
+    }
+
+    /// Gradients for [`CubeDevice::try_backward_into_with`]: contiguous `dq: [batch, q_heads,
+    /// seq_q, head_dim]`, `dk`, `dv: [batch, kv_heads, seq_k, head_dim]`, uninitialised until a
+    /// backward writes them.
+    pub fn try_gradients<T: CubeElement>(
+        &self,
+        spec: &AttentionSpec,
+        batch: usize,
+        seq_q: usize,
+        seq_k: usize,
+    ) -> Result<DeviceGradients<T>> {
+        const OP: &str = "cube::gradients";
+        let d = spec.head_dim();
+        let make = |heads: usize, len: usize| -> Result<DeviceTensor<T>> {
+            let shape = vec![batch, heads, len, d];
+            let elements = shape.iter().try_fold(1usize, |n, &x| n.checked_mul(x));
+            let elements = elements.ok_or_else(|| Error::DeviceLimit {
+                op: OP,
+                reason: format!("a gradient of shape {shape:?} overflows"),
+            })?;
+            let buffer = self.inner.empty(OP, elements, size_of::<T>())?;
+            Ok(DeviceTensor::contiguous(
+                buffer,
+                self.inner.key().clone(),
+                shape,
+            ))
+        };
+        Ok(DeviceGradients {
+            dq: make(spec.q_heads(), seq_q)?,
+            dk: make(spec.kv_heads(), seq_k)?,
+            dv: make(spec.kv_heads(), seq_k)?,
+        })
+    }
+
+    /// [`CubeDevice::try_backward_device_with`] writing into `grads` (made by
+    /// [`CubeDevice::try_gradients`] for this problem, or returned by an earlier backward of
+    /// the same shape): every element is written, zeros where no pair reaches it. The
+    /// launches' own f32 partials and row statistics come from cubecl's memory pool. Errors: as
+    /// [`CubeDevice::try_backward_device_with`], and [`Error::Shape`] when a gradient is not
+    /// the contiguous tensor of this problem's shape.
+    #[allow(clippy::too_many_arguments)]
+    pub fn try_backward_into_with<T: CubeElement, M: MaskMod, S: ScoreMod>(
+        &self,
+        spec: &AttentionSpec,
+        mods: &Mods<M, S>,
+        [q, k, v]: [&DeviceTensor<T>; 3],
+        forward: &DeviceOutput<T>,
+        d_o: &DeviceTensor<T>,
+        d_lse: Option<&DeviceTensor<f32>>,
+        grads: &mut DeviceGradients<T>,
+    ) -> Result<()> {
         const OP: &str = "cube::backward";
         let shape = spec.check_shapes(OP, &q.shape, &k.shape, &v.shape)?;
         spec.check_like_q(OP, shape, "d_o", &d_o.shape)?;
@@ -714,6 +772,21 @@ impl CubeDevice {
             self.check_owns(OP, &d_lse.device)?;
             check_contiguous(OP, "d_lse", &d_lse.shape, d_lse.offset, &d_lse.strides)?;
         }
+        for (name, grad, like) in [
+            ("dq", &grads.dq, q),
+            ("dk", &grads.dk, k),
+            ("dv", &grads.dv, v),
+        ] {
+            self.check_owns(OP, &grad.device)?;
+            if grad.shape != like.shape || grad.offset != 0 || grad.strides != like.strides {
+                return Err(Error::Shape {
+                    op: OP,
+                    tensor: name,
+                    got: grad.shape.clone(),
+                    expected: format!("{:?}, contiguous", like.shape),
+                });
+            }
+        }
         if !self.supports(T::DTYPE) {
             return Err(Error::UnsupportedDType {
                 op: OP,
@@ -721,29 +794,13 @@ impl CubeDevice {
                 device: self.name().to_string(),
             });
         }
-        let key = self.inner.key().clone();
-        let gradient = |like: &DeviceTensor<T>, zeros: bool| -> Result<DeviceTensor<T>> {
-            let len = like.shape.iter().product();
-            let buffer = if zeros {
-                self.inner.upload(OP, &vec![T::narrow(0.0); len])?
-            } else {
-                self.inner.empty(OP, len, size_of::<T>())?
-            };
-            Ok(DeviceTensor::contiguous(
-                buffer,
-                key.clone(),
-                like.shape.clone(),
-            ))
-        };
-        // No pair at all: every gradient is 0, and nothing is launched.
-        let empty = shape.batch == 0 || shape.seq_q == 0 || shape.seq_k == 0;
-        let grads = DeviceGradients {
-            dq: gradient(q, empty)?,
-            dk: gradient(k, empty)?,
-            dv: gradient(v, empty)?,
-        };
-        if empty {
-            return Ok(grads);
+        let buffers = [&grads.dq.buffer, &grads.dk.buffer, &grads.dv.buffer];
+        // No pair at all: every gradient is 0, and nothing else is launched.
+        if shape.batch == 0 || shape.seq_q == 0 || shape.seq_k == 0 {
+            for buffer in buffers {
+                self.inner.fill_zeros::<T>(OP, buffer)?;
+            }
+            return Ok(());
         }
         let aux = self.inner.constant(OP, &mods.captured_words())?;
         self.inner.backward::<T, M, S>(BackwardCall {
@@ -762,9 +819,8 @@ impl CubeDevice {
             aux: &aux,
             mask_mod: !M::TRIVIAL,
             score_mod: !S::TRIVIAL,
-            grads: [&grads.dq.buffer, &grads.dk.buffer, &grads.dv.buffer],
-        })?;
-        Ok(grads)
+            grads: buffers,
+        })
     }
 
     fn check_owns(&self, op: &'static str, device: &std::sync::Arc<()>) -> Result<()> {

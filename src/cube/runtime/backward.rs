@@ -289,6 +289,36 @@ impl Device {
         Ok(())
     }
 
+    /// Zeros into every element of `out` (of `T`): [`sum_splits`] over no split.
+    pub fn fill_zeros<T: KernelElement>(&self, op: &'static str, out: &Buffer) -> Result<()> {
+        if out.len == 0 {
+            return Ok(());
+        }
+        if out.len > u32::MAX as usize {
+            return Err(Error::DeviceLimit {
+                op,
+                reason: format!("a gradient of {} elements (more than 2^32)", out.len),
+            });
+        }
+        let cubes = self.grid_1d(op, out.len.div_ceil(LINE_UNITS))?;
+        // SAFETY: with no split, `sum_splits` reads no partial and writes elements `0..len` of
+        // `out`, which holds `len` elements; the grid covers them in cubes of `LINE_UNITS`.
+        unsafe {
+            sum_splits::launch_unchecked::<T>(
+                &self.client,
+                cubes,
+                CubeDim::new_1d(LINE_UNITS as u32),
+                arg(&self.scratch.0),
+                arg(out),
+                out.len as u32,
+                0,
+                0,
+                0,
+            );
+        }
+        Ok(())
+    }
+
     /// Blocks one unit of a backward kernel cut as `config` may walk: all of them, except
     /// where the device's loops are limited ([`super::blocks_within_loop_budget`]).
     fn backward_items_per_split(&self, config: &BackwardConfig) -> usize {
