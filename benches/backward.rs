@@ -9,6 +9,11 @@
 //!    each group — against the native GQA backward; with the largest difference between the
 //!    two results printed (they are the same gradients). The repeat and the group sum are not
 //!    timed: the ratio is the backward alone.
+//! 3. **Sparsity.** The backward under a causal document mask over 8 packed documents of
+//!    `GQA_BACKWARD_DOC_TOKENS` tokens in all (default 2048; lengths in the ratio 1:2:…:8, the
+//!    sorted documents' classifier, as `benches/dsl.rs` has them) against the causal backward
+//!    over the same tokens, as visible pairs per second: the block mask's skipped tiles made
+//!    visible (no target in the issue; the forward's is 0.8).
 //!
 //! Both rows run on the CPU and then on the GPU device `CubeDevice::try_default` finds (the
 //! forward untuned, as in the kernel suites), at `GQA_BACKWARD_CUBE_LENGTHS` there (default the
@@ -22,12 +27,13 @@
 use gqa::backend::Backward;
 use gqa::cpu::Cpu;
 use gqa::cube::{CubeDevice, DeviceGradients};
-use gqa::dsl::Mods;
+use gqa::dsl::block::SortedDocuments;
+use gqa::dsl::{Aux, Mods, NoScore, library};
 use gqa::{AttentionSpec, Gqa, Mha};
 use ndarray::{Array4, Axis, s};
 
 mod common;
-use common::{alternate, env_list, env_usize};
+use common::{alternate, documents, env_list, env_usize, visible_pairs};
 
 const HQ: usize = 32;
 const HKV: usize = 8;
@@ -61,6 +67,26 @@ fn sum_groups(x: &Array4<f32>, group: usize) -> Array4<f32> {
 
 fn max_diff(a: &Array4<f32>, b: &Array4<f32>) -> f32 {
     a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// The causal document mask of benches/dsl.rs over `n` tokens.
+fn document_mods(n: usize) -> (Vec<i32>, Mods<gqa::dsl::library::Document, NoScore>) {
+    let doc = documents(n);
+    let mods = Mods::new(library::document(Aux::new(doc.clone())), NoScore)
+        .with_classifier(SortedDocuments::new(&doc));
+    (doc, mods)
+}
+
+fn print_documents(label: &str, n: usize, doc: &[i32], t_causal: f64, t_doc: f64) {
+    let causal_pairs = (n * (n + 1) / 2) as f64;
+    let doc_pairs = visible_pairs(doc);
+    println!(
+        "{label:5} L{n}, 8 documents: causal backward {:8.1} ms, document-masked backward {:8.1} ms ({:.1}% of causal's pairs); visible pairs per second, documents / causal {:.3}",
+        t_causal * 1e3,
+        t_doc * 1e3,
+        100.0 * doc_pairs / causal_pairs,
+        (doc_pairs / t_doc) / (causal_pairs / t_causal)
+    );
 }
 
 fn cpu_rows(runs: usize) {
@@ -141,6 +167,36 @@ fn cpu_rows(runs: usize) {
             scale
         );
     }
+
+    // 3. The document mask's backward against the causal one.
+    let n = env_usize("GQA_BACKWARD_DOC_TOKENS", 2048);
+    let spec: AttentionSpec = *Gqa::<HQ, HKV, D>::new().causal().spec();
+    let (q, k, v, d_o) = (
+        tensor((1, HQ, n, D), 1),
+        tensor((1, HKV, n, D), 2),
+        tensor((1, HKV, n, D), 3),
+        tensor((1, HQ, n, D), 4),
+    );
+    let (doc, mods) = document_mods(n);
+    let inputs = [q.view(), k.view(), v.view()];
+    let causal = cpu
+        .try_forward(&spec, q.view(), k.view(), v.view())
+        .unwrap();
+    let masked = cpu
+        .try_forward_with(&spec, &mods, q.view(), k.view(), v.view())
+        .unwrap();
+    let (t_causal, t_doc) = alternate(
+        runs,
+        || {
+            cpu.try_backward(&spec, inputs, &causal, d_o.view())
+                .unwrap();
+        },
+        || {
+            cpu.try_backward_with(&spec, &mods, inputs, &masked, d_o.view(), None)
+                .unwrap();
+        },
+    );
+    print_documents("cpu", n, &doc, t_causal, t_doc);
 }
 
 /// The two rows on the device, from device tensors.
@@ -222,6 +278,50 @@ fn cube_rows(device: &CubeDevice, runs: usize) {
             diff[2],
         );
     }
+
+    // 3. The document mask's backward against the causal one.
+    let n = env_usize("GQA_BACKWARD_DOC_TOKENS", 2048);
+    let spec: AttentionSpec = *Gqa::<HQ, HKV, D>::new().causal().spec();
+    let up = |x: &Array4<f32>| device.try_upload(x.view()).unwrap();
+    let (q, k, v, d_o) = (
+        up(&tensor((1, HQ, n, D), 1)),
+        up(&tensor((1, HKV, n, D), 2)),
+        up(&tensor((1, HKV, n, D), 3)),
+        up(&tensor((1, HQ, n, D), 4)),
+    );
+    let (doc, mods) = document_mods(n);
+    let causal = device.try_forward_device(&spec, &q, &k, &v).unwrap();
+    let masked = device
+        .try_forward_device_with(&spec, &mods, &q, &k, &v)
+        .unwrap();
+    let (mut g_causal, mut g_doc) = (
+        device.try_gradients::<f32>(&spec, 1, n, n).unwrap(),
+        device.try_gradients::<f32>(&spec, 1, n, n).unwrap(),
+    );
+    let (t_causal, t_doc) = alternate(
+        runs,
+        || {
+            device
+                .try_backward_into_with(
+                    &spec,
+                    &Mods::none(),
+                    [&q, &k, &v],
+                    &causal,
+                    &d_o,
+                    None,
+                    &mut g_causal,
+                )
+                .unwrap();
+            device.try_sync().unwrap();
+        },
+        || {
+            device
+                .try_backward_into_with(&spec, &mods, [&q, &k, &v], &masked, &d_o, None, &mut g_doc)
+                .unwrap();
+            device.try_sync().unwrap();
+        },
+    );
+    print_documents("cube", n, &doc, t_causal, t_doc);
 }
 
 fn main() {

@@ -32,7 +32,7 @@ use gqa::{AttentionSpec, Gqa};
 use ndarray::Array4;
 
 mod common;
-use common::{alternate, env_usize};
+use common::{alternate, documents, env_usize, visible_pairs};
 
 const HQ: usize = 32;
 const HKV: usize = 8;
@@ -47,36 +47,6 @@ fn inputs(tokens: usize) -> (Array4<f32>, Array4<f32>, Array4<f32>) {
         Array4::from_shape_fn((1, HKV, tokens, D), |(_, h, i, d)| f(h, i, d, 2)),
         Array4::from_shape_fn((1, HKV, tokens, D), |(_, h, i, d)| f(h, i, d, 3)),
     )
-}
-
-/// Document ids of `tokens` tokens in 8 documents of lengths proportional to 1..=8.
-fn documents(tokens: usize) -> Vec<i32> {
-    let weights: usize = (1..=8).sum();
-    let mut doc = Vec::with_capacity(tokens);
-    for d in 0..8 {
-        let n = if d == 7 {
-            tokens - doc.len()
-        } else {
-            tokens * (d + 1) / weights
-        };
-        doc.extend(std::iter::repeat_n(d as i32, n));
-    }
-    doc
-}
-
-/// Visible pairs of causal attention within each document.
-fn visible_pairs(doc: &[i32]) -> f64 {
-    let mut pairs = 0.0;
-    let mut run = 0.0;
-    for (t, &d) in doc.iter().enumerate() {
-        run = if t > 0 && doc[t - 1] == d {
-            run + 1.0
-        } else {
-            1.0
-        };
-        pairs += run;
-    }
-    pairs
 }
 
 fn rows<B: Backend<f32>>(label: &str, backend: &B, runs: usize) {

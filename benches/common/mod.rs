@@ -51,3 +51,33 @@ pub fn alternate(runs: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64,
     }
     (median(ta), median(tb))
 }
+
+/// Document ids of `tokens` tokens in 8 documents of lengths proportional to 1..=8.
+pub fn documents(tokens: usize) -> Vec<i32> {
+    let weights: usize = (1..=8).sum();
+    let mut doc = Vec::with_capacity(tokens);
+    for d in 0..8 {
+        let n = if d == 7 {
+            tokens - doc.len()
+        } else {
+            tokens * (d + 1) / weights
+        };
+        doc.extend(std::iter::repeat_n(d as i32, n));
+    }
+    doc
+}
+
+/// Visible pairs of causal attention within each document.
+pub fn visible_pairs(doc: &[i32]) -> f64 {
+    let mut pairs = 0.0;
+    let mut run = 0.0;
+    for (t, &d) in doc.iter().enumerate() {
+        run = if t > 0 && doc[t - 1] == d {
+            run + 1.0
+        } else {
+            1.0
+        };
+        pairs += run;
+    }
+    pairs
+}

@@ -802,7 +802,7 @@ impl CubeDevice {
             }
             return Ok(());
         }
-        let aux = self.inner.constant(OP, &mods.captured_words())?;
+        let aux = mods.captured_words();
         self.inner.backward::<T, M, S>(BackwardCall {
             op: OP,
             spec,
@@ -819,6 +819,7 @@ impl CubeDevice {
             aux: &aux,
             mask_mod: !M::TRIVIAL,
             score_mod: !S::TRIVIAL,
+            blocks: (!M::TRIVIAL && mods.block_masks()).then_some(mods as &dyn BlockSource),
             grads: buffers,
         })
     }
@@ -1052,10 +1053,12 @@ pub(crate) struct BackwardCall<'a> {
     /// The forward's LSE and `∂L/∂LSE`, f32, contiguous `[B, HQ, Lq]`.
     pub lse: &'a runtime::Buffer,
     pub d_lse: Option<&'a runtime::Buffer>,
-    /// The user mods' captures; `mask_mod`, `score_mod`: the kernels apply the user's.
-    pub aux: &'a runtime::Buffer,
+    /// The user mods' captures (`crate::dsl::Mods::captured_words`); `mask_mod`, `score_mod`:
+    /// the kernels apply the user's; `blocks`: the mask's block mask is used.
+    pub aux: &'a [u32],
     pub mask_mod: bool,
     pub score_mod: bool,
+    pub blocks: Option<&'a dyn BlockSource>,
     /// `dq`, `dk`, `dv`.
     pub grads: [&'a runtime::Buffer; 3],
 }

@@ -219,6 +219,27 @@ impl BlockMask {
             .collect()
     }
 
+    /// The transpose of [`BlockMask::live_ranges`]: per (batch entry, KV head, key tile), the
+    /// query tiles `first..end` outside which every tile is empty (`0..0` for a column of tiles
+    /// no query sees), for an executor that walks the queries of a key tile (the backward's
+    /// `dK`, `dV`).
+    pub fn live_query_ranges(&self) -> Vec<Range<usize>> {
+        let (q_tiles, k_tiles) = (self.q_tiles, self.k_tiles);
+        let mut ranges = Vec::with_capacity(self.states.len() / q_tiles.max(1));
+        for column in self.states.chunks(q_tiles * k_tiles).filter(|_| q_tiles > 0) {
+            for kt in 0..k_tiles {
+                let live = |qt: &usize| column[qt * k_tiles + kt] != TileState::Empty;
+                let first = (0..q_tiles).find(live);
+                let last = (0..q_tiles).rev().find(live);
+                ranges.push(match (first, last) {
+                    (Some(first), Some(last)) => first..last + 1,
+                    _ => 0..0,
+                });
+            }
+        }
+        ranges
+    }
+
     /// The states as device words, in `state` order, then [`BlockMask::live_ranges`] as
     /// `first, end` pairs.
     pub fn words(&self) -> Vec<u32> {

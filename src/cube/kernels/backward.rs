@@ -79,6 +79,14 @@ pub struct BackwardConfig {
     /// generated derivative ([`CubeScore::tangent`]) multiplies `dS` (its captures in `aux`
     /// after the mask mod's).
     pub score_mod: bool,
+    /// The user mask's block mask (`crate::dsl::block`) follows the captures in `aux`, from word
+    /// `mask_at`: its states in tiles of `mask_tiles = (queries, keys)`, then per (batch
+    /// entry, KV head, query tile) the live key tiles, then per (batch entry, KV head, key tile)
+    /// the live query tiles. Both kernels skip empty tiles and do not evaluate the mask on full
+    /// ones; `backward_dkv` walks only its key tile's live query tiles, `backward_dq` only its
+    /// query tile's live key tiles. A mask tile holds whole blocks and cubes of either kernel.
+    pub block_mask: bool,
+    pub mask_tiles: (usize, usize),
 }
 
 /// The prepass: `stats[r] = lse[r]`, `stats[rows + r] = Σ_d dO[r, d]·O[r, d] − dLSE[r]` for
@@ -143,6 +151,7 @@ fn pair<M: CubeMask, S: CubeScore>(
     right: i32,
     scale: f32,
     softcap: f32,
+    user_full: bool,
     #[comptime] cfg: BackwardConfig,
 ) {
     let diag = i as i32 + diag_offset;
@@ -186,17 +195,20 @@ fn pair<M: CubeMask, S: CubeScore>(
         visible = visible && kj <= diag + right;
     }
     if cfg.mask_mod {
-        let seen = M::visible(
-            aux,
-            batch as i32,
-            head as i32,
-            i as i32,
-            kj,
-            seq_q as i32,
-            seq_k as i32,
-            0u32,
-        );
-        visible = visible && seen;
+        // A full tile of the block mask needs no evaluation (a uniform branch).
+        if !user_full {
+            let seen = M::visible(
+                aux,
+                batch as i32,
+                head as i32,
+                i as i32,
+                kj,
+                seq_q as i32,
+                seq_k as i32,
+                0u32,
+            );
+            visible = visible && seen;
+        }
     }
     let p = select(visible, accurate_exp(x - lse), 0.0f32);
     s[at] = p;
@@ -229,6 +241,7 @@ pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
     batch_size: u32,
     items_per_split: u32,
     dims: u32,
+    mask_at: u32,
     #[comptime] cfg: BackwardConfig,
 ) {
     let dim = cfg.head_dim;
@@ -282,11 +295,30 @@ pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
         q_hi = min(q_hi, tile_last - diag_offset + left + 1);
     }
     let mut qb_lo = 0u32;
-    let mut blocks = 0u32;
+    let mut qb_hi = 0u32;
     if q_hi > q_lo {
         qb_lo = q_lo as u32 / bm as u32;
-        blocks = (q_hi as u32 + bm as u32 - 1) / bm as u32 - qb_lo;
+        qb_hi = (q_hi as u32 + bm as u32 - 1) / bm as u32;
     }
+    // The block mask's live query tiles of this key tile (`cfg.block_mask`).
+    let (tq, tk) = cfg.mask_tiles;
+    let mask_q_tiles = (seq_q + tq as u32 - 1) / tq as u32;
+    let mask_k_tiles = (seq_k + tk as u32 - 1) / tk as u32;
+    let mask_kt = tile0 / tk as u32;
+    let mask_row0 = (batch * kv_heads + kv_head) * mask_q_tiles;
+    if cfg.block_mask {
+        let states = batch_size * kv_heads * mask_q_tiles * mask_k_tiles;
+        let rows = batch_size * kv_heads * mask_q_tiles;
+        let at = mask_at
+            + states
+            + 2 * rows
+            + 2 * ((batch * kv_heads + kv_head) * mask_k_tiles + mask_kt);
+        let per_tile = (tq / bm) as u32;
+        qb_lo = max(qb_lo, aux[at as usize] * per_tile);
+        qb_hi = min(qb_hi, aux[(at + 1) as usize] * per_tile);
+        qb_hi = max(qb_hi, qb_lo);
+    }
+    let blocks = qb_hi - qb_lo;
     let items = group * blocks;
     let item_lo = min(items, split * items_per_split);
     let item_hi = min(items, (split + 1) * items_per_split);
@@ -302,77 +334,87 @@ pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
     for item in item_lo..item_hi {
         let head = kv_head * group + item / blocks;
         let q_row0 = (qb_lo + item % blocks) * bm as u32;
-        let row_base = (batch * q_heads + head) * seq_q;
-        let mut slope = 0.0f32;
-        if cfg.alibi {
-            slope = stats[(2 * all_rows + head) as usize];
+        // The block mask: an empty tile is skipped, a full one runs without the user mask.
+        let mut state = 1u32;
+        if cfg.block_mask {
+            let qt = q_row0 / tq as u32;
+            state = aux[(mask_at + (mask_row0 + qt) * mask_k_tiles + mask_kt) as usize];
         }
-        #[unroll]
-        for j in 0..bm {
-            let row = row_base + min(q_row0 + j as u32, seq_q - 1);
-            q_at[j] = row * dim as u32;
-            lse[j] = stats[row as usize];
-            dd[j] = stats[(all_rows + row) as usize];
-        }
-        #[unroll]
-        for x in 0..rows * bm {
-            s[x] = 0.0f32;
-            dp[x] = 0.0f32;
-        }
-        // S = K·Qᵀ and dP = V·dOᵀ for the block.
-        for cu in 0..dims / chunk as u32 {
-            let c = cu as usize;
-            load_rows::<F>(q, &q_at, c * chunk, &mut qc, bm, cfg);
-            load_rows::<F>(d_o, &q_at, c * chunk, &mut oc, bm, cfg);
-            chunk_products(&k_reg, &v_reg, c, &qc, &oc, &mut s, &mut dp, rows, bm, cfg);
-        }
-        #[unroll]
-        for r in 0..rows {
+        let user_full = state == 2;
+        if state != 0 {
+            let row_base = (batch * q_heads + head) * seq_q;
+            let mut slope = 0.0f32;
+            if cfg.alibi {
+                slope = stats[(2 * all_rows + head) as usize];
+            }
             #[unroll]
             for j in 0..bm {
-                pair::<M, S>(
-                    &mut s,
-                    &mut dp,
-                    r * bm + j,
-                    lse[j],
-                    dd[j],
-                    slope,
-                    aux,
-                    batch,
-                    head,
-                    q_row0 + j as u32,
-                    key0 + r as u32,
-                    seq_q,
-                    seq_k,
-                    diag_offset,
-                    left,
-                    right,
-                    scale,
-                    softcap,
-                    cfg,
-                );
+                let row = row_base + min(q_row0 + j as u32, seq_q - 1);
+                q_at[j] = row * dim as u32;
+                lse[j] = stats[row as usize];
+                dd[j] = stats[(all_rows + row) as usize];
             }
-        }
-        // dV += Pᵀ·dO, dK += dSᵀ·Q (hidden pairs skipped).
-        for cu in 0..dims / chunk as u32 {
-            let c = cu as usize;
-            load_rows::<F>(q, &q_at, c * chunk, &mut qc, bm, cfg);
-            load_rows::<F>(d_o, &q_at, c * chunk, &mut oc, bm, cfg);
+            #[unroll]
+            for x in 0..rows * bm {
+                s[x] = 0.0f32;
+                dp[x] = 0.0f32;
+            }
+            // S = K·Qᵀ and dP = V·dOᵀ for the block.
+            for cu in 0..dims / chunk as u32 {
+                let c = cu as usize;
+                load_rows::<F>(q, &q_at, c * chunk, &mut qc, bm, cfg);
+                load_rows::<F>(d_o, &q_at, c * chunk, &mut oc, bm, cfg);
+                chunk_products(&k_reg, &v_reg, c, &qc, &oc, &mut s, &mut dp, rows, bm, cfg);
+            }
             #[unroll]
             for r in 0..rows {
                 #[unroll]
-                for e in 0..chunk {
-                    let at = r * padded + c * chunk + e;
-                    let mut a = dv[at];
-                    let mut b = dk[at];
+                for j in 0..bm {
+                    pair::<M, S>(
+                        &mut s,
+                        &mut dp,
+                        r * bm + j,
+                        lse[j],
+                        dd[j],
+                        slope,
+                        aux,
+                        batch,
+                        head,
+                        q_row0 + j as u32,
+                        key0 + r as u32,
+                        seq_q,
+                        seq_k,
+                        diag_offset,
+                        left,
+                        right,
+                        scale,
+                        softcap,
+                        user_full,
+                        cfg,
+                    );
+                }
+            }
+            // dV += Pᵀ·dO, dK += dSᵀ·Q (hidden pairs skipped).
+            for cu in 0..dims / chunk as u32 {
+                let c = cu as usize;
+                load_rows::<F>(q, &q_at, c * chunk, &mut qc, bm, cfg);
+                load_rows::<F>(d_o, &q_at, c * chunk, &mut oc, bm, cfg);
+                #[unroll]
+                for r in 0..rows {
                     #[unroll]
-                    for j in 0..bm {
-                        let p = s[r * bm + j];
-                        a += select(p > 0.0f32, p * oc[j * chunk + e], 0.0f32);
-                        b += select(p > 0.0f32, dp[r * bm + j] * qc[j * chunk + e], 0.0f32);
+                    for e in 0..chunk {
+                        let at = r * padded + c * chunk + e;
+                        let mut a = dv[at];
+                        let mut b = dk[at];
+                        #[unroll]
+                        for j in 0..bm {
+                            let p = s[r * bm + j];
+                            a += select(p > 0.0f32, p * oc[j * chunk + e], 0.0f32);
+                            b += select(p > 0.0f32, dp[r * bm + j] * qc[j * chunk + e], 0.0f32);
+                        }
+                        dv[at] = a;
+                        dk[at] = b;
                     }
-                    dv[at] = a;
-                    dk[at] = b;
                 }
             }
         }
@@ -420,6 +462,7 @@ pub fn backward_dq<F: Float, M: CubeMask, S: CubeScore>(
     batch_size: u32,
     keys_per_split: u32,
     dims: u32,
+    mask_at: u32,
     #[comptime] cfg: BackwardConfig,
 ) {
     let dim = cfg.head_dim;
@@ -489,6 +532,18 @@ pub fn backward_dq<F: Float, M: CubeMask, S: CubeScore>(
         tile_lo = band_lo as u32 / bn as u32;
         tile_hi = (band_hi as u32 + bn as u32 - 1) / bn as u32;
     }
+    // The block mask's live key tiles of this query tile (`cfg.block_mask`).
+    let (tq, tk) = cfg.mask_tiles;
+    let mask_q_tiles = (seq_q + tq as u32 - 1) / tq as u32;
+    let mask_k_tiles = (seq_k + tk as u32 - 1) / tk as u32;
+    let mask_row = (batch * kv_heads + kv_head) * mask_q_tiles + first_row as u32 / tq as u32;
+    let per_tile = (tk / bn) as u32;
+    if cfg.block_mask {
+        let at = mask_at + batch_size * kv_heads * mask_q_tiles * mask_k_tiles + 2 * mask_row;
+        tile_lo = max(tile_lo, aux[at as usize] * per_tile);
+        tile_hi = min(tile_hi, aux[(at + 1) as usize] * per_tile);
+        tile_hi = max(tile_hi, tile_lo);
+    }
 
     let kv_base = (batch * kv_heads + kv_head) * seq_k;
     let mut s = Array::<f32>::new(rows * bn);
@@ -498,65 +553,74 @@ pub fn backward_dq<F: Float, M: CubeMask, S: CubeScore>(
     let mut k_at = Array::<u32>::new(bn);
     for t in tile_lo..tile_hi {
         let key0 = t * bn as u32;
-        #[unroll]
-        for j in 0..bn {
-            k_at[j] = (kv_base + min(key0 + j as u32, seq_k - 1)) * dim as u32;
+        // The block mask: an empty tile is skipped, a full one runs without the user mask.
+        let mut state = 1u32;
+        if cfg.block_mask {
+            state = aux[(mask_at + mask_row * mask_k_tiles + t / per_tile) as usize];
         }
-        #[unroll]
-        for x in 0..rows * bn {
-            s[x] = 0.0f32;
-            dp[x] = 0.0f32;
-        }
-        // S = Q·Kᵀ and dP = dO·Vᵀ for the block.
-        for cu in 0..dims / chunk as u32 {
-            let c = cu as usize;
-            load_rows::<F>(k, &k_at, c * chunk, &mut kc, bn, cfg);
-            load_rows::<F>(v, &k_at, c * chunk, &mut vc, bn, cfg);
-            chunk_products(&q_reg, &o_reg, c, &kc, &vc, &mut s, &mut dp, rows, bn, cfg);
-        }
-        #[unroll]
-        for i in 0..rows {
+        let user_full = state == 2;
+        if state != 0 {
             #[unroll]
             for j in 0..bn {
-                pair::<M, S>(
-                    &mut s,
-                    &mut dp,
-                    i * bn + j,
-                    lse[i],
-                    dd[i],
-                    slope,
-                    aux,
-                    batch,
-                    head,
-                    row0 + i as u32,
-                    key0 + j as u32,
-                    seq_q,
-                    seq_k,
-                    diag_offset,
-                    left,
-                    right,
-                    scale,
-                    softcap,
-                    cfg,
-                );
+                k_at[j] = (kv_base + min(key0 + j as u32, seq_k - 1)) * dim as u32;
             }
-        }
-        // dQ += dS·K (hidden pairs skipped).
-        for cu in 0..dims / chunk as u32 {
-            let c = cu as usize;
-            load_rows::<F>(k, &k_at, c * chunk, &mut kc, bn, cfg);
+            #[unroll]
+            for x in 0..rows * bn {
+                s[x] = 0.0f32;
+                dp[x] = 0.0f32;
+            }
+            // S = Q·Kᵀ and dP = dO·Vᵀ for the block.
+            for cu in 0..dims / chunk as u32 {
+                let c = cu as usize;
+                load_rows::<F>(k, &k_at, c * chunk, &mut kc, bn, cfg);
+                load_rows::<F>(v, &k_at, c * chunk, &mut vc, bn, cfg);
+                chunk_products(&q_reg, &o_reg, c, &kc, &vc, &mut s, &mut dp, rows, bn, cfg);
+            }
             #[unroll]
             for i in 0..rows {
                 #[unroll]
-                for e in 0..chunk {
-                    let at = i * padded + c * chunk + e;
-                    let mut a = dq[at];
+                for j in 0..bn {
+                    pair::<M, S>(
+                        &mut s,
+                        &mut dp,
+                        i * bn + j,
+                        lse[i],
+                        dd[i],
+                        slope,
+                        aux,
+                        batch,
+                        head,
+                        row0 + i as u32,
+                        key0 + j as u32,
+                        seq_q,
+                        seq_k,
+                        diag_offset,
+                        left,
+                        right,
+                        scale,
+                        softcap,
+                        user_full,
+                        cfg,
+                    );
+                }
+            }
+            // dQ += dS·K (hidden pairs skipped).
+            for cu in 0..dims / chunk as u32 {
+                let c = cu as usize;
+                load_rows::<F>(k, &k_at, c * chunk, &mut kc, bn, cfg);
+                #[unroll]
+                for i in 0..rows {
                     #[unroll]
-                    for j in 0..bn {
-                        let p = s[i * bn + j];
-                        a += select(p > 0.0f32, dp[i * bn + j] * kc[j * chunk + e], 0.0f32);
+                    for e in 0..chunk {
+                        let at = i * padded + c * chunk + e;
+                        let mut a = dq[at];
+                        #[unroll]
+                        for j in 0..bn {
+                            let p = s[i * bn + j];
+                            a += select(p > 0.0f32, dp[i * bn + j] * kc[j * chunk + e], 0.0f32);
+                        }
+                        dq[at] = a;
                     }
-                    dq[at] = a;
                 }
             }
         }

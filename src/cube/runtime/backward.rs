@@ -42,6 +42,7 @@ impl Device {
             aux,
             mask_mod,
             score_mod,
+            blocks,
             grads: [dq, dk, dv],
         } = call;
         let ProblemShape {
@@ -105,6 +106,8 @@ impl Device {
             alibi: spec.alibi().is_some(),
             mask_mod,
             score_mod,
+            block_mask: false,
+            mask_tiles: (1, 1),
         };
         // Rows per unit: fewer at large head dims, where lavapipe's compile time grows with
         // the units' register rows (measured: 20/4/256 and 16/2/200 took it minutes).
@@ -141,6 +144,31 @@ impl Device {
             }
         }
 
+        // One block mask for both kernels, in tiles that hold whole cubes and blocks of each:
+        // `backward_dkv`'s key tiles and query blocks, `backward_dq`'s query tiles and key blocks.
+        let (block_k, block_m) = (dkv.units * dkv.rows, dq_config.units * dq_config.rows);
+        let (aux, mask_at, dkv, dq_config) = match blocks {
+            Some(source) => {
+                let mask_tiles = (lcm(block_m, DKV_BLOCK), lcm(block_k, DQ_BLOCK));
+                let mask = source.block_mask(spec, shape, mask_tiles);
+                let with = |config: BackwardConfig| BackwardConfig {
+                    block_mask: true,
+                    mask_tiles,
+                    ..config
+                };
+                let buffer = self.aux_and_block_mask(op, aux, &mask)?;
+                (buffer, aux.len(), with(dkv), with(dq_config))
+            }
+            None => (self.constant(op, aux)?, 0, dkv, dq_config),
+        };
+        let words = |n: usize| {
+            u32::try_from(n).map_err(|_| Error::DeviceLimit {
+                op,
+                reason: "the block mask needs more than 2^32 words".into(),
+            })
+        };
+        let mask_at = words(mask_at)?;
+
         // Work per split: items of (query head, query block) for dK/dV, keys for dQ.
         let items = group * seq_q.div_ceil(DKV_BLOCK);
         let items_per_split = self.backward_items_per_split(&dkv).min(items).max(1);
@@ -170,12 +198,10 @@ impl Device {
         let slopes = self.slopes(op, spec)?;
         let scalars = super::launch_scalars(spec, shape, None, keys_per_split, op)?;
 
-        let block_k = dkv.units * dkv.rows;
         let dkv_cubes = self.grid(
             op,
             [seq_k.div_ceil(block_k), spec.kv_heads(), dkv_splits * batch],
         )?;
-        let block_m = dq_config.units * dq_config.rows;
         let dq_cubes = self.grid(
             op,
             [seq_q.div_ceil(block_m), spec.kv_heads(), dq_splits * batch],
@@ -221,7 +247,7 @@ impl Device {
                 arg(v),
                 arg(d_o),
                 arg(&stats),
-                arg(aux),
+                arg(&aux),
                 arg(&dkv_partial),
                 scalars.q_heads,
                 scalars.seq_q,
@@ -234,6 +260,7 @@ impl Device {
                 scalars.batch,
                 items_per_split as u32,
                 dkv.padded_dim as u32,
+                mask_at,
                 dkv,
             );
             backward_dq::launch_unchecked::<T, M, S>(
@@ -245,7 +272,7 @@ impl Device {
                 arg(v),
                 arg(d_o),
                 arg(&stats),
-                arg(aux),
+                arg(&aux),
                 arg(&dq_partial),
                 scalars.q_heads,
                 scalars.seq_q,
@@ -258,6 +285,7 @@ impl Device {
                 scalars.batch,
                 keys_per_split as u32,
                 dq_config.padded_dim as u32,
+                mask_at,
                 dq_config,
             );
             let sums: [(&Buffer, &Buffer, &CubeCount, usize, usize, usize); 3] = [
@@ -327,4 +355,15 @@ impl Device {
         }
         super::blocks_within_loop_budget(config.rows, config.padded_dim, config.chunk)
     }
+}
+
+/// The least common multiple of two positive numbers.
+fn lcm(a: usize, b: usize) -> usize {
+    let gcd = |mut x: usize, mut y: usize| {
+        while y != 0 {
+            (x, y) = (y, x % y);
+        }
+        x
+    };
+    a / gcd(a, b) * b
 }

@@ -46,6 +46,9 @@ pub struct Device {
     /// cache hands out one `Arc` per problem): a steady-state launch neither rebuilds nor hashes
     /// their words. At most [`BLOCK_MASKS_KEPT`].
     block_masks: Mutex<Vec<(Arc<BlockMask>, Buffer)>>,
+    /// The backward's captures-and-block-mask buffers, by block mask and captures
+    /// ([`Device::aux_and_block_mask`]). At most [`BLOCK_MASKS_KEPT`].
+    backward_masks: Mutex<Vec<KeptAux>>,
     /// Two one-word buffers bound as the partial outputs of launches that write none (an
     /// unsplit forward or decode): allocated once, never written.
     scratch: (Buffer, Buffer),
@@ -85,6 +88,7 @@ impl Device {
             tiles: TilePolicy::Autotune,
             constants: Mutex::new(HashMap::new()),
             block_masks: Mutex::new(Vec::new()),
+            backward_masks: Mutex::new(Vec::new()),
             scratch: (
                 Buffer {
                     handle: client.empty(size_of::<f32>()),
@@ -270,6 +274,34 @@ impl Device {
         }
         let buffer = self.upload(op, &mask.words())?;
         kept.push((mask.clone(), buffer.clone()));
+        Ok(buffer)
+    }
+
+    /// The backward's `aux` binding with a block mask (`kernels/backward.rs`,
+    /// `BackwardConfig::block_mask`): the captures `aux`, then `mask`'s words (states, live key
+    /// tiles per query tile), then its live query tiles per key tile. Uploaded on first use,
+    /// then reused while the host's block mask cache hands out the same mask.
+    pub(super) fn aux_and_block_mask(
+        &self,
+        op: &'static str,
+        aux: &[u32],
+        mask: &Arc<BlockMask>,
+    ) -> Result<Buffer> {
+        let mut kept = self.backward_masks.lock().unwrap_or_else(|e| e.into_inner());
+        let found = kept.iter().find(|(m, a, _)| Arc::ptr_eq(m, mask) && a == aux);
+        if let Some((_, _, buffer)) = found {
+            return Ok(buffer.clone());
+        }
+        if kept.len() >= BLOCK_MASKS_KEPT {
+            kept.clear();
+        }
+        let mut words = aux.to_vec();
+        words.extend(mask.words());
+        for range in mask.live_query_ranges() {
+            words.extend([range.start as u32, range.end as u32]);
+        }
+        let buffer = self.upload(op, &words)?;
+        kept.push((mask.clone(), aux.to_vec(), buffer.clone()));
         Ok(buffer)
     }
 
@@ -615,6 +647,9 @@ impl Device {
         })
     }
 }
+
+/// A backward's captures-and-block-mask buffer, by the block mask and the captures.
+type KeptAux = (Arc<BlockMask>, Vec<u32>, Buffer);
 
 /// Device block masks a device keeps ([`Device::block_mask_buffer`]).
 const BLOCK_MASKS_KEPT: usize = 16;
