@@ -225,8 +225,11 @@ impl BlockMask {
     /// `dK`, `dV`).
     pub fn live_query_ranges(&self) -> Vec<Range<usize>> {
         let (q_tiles, k_tiles) = (self.q_tiles, self.k_tiles);
-        let mut ranges = Vec::with_capacity(self.states.len() / q_tiles.max(1));
-        for column in self.states.chunks(q_tiles * k_tiles).filter(|_| q_tiles > 0) {
+        if q_tiles == 0 || k_tiles == 0 {
+            return Vec::new(); // no tile at all (as `words` has no ranges then)
+        }
+        let mut ranges = Vec::with_capacity(self.states.len() / q_tiles);
+        for column in self.states.chunks(q_tiles * k_tiles) {
             for kt in 0..k_tiles {
                 let live = |qt: &usize| column[qt * k_tiles + kt] != TileState::Empty;
                 let first = (0..q_tiles).find(live);

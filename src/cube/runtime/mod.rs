@@ -287,8 +287,13 @@ impl Device {
         aux: &[u32],
         mask: &Arc<BlockMask>,
     ) -> Result<Buffer> {
-        let mut kept = self.backward_masks.lock().unwrap_or_else(|e| e.into_inner());
-        let found = kept.iter().find(|(m, a, _)| Arc::ptr_eq(m, mask) && a == aux);
+        let mut kept = self
+            .backward_masks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let found = kept
+            .iter()
+            .find(|(m, a, _)| Arc::ptr_eq(m, mask) && a == aux);
         if let Some((_, _, buffer)) = found {
             return Ok(buffer.clone());
         }
