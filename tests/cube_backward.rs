@@ -101,6 +101,85 @@ family_tests!(softcap_then_wobble, Variant::Plain, |c: &Captures| {
     Mods::new(NoMask, library::softcap(c.cap).then(wobble(c.gain)))
 });
 
+/// Runs `cases` problems of `variant` with the mods `make` builds, backward with block masks
+/// and without (`without_block_masks`), and asks for bit-identical gradients: a block mask may
+/// only skip work whose result is nothing and drop mask tests that pass anyway. Returns the
+/// tiles seen (empty, partial, full) in the backward's own tiles.
+fn block_mask_identity<M: gqa::dsl::MaskMod, S: ScoreMod>(
+    device: &CubeDevice,
+    test: &str,
+    cases: u32,
+    variant: Variant,
+    make: impl Fn(&Captures) -> Mods<M, S>,
+) -> (usize, usize, usize) {
+    let seen = std::cell::Cell::new((0, 0, 0));
+    let strategy = common::mods::cases(variant, (6, 2, 8))
+        .prop_flat_map(|(p, c)| (Just((p.clone(), c)), upstream(&p)));
+    runner::check(test, cases, Persist::No, strategy, |((p, c), up)| {
+        let mods = make(&c);
+        let shape = p
+            .spec
+            .check_shapes("test", p.q.shape(), p.k.shape(), p.v.shape())
+            .unwrap();
+        let tiles = device.backward_block_mask_tiles(&p.spec).unwrap();
+        let (e, pa, f) = mods.block_mask(&p.spec, shape, tiles).counts();
+        let s = seen.get();
+        seen.set((s.0 + e, s.1 + pa, s.2 + f));
+        let narrow = |x: &Array4<f64>| x.mapv(|x| x as f32);
+        let (q, k, v, d_o) = (narrow(&p.q), narrow(&p.k), narrow(&p.v), narrow(&up.d_o));
+        let out = device
+            .try_forward_with(&p.spec, &mods, q.view(), k.view(), v.view())
+            .unwrap();
+        let gradients = |mods: &Mods<M, S>| {
+            let d_lse = up.d_lse.as_ref().map(|d| d.view());
+            let inputs = [q.view(), k.view(), v.view()];
+            let g = device
+                .try_backward_with(&p.spec, mods, inputs, &out, d_o.view(), d_lse)
+                .unwrap();
+            [bits(&g.dq), bits(&g.dk), bits(&g.dv)]
+        };
+        let with = gradients(&mods);
+        let without = gradients(&mods.clone().without_block_masks());
+        for (name, (a, b)) in ["dq", "dk", "dv"].iter().zip(with.iter().zip(&without)) {
+            prop_assert!(a == b, "{} differs with and without the block mask", name);
+        }
+        Ok(())
+    });
+    seen.get()
+}
+
+/// Block masks change no bit of the gradients, over tiles of every kind: the causal document
+/// mask with its analytic classifier (documents of about 100 tokens, so that whole tiles fall
+/// inside one), and a user mask classified by brute force, under a user score mod.
+#[test]
+fn block_masks_change_no_bit_of_the_gradients() {
+    let Some(device) = device() else { return };
+    let test = "block_masks_change_no_bit_of_the_gradients";
+    let seen = block_mask_identity(
+        device,
+        &format!("{test}/document"),
+        cases() + 3,
+        Variant::RightSoftcap,
+        |c: &Captures| {
+            let docs: Vec<i32> = c.docs.iter().map(|d| d / 8).collect();
+            Mods::new(library::document(Aux::new(docs.clone())), NoScore)
+                .with_classifier(gqa::dsl::block::SortedDocuments::new(&docs))
+        },
+    );
+    let also = block_mask_identity(
+        device,
+        &format!("{test}/checker"),
+        cases(),
+        Variant::Plain,
+        |c: &Captures| Mods::new(checker(c.b + 8), wobble(c.gain)),
+    );
+    eprintln!("backward tiles (empty, partial, full): document {seen:?}, checker {also:?}");
+    assert!(
+        seen.0 > 0 && seen.1 > 0 && seen.2 > 0,
+        "tiles of every kind: {seen:?}"
+    );
+}
+
 /// Ranges long enough that on lavapipe each main kernel splits its work (its loop limit) and
 /// the splits' partials are summed: at head dim 256 (two rows per unit, chunks of 8 channels),
 /// a split walks at most 730 blocks, so 1500–1800 queries of a group of 4 split `dK`/`dV`

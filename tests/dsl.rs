@@ -391,7 +391,8 @@ fn block_masks_change_no_bit_of_the_cpu_output() {
 }
 
 /// The block-mask laws by brute force: a tile called full has every pair of every head of its
-/// group visible (band and mask), one called empty none — for classified masks (the sorted
+/// group visible (band and mask), one called empty none, and the live ranges (per row of tiles
+/// and per column) run from the first tile not empty to the last — for classified masks (the sorted
 /// documents' classifier, its composition with the band) and brute-force ones, at drawn tile
 /// sizes.
 #[test]
@@ -461,6 +462,34 @@ fn block_mask_states_are_what_brute_force_sees() {
                         }
                     }
                 }
+                // The live ranges, rows of tiles and their transpose: from the first tile not
+                // empty to the last (`0..0` when all are).
+                let live = |tiles: &mut dyn Iterator<Item = (usize, bool)>| {
+                    let seen: Vec<usize> = tiles.filter(|t| t.1).map(|t| t.0).collect();
+                    match (seen.first(), seen.last()) {
+                        (Some(&a), Some(&z)) => a..z + 1,
+                        _ => 0..0,
+                    }
+                };
+                let not_empty =
+                    |b, g, qt, kt| blocks.state(b, g, qt, kt) != gqa::dsl::block::TileState::Empty;
+                let (rows, columns) = (blocks.live_ranges(), blocks.live_query_ranges());
+                let (mut r, mut c) = (rows.iter(), columns.iter());
+                for b in 0..shape.batch {
+                    for g in 0..2 {
+                        for qt in 0..q_tiles {
+                            let want =
+                                live(&mut (0..k_tiles).map(|kt| (kt, not_empty(b, g, qt, kt))));
+                            prop_assert_eq!(r.next(), Some(&want), "live key tiles");
+                        }
+                        for kt in 0..k_tiles {
+                            let want =
+                                live(&mut (0..q_tiles).map(|qt| (qt, not_empty(b, g, qt, kt))));
+                            prop_assert_eq!(c.next(), Some(&want), "live query tiles");
+                        }
+                    }
+                }
+                prop_assert_eq!((r.next(), c.next()), (None, None), "ranges left over");
                 Ok(())
             };
             match which {

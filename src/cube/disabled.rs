@@ -110,7 +110,13 @@ impl Device {
     pub fn forward<T, M, S>(&self, _: super::ForwardCall<'_>) -> Result<()> {
         match *self {}
     }
-    pub fn backward<T, M>(&self, _: super::BackwardCall<'_>) -> Result<()> {
+    pub fn backward<T, M, S>(&self, _: super::BackwardCall<'_>) -> Result<()> {
+        match *self {}
+    }
+    pub fn backward_block_mask_tiles(&self, _: &AttentionSpec) -> Result<(usize, usize)> {
+        match *self {}
+    }
+    pub fn fill_zeros<T>(&self, _: &'static str, _: &Buffer) -> Result<()> {
         match *self {}
     }
     pub fn block_mask_tiles(

@@ -191,6 +191,15 @@ impl CubeDevice {
         self.inner.block_mask_tiles(spec, tile)
     }
 
+    /// The tiles `(query rows, keys)` in which the backward of `spec` classifies a user mask
+    /// ([`crate::dsl::block`]): tiles holding whole cubes and blocks of both of its main
+    /// kernels (docs in `kernels/backward.rs`).
+    ///
+    /// Errors: [`Error::DeviceLimit`] for a group the device cannot run.
+    pub fn backward_block_mask_tiles(&self, spec: &AttentionSpec) -> Result<(usize, usize)> {
+        self.inner.backward_block_mask_tiles(spec)
+    }
+
     /// The cooperative-matrix products (`m`, `n`, `k`) the device reports for `dtype` operands
     /// with f32 accumulators: what a matrix-core path of the forward kernel could use. Empty on
     /// lavapipe. No such path is in this crate yet (the forward kernel's tile-product seam,

@@ -10,7 +10,7 @@ use crate::cube::kernels::backward::{
 };
 use crate::dsl::cube::{CubeMask, CubeScore};
 use crate::error::{Error, Result};
-use crate::spec::ProblemShape;
+use crate::spec::{AttentionSpec, ProblemShape};
 
 use super::KernelElement;
 
@@ -50,16 +50,6 @@ impl Device {
             seq_q,
             seq_k,
         } = shape;
-        let hardware = &self.client.properties().hardware;
-        if hardware.max_bindings < BINDINGS {
-            return Err(Error::DeviceLimit {
-                op,
-                reason: format!(
-                    "the backward kernels bind {BINDINGS} storage buffers; {} allows {}",
-                    self.name, hardware.max_bindings
-                ),
-            });
-        }
         let limit = i32::MAX as usize / 4;
         if seq_q > limit || seq_k > limit {
             return Err(Error::DeviceLimit {
@@ -67,89 +57,17 @@ impl Device {
                 reason: format!("sequence lengths above {limit} (got {seq_q} and {seq_k})"),
             });
         }
+        let BackwardPlan {
+            dkv,
+            dq: dq_config,
+            dq_units,
+            mask_tiles,
+        } = self.backward_plan(op, spec, mask_mod, score_mod)?;
         let (head_dim, group) = (spec.head_dim(), spec.group_size());
-        let max_units = hardware.max_units_per_cube as usize;
-        let plane = (hardware.plane_size_max as usize).clamp(1, max_units);
-        if group > max_units {
-            return Err(Error::DeviceLimit {
-                op,
-                reason: format!(
-                    "a KV group of {group} query heads needs {group} units per cube; {} allows {max_units}",
-                    self.name
-                ),
-            });
-        }
-        // Plane loads where the device's plane broadcasts were found to work (as the
-        // forward's; `probe_planes`), in chunks of a plane's lanes; uniform loads elsewhere.
-        let plane_loads = self.planes.loads;
-        let chunk = if plane_loads {
-            PLANE_LOAD_LANES as usize
-        } else {
-            [4, 2, 1]
-                .into_iter()
-                .find(|c| head_dim.is_multiple_of(*c))
-                .expect("1 divides every head dim")
-        };
-        let mask = spec.mask();
-        let base = BackwardConfig {
-            head_dim,
-            chunk,
-            padded_dim: head_dim.next_multiple_of(chunk),
-            plane_loads,
-            group,
-            rows: 0,
-            block: 0,
-            units: 0,
-            left_bounded: mask.left().is_some(),
-            right_bounded: mask.right().is_some(),
-            softcap: spec.softcap().is_some(),
-            alibi: spec.alibi().is_some(),
-            mask_mod,
-            score_mod,
-            block_mask: false,
-            mask_tiles: (1, 1),
-        };
-        // Rows per unit: fewer at large head dims, where lavapipe's compile time grows with
-        // the units' register rows (measured: 20/4/256 and 16/2/200 took it minutes).
-        let rows = |most: usize| {
-            if base.padded_dim > 128 {
-                most / 2
-            } else {
-                most
-            }
-        };
-        let dkv = BackwardConfig {
-            rows: rows(DKV_ROWS),
-            block: DKV_BLOCK,
-            units: plane,
-            ..base
-        };
-        let dq_config = BackwardConfig {
-            rows: rows(DQ_ROWS),
-            block: DQ_BLOCK,
-            units: (plane / group).clamp(1, max_units / group),
-            ..base
-        };
-        let mut dq_units = group * dq_config.units;
-        if plane_loads {
-            dq_units = dq_units.next_multiple_of(plane);
-            if dq_units > max_units {
-                return Err(Error::DeviceLimit {
-                    op,
-                    reason: format!(
-                        "plane loads for a KV group of {group} query heads need {dq_units} units per cube (whole planes of {plane}); {} allows {max_units}",
-                        self.name
-                    ),
-                });
-            }
-        }
-
-        // One block mask for both kernels, in tiles that hold whole cubes and blocks of each:
-        // `backward_dkv`'s key tiles and query blocks, `backward_dq`'s query tiles and key blocks.
         let (block_k, block_m) = (dkv.units * dkv.rows, dq_config.units * dq_config.rows);
+
         let (aux, mask_at, dkv, dq_config) = match blocks {
             Some(source) => {
-                let mask_tiles = (lcm(block_m, DKV_BLOCK), lcm(block_k, DQ_BLOCK));
                 let mask = source.block_mask(spec, shape, mask_tiles);
                 let with = |config: BackwardConfig| BackwardConfig {
                     block_mask: true,
@@ -236,7 +154,7 @@ impl Device {
                 spec.q_heads() as u32,
                 head_dim,
                 call.d_lse.is_some(),
-                base.alibi,
+                dkv.alibi,
             );
             backward_dkv::launch_unchecked::<T, M, S>(
                 &self.client,
@@ -317,6 +235,120 @@ impl Device {
         Ok(())
     }
 
+    /// The tiles of the two main kernels on this device for `spec` (module docs of
+    /// `kernels/backward.rs`), without a block mask yet, and the block mask's tiles.
+    fn backward_plan(
+        &self,
+        op: &'static str,
+        spec: &AttentionSpec,
+        mask_mod: bool,
+        score_mod: bool,
+    ) -> Result<BackwardPlan> {
+        let hardware = &self.client.properties().hardware;
+        if hardware.max_bindings < BINDINGS {
+            return Err(Error::DeviceLimit {
+                op,
+                reason: format!(
+                    "the backward kernels bind {BINDINGS} storage buffers; {} allows {}",
+                    self.name, hardware.max_bindings
+                ),
+            });
+        }
+        let (head_dim, group) = (spec.head_dim(), spec.group_size());
+        let max_units = hardware.max_units_per_cube as usize;
+        let plane = (hardware.plane_size_max as usize).clamp(1, max_units);
+        if group > max_units {
+            return Err(Error::DeviceLimit {
+                op,
+                reason: format!(
+                    "a KV group of {group} query heads needs {group} units per cube; {} allows {max_units}",
+                    self.name
+                ),
+            });
+        }
+        // Plane loads where the device's plane broadcasts were found to work (as the
+        // forward's; `probe_planes`), in chunks of a plane's lanes; uniform loads elsewhere.
+        let plane_loads = self.planes.loads;
+        let chunk = if plane_loads {
+            PLANE_LOAD_LANES as usize
+        } else {
+            [4, 2, 1]
+                .into_iter()
+                .find(|c| head_dim.is_multiple_of(*c))
+                .expect("1 divides every head dim")
+        };
+        let mask = spec.mask();
+        let base = BackwardConfig {
+            head_dim,
+            chunk,
+            padded_dim: head_dim.next_multiple_of(chunk),
+            plane_loads,
+            group,
+            rows: 0,
+            block: 0,
+            units: 0,
+            left_bounded: mask.left().is_some(),
+            right_bounded: mask.right().is_some(),
+            softcap: spec.softcap().is_some(),
+            alibi: spec.alibi().is_some(),
+            mask_mod,
+            score_mod,
+            block_mask: false,
+            mask_tiles: (1, 1),
+        };
+        // Rows per unit: fewer at large head dims, where lavapipe's compile time grows with
+        // the units' register rows (measured: 20/4/256 and 16/2/200 took it minutes).
+        let rows = |most: usize| {
+            if base.padded_dim > 128 {
+                most / 2
+            } else {
+                most
+            }
+        };
+        let dkv = BackwardConfig {
+            rows: rows(DKV_ROWS),
+            block: DKV_BLOCK,
+            units: plane,
+            ..base
+        };
+        let dq_config = BackwardConfig {
+            rows: rows(DQ_ROWS),
+            block: DQ_BLOCK,
+            units: (plane / group).clamp(1, max_units / group),
+            ..base
+        };
+        let mut dq_units = group * dq_config.units;
+        if plane_loads {
+            dq_units = dq_units.next_multiple_of(plane);
+            if dq_units > max_units {
+                return Err(Error::DeviceLimit {
+                    op,
+                    reason: format!(
+                        "plane loads for a KV group of {group} query heads need {dq_units} units per cube (whole planes of {plane}); {} allows {max_units}",
+                        self.name
+                    ),
+                });
+            }
+        }
+
+        // One block mask for both kernels, in tiles that hold whole cubes and blocks of each:
+        // `backward_dkv`'s key tiles and query blocks, `backward_dq`'s query tiles and key blocks.
+        let (block_k, block_m) = (dkv.units * dkv.rows, dq_config.units * dq_config.rows);
+        Ok(BackwardPlan {
+            dkv,
+            dq: dq_config,
+            dq_units,
+            mask_tiles: (lcm(block_m, DKV_BLOCK), lcm(block_k, DQ_BLOCK)),
+        })
+    }
+
+    /// The tiles `(queries, keys)` of the block mask the backward of `spec` uses here.
+    pub fn backward_block_mask_tiles(&self, spec: &AttentionSpec) -> Result<(usize, usize)> {
+        Ok(self
+            .backward_plan("cube::backward_block_mask_tiles", spec, true, false)?
+            .mask_tiles)
+    }
+
     /// Zeros into every element of `out` (of `T`): [`sum_splits`] over no split.
     pub fn fill_zeros<T: KernelElement>(&self, op: &'static str, out: &Buffer) -> Result<()> {
         if out.len == 0 {
@@ -355,6 +387,16 @@ impl Device {
         }
         super::blocks_within_loop_budget(config.rows, config.padded_dim, config.chunk)
     }
+}
+
+/// The main kernels' configurations (see [`Device::backward_plan`]).
+struct BackwardPlan {
+    dkv: BackwardConfig,
+    dq: BackwardConfig,
+    /// Units per cube of `backward_dq` (`group · dq.units`, whole planes with plane loads).
+    dq_units: usize,
+    /// The block mask's `(queries, keys)` per tile.
+    mask_tiles: (usize, usize),
 }
 
 /// The least common multiple of two positive numbers.
