@@ -72,7 +72,7 @@ fn backward_plain_and_left_band() {
 }
 
 /// The mod families of the DSL suites (`tests/common/mods.rs`): library mask mods under `&`,
-/// `|`, `!` (evaluated per pair), score mods chained with `then` after the built-in softcap and
+/// `|`, `!` (through their block masks), score mods chained with `then` after the built-in softcap and
 /// ALiBi (their derivative generated as kernel code by `#[score_mod]`), and a user mod pair
 /// with kinks (`max`, `clamp`, `abs`, `floor`, `if` chains).
 macro_rules! family_tests {

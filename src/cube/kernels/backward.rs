@@ -29,7 +29,10 @@
 //! [`sum_splits`] adds the partials in split order and casts to the storage type. Every launch
 //! goes through the partials (one split elsewhere): one code path, deterministic sums.
 //!
-//! **User mods.** A mask mod is evaluated per pair (no block mask yet). A score mod is applied
+//! **User mods.** A mask mod comes with its block mask (`BackwardConfig::block_mask`): empty
+//! tiles are skipped — `backward_dkv` walks only the query tiles that see its key tile (the
+//! mask's live ranges transposed), `backward_dq` only the key tiles its query tile sees — full
+//! ones run without the mask, and partial ones evaluate it per pair. A score mod is applied
 //! as in the forward, and `dS` is multiplied by its derivative, which `#[score_mod]` generates
 //! as kernel code ([`CubeScore::tangent`], forward mode over the mod's expression).
 //!

@@ -255,17 +255,8 @@ impl Device {
             });
         }
         let (head_dim, group) = (spec.head_dim(), spec.group_size());
-        let max_units = hardware.max_units_per_cube as usize;
+        let max_units = self.units_for_group(op, group)?;
         let plane = (hardware.plane_size_max as usize).clamp(1, max_units);
-        if group > max_units {
-            return Err(Error::DeviceLimit {
-                op,
-                reason: format!(
-                    "a KV group of {group} query heads needs {group} units per cube; {} allows {max_units}",
-                    self.name
-                ),
-            });
-        }
         // Plane loads where the device's plane broadcasts were found to work (as the
         // forward's; `probe_planes`), in chunks of a plane's lanes; uniform loads elsewhere.
         let plane_loads = self.planes.loads;

@@ -560,6 +560,22 @@ impl Device {
         (blocks * config.block_n).min(whole)
     }
 
+    /// The most units a cube may have, checked to hold one unit per query head of a KV group
+    /// of `group` (both prefill kernels' cubes do): [`Error::DeviceLimit`] otherwise.
+    pub(super) fn units_for_group(&self, op: &'static str, group: usize) -> Result<usize> {
+        let max_units = self.client.properties().hardware.max_units_per_cube as usize;
+        if group > max_units {
+            return Err(Error::DeviceLimit {
+                op,
+                reason: format!(
+                    "a KV group of {group} query heads needs {group} units per cube; {} allows {max_units}",
+                    self.name
+                ),
+            });
+        }
+        Ok(max_units)
+    }
+
     /// Whether the device's shader invocations silently stop looping after 65 535 iterations
     /// in all (Mesa's lavapipe; the forward kernel's docs): its kernels then split their work
     /// ([`blocks_within_loop_budget`]).
@@ -581,16 +597,7 @@ impl Device {
         let hardware = &self.client.properties().hardware;
         let head_dim = spec.head_dim();
         let group = spec.group_size();
-        let max_units = hardware.max_units_per_cube as usize;
-        if group > max_units {
-            return Err(Error::DeviceLimit {
-                op,
-                reason: format!(
-                    "a KV group of {group} query heads needs {group} units per cube; {} allows {max_units}",
-                    self.name
-                ),
-            });
-        }
+        let max_units = self.units_for_group(op, group)?;
         let ForwardTile {
             rows,
             block_n,
