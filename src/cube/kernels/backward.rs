@@ -25,7 +25,7 @@
 //!
 //! **Splits.** Lavapipe silently stops a shader invocation's loops after about 65 000
 //! iterations (see `forward.rs`). Each main kernel therefore takes a share of its work items
-//! per split (`CUBE_POS_Z = split · batch + b`) and writes an f32 partial of its rows;
+//! per split (its cube's slot, [`cube_slot`]) and writes an f32 partial of its rows;
 //! [`sum_splits`] adds the partials in split order and casts to the storage type. Every launch
 //! goes through the partials (one split elsewhere): one code path, deterministic sums.
 //!
@@ -243,6 +243,7 @@ pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
     softcap: f32,
     batch_size: u32,
     items_per_split: u32,
+    splits: u32,
     dims: u32,
     mask_at: u32,
     #[comptime] cfg: BackwardConfig,
@@ -254,11 +255,15 @@ pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
     let group = cfg.group as u32;
     let block_k = (cfg.units * rows) as u32;
 
-    let kv_heads = CUBE_COUNT_Y;
-    let kv_head = CUBE_POS_Y;
-    let batch = CUBE_POS_Z % batch_size;
-    let split = CUBE_POS_Z / batch_size;
-    let tile0 = CUBE_POS_X * block_k;
+    let kv_heads = q_heads / group;
+    let slot = cube_slot(
+        (seq_k + block_k - 1) / block_k,
+        kv_heads,
+        splits,
+        batch_size,
+    );
+    let (kv_head, batch, split) = (slot.kv_head, slot.batch, slot.split);
+    let tile0 = slot.tile * block_k;
     let key0 = tile0 + UNIT_POS_X * rows as u32;
     let all_rows = batch_size * q_heads * seq_q;
 
@@ -324,7 +329,10 @@ pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
     let blocks = qb_hi - qb_lo;
     let items = group * blocks;
     let item_lo = min(items, split * items_per_split);
-    let item_hi = min(items, (split + 1) * items_per_split);
+    let mut item_hi = min(items, (split + 1) * items_per_split);
+    if !slot.valid {
+        item_hi = item_lo;
+    }
 
     let mut s = Array::<f32>::new(rows * bm);
     let mut dp = Array::<f32>::new(rows * bm);
@@ -428,7 +436,7 @@ pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
     #[unroll]
     for r in 0..rows {
         let key = key0 + r as u32;
-        if key < seq_k {
+        if slot.valid && key < seq_k {
             let at = ((kv_base + key) as usize) * dim;
             for du in 0..dims {
                 let d = du as usize;
@@ -464,6 +472,7 @@ pub fn backward_dq<F: Float, M: CubeMask, S: CubeScore>(
     softcap: f32,
     batch_size: u32,
     keys_per_split: u32,
+    splits: u32,
     dims: u32,
     mask_at: u32,
     #[comptime] cfg: BackwardConfig,
@@ -475,11 +484,14 @@ pub fn backward_dq<F: Float, M: CubeMask, S: CubeScore>(
     let head_units = cfg.units as u32;
     let block_m = head_units * rows as u32;
 
-    let q_tile = CUBE_POS_X;
-    let kv_heads = CUBE_COUNT_Y;
-    let kv_head = CUBE_POS_Y;
-    let batch = CUBE_POS_Z % batch_size;
-    let split = CUBE_POS_Z / batch_size;
+    let kv_heads = q_heads / cfg.group as u32;
+    let slot = cube_slot(
+        (seq_q + block_m - 1) / block_m,
+        kv_heads,
+        splits,
+        batch_size,
+    );
+    let (q_tile, kv_head, batch, split) = (slot.tile, slot.kv_head, slot.batch, slot.split);
     // Units past the group's (a cube padded to whole planes for plane loads) repeat the last
     // head's rows, load their share, and write nothing.
     let owner = UNIT_POS_X < cfg.group as u32 * head_units;
@@ -546,6 +558,9 @@ pub fn backward_dq<F: Float, M: CubeMask, S: CubeScore>(
         tile_lo = max(tile_lo, aux[at as usize] * per_tile);
         tile_hi = min(tile_hi, aux[(at + 1) as usize] * per_tile);
         tile_hi = max(tile_hi, tile_lo);
+    }
+    if !slot.valid {
+        tile_hi = tile_lo;
     }
 
     let kv_base = (batch * kv_heads + kv_head) * seq_k;
@@ -633,7 +648,7 @@ pub fn backward_dq<F: Float, M: CubeMask, S: CubeScore>(
     #[unroll]
     for i in 0..rows {
         let row = row0 + i as u32;
-        if owner && row < seq_q {
+        if owner && slot.valid && row < seq_q {
             let at = out0 + (row_base + row) as usize * dim;
             for du in 0..dims {
                 let d = du as usize;
@@ -642,6 +657,45 @@ pub fn backward_dq<F: Float, M: CubeMask, S: CubeScore>(
                 }
             }
         }
+    }
+}
+
+/// What one cube of a main kernel works on: a tile (of keys in `backward_dkv`, of queries in
+/// `backward_dq`), a KV head, a batch entry and a split; `valid` is false for the cubes past
+/// them that a grid of whole rows adds (they work on the last slot and write nothing).
+#[derive(CubeType)]
+struct CubeSlot {
+    tile: u32,
+    kv_head: u32,
+    batch: u32,
+    split: u32,
+    valid: bool,
+}
+
+/// The slot of this cube in a linear grid of `tiles · kv_heads · splits · batch` cubes (laid
+/// out by `grid_1d`). lavapipe hands each of its threads one contiguous run of cubes (Mesa's
+/// `lp_cs_tpool` gives a thread `cubes / threads` consecutive ones), so the order makes every
+/// run an even share of the work: splits vary fastest (the first ones hold most of it), then
+/// tiles in a zigzag `0, T − 1, 1, T − 2, …` (under a causal band early key tiles, and late
+/// query tiles, see the most pairs), then heads, then batch entries.
+#[cube]
+#[allow(clippy::manual_is_multiple_of)] // kernel code: `%`
+fn cube_slot(tiles: u32, kv_heads: u32, splits: u32, batch_size: u32) -> CubeSlot {
+    let total = tiles * kv_heads * splits * batch_size;
+    let linear = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    let valid = linear < total;
+    let at = min(linear, total - 1);
+    let split = at % splits;
+    let rest = at / splits;
+    let zig = rest % tiles;
+    let tile = select(zig % 2 == 0, zig / 2, tiles - 1 - zig / 2);
+    let rest = rest / tiles;
+    CubeSlot {
+        tile,
+        kv_head: rest % kv_heads,
+        batch: rest / kv_heads,
+        split,
+        valid,
     }
 }
 

@@ -116,14 +116,20 @@ impl Device {
         let slopes = self.slopes(op, spec)?;
         let scalars = super::launch_scalars(spec, shape, None, keys_per_split, op)?;
 
-        let dkv_cubes = self.grid(
-            op,
-            [seq_k.div_ceil(block_k), spec.kv_heads(), dkv_splits * batch],
-        )?;
-        let dq_cubes = self.grid(
-            op,
-            [seq_q.div_ceil(block_m), spec.kv_heads(), dq_splits * batch],
-        )?;
+        // Linear grids in the order `cube_slot` reads them (kernels/backward.rs).
+        let cubes = |tiles: usize, splits: usize| {
+            let n = [spec.kv_heads(), splits, batch]
+                .into_iter()
+                .try_fold(tiles, usize::checked_mul)
+                .filter(|&n| n <= u32::MAX as usize)
+                .ok_or_else(|| Error::DeviceLimit {
+                    op,
+                    reason: "the backward needs more than 2^32 cubes".into(),
+                })?;
+            self.grid_1d(op, n)
+        };
+        let dkv_cubes = cubes(seq_k.div_ceil(block_k), dkv_splits)?;
+        let dq_cubes = cubes(seq_q.div_ceil(block_m), dq_splits)?;
         let line = |n: usize| self.grid_1d(op, n.div_ceil(LINE_UNITS));
         let rows_cubes = line(q_rows.max(spec.q_heads()))?;
         let (dq_cubes_sum, dkv_cubes_sum) = (line(q_len)?, line(kv_len)?);
@@ -177,6 +183,7 @@ impl Device {
                 scalars.softcap,
                 scalars.batch,
                 items_per_split as u32,
+                dkv_splits as u32,
                 dkv.padded_dim as u32,
                 mask_at,
                 dkv,
@@ -202,6 +209,7 @@ impl Device {
                 scalars.softcap,
                 scalars.batch,
                 keys_per_split as u32,
+                dq_splits as u32,
                 dq_config.padded_dim as u32,
                 mask_at,
                 dq_config,
