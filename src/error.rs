@@ -142,6 +142,32 @@ pub enum Error {
     /// field of the wrong type or an unknown value.
     #[error("model config: {reason}")]
     ModelConfig { reason: String },
+
+    /// A checkpoint file (`config.json`, a safetensors file or its index) that cannot be read,
+    /// parsed or written.
+    #[error("checkpoint {file}: {reason}")]
+    Checkpoint { file: String, reason: String },
+
+    /// A checkpoint tensor that is missing, or whose shape or storage type does not fit the
+    /// layer.
+    #[error("checkpoint {file}: tensor `{tensor}` {reason}")]
+    CheckpointTensor {
+        file: String,
+        tensor: String,
+        reason: String,
+    },
+
+    /// A configuration read at run time that [`crate::dispatch!`] was not given a type for.
+    #[error(
+        "no attention type was compiled for {q_heads} query heads, {kv_heads} key/value heads and head dim {head_dim} (compiled: {compiled})"
+    )]
+    NotDispatched {
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        /// The configurations the call site lists, as `(HQ, HKV, D)` tuples.
+        compiled: String,
+    },
 }
 
 /// Shorthand for `Result<T, gqa::Error>`.

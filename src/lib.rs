@@ -36,6 +36,11 @@
 //!   [`oracle::try_decode`] decode against.
 //! - [`partial`]: typed partial results over a subset of the keys, and their merge (split-KV
 //!   decode across calls).
+//! - [`layer`]: an attention layer's projections typed by their head counts, the conversion of
+//!   a multi-head layer into GQA (mean-pooling, the GQA paper's uptraining start), and
+//!   Hugging Face–layout checkpoints ([`layer::checkpoint`]).
+//! - [`dispatch!`]: a configuration read at run time (a `config.json`) into a call of code
+//!   generic over `Attention<HQ, HKV, D>`, for the configurations the call site lists.
 //! - [`ModelConfig`]: a model's `num_attention_heads` / `num_key_value_heads` / `head_dim` from
 //!   its `config.json`.
 //!
@@ -56,10 +61,12 @@ pub mod cache;
 #[cfg(feature = "cpu")]
 pub mod cpu;
 pub mod cube;
+mod dispatch;
 pub mod dsl;
 pub mod element;
 pub mod error;
 pub mod heads;
+pub mod layer;
 pub mod model_config;
 pub mod oracle;
 pub mod partial;

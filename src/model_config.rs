@@ -31,6 +31,8 @@ pub struct ModelConfig {
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
     pub head_dim: usize,
+    /// The model width, where the file gives it (the projections' input features).
+    pub hidden_size: Option<usize>,
     pub num_hidden_layers: Option<usize>,
     pub max_position_embeddings: Option<usize>,
     /// As written in the file; models differ on whether the window counts the query itself.
@@ -51,7 +53,7 @@ impl ModelConfig {
         let mut object = value
             .as_object()
             .ok_or_else(|| reason("the top level is not a JSON object".into()))?;
-        if !object.contains_key("num_attention_heads") {
+        if !object.contains_key("num_attention_heads") && !object.contains_key("n_head") {
             match object.get("text_config") {
                 None | Some(Value::Null) => {}
                 Some(Value::Object(text)) => object = text,
@@ -74,17 +76,17 @@ impl ModelConfig {
     }
 
     fn from_object(object: &Map<String, Value>) -> Result<ModelConfig> {
-        let num_attention_heads = count(object, "num_attention_heads")?
+        let num_attention_heads = aliased_count(object, "num_attention_heads")?
             .ok_or_else(|| reason("missing `num_attention_heads`".into()))?;
         let multi_query = flag(object, "multi_query")? == Some(true);
-        let num_key_value_heads = match count(object, "num_key_value_heads")? {
+        let num_key_value_heads = match aliased_count(object, "num_key_value_heads")? {
             Some(kv) => kv,
             None if multi_query => 1,
             None => num_attention_heads,
         };
         // Read (and type-checked) even when `head_dim` makes it unnecessary: a malformed field
         // is an error wherever it is.
-        let hidden_size = count(object, "hidden_size")?;
+        let hidden_size = aliased_count(object, "hidden_size")?;
         let head_dim = match count(object, "head_dim")? {
             Some(d) => d,
             None => {
@@ -132,8 +134,9 @@ impl ModelConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            num_hidden_layers: count(object, "num_hidden_layers")?,
-            max_position_embeddings: count(object, "max_position_embeddings")?,
+            hidden_size,
+            num_hidden_layers: aliased_count(object, "num_hidden_layers")?,
+            max_position_embeddings: aliased_count(object, "max_position_embeddings")?,
             sliding_window: count(object, "sliding_window")?,
             attn_logit_softcapping,
             dtype,
@@ -168,6 +171,30 @@ fn count(object: &Map<String, Value>, key: &str) -> Result<Option<usize>> {
     })
 }
 
+/// Other names transformers' configs give a field (their `attribute_map`s): GPT-2's and the
+/// original Falcon's `n_head`, `n_layer`, `n_embd`, `n_positions`, Falcon's `num_kv_heads`.
+const ALIASES: &[(&str, &str)] = &[
+    ("num_attention_heads", "n_head"),
+    ("num_key_value_heads", "num_kv_heads"),
+    ("num_hidden_layers", "n_layer"),
+    ("hidden_size", "n_embd"),
+    ("max_position_embeddings", "n_positions"),
+];
+
+/// [`count`] of `key` or its alias ([`ALIASES`]); both given and different is an error.
+fn aliased_count(object: &Map<String, Value>, key: &str) -> Result<Option<usize>> {
+    let value = count(object, key)?;
+    let Some(&(_, alias)) = ALIASES.iter().find(|(k, _)| *k == key) else {
+        return Ok(value);
+    };
+    match (value, count(object, alias)?) {
+        (Some(a), Some(b)) if a != b => Err(reason(format!(
+            "`{key}` ({a}) and its alias `{alias}` ({b}) disagree"
+        ))),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
 /// A boolean field.
 fn flag(object: &Map<String, Value>, key: &str) -> Result<Option<bool>> {
     field(object, key, "true or false", Value::as_bool)
@@ -186,6 +213,40 @@ fn text<'a>(object: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpt2_and_falcon_names_are_read() {
+        let gpt2 = ModelConfig::from_json_str(
+            r#"{"n_head": 12, "n_embd": 768, "n_layer": 12, "n_positions": 1024}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                gpt2.num_attention_heads,
+                gpt2.num_key_value_heads,
+                gpt2.head_dim
+            ),
+            (12, 12, 64)
+        );
+        assert_eq!(
+            (
+                gpt2.hidden_size,
+                gpt2.num_hidden_layers,
+                gpt2.max_position_embeddings
+            ),
+            (Some(768), Some(12), Some(1024))
+        );
+        let falcon_40b = ModelConfig::from_json_str(
+            r#"{"num_attention_heads": 128, "num_kv_heads": 8, "hidden_size": 8192, "new_decoder_architecture": true}"#,
+        )
+        .unwrap();
+        assert_eq!(falcon_40b.num_key_value_heads, 8);
+        let error = ModelConfig::from_json_str(
+            r#"{"num_attention_heads": 12, "n_head": 16, "head_dim": 64}"#,
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("`n_head` (16)"), "{error}");
+    }
 
     #[test]
     fn missing_kv_heads_means_mha_and_multi_query_means_one() {
