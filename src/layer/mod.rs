@@ -27,6 +27,7 @@
 //! Checkpoints are read and written by [`checkpoint`].
 
 pub mod checkpoint;
+pub mod train;
 
 use ndarray::{Array1, Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, Axis, s};
 
@@ -317,6 +318,37 @@ where
             .apply_f64(merged.view())
             .into_shape_with_order((b, l, hidden))
             .expect("row-major"))
+    }
+
+    /// One new token `x: [hidden]` of sequence `seq` through the layer against its KV cache,
+    /// on the CPU: the token's key and value are appended to `cache`, its query attends to the
+    /// sequence's cached keys (itself included) as `attention` says, and the layer's output
+    /// `[hidden]` is returned. Errors: the append's (a full cache, an unknown sequence: then
+    /// nothing is appended) and the decode's.
+    #[cfg(feature = "cpu")]
+    pub fn try_decode_cpu<S: crate::cache::KvStorage>(
+        &self,
+        attention: &Attention<HQ, HKV, D>,
+        cpu: &crate::cpu::Cpu,
+        cache: &mut crate::cache::KvCache<HKV, D, S>,
+        seq: crate::cache::SeqId,
+        x: ArrayView1<f32>,
+    ) -> Result<Array1<f32>>
+    where
+        Rule: Supported<HKV, HKV, D>,
+    {
+        let x = x.insert_axis(Axis(0)).insert_axis(Axis(0));
+        self.check_input("AttentionLayer::try_decode_cpu", x)?;
+        let q = Self::heads_of(&self.q_proj, HQ, x);
+        let k = Self::heads_of(&self.k_proj, HKV, x);
+        let v = Self::heads_of(&self.v_proj, HKV, x);
+        cache.try_append(seq, k.index_axis(Axis(0), 0), v.index_axis(Axis(0), 0))?;
+        let out = attention.try_decode_cpu(cpu, q.view(), cache, &[seq])?;
+        let merged = out
+            .o
+            .into_shape_with_order((1, HQ * D))
+            .expect("one token, row-major");
+        Ok(self.o_proj.apply(merged.view()).index_axis_move(Axis(0), 0))
     }
 
     fn check_input(&self, op: &'static str, x: ArrayView3<f32>) -> Result<()> {

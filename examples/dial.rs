@@ -1,0 +1,415 @@
+//! The dial: what each choice of KV heads costs and gives for a model, from its `config.json`.
+//!
+//! For every divisor `G` of the model's query heads, as its KV heads: the KV cache per token and
+//! per sequence (all layers, the model's dtype), the sequences that fit a memory budget, the
+//! measured time of one attention decode step per layer (batch 1, against `--context` cached
+//! tokens, f32 cache) on the CPU backend and on the GPU backend (the best device; lavapipe
+//! without a GPU), and, given an MHA checkpoint of one layer (`--checkpoint DIR`), the
+//! relative output error of its mean-pooled conversion to `G` KV heads. The table is printed
+//! and drawn as an SVG chart (`--chart PATH`, default `dial.svg`).
+//!
+//! ```text
+//! cargo run --release --example dial -- tests/fixtures/configs/llama-3-8b.json \
+//!     [--context 4096] [--memory-gib 80] [--steps 16] [--cpu-only] \
+//!     [--checkpoint DIR [--prefix model.layers.0.self_attn.]] [--chart dial.svg]
+//! ```
+//!
+//! The head splits are types (`Attention<HQ, HKV, D>`), so each model shape the dial measures
+//! is listed below and compiled in (`gqa::dispatch!`): Llama-3-8B, Mistral-7B and Llama-2-7B
+//! (32 × 128), Qwen2.5-7B (28 × 128), Gemma-2-9B (16 × 256), Phi-3-mini (32 × 96),
+//! Falcon-7B (71 × 64), and the uptraining example's block (8 × 16). Other shapes get the
+//! memory columns and a note.
+
+use std::time::Instant;
+
+use gqa::cache::{Float32, Layout};
+use gqa::cpu::Cpu;
+use gqa::cube::CubeDevice;
+use gqa::heads::{Rule, Supported};
+use gqa::layer::train::relative_error;
+use gqa::layer::{KvInit, checkpoint};
+use gqa::{Attention, DType, DynAttention, Error, ModelConfig};
+use ndarray::{Array3, Array4};
+use plotters::prelude::*;
+
+struct Options {
+    config: String,
+    context: usize,
+    memory_gib: u128,
+    steps: usize,
+    cpu_only: bool,
+    checkpoint: Option<String>,
+    prefix: String,
+    chart: String,
+}
+
+fn options() -> Options {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let value = |flag: &str| {
+        args.iter().position(|a| a == flag).map(|i| {
+            args.get(i + 1)
+                .unwrap_or_else(|| panic!("{flag} needs a value"))
+                .clone()
+        })
+    };
+    let number = |flag: &str, default: usize| {
+        value(flag).map_or(default, |v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{flag} takes a whole number, got {v:?}"))
+        })
+    };
+    let config = args
+        .first()
+        .filter(|a| !a.starts_with("--"))
+        .cloned()
+        .unwrap_or_else(|| {
+            eprintln!("usage: dial <config.json> [--context N] [--memory-gib N] [--steps N] [--cpu-only] [--checkpoint DIR [--prefix P]] [--chart PATH]");
+            std::process::exit(2)
+        });
+    Options {
+        config,
+        context: number("--context", 4096),
+        memory_gib: number("--memory-gib", 80) as u128,
+        steps: number("--steps", 16),
+        cpu_only: args.iter().any(|a| a == "--cpu-only"),
+        checkpoint: value("--checkpoint"),
+        prefix: value("--prefix").unwrap_or_else(|| "model.layers.0.self_attn.".into()),
+        chart: value("--chart").unwrap_or_else(|| "dial.svg".into()),
+    }
+}
+
+/// What one `G` measured.
+#[derive(Default)]
+struct Measured {
+    cpu_seconds: Option<f64>,
+    gpu_seconds: Option<f64>,
+    /// The mean-pooled conversion's relative output error against the checkpoint's layer.
+    error: Option<f64>,
+}
+
+/// A pseudo-random `[shape]` array in `±1`.
+fn noise(shape: [usize; 4], seed: u64) -> Array4<f32> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    Array4::from_shape_simple_fn(shape, || rng.f32() * 2.0 - 1.0)
+}
+
+/// The median of `steps` decode steps of `Attention<HQ, HKV, D>` (one query token, batch 1)
+/// against a cache of `context` tokens, on the CPU and on `device`.
+fn measure<const HQ: usize, const HKV: usize, const D: usize>(
+    options: &Options,
+    device: Option<&CubeDevice>,
+) -> Result<Measured, Error>
+where
+    Rule: Supported<HQ, HKV, D> + Supported<HKV, HKV, D> + Supported<HQ, HQ, D>,
+{
+    let attention = Attention::<HQ, HKV, D>::new().causal();
+    let mut cache = attention.try_new_cache::<Float32>(Layout::Contiguous {
+        sequences: 1,
+        capacity: options.context,
+    })?;
+    let seq = cache.try_add_sequence()?;
+    let kv = |seed| noise([1, HKV, options.context, D], seed);
+    let (k, v) = (kv(1), kv(2));
+    cache.try_append(
+        seq,
+        k.index_axis(ndarray::Axis(0), 0),
+        v.index_axis(ndarray::Axis(0), 0),
+    )?;
+    let q = noise([1, HQ, 1, D], 3);
+    let median = |mut times: Vec<f64>| {
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+    let cpu = Cpu::new();
+    attention.try_decode_cpu(&cpu, q.view(), &cache, &[seq])?; // warm-up
+    let mut times = Vec::new();
+    for _ in 0..options.steps.max(1) {
+        let start = Instant::now();
+        std::hint::black_box(attention.try_decode_cpu(&cpu, q.view(), &cache, &[seq])?);
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let mut measured = Measured {
+        cpu_seconds: Some(median(times)),
+        ..Measured::default()
+    };
+    if let Some(device) = device {
+        let mut copy = device.try_upload_cache(&cache)?;
+        let q_device = device.try_upload(q.view())?;
+        // The first launch compiles the kernel.
+        attention.try_decode(device, &q_device, &cache, &mut copy, &[seq])?;
+        device.try_sync()?;
+        let mut times = Vec::new();
+        for _ in 0..options.steps.max(1) {
+            let start = Instant::now();
+            let out = attention.try_decode(device, &q_device, &cache, &mut copy, &[seq])?;
+            device.try_sync()?;
+            times.push(start.elapsed().as_secs_f64());
+            drop(out);
+        }
+        measured.gpu_seconds = Some(median(times));
+    }
+    if let Some(dir) = &options.checkpoint {
+        let mha = checkpoint::try_read_layer::<HQ, HQ, D>(dir.as_ref(), &options.prefix)?.layer;
+        let gqa = mha.to_gqa::<HKV>(KvInit::MeanPool);
+        let mut rng = fastrand::Rng::with_seed(4);
+        let x = Array3::from_shape_simple_fn((1, 64, mha.hidden()), || rng.f32() * 2.0 - 1.0);
+        let y_mha = mha
+            .try_forward(&Attention::<HQ, HQ, D>::new().causal(), &cpu, x.view())?
+            .y;
+        let y_gqa = gqa.try_forward(&attention, &cpu, x.view())?.y;
+        measured.error = Some(relative_error(y_gqa.view(), y_mha.view()));
+    }
+    Ok(measured)
+}
+
+/// [`measure`] for the shapes compiled in; `None` for any other.
+fn measure_any(
+    (q_heads, kv_heads, head_dim): (usize, usize, usize),
+    options: &Options,
+    device: Option<&CubeDevice>,
+) -> Result<Option<Measured>, Error> {
+    let measured = gqa::dispatch!(
+        (q_heads, kv_heads, head_dim),
+        [
+            (32, 1, 128),
+            (32, 2, 128),
+            (32, 4, 128),
+            (32, 8, 128),
+            (32, 16, 128),
+            (32, 32, 128),
+            (28, 1, 128),
+            (28, 2, 128),
+            (28, 4, 128),
+            (28, 7, 128),
+            (28, 14, 128),
+            (28, 28, 128),
+            (16, 1, 256),
+            (16, 2, 256),
+            (16, 4, 256),
+            (16, 8, 256),
+            (16, 16, 256),
+            (32, 1, 96),
+            (32, 2, 96),
+            (32, 4, 96),
+            (32, 8, 96),
+            (32, 16, 96),
+            (32, 32, 96),
+            (71, 1, 64),
+            (71, 71, 64),
+            (8, 1, 16),
+            (8, 2, 16),
+            (8, 4, 16),
+            (8, 8, 16),
+        ],
+        |HQ, HKV, D| measure::<HQ, HKV, D>(options, device)
+    );
+    match measured {
+        Ok(result) => result.map(Some),
+        Err(Error::NotDispatched { .. }) => Ok(None),
+        Err(other) => Err(other),
+    }
+}
+
+struct Row {
+    kv_heads: usize,
+    per_token: u128,
+    per_sequence: u128,
+    sequences: u128,
+    measured: Option<Measured>,
+}
+
+fn mib(bytes: u128) -> f64 {
+    bytes as f64 / (1u128 << 20) as f64
+}
+
+fn main() -> Result<(), Error> {
+    let options = options();
+    let config = ModelConfig::from_json_file(&options.config)?;
+    let (heads, head_dim) = (config.num_attention_heads, config.head_dim);
+    let layers = config.num_hidden_layers.unwrap_or(1);
+    let dtype = config.dtype.unwrap_or(DType::BF16);
+    let budget = options.memory_gib << 30;
+    let device = if options.cpu_only {
+        None
+    } else {
+        match CubeDevice::try_default() {
+            Ok(device) => Some(device),
+            Err(error) => {
+                println!("no GPU device ({error}): CPU only");
+                None
+            }
+        }
+    };
+    println!(
+        "{}: {heads} query heads (this model: {} KV heads), head dim {head_dim}, {layers} layers, {dtype}",
+        options.config, config.num_key_value_heads
+    );
+    println!(
+        "decode: one query token, batch 1, one layer's attention against {} cached tokens (f32 cache), median of {} steps; CPU: {} threads{}",
+        options.context,
+        options.steps,
+        Cpu::new().threads(),
+        device
+            .as_ref()
+            .map_or(String::new(), |d| format!("; GPU: {}", d.name()))
+    );
+    let mut rows = Vec::new();
+    for kv_heads in (1..=heads).filter(|g| heads % g == 0) {
+        let attention = DynAttention::try_new(heads, kv_heads, head_dim)?;
+        let cache = attention.kv_cache(dtype);
+        let per_sequence = cache.bytes(layers, 1, options.context);
+        let measured = measure_any((heads, kv_heads, head_dim), &options, device.as_ref())?;
+        rows.push(Row {
+            kv_heads,
+            per_token: cache.bytes_per_token(layers),
+            per_sequence,
+            sequences: budget.checked_div(per_sequence).unwrap_or(0),
+            measured,
+        });
+    }
+    println!(
+        "\n| KV heads | group | KV per token | KV per sequence ({} tokens) | sequences in {} GiB | CPU decode (µs) | GPU decode (µs) | conversion error |",
+        options.context, options.memory_gib
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let show = |x: Option<f64>, scale: f64, digits: usize| {
+        x.map_or("-".to_string(), |x| format!("{:.*}", digits, x * scale))
+    };
+    for row in &rows {
+        let m = row.measured.as_ref();
+        println!(
+            "| {}{} | {} | {:.1} KiB | {:.1} MiB | {} | {} | {} | {} |",
+            row.kv_heads,
+            if row.kv_heads == config.num_key_value_heads {
+                " (this model)"
+            } else {
+                ""
+            },
+            heads / row.kv_heads,
+            row.per_token as f64 / 1024.0,
+            mib(row.per_sequence),
+            row.sequences,
+            show(m.and_then(|m| m.cpu_seconds), 1e6, 1),
+            show(m.and_then(|m| m.gpu_seconds), 1e6, 1),
+            show(m.and_then(|m| m.error), 1.0, 4),
+        );
+    }
+    if rows.iter().any(|r| r.measured.is_none()) {
+        println!(
+            "\n({heads} x {head_dim} is not among the shapes this dial compiles in: add its (HQ, G, D) triples to `measure_any`)"
+        );
+    }
+    draw(&options, &config, &rows).map_err(|e| Error::Checkpoint {
+        file: options.chart.clone(),
+        reason: format!("cannot draw the chart: {e}"),
+    })?;
+    println!("\nchart: {}", options.chart);
+    Ok(())
+}
+
+/// KV MiB per sequence (left axis) and decode µs (right axis) against KV heads.
+fn draw(
+    options: &Options,
+    config: &ModelConfig,
+    rows: &[Row],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(&options.chart, (900, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let n = rows.len();
+    let max_mib = rows.iter().map(|r| mib(r.per_sequence)).fold(0.0, f64::max) * 1.1;
+    let times: Vec<(usize, Option<f64>, Option<f64>)> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let m = r.measured.as_ref();
+            (
+                i,
+                m.and_then(|m| m.cpu_seconds).map(|s| s * 1e6),
+                m.and_then(|m| m.gpu_seconds).map(|s| s * 1e6),
+            )
+        })
+        .collect();
+    let max_us = times
+        .iter()
+        .flat_map(|(_, c, g)| [*c, *g])
+        .flatten()
+        .fold(1.0, f64::max)
+        * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "{}: {} query heads, head dim {}, {} tokens",
+                std::path::Path::new(&options.config)
+                    .file_name()
+                    .map_or("model".into(), |f| f.to_string_lossy()),
+                config.num_attention_heads,
+                config.head_dim,
+                options.context
+            ),
+            ("sans-serif", 20),
+        )
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .right_y_label_area_size(70)
+        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, 0f64..max_mib)?
+        .set_secondary_coord(-0.5f64..n as f64 - 0.5, 0f64..max_us);
+    let labels: Vec<usize> = rows.iter().map(|r| r.kv_heads).collect();
+    chart
+        .configure_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() {
+                labels[i as usize].to_string()
+            } else {
+                String::new()
+            }
+        })
+        .x_desc("KV heads")
+        .y_desc("KV cache per sequence (MiB)")
+        .draw()?;
+    chart
+        .configure_secondary_axes()
+        .y_desc("decode step (µs)")
+        .draw()?;
+    let bars = rows.iter().enumerate().map(|(i, r)| {
+        Rectangle::new(
+            [(i as f64 - 0.3, 0.0), (i as f64 + 0.3, mib(r.per_sequence))],
+            BLUE.mix(0.35).filled(),
+        )
+    });
+    chart
+        .draw_series(bars)?
+        .label("KV cache per sequence (MiB)")
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], BLUE.mix(0.35).filled()));
+    for (name, color, pick) in [
+        ("CPU decode (µs)", RED, 0usize),
+        ("GPU decode (µs)", GREEN, 1usize),
+    ] {
+        let points: Vec<(f64, f64)> = times
+            .iter()
+            .filter_map(|(i, c, g)| [*c, *g][pick].map(|t| (*i as f64, t)))
+            .collect();
+        if points.is_empty() {
+            continue;
+        }
+        chart
+            .draw_secondary_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 12, y)], color.stroke_width(2)));
+        chart.draw_secondary_series(
+            points
+                .into_iter()
+                .map(|p| Circle::new(p, 4, color.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
