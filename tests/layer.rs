@@ -359,6 +359,237 @@ fn decode_steps_equal_the_causal_forward() {
     assert_eq!(cache.len(seq).unwrap(), 9);
 }
 
+/// A two-layer Llama-like model in bf16 (embeddings, attention with q/k/v biases as Qwen has,
+/// an MLP weight, norms, a head), sharded in two files so that layer 1's attention spans both,
+/// with an index, a tokenizer file and a stale PyTorch weight file beside it.
+fn write_model(dir: &Path, config: &serde_json::Value) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = fastrand::Rng::with_seed(31);
+    let mut tensor = |shape: Vec<usize>| {
+        let n: usize = shape.iter().product();
+        let bytes: Vec<u8> = (0..n)
+            .flat_map(|_| bf16::from_f32(rng.f32() * 2.0 - 1.0).to_le_bytes())
+            .collect();
+        (shape, bytes)
+    };
+    let mut all: Vec<(String, (Vec<usize>, Vec<u8>))> = vec![
+        ("model.embed_tokens.weight".into(), tensor(vec![50, 32])),
+        ("model.norm.weight".into(), tensor(vec![32])),
+        ("lm_head.weight".into(), tensor(vec![50, 32])),
+    ];
+    for i in 0..2 {
+        let p = format!("model.layers.{i}.");
+        for (name, shape) in [
+            ("self_attn.q_proj.weight", vec![32, 32]),
+            ("self_attn.q_proj.bias", vec![32]),
+            ("self_attn.k_proj.weight", vec![32, 32]),
+            ("self_attn.k_proj.bias", vec![32]),
+            ("self_attn.v_proj.weight", vec![32, 32]),
+            ("self_attn.v_proj.bias", vec![32]),
+            ("self_attn.o_proj.weight", vec![32, 32]),
+            ("mlp.up_proj.weight", vec![64, 32]),
+            ("input_layernorm.weight", vec![32]),
+        ] {
+            all.push((format!("{p}{name}"), tensor(shape)));
+        }
+    }
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    // Shard 1 holds everything up to layer 1's k_proj; shard 2 the rest (layer 1's q_proj among them).
+    let split = all
+        .iter()
+        .position(|(n, _)| n == "model.layers.1.self_attn.k_proj.weight")
+        .unwrap()
+        + 1;
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part) in [&all[..split], &all[split..]].into_iter().enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", shard + 1);
+        let views: Vec<_> = part
+            .iter()
+            .map(|(n, (shape, bytes))| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(
+                        safetensors::Dtype::BF16,
+                        shape.clone(),
+                        bytes,
+                    )
+                    .unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+        for (n, _) in part {
+            weight_map.insert(n.clone(), json!(file));
+        }
+    }
+    let index = json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    std::fs::write(dir.join(INDEX_FILE), index.to_string()).unwrap();
+    std::fs::write(dir.join(CONFIG_FILE), config.to_string()).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), "{\"version\": \"1.0\"}").unwrap();
+    std::fs::write(dir.join("pytorch_model.bin"), b"stale").unwrap();
+}
+
+/// Every tensor of the checkpoint in `dir`: name → (dtype, shape, bytes).
+fn all_tensors(
+    dir: &Path,
+) -> std::collections::BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let bytes = std::fs::read(&path).unwrap();
+            for (name, view) in safetensors::SafeTensors::deserialize(&bytes)
+                .unwrap()
+                .tensors()
+            {
+                out.insert(
+                    name,
+                    (view.dtype(), view.shape().to_vec(), view.data().to_vec()),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// A whole sharded MHA model converted to GQA-2: its config says 2 KV heads (other fields
+/// kept), every tensor but the attention layers' keys and values is copied bit for bit into
+/// the same shard, each layer reads back as the layer-level conversion of the original (means
+/// rounded to bf16; first head exactly), the index and the other files follow, and stale
+/// PyTorch weights are left out. Random initialisation is reproducible. A model that is not
+/// MHA, or whose key projection disagrees with its config, is a typed error.
+#[test]
+fn whole_checkpoints_convert_shard_by_shard() {
+    let dir = scratch("model");
+    let config = llama_like_config(4, 4, 32, "bfloat16");
+    let src = dir.join("mha");
+    write_model(&src, &config);
+    let convert = |name: &str, init| {
+        checkpoint::try_convert_checkpoint::<4, 2, 8>(&src, &dir.join(name), init)
+    };
+    let report = convert("mean", KvInit::MeanPool).unwrap();
+    let prefixes = ["model.layers.0.self_attn.", "model.layers.1.self_attn."];
+    assert_eq!(report.layers, prefixes);
+    assert_eq!(report.copied, 3 + 2 * 5);
+    assert_eq!(
+        report.weight_files,
+        [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors"
+        ]
+    );
+    assert_eq!(report.other_files, ["tokenizer.json"]);
+    assert_eq!(report.left_out, ["pytorch_model.bin"]);
+    let out = dir.join("mean");
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        std::fs::read(src.join("tokenizer.json")).unwrap()
+    );
+    assert!(!out.join("pytorch_model.bin").exists());
+
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join(CONFIG_FILE)).unwrap()).unwrap();
+    let mut expected = config.clone();
+    expected["num_key_value_heads"] = json!(2);
+    expected["head_dim"] = json!(8);
+    assert_eq!(written, expected);
+
+    let (before, after) = (all_tensors(&src), all_tensors(&out));
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    for (name, (dtype, shape, bytes)) in &before {
+        let (d, s, b) = &after[name];
+        let pooled = name.contains("k_proj") || name.contains("v_proj");
+        assert_eq!(d, dtype, "{name}");
+        if pooled {
+            assert_eq!(s[0], 16, "{name}");
+        } else {
+            assert_eq!((s, b), (shape, bytes), "{name} changed");
+        }
+    }
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join(INDEX_FILE)).unwrap()).unwrap();
+    let source_index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join(INDEX_FILE)).unwrap()).unwrap();
+    assert_eq!(index["weight_map"], source_index["weight_map"]);
+    let total: usize = after.values().map(|(_, _, b)| b.len()).sum();
+    assert_eq!(index["metadata"]["total_size"], json!(total));
+    for name in after.keys() {
+        let file = index["weight_map"][name].as_str().unwrap();
+        let bytes = std::fs::read(out.join(file)).unwrap();
+        assert!(
+            safetensors::SafeTensors::deserialize(&bytes)
+                .unwrap()
+                .tensor(name)
+                .is_ok(),
+            "{name} not in {file}"
+        );
+    }
+
+    let first = convert("first", KvInit::FirstHead).unwrap();
+    assert_eq!(first.layers, prefixes);
+    for prefix in prefixes {
+        let mha = checkpoint::try_read_layer::<4, 4, 8>(&src, prefix).unwrap();
+        assert_eq!(mha.dtype, DType::BF16);
+        let mean = checkpoint::try_read_layer::<4, 2, 8>(&out, prefix).unwrap();
+        same_layer(
+            prefix,
+            &mean.layer,
+            &rounded_layer(&mha.layer.to_gqa::<2>(KvInit::MeanPool), DType::BF16),
+        );
+        let first = checkpoint::try_read_layer::<4, 2, 8>(&dir.join("first"), prefix).unwrap();
+        same_layer(
+            prefix,
+            &first.layer,
+            &mha.layer.to_gqa::<2>(KvInit::FirstHead),
+        );
+    }
+
+    convert("random-a", KvInit::Random { seed: 5 }).unwrap();
+    convert("random-b", KvInit::Random { seed: 5 }).unwrap();
+    convert("random-c", KvInit::Random { seed: 6 }).unwrap();
+    let (a, b, c) = (
+        all_tensors(&dir.join("random-a")),
+        all_tensors(&dir.join("random-b")),
+        all_tensors(&dir.join("random-c")),
+    );
+    assert_eq!(a, b);
+    let k = "model.layers.0.self_attn.k_proj.weight";
+    assert_ne!(a[k], c[k]);
+    assert_ne!(a[k], after[k]);
+    assert_ne!(a[k], a["model.layers.1.self_attn.k_proj.weight"]);
+
+    // Not MHA: a GQA model is not the source of a conversion (from MHA).
+    let gqa_src = dir.join("gqa");
+    write_model(&gqa_src, &llama_like_config(4, 2, 32, "bfloat16"));
+    assert_eq!(
+        checkpoint::try_convert_checkpoint::<4, 2, 8>(&gqa_src, &dir.join("x"), KvInit::MeanPool)
+            .unwrap_err(),
+        Error::ConfigMismatch {
+            field: "kv_heads",
+            expected: 4,
+            found: 2
+        }
+    );
+    // A config whose head dim (4: 4 heads · 4 = 16 rows) disagrees with the tensors' 32 rows.
+    let wrong = dir.join("wrong");
+    let mut config = llama_like_config(4, 4, 32, "bfloat16");
+    config["head_dim"] = json!(4);
+    write_model(&wrong, &config);
+    match checkpoint::try_convert_checkpoint::<4, 2, 4>(&wrong, &dir.join("y"), KvInit::MeanPool)
+        .unwrap_err()
+    {
+        Error::CheckpointTensor { tensor, reason, .. } => {
+            assert_eq!(tensor, "model.layers.0.self_attn.k_proj.bias");
+            assert!(reason.contains("32 rows, expected 16"), "{reason}");
+        }
+        other => panic!("expected a tensor error, got {other}"),
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A fresh directory under the target's temp folder, named after the test.
 fn scratch(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("gqa-layer-{}-{test}", std::process::id()));
@@ -500,6 +731,28 @@ fn converted_checkpoints_agree_with_their_config() {
     }
     let back = checkpoint::try_read_layer::<8, 2, 6>(&dir.join("gqa"), PREFIX).unwrap();
     same_layer("converted", &back.layer, &rounded_layer(&gqa, DType::BF16));
+    // Configs in the older names (Falcon's `n_head`, `num_kv_heads`) are updated in those names.
+    let falcon_like =
+        json!({"n_head": 8, "num_kv_heads": 8, "hidden_size": 48, "multi_query": false});
+    checkpoint::try_write_layer(
+        &dir.join("falcon"),
+        PREFIX,
+        &gqa.to_owned(),
+        DType::F32,
+        &falcon_like,
+    )
+    .unwrap();
+    let back = ModelConfig::from_json_file(dir.join("falcon").join(CONFIG_FILE)).unwrap();
+    assert_eq!((back.num_attention_heads, back.num_key_value_heads), (8, 2));
+    let mqa = mha.to_gqa::<1>(KvInit::MeanPool);
+    checkpoint::try_write_layer(&dir.join("mqa"), PREFIX, &mqa, DType::F32, &falcon_like).unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("mqa").join(CONFIG_FILE)).unwrap())
+            .unwrap();
+    assert_eq!(
+        (&written["multi_query"], &written["num_kv_heads"]),
+        (&json!(true), &json!(1))
+    );
     assert_eq!(
         checkpoint::try_read_layer::<8, 8, 6>(&dir.join("gqa"), PREFIX).unwrap_err(),
         Error::ConfigMismatch {

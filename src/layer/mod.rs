@@ -408,33 +408,40 @@ fn row_major<A: Clone>(a: Array2<A>) -> Array2<A> {
     }
 }
 
+/// Pools the rows of a key or value projection's weight (`[heads·dim, cols]`, or a bias as
+/// `[heads·dim, 1]`) in consecutive groups of `group` heads: each group's mean (in `f64`,
+/// rounded once) or, with `first_head`, its first head. `[heads/group·dim, cols]`.
+pub(crate) fn pool_rows(
+    x: ArrayView2<f32>,
+    group: usize,
+    dim: usize,
+    first_head: bool,
+) -> Array2<f32> {
+    // [heads·dim, cols] → [heads/group, group, dim, cols] → pooled over axis 1.
+    let (rows, cols) = x.dim();
+    let grouped = x
+        .to_shape((rows / (group * dim), group, dim, cols))
+        .expect("whole groups");
+    let pooled = if first_head {
+        grouped.slice(s![.., 0, .., ..]).to_owned()
+    } else {
+        grouped
+            .mapv(f64::from)
+            .sum_axis(Axis(1))
+            .mapv(|s| (s / group as f64) as f32)
+    };
+    pooled
+        .into_shape_with_order((rows / group, cols))
+        .expect("row-major")
+}
+
 /// Pools the heads of a key or value projection (rows `[heads·dim, in]`) in consecutive groups
 /// of `group`: each group's mean, or its first head.
 fn pool_heads(map: &Linear, group: usize, dim: usize, init: KvInit) -> Linear {
-    let pool = |x: ArrayView2<f32>| -> Array2<f32> {
-        // x: [heads·dim, cols] → [heads/group, group, dim, cols] → pooled over axis 1.
-        let (rows, cols) = x.dim();
-        let grouped = x
-            .to_shape((rows / (group * dim), group, dim, cols))
-            .expect("whole groups");
-        match init {
-            KvInit::FirstHead => grouped
-                .slice(s![.., 0, .., ..])
-                .to_owned()
-                .into_shape_with_order((rows / group, cols))
-                .expect("row-major"),
-            _ => grouped
-                .mapv(f64::from)
-                .sum_axis(Axis(1))
-                .mapv(|s| (s / group as f64) as f32)
-                .into_shape_with_order((rows / group, cols))
-                .expect("row-major"),
-        }
-    };
-    let weight = pool(map.weight.view());
-    let bias = map
-        .bias
-        .as_ref()
-        .map(|b| pool(b.view().insert_axis(Axis(1))).index_axis_move(Axis(1), 0));
+    let first = init == KvInit::FirstHead;
+    let weight = pool_rows(map.weight.view(), group, dim, first);
+    let bias = map.bias.as_ref().map(|b| {
+        pool_rows(b.view().insert_axis(Axis(1)), group, dim, first).index_axis_move(Axis(1), 0)
+    });
     Linear { weight, bias }
 }
