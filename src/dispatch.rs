@@ -12,8 +12,9 @@
 /// enclosing function). Each listed configuration is checked against the configuration rule
 /// under `cargo check`, so an invalid one does not compile.
 ///
-/// The first argument is a `(q_heads, kv_heads, head_dim)` tuple of `usize`, or anything that
-/// borrows as a [`ModelConfig`](crate::ModelConfig).
+/// The first argument is a parenthesised triple of `usize` expressions, `(q_heads, kv_heads,
+/// head_dim)` written out (a variable holding a tuple is not one), or an expression of a type
+/// that borrows as a [`ModelConfig`](crate::ModelConfig) (`config`, `&config`).
 ///
 /// ```
 /// use gqa::{Attention, DType, ModelConfig};

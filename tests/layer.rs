@@ -323,8 +323,8 @@ properties! {
     }
 }
 
-/// Decoding a sequence token by token against a KV cache (f32 and paged) gives each token the
-/// output the causal forward gives it, and the cache then holds the forward's keys and values.
+/// Decoding a sequence token by token against a paged f32 KV cache gives each token the output
+/// the causal forward gives it, and the cache then holds the forward's keys and values.
 #[test]
 fn decode_steps_equal_the_causal_forward() {
     use gqa::cache::{Float32, Layout};
@@ -356,8 +356,18 @@ fn decode_steps_equal_the_causal_forward() {
             "token {t}: decode and forward differ by {worst}"
         );
     }
-    assert_eq!(cache.len(seq).unwrap(), 9);
+    let (keys, values) = cache.read(seq).unwrap();
+    for (name, cached, forward) in [("keys", keys, &forward.k), ("values", values, &forward.v)] {
+        same_bits(
+            name,
+            cached.view().into_dyn(),
+            forward.index_axis(Axis(0), 0).into_dyn(),
+        );
+    }
 }
+
+/// A tensor's shape and bytes.
+type Raw = (Vec<usize>, Vec<u8>);
 
 /// A two-layer Llama-like model in bf16 (embeddings, attention with q/k/v biases as Qwen has,
 /// an MLP weight, norms, a head), sharded in two files so that layer 1's attention spans both,
@@ -372,7 +382,7 @@ fn write_model(dir: &Path, config: &serde_json::Value) {
             .collect();
         (shape, bytes)
     };
-    let mut all: Vec<(String, (Vec<usize>, Vec<u8>))> = vec![
+    let mut all: Vec<(String, Raw)> = vec![
         ("model.embed_tokens.weight".into(), tensor(vec![50, 32])),
         ("model.norm.weight".into(), tensor(vec![32])),
         ("lm_head.weight".into(), tensor(vec![50, 32])),
@@ -561,6 +571,48 @@ fn whole_checkpoints_convert_shard_by_shard() {
     assert_ne!(a[k], after[k]);
     assert_ne!(a[k], a["model.layers.1.self_attn.k_proj.weight"]);
 
+    // Never over the source: the tokenizer survives.
+    let error =
+        checkpoint::try_convert_checkpoint::<4, 2, 8>(&src, &src, KvInit::MeanPool).unwrap_err();
+    assert!(matches!(error, Error::Checkpoint { .. }), "{error}");
+    assert_eq!(
+        std::fs::read(src.join("tokenizer.json")).unwrap(),
+        br#"{"version": "1.0"}"#
+    );
+    // A single layer is not written beside a sharded index (readers would take the index).
+    let error = checkpoint::try_write_layer(
+        &out,
+        prefixes[0],
+        &checkpoint::try_read_layer::<4, 2, 8>(&out, prefixes[0])
+            .unwrap()
+            .layer,
+        DType::BF16,
+        &written,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&error, Error::Checkpoint { file, .. } if file.ends_with(INDEX_FILE)),
+        "{error}"
+    );
+
+    // Fused projections (Phi-3's qkv_proj): refused, nothing written.
+    let fused = dir.join("fused");
+    write_raw(
+        &fused,
+        vec![(
+            "model.layers.0.self_attn.qkv_proj.weight".into(),
+            safetensors::Dtype::F32,
+            vec![96, 32],
+            vec![0; 96 * 32 * 4],
+        )],
+        &llama_like_config(4, 4, 32, "float32"),
+    );
+    let error =
+        checkpoint::try_convert_checkpoint::<4, 2, 8>(&fused, &dir.join("z"), KvInit::MeanPool)
+            .unwrap_err();
+    assert!(error.to_string().contains("fused projections"), "{error}");
+    assert!(!dir.join("z").exists());
+
     // Not MHA: a GQA model is not the source of a conversion (from MHA).
     let gqa_src = dir.join("gqa");
     write_model(&gqa_src, &llama_like_config(4, 2, 32, "bfloat16"));
@@ -583,10 +635,17 @@ fn whole_checkpoints_convert_shard_by_shard() {
     {
         Error::CheckpointTensor { tensor, reason, .. } => {
             assert_eq!(tensor, "model.layers.0.self_attn.k_proj.bias");
-            assert!(reason.contains("32 rows, expected 16"), "{reason}");
+            assert!(
+                reason.contains("has shape [32], expected [16, hidden] or [16]"),
+                "{reason}"
+            );
         }
         other => panic!("expected a tensor error, got {other}"),
     }
+    assert!(
+        !dir.join("y").exists(),
+        "a refused conversion writes nothing"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -1005,6 +1064,107 @@ fn layers_check_their_shapes() {
         )
         .unwrap_err();
     assert!(matches!(error, Error::Shape { tensor: "x", .. }), "{error}");
+}
+
+/// Training's inputs are checked: a forward of another input, gradients of other shapes or
+/// with a bias where the map has none, an optimiser reused on a layer of other shapes — each an
+/// `Error::Shape` naming the tensor, with nothing changed.
+#[test]
+fn training_refuses_mismatched_inputs() {
+    use gqa::layer::train::Adam;
+    let attention = Attention::<4, 2, 4>::new().causal();
+    let cpu = gqa::cpu::Cpu::new();
+    let mut layer = layer::<4, 2, 4>(16, 1, [true, false, false, false]);
+    let mut rng = fastrand::Rng::with_seed(2);
+    let x = Array3::from_shape_simple_fn((2, 5, 16), || rng.f32() - 0.5);
+    let out = layer.try_forward(&attention, &cpu, x.view()).unwrap();
+    let grads = layer
+        .try_backward(&attention, &cpu, x.view(), &out, out.y.view())
+        .unwrap();
+
+    let shorter = x.slice(s![.., ..4, ..]).to_owned();
+    let mut other = layer.try_forward(&attention, &cpu, shorter.view()).unwrap();
+    other.y = out.y.clone();
+    let error = layer
+        .try_backward(&attention, &cpu, x.view(), &other, out.y.view())
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::Shape {
+                tensor: "forward.q",
+                ..
+            }
+        ),
+        "{error}"
+    );
+
+    let before = layer.clone();
+    let mut adam = Adam::new(1e-2);
+    let mut bad = grads.clone();
+    bad.k_proj.weight = Array2::zeros((3, 16));
+    assert!(matches!(
+        adam.try_step(&mut layer, &bad).unwrap_err(),
+        Error::Shape {
+            tensor: "k_proj.weight",
+            ..
+        }
+    ));
+    let mut bad = grads.clone();
+    bad.v_proj.bias = Some(Array1::zeros(8));
+    assert!(matches!(
+        adam.try_step(&mut layer, &bad).unwrap_err(),
+        Error::Shape {
+            tensor: "v_proj.bias",
+            ..
+        }
+    ));
+    let mut bad = grads.clone();
+    bad.q_proj.bias = None;
+    assert!(matches!(
+        adam.try_step(&mut layer, &bad).unwrap_err(),
+        Error::Shape {
+            tensor: "q_proj.bias",
+            ..
+        }
+    ));
+    assert_eq!(layer, before, "a refused step changes nothing");
+    adam.try_step(&mut layer, &grads).unwrap();
+    assert_ne!(layer, before);
+    let mut wider = super_layer();
+    let wide_x = Array3::from_elem((1, 3, 20), 0.1f32);
+    let wide_out = wider.try_forward(&attention, &cpu, wide_x.view()).unwrap();
+    let wide_grads = wider
+        .try_backward(
+            &attention,
+            &cpu,
+            wide_x.view(),
+            &wide_out,
+            wide_out.y.view(),
+        )
+        .unwrap();
+    assert!(matches!(
+        adam.try_step(&mut wider, &wide_grads).unwrap_err(),
+        Error::Shape {
+            tensor: "q_proj.weight",
+            ..
+        }
+    ));
+
+    // A column-major input is read as the same values.
+    let f_order = x.t().as_standard_layout().t().to_owned();
+    assert!(!f_order.is_standard_layout());
+    assert_eq!(
+        layer
+            .try_forward_oracle(&attention, f_order.view())
+            .unwrap(),
+        layer.try_forward_oracle(&attention, x.view()).unwrap()
+    );
+}
+
+/// A `4/2/4` layer of width 20 with a q bias (another shape than the 16-wide ones).
+fn super_layer() -> AttentionLayer<4, 2, 4> {
+    layer::<4, 2, 4>(20, 3, [true, false, false, false])
 }
 
 /// The real `config.json` files under `tests/fixtures/configs/` (see SOURCES.md there), with

@@ -84,30 +84,7 @@ pub fn try_read_layer<const HQ: usize, const HKV: usize, const D: usize>(
 where
     Rule: Supported<HQ, HKV, D>,
 {
-    let config_path = dir.join(CONFIG_FILE);
-    let config_text = std::fs::read_to_string(&config_path)
-        .map_err(|e| file_error(&config_path, format!("cannot read it: {e}")))?;
-    let config: Value = serde_json::from_str(&config_text)
-        .map_err(|e| file_error(&config_path, format!("not valid JSON: {e}")))?;
-    let model = ModelConfig::from_json_str(&config_text)?;
-    check_config(
-        model.num_attention_heads,
-        model.num_key_value_heads,
-        model.head_dim,
-    )?;
-    for (field, expected, found) in [
-        ("q_heads", HQ, model.num_attention_heads),
-        ("kv_heads", HKV, model.num_key_value_heads),
-        ("head_dim", D, model.head_dim),
-    ] {
-        if expected != found {
-            return Err(Error::ConfigMismatch {
-                field,
-                expected,
-                found,
-            });
-        }
-    }
+    let (config, model) = read_config(dir, (HQ, HKV, D))?;
     let files = Files::open(dir)?;
     let mut dtype = None;
     let mut maps = Vec::with_capacity(4);
@@ -210,17 +187,19 @@ where
     Rule: Supported<HQ, HKV, D>,
 {
     let weights_path = dir.join(WEIGHTS_FILE);
-    let storage = match dtype {
-        DType::F32 => Dtype::F32,
-        DType::F16 => Dtype::F16,
-        DType::BF16 => Dtype::BF16,
-        DType::F64 => {
-            return Err(file_error(
-                &weights_path,
-                "gqa writes layers as F32, F16 or BF16, not F64".into(),
-            ));
-        }
+    let Some(storage) = storage_of(dtype) else {
+        return Err(file_error(
+            &weights_path,
+            "gqa writes layers as F32, F16 or BF16, not F64".into(),
+        ));
     };
+    if dir.join(INDEX_FILE).exists() {
+        // Readers take the index first: the new file would be ignored.
+        return Err(file_error(
+            &dir.join(INDEX_FILE),
+            "the directory holds a sharded checkpoint's index; write the layer into another directory".into(),
+        ));
+    }
     let config = updated_config(config, (HQ, HKV, D), &dir.join(CONFIG_FILE))?;
     let mut tensors = Vec::with_capacity(8);
     for (projection, map) in
@@ -229,14 +208,24 @@ where
             .zip([&layer.q_proj, &layer.k_proj, &layer.v_proj, &layer.o_proj])
     {
         let name = format!("{prefix}{projection}.weight");
-        let data = encode(&name, map.weight.iter().copied(), storage, &weights_path)?;
+        let data = encode(
+            &name,
+            map.weight.iter().map(|&x| f64::from(x)),
+            storage,
+            &weights_path,
+        )?;
         tensors.push((
             name,
             Stored::new(storage, map.weight.shape().to_vec(), data),
         ));
         if let Some(bias) = &map.bias {
             let name = format!("{prefix}{projection}.bias");
-            let data = encode(&name, bias.iter().copied(), storage, &weights_path)?;
+            let data = encode(
+                &name,
+                bias.iter().map(|&x| f64::from(x)),
+                storage,
+                &weights_path,
+            )?;
             tensors.push((name, Stored::new(storage, vec![bias.len()], data)));
         }
     }
@@ -247,11 +236,57 @@ where
         .map_err(|e| file_error(&weights_path, format!("cannot serialize: {e}")))?;
     std::fs::write(&weights_path, bytes)
         .map_err(|e| file_error(&weights_path, format!("cannot write it: {e}")))?;
-    let config_path = dir.join(CONFIG_FILE);
-    let text = serde_json::to_string_pretty(&config).expect("a JSON value prints");
-    std::fs::write(&config_path, text + "\n")
-        .map_err(|e| file_error(&config_path, format!("cannot write it: {e}")))?;
-    Ok(())
+    write_json(&dir.join(CONFIG_FILE), &config)
+}
+
+/// The `config.json` in `dir`, as JSON and as read by [`ModelConfig`]. Its numbers must obey
+/// the configuration rule ([`Error::Config`]) and be `(q_heads, kv_heads, head_dim)`
+/// ([`Error::ConfigMismatch`]).
+fn read_config(
+    dir: &Path,
+    (q_heads, kv_heads, head_dim): (usize, usize, usize),
+) -> Result<(Value, ModelConfig)> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| file_error(&path, format!("cannot read it: {e}")))?;
+    let config: Value = serde_json::from_str(&text)
+        .map_err(|e| file_error(&path, format!("not valid JSON: {e}")))?;
+    let model = ModelConfig::from_json_str(&text)?;
+    check_config(
+        model.num_attention_heads,
+        model.num_key_value_heads,
+        model.head_dim,
+    )?;
+    for (field, expected, found) in [
+        ("q_heads", q_heads, model.num_attention_heads),
+        ("kv_heads", kv_heads, model.num_key_value_heads),
+        ("head_dim", head_dim, model.head_dim),
+    ] {
+        if expected != found {
+            return Err(Error::ConfigMismatch {
+                field,
+                expected,
+                found,
+            });
+        }
+    }
+    Ok((config, model))
+}
+
+/// Writes `value` as pretty JSON and a newline to `path`.
+fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("a JSON value prints");
+    std::fs::write(path, text + "\n").map_err(|e| file_error(path, format!("cannot write it: {e}")))
+}
+
+/// The safetensors storage type of a weight type gqa reads and writes.
+fn storage_of(dtype: DType) -> Option<Dtype> {
+    match dtype {
+        DType::F32 => Some(Dtype::F32),
+        DType::F16 => Some(Dtype::F16),
+        DType::BF16 => Some(Dtype::BF16),
+        DType::F64 => None,
+    }
 }
 
 /// The checkpoint's safetensors files: one, or the shards an index names.
@@ -441,43 +476,58 @@ fn updated_config(
     Ok(config)
 }
 
-/// `values` as little-endian bytes of `storage`; a finite value that would become infinite is
-/// an error naming the tensor.
+/// `x` rounded to `f32` with round-to-odd: an inexact result keeps its last bit set. Rounding
+/// that to a narrower type (f16, bf16: at least 2 bits fewer) to nearest gives the correctly
+/// rounded narrow value of `x` — one rounding, where `x as f32` then to nearest can round twice.
+fn round_to_odd(x: f64) -> f32 {
+    let r = x as f32;
+    if !x.is_finite() || f64::from(r) == x || r.to_bits() & 1 == 1 {
+        return r;
+    }
+    // Inexact and even: the neighbour toward x is odd.
+    let toward_zero = f64::from(r).abs() > x.abs();
+    f32::from_bits(if toward_zero {
+        r.to_bits() - 1
+    } else {
+        r.to_bits() + 1
+    })
+}
+
+/// `values` rounded once to `storage` (to nearest, ties to even), as little-endian bytes; a
+/// finite value that would become infinite is an error naming the tensor.
 fn encode(
     name: &str,
-    values: impl Iterator<Item = f32>,
+    values: impl Iterator<Item = f64>,
     storage: Dtype,
     path: &Path,
 ) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     for x in values {
-        let bytes: [u8; 4];
-        let slice: &[u8] = match storage {
+        let (bytes, infinite): ([u8; 4], bool) = match storage {
             Dtype::F32 => {
-                bytes = x.to_le_bytes();
-                &bytes
+                let r = x as f32;
+                (r.to_le_bytes(), r.is_infinite())
             }
-            Dtype::F16 | Dtype::BF16 => {
-                let (bits, inf) = if storage == Dtype::F16 {
-                    let h = f16::from_f32(x);
-                    (h.to_bits(), h.is_infinite())
-                } else {
-                    let h = bf16::from_f32(x);
-                    (h.to_bits(), h.is_infinite())
-                };
-                if inf && x.is_finite() {
-                    return Err(Error::CheckpointTensor {
-                        file: path.display().to_string(),
-                        tensor: name.to_string(),
-                        reason: format!("holds {x}, which {storage} storage cannot represent"),
-                    });
-                }
-                bytes = [bits.to_le_bytes()[0], bits.to_le_bytes()[1], 0, 0];
-                &bytes[..2]
+            Dtype::F16 => {
+                let h = f16::from_f32(round_to_odd(x));
+                let [a, b] = h.to_le_bytes();
+                ([a, b, 0, 0], h.is_infinite())
+            }
+            Dtype::BF16 => {
+                let h = bf16::from_f32(round_to_odd(x));
+                let [a, b] = h.to_le_bytes();
+                ([a, b, 0, 0], h.is_infinite())
             }
             _ => unreachable!("the storage types are checked by the caller"),
         };
-        out.extend_from_slice(slice);
+        if infinite && x.is_finite() {
+            return Err(Error::CheckpointTensor {
+                file: path.display().to_string(),
+                tensor: name.to_string(),
+                reason: format!("holds {x}, which {storage} storage cannot represent"),
+            });
+        }
+        out.extend_from_slice(&bytes[..storage.bitsize() / 8]);
     }
     Ok(out)
 }
@@ -525,7 +575,8 @@ pub struct Conversion {
     pub layers: Vec<String>,
     /// Tensors copied unchanged (bit for bit, in their storage type).
     pub copied: usize,
-    /// The weight files written (the source's shard names, or [`WEIGHTS_FILE`]).
+    /// The weight files written, as paths relative to the directory (the source's shard
+    /// names, or [`WEIGHTS_FILE`]).
     pub weight_files: Vec<String>,
     /// Other files of the directory copied as they are (tokenizer, generation config, …).
     pub other_files: Vec<String>,
@@ -537,24 +588,36 @@ pub struct Conversion {
 /// Weight formats other than safetensors, which a conversion does not carry over.
 const OTHER_WEIGHTS: [&str; 7] = [".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf"];
 
+/// The key and value tensors a conversion pools, by their name's ending.
+const POOLED: [&str; 4] = [
+    "k_proj.weight",
+    "k_proj.bias",
+    "v_proj.weight",
+    "v_proj.bias",
+];
+
 /// Converts a whole multi-head model checkpoint in `src` into grouped-query attention with `G`
-/// key/value heads, written to `dst` (created if needed) so that it loads wherever the original
-/// did:
+/// key/value heads, written to `dst` (created if needed; not `src`) so that it loads wherever
+/// the original did:
 ///
-/// - every attention layer's `k_proj` and `v_proj` (weights and biases) — every prefix with a
-///   `q_proj.weight` — is pooled as [`crate::layer::MhaLayer::to_gqa`] does (means in `f64`,
-///   rounded once to the tensor's storage type; random initialisation draws each tensor from
-///   `seed` and the tensor's name, uniform in `±1/√hidden_size`);
-/// - every other tensor is copied bit for bit, in the same shard as before (the index's
-///   `weight_map` is kept, its `total_size` updated);
+/// - every attention layer's `k_proj` and `v_proj` (weights and biases) — the layers are the
+///   prefixes of the `q_proj.weight` tensors — is pooled as
+///   [`crate::layer::MhaLayer::to_gqa`] pools (means in `f64`, rounded once to the tensor's
+///   storage type); random initialisation draws each tensor from `seed` and the tensor's name,
+///   uniform in `±1/√hidden_size`;
+/// - every other tensor is copied bit for bit into the same shard, with the file's own
+///   metadata (an index's `weight_map` is kept and its `total_size` updated);
 /// - `config.json` gets the new head numbers ([`try_write_layer`]'s rules), every other field
 ///   kept; the directory's other files are copied, except weights in other formats (listed in
 ///   [`Conversion::left_out`]).
 ///
-/// The source's configuration must say `H` attention heads, `H` key/value heads and head dim `D`
-/// ([`Error::ConfigMismatch`]). A key or value tensor of an attention layer whose shape is not
-/// `[H·D, hidden]` (or `[H·D]` for a bias) is an [`Error::CheckpointTensor`] naming it. Each
-/// source file is read whole, once; each output file is written after its source is read.
+/// Refused, before anything is written: a configuration other than `H` attention heads, `H`
+/// key/value heads and head dim `D` ([`Error::ConfigMismatch`]); a model with no `q_proj`
+/// tensors (fused projections — `qkv_proj`, `query_key_value`, `c_attn` — are not converted,
+/// [`Error::Checkpoint`]); a key or value tensor whose shape is not `[H·D, hidden]` (`[H·D]` for
+/// a bias) or whose storage type is not F32, F16 or BF16 ([`Error::CheckpointTensor`] naming it),
+/// as in the vision tower of a multimodal model; `dst` naming `src`. Each source file is read
+/// whole, once, and its converted twin written before the next is read.
 pub fn try_convert_checkpoint<const H: usize, const G: usize, const D: usize>(
     src: &Path,
     dst: &Path,
@@ -563,90 +626,105 @@ pub fn try_convert_checkpoint<const H: usize, const G: usize, const D: usize>(
 where
     Rule: Supported<H, H, D> + Supported<H, G, D>,
 {
-    let config_path = src.join(CONFIG_FILE);
-    let config_text = std::fs::read_to_string(&config_path)
-        .map_err(|e| file_error(&config_path, format!("cannot read it: {e}")))?;
-    let config: Value = serde_json::from_str(&config_text)
-        .map_err(|e| file_error(&config_path, format!("not valid JSON: {e}")))?;
-    let model = ModelConfig::from_json_str(&config_text)?;
-    check_config(
-        model.num_attention_heads,
-        model.num_key_value_heads,
-        model.head_dim,
-    )?;
-    for (field, expected, found) in [
-        ("q_heads", H, model.num_attention_heads),
-        ("kv_heads", H, model.num_key_value_heads),
-        ("head_dim", D, model.head_dim),
-    ] {
-        if expected != found {
-            return Err(Error::ConfigMismatch {
-                field,
-                expected,
-                found,
-            });
-        }
+    let (config, model) = read_config(src, (H, H, D))?;
+    if let (Ok(a), Ok(b)) = (src.canonicalize(), dst.canonicalize())
+        && a == b
+    {
+        return Err(file_error(
+            dst,
+            "a conversion cannot write over its source".into(),
+        ));
     }
     let files = Files::open(src)?;
-    // Every tensor's name, file by file (from the headers alone): the attention layers are
+    // Every tensor's name, type and shape, from the headers alone; the attention layers are
     // the prefixes of `q_proj.weight`.
-    let mut names_by_file = Vec::with_capacity(files.files.len());
+    let mut headers = Vec::with_capacity(files.files.len());
     for (path, _) in &files.files {
-        names_by_file.push(header_names(path)?);
+        headers.push(header(path)?);
     }
-    let mut layers: Vec<String> = names_by_file
+    let mut layers: Vec<String> = headers
         .iter()
         .flatten()
-        .filter_map(|name| name.strip_suffix("q_proj.weight").map(String::from))
+        .filter_map(|(name, _)| name.strip_suffix("q_proj.weight").map(String::from))
         .collect();
     layers.sort();
     layers.dedup();
+    if layers.is_empty() {
+        return Err(file_error(
+            &files.origin,
+            "no attention layer has a `q_proj.weight`: models with fused projections (qkv_proj, query_key_value, c_attn) are not converted".into(),
+        ));
+    }
+    let pooled = |name: &str| {
+        POOLED.iter().any(|kind| {
+            name.strip_suffix(kind)
+                .is_some_and(|prefix| layers.binary_search(&prefix.to_string()).is_ok())
+        })
+    };
+    // Every tensor to pool checked before anything is written.
+    for ((path, _), tensors) in files.files.iter().zip(&headers) {
+        for (name, (dtype, shape)) in tensors.iter().filter(|(name, _)| pooled(name)) {
+            let fits = matches!(shape[..], [rows, _] | [rows] if rows == H * D);
+            let reason = if !fits {
+                format!(
+                    "has shape {shape:?}, expected [{}, hidden] or [{}] ({H} heads of dim {D}, as the config says)",
+                    H * D,
+                    H * D
+                )
+            } else if !matches!(dtype.as_str(), "F32" | "F16" | "BF16") {
+                format!("is stored as {dtype}; gqa converts F32, F16 and BF16 weights")
+            } else {
+                continue;
+            };
+            return Err(Error::CheckpointTensor {
+                file: path.display().to_string(),
+                tensor: name.clone(),
+                reason,
+            });
+        }
+    }
     std::fs::create_dir_all(dst)
         .map_err(|e| file_error(dst, format!("cannot create the directory: {e}")))?;
     let (mut copied, mut total_size, mut weight_files) = (0, 0usize, Vec::new());
-    for ((path, _), names) in files.files.iter().zip(&names_by_file) {
+    for (path, _) in &files.files {
         // Read, converted and written one file at a time: one shard in memory at once.
         let bytes =
             std::fs::read(path).map_err(|e| file_error(path, format!("cannot read it: {e}")))?;
         let tensors = SafeTensors::deserialize(&bytes)
             .map_err(|e| file_error(path, format!("not a valid safetensors file: {e}")))?;
+        let (_, metadata) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| file_error(path, format!("not a valid safetensors file: {e}")))?;
+        let mut names: Vec<&str> = tensors.names();
+        names.sort_unstable();
         let mut out = Vec::with_capacity(names.len());
         for name in names {
             let view = tensors
                 .tensor(name)
-                .map_err(|e| files.tensor_error(name, format!("cannot be read: {e}")))?;
-            let pooled = [
-                "k_proj.weight",
-                "k_proj.bias",
-                "v_proj.weight",
-                "v_proj.bias",
-            ]
-            .iter()
-            .any(|kind| {
-                name.strip_suffix(kind)
-                    .is_some_and(|prefix| layers.binary_search(&prefix.to_string()).is_ok())
-            });
-            let stored = if pooled {
+                .map_err(|e| file_error(path, format!("tensor `{name}` cannot be read: {e}")))?;
+            let stored = if pooled(name) {
                 convert_tensor::<H, G, D>(name, &view, init, model.hidden_size, path)?
             } else {
                 copied += 1;
                 Stored::new(view.dtype(), view.shape().to_vec(), view.data().to_vec())
             };
             total_size += stored.data.len();
-            out.push((name.clone(), stored));
+            out.push((name.to_string(), stored));
         }
-        let file_name = path
-            .file_name()
-            .expect("a weight file has a name")
-            .to_string_lossy()
-            .into_owned();
-        let target = dst.join(&file_name);
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let bytes = safetensors::serialize(out, Some(metadata))
+        let relative = path.strip_prefix(src).unwrap_or(path);
+        let target = dst.join(relative);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| file_error(parent, format!("cannot create the directory: {e}")))?;
+        }
+        let file_metadata = metadata
+            .metadata()
+            .clone()
+            .unwrap_or_else(|| HashMap::from([("format".to_string(), "pt".to_string())]));
+        let bytes = safetensors::serialize(out, Some(file_metadata))
             .map_err(|e| file_error(&target, format!("cannot serialize: {e}")))?;
         std::fs::write(&target, bytes)
             .map_err(|e| file_error(&target, format!("cannot write it: {e}")))?;
-        weight_files.push(file_name);
+        weight_files.push(relative.to_string_lossy().into_owned());
     }
     if files.index.is_some() {
         let index_path = src.join(INDEX_FILE);
@@ -662,16 +740,10 @@ where
                 metadata.insert("total_size".into(), total_size.into());
             }
         }
-        let target = dst.join(INDEX_FILE);
-        let text = serde_json::to_string_pretty(&index).expect("a JSON value prints");
-        std::fs::write(&target, text + "\n")
-            .map_err(|e| file_error(&target, format!("cannot write it: {e}")))?;
+        write_json(&dst.join(INDEX_FILE), &index)?;
     }
     let config = updated_config(&config, (H, G, D), &dst.join(CONFIG_FILE))?;
-    let target = dst.join(CONFIG_FILE);
-    let text = serde_json::to_string_pretty(&config).expect("a JSON value prints");
-    std::fs::write(&target, text + "\n")
-        .map_err(|e| file_error(&target, format!("cannot write it: {e}")))?;
+    write_json(&dst.join(CONFIG_FILE), &config)?;
     let (mut other_files, mut left_out) = (Vec::new(), Vec::new());
     let entries =
         std::fs::read_dir(src).map_err(|e| file_error(src, format!("cannot list it: {e}")))?;
@@ -701,38 +773,54 @@ where
     })
 }
 
-/// The names of the tensors in the safetensors file at `path`, sorted, read from its header
-/// alone (8 bytes of length, then that much JSON).
-fn header_names(path: &Path) -> Result<Vec<String>> {
+/// A tensor's name, storage type (as safetensors spells it) and shape.
+type TensorEntry = (String, (String, Vec<usize>));
+
+/// The tensors in the safetensors file at `path` — name, storage type (as safetensors spells
+/// it) and shape — sorted by name, read from its header alone (8 bytes of length, then that
+/// much JSON).
+fn header(path: &Path) -> Result<Vec<TensorEntry>> {
     use std::io::Read;
-    let error = |reason: String| file_error(path, reason);
-    let mut file = std::fs::File::open(path).map_err(|e| error(format!("cannot read it: {e}")))?;
+    let error =
+        |reason: String| file_error(path, format!("not a valid safetensors file: {reason}"));
+    let mut file =
+        std::fs::File::open(path).map_err(|e| file_error(path, format!("cannot read it: {e}")))?;
     let mut length = [0u8; 8];
     file.read_exact(&mut length)
-        .map_err(|e| error(format!("not a valid safetensors file: {e}")))?;
+        .map_err(|e| error(e.to_string()))?;
     let length = u64::from_le_bytes(length);
     // safetensors' own limit on a header.
     if length > 100_000_000 {
-        return Err(error(format!(
-            "not a valid safetensors file: a header of {length} bytes"
-        )));
+        return Err(error(format!("a header of {length} bytes")));
     }
-    let mut header = vec![0u8; length as usize];
-    file.read_exact(&mut header)
-        .map_err(|e| error(format!("not a valid safetensors file: {e}")))?;
-    let header: serde_json::Map<String, Value> = serde_json::from_slice(&header)
-        .map_err(|e| error(format!("not a valid safetensors header: {e}")))?;
-    let mut names: Vec<String> = header
-        .into_iter()
-        .map(|(k, _)| k)
-        .filter(|k| k != "__metadata__")
-        .collect();
-    names.sort();
-    Ok(names)
+    let mut text = vec![0u8; length as usize];
+    file.read_exact(&mut text)
+        .map_err(|e| error(e.to_string()))?;
+    let mut entries: HashMap<String, Value> =
+        serde_json::from_slice(&text).map_err(|e| error(e.to_string()))?;
+    entries.remove("__metadata__");
+    let mut tensors = Vec::with_capacity(entries.len());
+    for (name, entry) in entries {
+        let dtype = entry.get("dtype").and_then(Value::as_str);
+        let shape = entry
+            .get("shape")
+            .and_then(Value::as_array)
+            .and_then(|dims| {
+                dims.iter()
+                    .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                    .collect::<Option<Vec<usize>>>()
+            });
+        let (Some(dtype), Some(shape)) = (dtype, shape) else {
+            return Err(error(format!("tensor `{name}` has no dtype or shape")));
+        };
+        tensors.push((name, (dtype.to_string(), shape)));
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(tensors)
 }
 
-/// One key or value tensor (`[H·D, hidden]` or `[H·D]`) converted to `G` heads as `init` says,
-/// in its own storage type.
+/// One key or value tensor (`[H·D, hidden]` or `[H·D]`, checked by the caller) converted to
+/// `G` heads as `init` says, in its own storage type.
 fn convert_tensor<const H: usize, const G: usize, const D: usize>(
     name: &str,
     view: &safetensors::tensor::TensorView<'_>,
@@ -746,49 +834,78 @@ fn convert_tensor<const H: usize, const G: usize, const D: usize>(
         reason,
     };
     let (values, dtype) = decode(view).map_err(tensor_error)?;
-    let (rows, cols, shape) = match *view.shape() {
-        [rows, cols] => (rows, cols, vec![G * D, cols]),
-        [rows] => (rows, 1, vec![G * D]),
-        ref other => {
-            return Err(tensor_error(format!(
-                "has shape {other:?}, expected [{}, hidden] or [{}]",
-                H * D,
-                H * D
-            )));
-        }
+    let cols = values.len() / (H * D);
+    let shape = match view.shape() {
+        [_, cols] => vec![G * D, *cols],
+        _ => vec![G * D],
     };
-    if rows != H * D {
-        return Err(tensor_error(format!(
-            "has {rows} rows, expected {} ({H} heads of dim {D}, as the config says)",
-            H * D
-        )));
-    }
-    let x = ndarray::ArrayView2::from_shape((rows, cols), &values).expect("shape of the data");
-    let pooled: Vec<f32> = match init {
+    let x = ndarray::ArrayView2::from_shape((H * D, cols), &values).expect("shape checked");
+    let pooled: Vec<f64> = match init {
         super::KvInit::Random { seed } => {
-            let hidden = hidden.unwrap_or(cols);
             // FNV-1a of the name: each tensor its own reproducible stream.
             let salt = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
                 (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
             });
             let mut rng = fastrand::Rng::with_seed(seed ^ salt);
-            let bound = 1.0 / (hidden.max(1) as f32).sqrt();
-            (0..G * D * cols)
-                .map(|_| (rng.f32() * 2.0 - 1.0) * bound)
+            super::uniform(G * D, cols, hidden.unwrap_or(cols), &mut rng)
+                .iter()
+                .map(|&x| f64::from(x))
                 .collect()
         }
         init => {
-            super::pool_rows(x, H / G, D, init == super::KvInit::FirstHead)
+            super::pool_rows_f64(x, H / G, D, init == super::KvInit::FirstHead)
                 .into_raw_vec_and_offset()
                 .0
         }
     };
-    let storage = match dtype {
-        DType::F32 => Dtype::F32,
-        DType::F16 => Dtype::F16,
-        DType::BF16 => Dtype::BF16,
-        DType::F64 => unreachable!("decode reads no F64"),
-    };
+    let storage = storage_of(dtype).expect("decode reads F32, F16 and BF16 only");
     let data = encode(name, pooled.into_iter(), storage, path)?;
     Ok(Stored::new(storage, shape, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mean of bf16 heads `[2, 2, 2⁻⁶, 2⁻²⁸]` is `1 + 2⁻⁸ + 2⁻³⁰`: above the tie between
+    /// `1` and `1 + 2⁻⁷`, so it rounds up — rounded through f32 it would be the tie itself and
+    /// round to even (`1`).
+    #[test]
+    fn means_are_rounded_once() {
+        let mean = (2.0 + 2.0 + 2f64.powi(-6) + 2f64.powi(-28)) / 4.0;
+        let bytes = encode("t", [mean].into_iter(), Dtype::BF16, Path::new("x")).unwrap();
+        assert_eq!(
+            bf16::from_le_bytes([bytes[0], bytes[1]]).to_f64(),
+            1.0 + 2f64.powi(-7)
+        );
+        assert_eq!(
+            bf16::from_f32(mean as f32).to_f64(),
+            1.0,
+            "the double rounding this avoids"
+        );
+        // Below the tie, the tie itself, and f16 likewise (10 bits: ulp 2⁻¹⁰ at 1).
+        let below = 1.0 + 2f64.powi(-8) - 2f64.powi(-30);
+        let bytes = encode(
+            "t",
+            [below, 1.0 + 2f64.powi(-8)].into_iter(),
+            Dtype::BF16,
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(bf16::from_le_bytes([bytes[0], bytes[1]]).to_f64(), 1.0);
+        assert_eq!(bf16::from_le_bytes([bytes[2], bytes[3]]).to_f64(), 1.0);
+        let above = 1.0 + 2f64.powi(-11) + 2f64.powi(-40);
+        let bytes = encode("t", [above].into_iter(), Dtype::F16, Path::new("x")).unwrap();
+        assert_eq!(
+            f16::from_le_bytes([bytes[0], bytes[1]]).to_f64(),
+            1.0 + 2f64.powi(-10)
+        );
+        // Negative values, and exact ones.
+        let bytes = encode("t", [-mean, -0.5].into_iter(), Dtype::BF16, Path::new("x")).unwrap();
+        assert_eq!(
+            bf16::from_le_bytes([bytes[0], bytes[1]]).to_f64(),
+            -(1.0 + 2f64.powi(-7))
+        );
+        assert_eq!(bf16::from_le_bytes([bytes[2], bytes[3]]).to_f64(), -0.5);
+    }
 }

@@ -45,8 +45,8 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// A map from its weight `[out, in]` and optional bias `[out]`; a bias of another length is
-    /// an [`Error::Shape`].
+    /// A map from its weight `[out, in]` (any memory order; kept row-major) and optional bias
+    /// `[out]`; a bias of another length is an [`Error::Shape`].
     pub fn try_new(weight: Array2<f32>, bias: Option<Array1<f32>>) -> Result<Linear> {
         if let Some(b) = &bias
             && b.len() != weight.nrows()
@@ -58,7 +58,11 @@ impl Linear {
                 expected: format!("[{}] (the weight's rows)", weight.nrows()),
             });
         }
-        Ok(Linear { weight, bias })
+        let bias = bias.map(|b| b.as_standard_layout().into_owned());
+        Ok(Linear {
+            weight: row_major(weight),
+            bias,
+        })
     }
 
     /// `[out, in]`.
@@ -102,10 +106,8 @@ impl Linear {
     /// A map with entries uniform in `±1/√in` (PyTorch's `nn.Linear` default), bias included
     /// when `bias` is set; reproducible from `rng`.
     fn random(outputs: usize, inputs: usize, bias: bool, rng: &mut fastrand::Rng) -> Linear {
-        let bound = 1.0 / (inputs.max(1) as f32).sqrt();
-        let mut draw = || (rng.f32() * 2.0 - 1.0) * bound;
-        let weight = Array2::from_shape_simple_fn((outputs, inputs), &mut draw);
-        let bias = bias.then(|| Array1::from_shape_simple_fn(outputs, &mut draw));
+        let weight = uniform(outputs, inputs, inputs, rng);
+        let bias = bias.then(|| uniform(outputs, 1, inputs, rng).index_axis_move(Axis(1), 0));
         Linear { weight, bias }
     }
 }
@@ -231,18 +233,8 @@ where
 
     /// `x: [batch, seq, hidden]` projected to `[batch, heads, seq, D]` by `map`.
     fn heads_of(map: &Linear, heads: usize, x: ArrayView3<f32>) -> Array4<f32> {
-        let (b, l, hidden) = x.dim();
-        let flat = x
-            .as_standard_layout()
-            .into_owned()
-            .into_shape_with_order((b * l, hidden))
-            .expect("row-major");
-        map.apply(flat.view())
-            .into_shape_with_order((b, l, heads, D))
-            .expect("row-major")
-            .permuted_axes([0, 2, 1, 3])
-            .as_standard_layout()
-            .into_owned()
+        let (b, l, _) = x.dim();
+        split_heads(map.apply(flatten(x).view()), (b, l, heads, D))
     }
 
     /// Runs the layer on `x: [batch, seq, hidden]` with `attention` (mask and score modifiers)
@@ -259,14 +251,7 @@ where
         let v = Self::heads_of(&self.v_proj, HKV, x);
         let out = attention.try_forward(backend, q.view(), k.view(), v.view())?;
         let (b, l, _) = x.dim();
-        let merged = out
-            .o
-            .view()
-            .permuted_axes([0, 2, 1, 3])
-            .as_standard_layout()
-            .into_owned()
-            .into_shape_with_order((b * l, HQ * D))
-            .expect("row-major");
+        let merged = merge_heads(out.o.view());
         let y = self
             .o_proj
             .apply(merged.view())
@@ -290,29 +275,16 @@ where
     ) -> Result<Array3<f64>> {
         self.check_input("AttentionLayer::try_forward_oracle", x)?;
         let (b, l, hidden) = x.dim();
-        let flat = x
-            .mapv(f64::from)
-            .into_shape_with_order((b * l, hidden))
-            .expect("row-major");
-        let project = |map: &Linear, heads: usize| {
-            map.apply_f64(flat.view())
-                .into_shape_with_order((b, l, heads, D))
-                .expect("row-major")
-                .permuted_axes([0, 2, 1, 3])
-        };
+        let flat = flatten(x).mapv(f64::from);
+        let project =
+            |map: &Linear, heads: usize| split_heads(map.apply_f64(flat.view()), (b, l, heads, D));
         let (q, k, v) = (
             project(&self.q_proj, HQ),
             project(&self.k_proj, HKV),
             project(&self.v_proj, HKV),
         );
         let out = oracle::try_forward(attention.spec(), q.view(), k.view(), v.view())?;
-        let merged = out
-            .o
-            .permuted_axes([0, 2, 1, 3])
-            .as_standard_layout()
-            .into_owned()
-            .into_shape_with_order((b * l, HQ * D))
-            .expect("row-major");
+        let merged = merge_heads(out.o.view());
         Ok(self
             .o_proj
             .apply_f64(merged.view())
@@ -324,7 +296,8 @@ where
     /// on the CPU: the token's key and value are appended to `cache`, its query attends to the
     /// sequence's cached keys (itself included) as `attention` says, and the layer's output
     /// `[hidden]` is returned. Errors: the append's (a full cache, an unknown sequence: then
-    /// nothing is appended) and the decode's.
+    /// nothing is appended) and the decode's (after the append: the token then stays in the
+    /// cache).
     #[cfg(feature = "cpu")]
     pub fn try_decode_cpu<S: crate::cache::KvStorage>(
         &self,
@@ -399,6 +372,37 @@ where
     }
 }
 
+/// `[batch, seq, hidden]` as `[batch·seq, hidden]`, row-major.
+pub(crate) fn flatten<A: Clone>(x: ArrayView3<A>) -> Array2<A> {
+    let (b, l, h) = x.dim();
+    x.as_standard_layout()
+        .into_owned()
+        .into_shape_with_order((b * l, h))
+        .expect("row-major")
+}
+
+/// `[batch, heads, seq, D]` as `[batch·seq, heads·D]` (each token's heads side by side).
+pub(crate) fn merge_heads<A: Clone>(x: ndarray::ArrayView4<A>) -> Array2<A> {
+    let (b, h, l, d) = x.dim();
+    x.permuted_axes([0, 2, 1, 3])
+        .as_standard_layout()
+        .into_owned()
+        .into_shape_with_order((b * l, h * d))
+        .expect("row-major")
+}
+
+/// [`merge_heads`] undone: `[batch·seq, heads·D]` as `[batch, heads, seq, D]`, row-major.
+pub(crate) fn split_heads<A: Clone>(
+    x: Array2<A>,
+    (b, l, h, d): (usize, usize, usize, usize),
+) -> Array4<A> {
+    x.into_shape_with_order((b, l, h, d))
+        .expect("[batch·seq, heads·D]")
+        .permuted_axes([0, 2, 1, 3])
+        .as_standard_layout()
+        .into_owned()
+}
+
 /// `a` in row-major order (a product may come out column-major).
 fn row_major<A: Clone>(a: Array2<A>) -> Array2<A> {
     if a.is_standard_layout() {
@@ -409,30 +413,48 @@ fn row_major<A: Clone>(a: Array2<A>) -> Array2<A> {
 }
 
 /// Pools the rows of a key or value projection's weight (`[heads·dim, cols]`, or a bias as
-/// `[heads·dim, 1]`) in consecutive groups of `group` heads: each group's mean (in `f64`,
-/// rounded once) or, with `first_head`, its first head. `[heads/group·dim, cols]`.
-pub(crate) fn pool_rows(
+/// `[heads·dim, 1]`) in consecutive groups of `group` heads: each group's mean (in `f64`) or,
+/// with `first_head`, its first head. `[heads/group·dim, cols]`, not yet rounded.
+pub(crate) fn pool_rows_f64(
     x: ArrayView2<f32>,
     group: usize,
     dim: usize,
     first_head: bool,
-) -> Array2<f32> {
+) -> Array2<f64> {
     // [heads·dim, cols] → [heads/group, group, dim, cols] → pooled over axis 1.
     let (rows, cols) = x.dim();
     let grouped = x
         .to_shape((rows / (group * dim), group, dim, cols))
         .expect("whole groups");
     let pooled = if first_head {
-        grouped.slice(s![.., 0, .., ..]).to_owned()
+        grouped.slice(s![.., 0, .., ..]).mapv(f64::from)
     } else {
-        grouped
-            .mapv(f64::from)
-            .sum_axis(Axis(1))
-            .mapv(|s| (s / group as f64) as f32)
+        grouped.mapv(f64::from).sum_axis(Axis(1)) / group as f64
     };
     pooled
         .into_shape_with_order((rows / group, cols))
         .expect("row-major")
+}
+
+/// [`pool_rows_f64`] rounded once to `f32`.
+pub(crate) fn pool_rows(
+    x: ArrayView2<f32>,
+    group: usize,
+    dim: usize,
+    first_head: bool,
+) -> Array2<f32> {
+    pool_rows_f64(x, group, dim, first_head).mapv(|m| m as f32)
+}
+
+/// `rows × cols` values uniform in `±1/√fan_in` (PyTorch's `nn.Linear` default), from `rng`.
+pub(crate) fn uniform(
+    rows: usize,
+    cols: usize,
+    fan_in: usize,
+    rng: &mut fastrand::Rng,
+) -> Array2<f32> {
+    let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+    Array2::from_shape_simple_fn((rows, cols), || (rng.f32() * 2.0 - 1.0) * bound)
 }
 
 /// Pools the heads of a key or value projection (rows `[heads·dim, in]`) in consecutive groups

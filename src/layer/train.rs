@@ -3,7 +3,7 @@
 
 use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, Axis, Zip};
 
-use super::{AttentionLayer, LayerOutput, Linear};
+use super::{AttentionLayer, LayerOutput, Linear, flatten, merge_heads, split_heads};
 use crate::Attention;
 use crate::backend::Backward;
 use crate::error::{Error, Result};
@@ -27,25 +27,6 @@ pub struct LayerGradients {
     pub o_proj: LinearGradients,
     /// `∂L/∂x`, `[batch, seq, hidden]`.
     pub x: Array3<f32>,
-}
-
-/// `[batch, heads, seq, D]` as `[batch·seq, heads·D]` (row-major).
-fn merge_heads(x: ndarray::ArrayView4<f32>) -> Array2<f32> {
-    let (b, h, l, d) = x.dim();
-    x.permuted_axes([0, 2, 1, 3])
-        .as_standard_layout()
-        .into_owned()
-        .into_shape_with_order((b * l, h * d))
-        .expect("row-major")
-}
-
-/// `[batch, seq, hidden]` as `[batch·seq, hidden]`.
-fn flatten(x: ArrayView3<f32>) -> Array2<f32> {
-    let (b, l, h) = x.dim();
-    x.as_standard_layout()
-        .into_owned()
-        .into_shape_with_order((b * l, h))
-        .expect("row-major")
 }
 
 /// The gradients of `y = x·Wᵀ + b` given `dy` and `x`, and `dx` added into `dx`.
@@ -88,16 +69,26 @@ where
             });
         }
         let (b, l, hidden) = x.dim();
+        for (tensor, got, heads) in [
+            ("forward.q", forward.q.shape(), HQ),
+            ("forward.k", forward.k.shape(), HKV),
+            ("forward.v", forward.v.shape(), HKV),
+            ("forward.attention.o", forward.attention.o.shape(), HQ),
+        ] {
+            if got != [b, heads, l, D] {
+                return Err(Error::Shape {
+                    op,
+                    tensor,
+                    got: got.to_vec(),
+                    expected: format!("[{b}, {heads}, {l}, {D}] (the input's batch and length)"),
+                });
+            }
+        }
         let (x2, dy2) = (flatten(x), flatten(dy));
         let merged = merge_heads(forward.attention.o.view());
         let mut d_merged = Array2::<f32>::zeros((b * l, HQ * D));
         let o_proj = linear_backward(&self.o_proj, merged.view(), dy2.view(), &mut d_merged);
-        let d_o = d_merged
-            .into_shape_with_order((b, l, HQ, D))
-            .expect("row-major")
-            .permuted_axes([0, 2, 1, 3])
-            .as_standard_layout()
-            .into_owned();
+        let d_o = split_heads(d_merged, (b, l, HQ, D));
         let grads = attention.try_backward(
             backend,
             forward.q.view(),
@@ -145,8 +136,8 @@ where
     }
 }
 
-/// Adam (Kingma & Ba, 2015) over a layer's parameters, with bias correction and no weight
-/// decay. Its moments are sized on the first step.
+/// Adam (Kingma & Ba, 2015) over one layer's parameters, with bias correction and no weight
+/// decay. Its moments take the layer's shapes on the first step.
 #[derive(Debug, Clone)]
 pub struct Adam {
     pub learning_rate: f32,
@@ -154,9 +145,12 @@ pub struct Adam {
     pub beta2: f32,
     pub epsilon: f32,
     steps: i32,
-    /// First and second moments of each parameter tensor, in the layer's order.
-    moments: Vec<(Vec<f32>, Vec<f32>)>,
+    /// First and second moments of each projection's weight and bias, in the layer's order.
+    moments: Vec<[Moments; 2]>,
 }
+
+/// A parameter tensor's first and second moments (`None`: a bias the map does not have).
+type Moments = Option<(ndarray::ArrayD<f32>, ndarray::ArrayD<f32>)>;
 
 impl Adam {
     /// Adam with the usual `β₁ = 0.9`, `β₂ = 0.999`, `ε = 1e-8`.
@@ -172,53 +166,128 @@ impl Adam {
     }
 
     /// One step on `layer` along `grads` (from that layer's [`AttentionLayer::try_backward`]).
-    pub fn step<const HQ: usize, const HKV: usize, const D: usize>(
+    /// A gradient whose shape is not its parameter's, a bias gradient where the map has none
+    /// (or none where it has one), or a layer of other shapes than the first step's is an
+    /// [`Error::Shape`], and nothing is changed.
+    pub fn try_step<const HQ: usize, const HKV: usize, const D: usize>(
         &mut self,
         layer: &mut AttentionLayer<HQ, HKV, D>,
         grads: &LayerGradients,
-    ) where
+    ) -> Result<()>
+    where
         Rule: Supported<HQ, HKV, D>,
     {
+        const NAMES: [[&str; 2]; 4] = [
+            ["q_proj.weight", "q_proj.bias"],
+            ["k_proj.weight", "k_proj.bias"],
+            ["v_proj.weight", "v_proj.bias"],
+            ["o_proj.weight", "o_proj.bias"],
+        ];
+        let gradients = [&grads.q_proj, &grads.k_proj, &grads.v_proj, &grads.o_proj];
+        let maps = layer.maps_mut();
+        let shape_error = |tensor: &'static str, got: &[usize], expected: String| Error::Shape {
+            op: "Adam::try_step",
+            tensor,
+            got: got.to_vec(),
+            expected,
+        };
+        for ((map, grad), [w, b]) in maps.iter().zip(gradients).zip(NAMES) {
+            if grad.weight.dim() != map.weight.dim() {
+                return Err(shape_error(
+                    w,
+                    grad.weight.shape(),
+                    format!("{:?} (the weight's)", map.weight.shape()),
+                ));
+            }
+            match (&map.bias, &grad.bias) {
+                (None, None) => {}
+                (Some(p), Some(g)) if p.len() == g.len() => {}
+                (p, g) => {
+                    return Err(shape_error(
+                        b,
+                        g.as_ref().map_or(&[][..], |g| g.shape()),
+                        p.as_ref()
+                            .map_or("no bias gradient (the map has no bias)".into(), |p| {
+                                format!("[{}] (the bias's)", p.len())
+                            }),
+                    ));
+                }
+            }
+        }
+        if self.moments.is_empty() {
+            self.moments = maps
+                .iter()
+                .map(|map| {
+                    let zeros = |shape: &[usize]| {
+                        Some((ndarray::ArrayD::zeros(shape), ndarray::ArrayD::zeros(shape)))
+                    };
+                    [
+                        zeros(map.weight.shape()),
+                        map.bias.as_ref().and_then(|b| zeros(b.shape())),
+                    ]
+                })
+                .collect();
+        }
+        for ((map, moments), [w, b]) in maps.iter().zip(&self.moments).zip(NAMES) {
+            let fits =
+                |m: &Moments, shape: Option<&[usize]>| m.as_ref().map(|(m, _)| m.shape()) == shape;
+            if !fits(&moments[0], Some(map.weight.shape())) {
+                return Err(shape_error(
+                    w,
+                    map.weight.shape(),
+                    "the shape of the first step's layer".into(),
+                ));
+            }
+            if !fits(&moments[1], map.bias.as_ref().map(|b| b.shape())) {
+                return Err(shape_error(
+                    b,
+                    map.bias.as_ref().map_or(&[][..], |b| b.shape()),
+                    "the first step's layer's bias".into(),
+                ));
+            }
+        }
         self.steps += 1;
         let (b1, b2) = (self.beta1, self.beta2);
         let correct1 = 1.0 - b1.powi(self.steps);
         let correct2 = 1.0 - b2.powi(self.steps);
         let (lr, eps) = (self.learning_rate, self.epsilon);
-        let mut slot = 0;
-        let gradients = [&grads.q_proj, &grads.k_proj, &grads.v_proj, &grads.o_proj];
-        for (map, grad) in layer.maps_mut().into_iter().zip(gradients) {
-            let mut params: Vec<(&mut [f32], &[f32])> = vec![(
-                map.weight.as_slice_mut().expect("weights are row-major"),
-                grad.weight.as_slice().expect("gradients are row-major"),
-            )];
-            if let (Some(b), Some(g)) = (map.bias.as_mut(), grad.bias.as_ref()) {
-                params.push((
-                    b.as_slice_mut().expect("contiguous"),
-                    g.as_slice().expect("contiguous"),
-                ));
-            }
-            for (p, g) in params {
-                if self.moments.len() <= slot {
-                    self.moments.push((vec![0.0; p.len()], vec![0.0; p.len()]));
-                }
-                let (m, v) = &mut self.moments[slot];
-                slot += 1;
-                Zip::from(ndarray::ArrayViewMut1::from(p))
-                    .and(ndarray::ArrayView1::from(g))
-                    .and(ndarray::ArrayViewMut1::from(&mut m[..]))
-                    .and(ndarray::ArrayViewMut1::from(&mut v[..]))
-                    .for_each(|p, &g, m, v| {
-                        *m = b1 * *m + (1.0 - b1) * g;
-                        *v = b2 * *v + (1.0 - b2) * g * g;
-                        *p -= lr * (*m / correct1) / ((*v / correct2).sqrt() + eps);
-                    });
+        for ((map, grad), moments) in maps.into_iter().zip(gradients).zip(&mut self.moments) {
+            let [weight_moments, bias_moments] = moments;
+            let params = [
+                Some((
+                    map.weight.view_mut().into_dyn(),
+                    grad.weight.view().into_dyn(),
+                    weight_moments,
+                )),
+                map.bias
+                    .as_mut()
+                    .zip(grad.bias.as_ref())
+                    .map(|(p, g)| (p.view_mut().into_dyn(), g.view().into_dyn(), bias_moments)),
+            ];
+            for (p, g, moments) in params.into_iter().flatten() {
+                let (m, v) = moments.as_mut().expect("moments checked above");
+                Zip::from(p).and(&g).and(m).and(v).for_each(|p, &g, m, v| {
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    *p -= lr * (*m / correct1) / ((*v / correct2).sqrt() + eps);
+                });
             }
         }
+        Ok(())
     }
 }
 
 /// `‖a − b‖ / ‖b‖` over all elements, in `f64` (0 when both are 0).
+///
+/// # Panics
+/// If the shapes differ.
+#[track_caller]
 pub fn relative_error(a: ArrayView3<f32>, b: ArrayView3<f32>) -> f64 {
+    assert_eq!(
+        a.shape(),
+        b.shape(),
+        "relative_error of arrays of different shapes"
+    );
     let (mut diff, mut norm) = (0.0f64, 0.0f64);
     for (&x, &y) in a.iter().zip(b.iter()) {
         diff += (f64::from(x) - f64::from(y)).powi(2);
@@ -269,7 +338,7 @@ where
         );
         let dy = residual * (2.0 / n);
         let grads = student.try_backward(attention, backend, x.view(), &out, dy.view())?;
-        optimizer.step(student, &grads);
+        optimizer.try_step(student, &grads)?;
     }
     Ok(losses)
 }
