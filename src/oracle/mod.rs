@@ -450,8 +450,8 @@ pub fn try_scores_with<T: Element, M: MaskMod, S: ScoreMod>(
 /// rounding, which the tolerance rule's per-row form uses ([`compare_rows`], [`compare_lse`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowTerms {
-    /// The largest `|scale| · Σ_d |q_d · k_d|`: the terms a score is summed from (an LSE is a
-    /// soft maximum of scores).
+    /// The largest `|scale| · Σ_d |q_d · k_d| + |ALiBi's bias|`: the terms a score is summed from
+    /// (an LSE is a soft maximum of scores).
     pub scores: Array3<f64>,
     /// The largest `|v_d|`: the terms of the output's convex combination.
     pub values: Array3<f64>,
@@ -533,7 +533,9 @@ fn row_terms_dyn<T: Element>(
                 .zip(k.slice(s![b, g, j, ..]))
                 .map(|(x, y)| (x.widen() * y.widen()).abs())
                 .sum();
-            let mut terms = spec.scale().abs() * sum;
+            // The score's terms: the products, and ALiBi's bias, which the score adds to them.
+            let mut terms =
+                spec.scale().abs() * sum + alibi_bias(spec, h, i, j, seq_q, seq_k).abs();
             let dot = dot(q.slice(s![b, h, i, ..]), k.slice(s![b, g, j, ..]));
             let before = score(spec, h, i, j, seq_q, seq_k, dot);
             let slope = mods.derivative(before, at).abs();
@@ -677,9 +679,42 @@ pub fn score(
         let cap = f64::from(cap);
         s = cap * (s / cap).tanh();
     }
-    if let Some(alibi) = spec.alibi() {
+    s - alibi_bias(spec, h, i, j, seq_q, seq_k)
+}
+
+/// ALiBi's term of the score of query `i` (head `h`) against key `j`: `slope_h · |diagonal(i) −
+/// j|`, subtracted from the score (0 without ALiBi).
+fn alibi_bias(
+    spec: &AttentionSpec,
+    h: usize,
+    i: usize,
+    j: usize,
+    seq_q: usize,
+    seq_k: usize,
+) -> f64 {
+    spec.alibi().map_or(0.0, |alibi| {
         let distance = (spec.mask().diagonal(i, seq_q, seq_k) - j as i128).unsigned_abs();
-        s -= f64::from(alibi.slope(h)) * distance as f64;
+        f64::from(alibi.slope(h)) * distance as f64
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array4;
+
+    /// ALiBi's bias is one of the terms a score is summed from: with `q · k = 0`, a causal
+    /// row's terms are the largest `slope · distance` it sees (here 0.5 · 5 for its sixth
+    /// query), not 0 — its scores round at that magnitude in `f32`.
+    #[test]
+    fn row_terms_count_alibi_bias() {
+        let attention = crate::Attention::<1, 1, 1>::new()
+            .causal()
+            .alibi_slopes(&[0.5]);
+        let spec = attention.spec();
+        let zeros = Array4::<f64>::zeros((1, 1, 6, 1));
+        let terms = try_row_terms(spec, zeros.view(), zeros.view(), zeros.view()).unwrap();
+        assert_eq!(terms.scores[[0, 0, 5]], 2.5);
+        assert_eq!(terms.scores[[0, 0, 0]], 0.0);
     }
-    s
 }

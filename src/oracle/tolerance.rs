@@ -53,8 +53,13 @@
 //!
 //! [`compare_lse`] does the same for log-sum-exps (rows of one value, stored in `f32`, judged
 //! against the oracle computed in `f32`), with one change to the scale: `m_r = max(1,
-//! |lse_r|, T_r)`, where `T_r` is the largest `|scale| · Σ_d |q_d · k_d|` over the row's
-//! visible keys ([`super::RowTerms::scores`]). An LSE is a soft maximum of scores and inherits
+//! |lse_r|, T_r)`, where `T_r` is the largest `|scale| · Σ_d |q_d · k_d| + |b_ij|` over the
+//! row's visible keys, `b_ij` ALiBi's bias ([`super::RowTerms::scores`]): the bias is a term
+//! of the score's sum like the products, and with small heads it dominates (found by
+//! `GQA_SEED=6 GQA_CUBE_CASES=12 cargo test --test cube_backward gqa_4_2_d1`: head dim 1,
+//! slopes up to 0.28 over ~300 keys, a kernel `dQ` error of 1.49 · 10⁻⁶ against a bound of
+//! 1.30 · 10⁻⁶ with the products alone; a 10⁻⁴ relative error in the kernel's slope still
+//! fails that test at 180× its bound). An LSE is a soft maximum of scores and inherits
 //! their rounding, which is relative to the terms a score is summed from, not to the result:
 //! measured, a one-key row with `lse = −23.04` computed from terms of magnitude 5.2 · 10⁴ was
 //! off by 1.3 · 10⁻⁴ — 0.04 of one rounding of its terms — while the yardstick had been lucky
