@@ -318,16 +318,7 @@ impl Device {
         };
         let mut dq_units = group * dq_config.units;
         if plane_loads {
-            dq_units = dq_units.next_multiple_of(plane);
-            if dq_units > max_units {
-                return Err(Error::DeviceLimit {
-                    op,
-                    reason: format!(
-                        "plane loads for a KV group of {group} query heads need {dq_units} units per cube (whole planes of {plane}); {} allows {max_units}",
-                        self.name
-                    ),
-                });
-            }
+            dq_units = self.whole_planes(op, group, dq_units, (plane, max_units))?;
         }
 
         // One block mask for both kernels, in tiles that hold whole cubes and blocks of each:

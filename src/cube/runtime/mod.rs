@@ -576,6 +576,29 @@ impl Device {
         Ok(max_units)
     }
 
+    /// `units` (a cube serving a KV group of `group` query heads) padded to whole planes of
+    /// `plane` for plane loads, checked against the `max_units` a cube may have:
+    /// [`Error::DeviceLimit`] otherwise. Both prefill plans pad their cubes so.
+    pub(super) fn whole_planes(
+        &self,
+        op: &'static str,
+        group: usize,
+        units: usize,
+        (plane, max_units): (usize, usize),
+    ) -> Result<usize> {
+        let units = units.next_multiple_of(plane);
+        if units > max_units {
+            return Err(Error::DeviceLimit {
+                op,
+                reason: format!(
+                    "plane loads for a KV group of {group} query heads need {units} units per cube (whole planes of {plane}); {} allows {max_units}",
+                    self.name
+                ),
+            });
+        }
+        Ok(units)
+    }
+
     /// Whether the device's shader invocations silently stop looping after 65 535 iterations
     /// in all (Mesa's lavapipe; the forward kernel's docs): its kernels then split their work
     /// ([`blocks_within_loop_budget`]).
@@ -616,16 +639,7 @@ impl Device {
                     ),
                 });
             }
-            let units = (group * head_units).next_multiple_of(plane);
-            if units > max_units {
-                return Err(Error::DeviceLimit {
-                    op,
-                    reason: format!(
-                        "plane loads for a KV group of {group} query heads need {units} units per cube (whole planes of {plane}); {} allows {max_units}",
-                        self.name
-                    ),
-                });
-            }
+            let units = self.whole_planes(op, group, group * head_units, (plane, max_units))?;
             (PLANE_LOAD_LANES as usize, units)
         } else {
             let chunk = [4, 2, 1]
