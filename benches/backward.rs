@@ -4,6 +4,8 @@
 //!
 //! 1. **Backward over forward.** The backward (from the forward's saved output, as training
 //!    runs it) against the forward on the same inputs: FlashAttention-2's ratio is about 2.5.
+//!    On the device, also the backward with the opt-in `dS` stage
+//!    (`CubeDevice::with_backward_stage_bytes`, 256 MiB) against the default one.
 //! 2. **GQA over MHA.** The same problem run as MHA on K/V repeated over each group (what a
 //!    library without a native GQA backward computes), whose `dK`, `dV` are then summed over
 //!    each group — against the native GQA backward; with the largest difference between the
@@ -200,7 +202,7 @@ fn cpu_rows(runs: usize) {
 }
 
 /// The two rows on the device, from device tensors.
-fn cube_rows(device: &CubeDevice, runs: usize) {
+fn cube_rows(device: &CubeDevice, staged: &CubeDevice, runs: usize) {
     println!(
         "backward, causal {HQ}/{HKV}/{D} f32, batch 1, on {}",
         device.name()
@@ -248,6 +250,45 @@ fn cube_rows(device: &CubeDevice, runs: usize) {
             t_forward * 1e3,
             t_backward * 1e3,
             t_backward / t_forward
+        );
+        // The staged device's own copies (a device's tensors are its own).
+        let put = |x: &Array4<f32>| staged.try_upload(x.view()).unwrap();
+        let (q_s, d_o_s) = (
+            put(&tensor((1, HQ, n, D), 1)),
+            put(&tensor((1, HQ, n, D), 4)),
+        );
+        let (k_s, v_s) = (put(&k), put(&v));
+        let mut saved_s = staged.try_forward_output::<f32>(&gqa, 1, n).unwrap();
+        staged
+            .try_forward_into(&gqa, &q_s, &k_s, &v_s, &mut saved_s)
+            .unwrap();
+        let mut g_staged = staged.try_gradients::<f32>(&gqa, 1, n, n).unwrap();
+        let (t_default, t_staged) = alternate(
+            runs,
+            || backward(&gqa, &kd, &vd, &saved, &mut g_gqa),
+            || {
+                let inputs = [&q_s, &k_s, &v_s];
+                staged
+                    .try_backward_into_with(
+                        &gqa,
+                        &Mods::none(),
+                        inputs,
+                        &saved_s,
+                        &d_o_s,
+                        None,
+                        &mut g_staged,
+                    )
+                    .unwrap();
+                staged.try_sync().unwrap();
+            },
+        );
+        println!(
+            "cube  L{n}: backward {:8.1} ms, with the dS stage ({} MiB) {:8.1} ms, staged / default {:.2}, staged backward / forward {:.2}",
+            t_default * 1e3,
+            staged.backward_stage_bytes() >> 20,
+            t_staged * 1e3,
+            t_staged / t_default,
+            t_staged / t_forward
         );
         let (t_mha, t_gqa) = alternate(
             runs,
@@ -334,7 +375,15 @@ fn main() {
         return;
     }
     match CubeDevice::try_default() {
-        Ok(device) => cube_rows(&device.untuned(), runs),
+        Ok(device) => {
+            // The same device with the opt-in `dS` stage, at 256 MiB (the 32-head problem at
+            // 4096 tokens in 8 chunks of query rows).
+            let staged = CubeDevice::try_default()
+                .expect("the device opened twice")
+                .untuned()
+                .with_backward_stage_bytes(256 << 20);
+            cube_rows(&device.untuned(), &staged, runs)
+        }
         Err(error) => println!("no GPU device: {error}"),
     }
 }

@@ -210,6 +210,94 @@ fn long_ranges_split_and_sum() {
     }
 }
 
+/// The opt-in `dS` stage (`with_backward_stage_bytes`), against the oracle, in one chunk and
+/// in chunks of one tile of query rows (the least a stage takes): the two give the same bits
+/// (the `dK`/`dV` sums carried across chunks through the partials keep their order), and
+/// their `dK`, `dV` are the default device's bits (the same kernel, which only also writes
+/// `dS`). Over a band with ALiBi, a document mask under a score mod, and sinks with a sliding
+/// window (block masks: tiles skipped — between the sinks and the window, inside a query
+/// tile's live range — full and partial).
+#[test]
+fn staged_backward_matches_the_oracle_and_its_chunks_change_no_bit() {
+    let Some(device) = device() else { return };
+    let staged = |bytes| {
+        CubeDevice::try_default()
+            .expect("the device opened twice")
+            .untuned()
+            .with_backward_stage_bytes(bytes)
+    };
+    let (whole, tiles) = (staged(1 << 30), staged(1));
+    let test = "staged_backward_matches_the_oracle_and_its_chunks_change_no_bit";
+    let devices = [device, &whole, &tiles];
+    let mut chunks = staged_case(
+        devices,
+        &format!("{test}/window_alibi"),
+        Variant::WindowAlibi,
+        |_| Mods::none(),
+    );
+    chunks = chunks.max(staged_case(
+        devices,
+        &format!("{test}/document"),
+        Variant::RightSoftcap,
+        |c| {
+            let docs: Vec<i32> = c.docs.iter().map(|d| d / 8).collect();
+            Mods::new(library::document(Aux::new(docs)), wobble(c.gain))
+        },
+    ));
+    chunks = chunks.max(staged_case(
+        devices,
+        &format!("{test}/streaming"),
+        Variant::Plain,
+        |c| Mods::new(library::streaming(c.b, c.a.min(24)), NoScore),
+    ));
+    assert!(chunks >= 3, "no case ran in 3 chunks or more");
+}
+
+/// One family of [`staged_backward_matches_the_oracle_and_its_chunks_change_no_bit`]:
+/// `[default, staged in one chunk, staged in tiles]`; returns the most chunks a case ran in.
+fn staged_case<M: gqa::dsl::MaskMod, S: ScoreMod>(
+    [default, whole, tiles]: [&CubeDevice; 3],
+    test: &str,
+    variant: Variant,
+    make: impl Fn(&Captures) -> Mods<M, S>,
+) -> usize {
+    let most_chunks = std::cell::Cell::new(0);
+    let strategy = common::mods::cases(variant, (8, 2, 16))
+        .prop_flat_map(|(p, c)| (Just((p.clone(), c)), upstream(&p)));
+    runner::check(test, cases() + 2, Persist::No, strategy, |((p, c), up)| {
+        let mods = make(&c);
+        let tile_rows = tiles.backward_block_mask_tiles(&p.spec).unwrap().0;
+        most_chunks.set(most_chunks.get().max(p.seq_q().div_ceil(tile_rows)));
+        check_backward::<f32, CubeDevice, _, _>(tiles, &p, &mods, &up)?;
+        let narrow = |x: &Array4<f64>| x.mapv(|x| x as f32);
+        let (q, k, v, d_o) = (narrow(&p.q), narrow(&p.k), narrow(&p.v), narrow(&up.d_o));
+        let gradients = |device: &CubeDevice| {
+            let d_lse = up.d_lse.as_ref().map(|d| d.view());
+            let out = device
+                .try_forward_with(&p.spec, &mods, q.view(), k.view(), v.view())
+                .unwrap();
+            let inputs = [q.view(), k.view(), v.view()];
+            let g = device
+                .try_backward_with(&p.spec, &mods, inputs, &out, d_o.view(), d_lse)
+                .unwrap();
+            [bits(&g.dq), bits(&g.dk), bits(&g.dv)]
+        };
+        let (one, many, plain) = (gradients(whole), gradients(tiles), gradients(default));
+        for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            prop_assert!(
+                one[i] == many[i],
+                "{} differs with the stage in chunks",
+                name
+            );
+            if i > 0 {
+                prop_assert!(one[i] == plain[i], "{} differs with a stage", name);
+            }
+        }
+        Ok(())
+    });
+    most_chunks.get()
+}
+
 fn bits<T: Copy + Into<f64>>(x: &Array4<T>) -> Vec<u64> {
     x.iter().map(|&v| v.into().to_bits()).collect()
 }

@@ -60,6 +60,12 @@ impl Device {
     pub fn plane_decode_lanes(&self) -> Option<usize> {
         match *self {}
     }
+    pub fn set_backward_stage_bytes(&mut self, _: usize) {
+        match *self {}
+    }
+    pub fn backward_stage_bytes(&self) -> usize {
+        match *self {}
+    }
     pub fn set_unit_decode(&mut self) {
         match *self {}
     }

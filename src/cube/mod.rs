@@ -64,6 +64,10 @@ use std::marker::PhantomData;
 
 pub use cache::{DeviceKvCache, MAX_DECODE_QUERIES};
 
+/// The backward's `dS` stage limit a device starts with
+/// ([`CubeDevice::with_backward_stage_bytes`]): none, `dQ`'s kernel recomputes `S` and `dP`.
+pub const DEFAULT_BACKWARD_STAGE_BYTES: usize = 0;
+
 use ndarray::{Array4, ArrayView3, ArrayView4, Dimension};
 
 use crate::dsl::{MaskMod, Mods, NoMask, NoScore, ScoreMod};
@@ -136,6 +140,25 @@ impl CubeDevice {
     pub fn with_unit_decode(mut self) -> CubeDevice {
         self.inner.set_unit_decode();
         self
+    }
+
+    /// This device with the backward's `dS` stage allowed up to `bytes` of device memory per
+    /// call (0, the default: no stage). With a stage, the `dK`/`dV` kernel writes each pair's
+    /// `dS` for a chunk of query rows (`batch · q_heads · rows · seq_k` f32 words; at least
+    /// one tile of rows, whatever the limit) and the `dQ` kernel reads it back, for five block
+    /// products per pair instead of seven; longer problems run in chunks, a launch pair each
+    /// (`src/cube/kernels/backward.rs`). On lavapipe (32/8/128, L 1024) the staged backward
+    /// measured no faster: its `dS` loads are each unit's own. The gradients are the same
+    /// under the oracle's tolerance, and their bits do not depend on the chunking.
+    pub fn with_backward_stage_bytes(mut self, bytes: usize) -> CubeDevice {
+        self.inner.set_backward_stage_bytes(bytes);
+        self
+    }
+
+    /// The most bytes the backward's `dS` stage takes on this device
+    /// ([`CubeDevice::with_backward_stage_bytes`]).
+    pub fn backward_stage_bytes(&self) -> usize {
+        self.inner.backward_stage_bytes()
     }
 
     /// Whether forward tiles with [`KvLoads::Plane`] run on this device: its planes have at
@@ -616,7 +639,9 @@ impl CubeDevice {
     /// seq_q]`). The forward's `O` and LSE are reused, not recomputed. Three kernels (docs in
     /// `kernels/backward.rs`): a row prepass, `dK`/`dV` with one cube per (key tile, KV head,
     /// batch entry) that sums the group in its registers and writes each KV head's gradient
-    /// once, and `dQ` laid out like the forward; no atomics, the same bits on every launch.
+    /// once, and `dQ` laid out like the forward; no atomics, the same bits on
+    /// every launch (a device with [`CubeDevice::with_backward_stage_bytes`] stages `dS` for
+    /// `dQ` instead of recomputing it).
     ///
     /// Errors: [`Error::Shape`] naming the tensor; [`Error::UnsupportedDType`];
     /// [`Error::DeviceLimit`] past the device's limits.
@@ -747,7 +772,8 @@ impl CubeDevice {
     /// [`CubeDevice::try_backward_device_with`] writing into `grads` (made by
     /// [`CubeDevice::try_gradients`] for this problem, or returned by an earlier backward of
     /// the same shape): every element is written, zeros where no pair reaches it. The
-    /// launches' own f32 partials and row statistics come from cubecl's memory pool. Errors: as
+    /// launches' own f32 partials, row statistics and `dS` stage (if any) come from cubecl's
+    /// memory pool. Errors: as
     /// [`CubeDevice::try_backward_device_with`], and [`Error::Shape`] when a gradient is not
     /// the contiguous tensor of this problem's shape.
     #[allow(clippy::too_many_arguments)]

@@ -5,23 +5,37 @@
 //!    ALiBi slopes]` that the two main kernels read (one binding instead of three).
 //! 2. [`backward_dkv`]: one cube per (key tile, KV head, batch entry). Each unit owns `rows`
 //!    consecutive keys — their K and V rows and their f32 `dK`, `dV` accumulators — and every
-//!    unit of the cube walks the same (query head of the group, query block) items: the group's
-//!    heads one after another, each over the query blocks the mask lets see the cube's keys. A
-//!    query element it loads has the same address in every unit (one load for the cube, as the
-//!    forward's K/V loads). The group's sum of `dK` and `dV` therefore happens in the unit's
-//!    registers, and each KV head's gradient is written once: no repeat of K/V, no atomics,
-//!    the same bits on every launch.
-//! 3. [`backward_dq`]: laid out like the forward (one cube per query tile, KV head and batch
-//!    entry, units `group × head_units`, each `rows` query rows of one head), walking the key
-//!    blocks its band allows.
+//!    unit of the cube walks the same (query block, query head of the group) items: the query
+//!    blocks the mask lets see the cube's keys, each for the group's heads one after another.
+//!    A query element it loads has the same address in every unit (one load for the cube, as
+//!    the forward's K/V loads). The group's sum of `dK` and `dV` therefore happens in the
+//!    unit's registers, and each KV head's gradient is written once: no repeat of K/V, no
+//!    atomics, the same bits on every launch.
+//! 3. `dQ`, laid out like the forward (one cube per query tile, KV head and batch entry, units
+//!    `group × head_units`, each `rows` query rows of one head), walking the key blocks its band
+//!    allows, in one of two ways:
+//!    - [`backward_dq`] (the default) recomputes `S` and `dP` per block and adds `dS·K`;
+//!    - [`backward_dq_staged`] reads `dS` from a stage [`backward_dkv`] wrote (`cfg.stage`) and
+//!      adds `dS·K`: five block products in all instead of seven, FlashAttention-2's count
+//!      without its atomic `dQ` sums, for `batch · q_heads · rows · seq_k` f32 words of device
+//!      memory (`CubeDevice::with_backward_stage_bytes`; longer problems run in chunks of query
+//!      rows, the host launching the pair of kernels once per chunk). Its loads of `dS` are a
+//!      unit's own (not one address across the cube), which lavapipe issues lane by lane:
+//!      measured there (32/8/128, L 1024), the staged backward was no faster than the default
+//!      one, so the stage is opt-in until a GPU measures it.
 //!
-//! Per block both main kernels make two passes over the head dim: the first forms
-//! `S = Q·Kᵀ` and `dP = dO·Vᵀ` together; then per pair `P = exp(mod(scale·S) − LSE)` and
-//! `dS = P ∘ (dP − δ + dLSE) · mod′` (softcap's `1 − tanh²`, ALiBi's 1); the second pass adds
-//! `Pᵀ·dO` to `dV` and `dSᵀ·Q` to `dK` (or `dS·K` to `dQ`). `scale` multiplies `dK` and `dQ`
-//! once, when they are written. A pair the mask hides, or of a row that sees no key (LSE −∞),
-//! has `P = dS = 0` and its products are skipped, not multiplied by 0: a NaN at a position
-//! no visible pair reads never reaches a gradient.
+//! Per block [`backward_dkv`] (and [`backward_dq`]) make two passes over the head dim: the
+//! first forms `S = Q·Kᵀ` and `dP = dO·Vᵀ` together; then per pair `P = exp(mod(scale·S) −
+//! LSE)` and `dS = P ∘ (dP − δ + dLSE) · mod′` (softcap's `1 − tanh²`, ALiBi's 1); the second
+//! pass adds `Pᵀ·dO` to `dV` and `dSᵀ·Q` to `dK` (or `dS·K` to `dQ`). `scale` multiplies `dK`
+//! and `dQ` once, when the partials are summed. A pair the mask hides, or of a row that sees
+//! no key (LSE −∞), has `P = dS = 0` and its products are skipped, not multiplied by 0: a NaN
+//! at a position no visible pair reads never reaches a gradient.
+//!
+//! **Chunks.** [`backward_dkv`] takes the query blocks of one chunk of rows per launch (one
+//! chunk covering all rows without a stage) and carries its sums across chunks through its
+//! partials, in the same order as one launch would: the gradients' bits do not depend on the
+//! chunking.
 //!
 //! **Splits.** Lavapipe silently stops a shader invocation's loops after about 65 000
 //! iterations (see `forward.rs`). Each main kernel therefore takes a share of its work items
@@ -31,8 +45,10 @@
 //!
 //! **User mods.** A mask mod comes with its block mask (`BackwardConfig::block_mask`): empty
 //! tiles are skipped — `backward_dkv` walks only the query tiles that see its key tile (the
-//! mask's live ranges transposed), `backward_dq` only the key tiles its query tile sees — full
-//! ones run without the mask, and partial ones evaluate it per pair. A score mod is applied
+//! mask's live ranges transposed), the `dQ` kernels only the key tiles its query tile sees —
+//! full ones run without the mask, and partial ones evaluate it per pair (`backward_dkv`
+//! stages `dS = 0` for the pairs it hides: `backward_dq_staged` has no mod code). A score mod
+//! is applied
 //! as in the forward, and `dS` is multiplied by its derivative, which `#[score_mod]` generates
 //! as kernel code ([`CubeScore::tangent`], forward mode over the mod's expression).
 //!
@@ -90,6 +106,8 @@ pub struct BackwardConfig {
     /// query tile's live key tiles. A mask tile holds whole blocks and cubes of either kernel.
     pub block_mask: bool,
     pub mask_tiles: (usize, usize),
+    /// `backward_dkv` writes each pair's `dS` to the stage [`backward_dq_staged`] reads.
+    pub stage: bool,
 }
 
 /// The prepass: `stats[r] = lse[r]`, `stats[rows + r] = Σ_d dO[r, d]·O[r, d] − dLSE[r]` for
@@ -191,12 +209,7 @@ fn pair<M: CubeMask, S: CubeScore>(
     // A row that sees no key has LSE −∞ (its bits: the comparison must not depend on how the
     // driver treats infinities).
     let mut visible = i < seq_q && j < seq_k && u32::reinterpret(lse) != NEG_INFINITY_BITS;
-    if cfg.left_bounded {
-        visible = visible && kj >= diag - left;
-    }
-    if cfg.right_bounded {
-        visible = visible && kj <= diag + right;
-    }
+    visible = visible && in_band(i, j, diag_offset, left, right, cfg);
     if cfg.mask_mod {
         // A full tile of the block mask needs no evaluation (a uniform branch).
         if !user_full {
@@ -218,11 +231,46 @@ fn pair<M: CubeMask, S: CubeScore>(
     dp[at] = select(p > 0.0f32, p * (dp[at] - dd) * d_score, 0.0f32);
 }
 
-/// `dK` (times `scale`) and `dV` of one key tile of one KV head, summed over the group's query
-/// heads, as f32 partials `partial[split][0 = dK, 1 = dV][B, HKV, Lk, D]`. The inputs are
-/// contiguous `[B, H, L, D]`; `stats` is [`backward_rows`]'s. A cube's work items are its
-/// (query head, query block) pairs in that order; split `s` takes items
-/// `s·items_per_split..(s + 1)·items_per_split`.
+/// Whether key `j` is inside query row `i`'s band (the spec's mask without the user's).
+#[cube]
+fn in_band(
+    i: u32,
+    j: u32,
+    diag_offset: i32,
+    left: i32,
+    right: i32,
+    #[comptime] cfg: BackwardConfig,
+) -> bool {
+    let diag = i as i32 + diag_offset;
+    let kj = j as i32;
+    let mut inside = true;
+    if cfg.left_bounded {
+        inside = kj >= diag - left;
+    }
+    if cfg.right_bounded {
+        inside = inside && kj <= diag + right;
+    }
+    inside
+}
+
+/// `dK` (without `scale`) and `dV` of one key tile of one KV head, summed over the group's
+/// query heads, as f32 partials `out[split][0 = dK, 1 = dV][B, HKV, Lk, D]`, and `dS` of the
+/// query rows of this launch's chunk into the stage `out[stage_at..]` for [`backward_dq_staged`]
+/// (with `cfg.stage`). The
+/// inputs are contiguous `[B, H, L, D]`; `stats` is [`backward_rows`]'s.
+///
+/// A cube's work items are its (query block, query head) pairs, block-major; split `s` takes
+/// items `s·items_per_split..(s + 1)·items_per_split`, and a launch the items of its chunk's
+/// query blocks `chunk_blocks.0..chunk_blocks.1`. The first chunk's launch (`first`) starts
+/// the partials from zero and writes all of them; each later one reads back the partials of
+/// the cubes with items in its chunk and continues the same sums. The f32 operations of a
+/// split are therefore the same, in the same order, whatever the chunks: the chunking does
+/// not change a bit of the gradients.
+///
+/// The stage holds `dS` (without `scale`) at `((batch · q_heads + head) · chunk_rows + row −
+/// chunk_blocks.0 · block) · seq_k + key` for every pair of every item walked: 0 where the
+/// pair is hidden. Pairs of blocks no item walks (outside the band, or empty in the block
+/// mask) are not written.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments, clippy::manual_div_ceil)]
 pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
@@ -232,7 +280,7 @@ pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
     d_o: &[F],
     stats: &[f32],
     aux: &[u32],
-    partial: &mut [f32],
+    out: &mut [f32],
     q_heads: u32,
     seq_q: u32,
     seq_k: u32,
@@ -246,6 +294,11 @@ pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
     splits: u32,
     dims: u32,
     mask_at: u32,
+    chunk_block_lo: u32,
+    chunk_block_hi: u32,
+    chunk_rows: u32,
+    stage_at: u32,
+    first: u32,
     #[comptime] cfg: BackwardConfig,
 ) {
     let dim = cfg.head_dim;
@@ -266,31 +319,6 @@ pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
     let tile0 = slot.tile * block_k;
     let key0 = tile0 + UNIT_POS_X * rows as u32;
     let all_rows = batch_size * q_heads * seq_q;
-
-    // The unit's K and V rows (keys past the sequence read its last: in bounds, never written).
-    let kv_base = (batch * kv_heads + kv_head) * seq_k;
-    let padded = cfg.padded_dim;
-    let mut k_reg = Array::<f32>::new(rows * padded);
-    let mut v_reg = Array::<f32>::new(rows * padded);
-    let mut dk = Array::<f32>::new(rows * padded);
-    let mut dv = Array::<f32>::new(rows * padded);
-    #[unroll]
-    for r in 0..rows {
-        let at = ((kv_base + min(key0 + r as u32, seq_k - 1)) as usize) * dim;
-        for du in 0..dims {
-            let d = du as usize;
-            let mut kx = 0.0f32;
-            let mut vx = 0.0f32;
-            if d < dim {
-                kx = f32::cast_from(k[at + d]);
-                vx = f32::cast_from(v[at + d]);
-            }
-            k_reg[r * padded + d] = kx;
-            v_reg[r * padded + d] = vx;
-            dk[r * padded + d] = 0.0f32;
-            dv[r * padded + d] = 0.0f32;
-        }
-    }
 
     // The query rows that may see a key of this tile (uniform over the cube).
     let tile_last = min(tile0 + block_k, seq_k) as i32 - 1;
@@ -326,12 +354,55 @@ pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
         qb_hi = min(qb_hi, aux[(at + 1) as usize] * per_tile);
         qb_hi = max(qb_hi, qb_lo);
     }
+    // This split's items, then those of them in this launch's chunk.
     let blocks = qb_hi - qb_lo;
     let items = group * blocks;
-    let item_lo = min(items, split * items_per_split);
-    let mut item_hi = min(items, (split + 1) * items_per_split);
+    let split_lo = min(items, split * items_per_split);
+    let split_hi = min(items, (split + 1) * items_per_split);
+    let chunk_lo = (min(max(chunk_block_lo, qb_lo), qb_hi) - qb_lo) * group;
+    let chunk_hi = (min(max(chunk_block_hi, qb_lo), qb_hi) - qb_lo) * group;
+    let item_lo = min(max(chunk_lo, split_lo), split_hi);
+    let mut item_hi = min(max(chunk_hi, split_lo), split_hi);
     if !slot.valid {
         item_hi = item_lo;
+    }
+    let walks = item_hi > item_lo;
+
+    // The unit's K and V rows (keys past the sequence read its last: in bounds, never
+    // written), and its partial sums so far.
+    let kv_base = (batch * kv_heads + kv_head) * seq_k;
+    let all = (batch_size * kv_heads * seq_k) as usize * dim;
+    let out0 = split as usize * 2 * all;
+    let padded = cfg.padded_dim;
+    let mut k_reg = Array::<f32>::new(rows * padded);
+    let mut v_reg = Array::<f32>::new(rows * padded);
+    let mut dk = Array::<f32>::new(rows * padded);
+    let mut dv = Array::<f32>::new(rows * padded);
+    #[unroll]
+    for r in 0..rows {
+        let key = min(key0 + r as u32, seq_k - 1);
+        let at = ((kv_base + key) as usize) * dim;
+        // Only a unit whose own key is in the sequence has partial sums to continue.
+        let resume = first == 0 && walks && key0 + (r as u32) < seq_k;
+        for du in 0..dims {
+            let d = du as usize;
+            let mut kx = 0.0f32;
+            let mut vx = 0.0f32;
+            let mut dkx = 0.0f32;
+            let mut dvx = 0.0f32;
+            if d < dim {
+                kx = f32::cast_from(k[at + d]);
+                vx = f32::cast_from(v[at + d]);
+                if resume {
+                    dkx = out[out0 + at + d];
+                    dvx = out[out0 + all + at + d];
+                }
+            }
+            k_reg[r * padded + d] = kx;
+            v_reg[r * padded + d] = vx;
+            dk[r * padded + d] = dkx;
+            dv[r * padded + d] = dvx;
+        }
     }
 
     let mut s = Array::<f32>::new(rows * bm);
@@ -341,10 +412,11 @@ pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
     let mut q_at = Array::<u32>::new(bm);
     let mut lse = Array::<f32>::new(bm);
     let mut dd = Array::<f32>::new(bm);
+    let chunk_row0 = chunk_block_lo * bm as u32;
 
     for item in item_lo..item_hi {
-        let head = kv_head * group + item / blocks;
-        let q_row0 = (qb_lo + item % blocks) * bm as u32;
+        let head = kv_head * group + item % group;
+        let q_row0 = (qb_lo + item / group) * bm as u32;
         // The block mask: an empty tile is skipped, a full one runs without the user mask.
         let mut state = 1u32;
         if cfg.block_mask {
@@ -377,10 +449,12 @@ pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
                 load_rows::<F>(d_o, &q_at, c * chunk, &mut oc, bm, cfg);
                 chunk_products(&k_reg, &v_reg, c, &qc, &oc, &mut s, &mut dp, rows, bm, cfg);
             }
+            let stage_row0 = stage_at + ((batch * q_heads + head) * chunk_rows) * seq_k;
             #[unroll]
             for r in 0..rows {
                 #[unroll]
                 for j in 0..bm {
+                    let (i, key) = (q_row0 + j as u32, key0 + r as u32);
                     pair::<M, S>(
                         &mut s,
                         &mut dp,
@@ -391,8 +465,8 @@ pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
                         aux,
                         batch,
                         head,
-                        q_row0 + j as u32,
-                        key0 + r as u32,
+                        i,
+                        key,
                         seq_q,
                         seq_k,
                         diag_offset,
@@ -403,6 +477,10 @@ pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
                         user_full,
                         cfg,
                     );
+                    if cfg.stage && i < seq_q && key < seq_k {
+                        out[(stage_row0 + (i - chunk_row0) * seq_k + key) as usize] =
+                            dp[r * bm + j];
+                    }
                 }
             }
             // dV += Pᵀ·dO, dK += dSᵀ·Q (hidden pairs skipped).
@@ -431,26 +509,26 @@ pub fn backward_dkv<F: Float, M: CubeMask, S: CubeScore>(
         }
     }
 
-    let all = (batch_size * kv_heads * seq_k) as usize * dim;
-    let out0 = split as usize * 2 * all;
-    #[unroll]
-    for r in 0..rows {
-        let key = key0 + r as u32;
-        if slot.valid && key < seq_k {
-            let at = ((kv_base + key) as usize) * dim;
-            for du in 0..dims {
-                let d = du as usize;
-                if d < dim {
-                    partial[out0 + at + d] = scale * dk[r * padded + d];
-                    partial[out0 + all + at + d] = dv[r * padded + d];
+    if first == 1 || walks {
+        #[unroll]
+        for r in 0..rows {
+            let key = key0 + r as u32;
+            if slot.valid && key < seq_k {
+                let at = ((kv_base + key) as usize) * dim;
+                for du in 0..dims {
+                    let d = du as usize;
+                    if d < dim {
+                        out[out0 + at + d] = dk[r * padded + d];
+                        out[out0 + all + at + d] = dv[r * padded + d];
+                    }
                 }
             }
         }
     }
 }
 
-/// `dQ` (times `scale`) of one query tile of one KV group, as f32 partials `partial[split][B,
-/// HQ, Lq, D]`; split `s` takes keys `s·keys_per_split..(s + 1)·keys_per_split` (a multiple of
+/// `dQ` (without `scale`) of one query tile of one KV group, as f32 partials `partial[split][B,
+/// HQ, Lq, D]`, with `S` and `dP` of each block recomputed (three block products); split `s` takes keys `s·keys_per_split..(s + 1)·keys_per_split` (a multiple of
 /// `block`). Inputs as [`backward_dkv`]'s.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments, clippy::manual_div_ceil)]
@@ -653,7 +731,173 @@ pub fn backward_dq<F: Float, M: CubeMask, S: CubeScore>(
             for du in 0..dims {
                 let d = du as usize;
                 if d < dim {
-                    partial[at + d] = scale * dq[i * padded + d];
+                    partial[at + d] = dq[i * padded + d];
+                }
+            }
+        }
+    }
+}
+
+/// `dQ` (without `scale`) of one query tile of one KV group, as f32 partials `partial[split][B,
+/// HQ, Lq, D]`: `dS · K` over the keys the band and the block mask let the tile see, with `dS`
+/// read from the stage [`backward_dkv`] wrote for this launch's chunk of query rows (from row
+/// `chunk_row0`, `chunk_rows` of them). The chunk's tiles are `tile_lo..tile_lo + tiles`; split
+/// `s` takes keys `s·keys_per_split..(s + 1)·keys_per_split` (a multiple of `block`). A pair
+/// outside the band reads no stage word (none was written there).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments, clippy::manual_div_ceil)]
+pub fn backward_dq_staged<F: Float>(
+    k: &[F],
+    aux: &[u32],
+    stage: &[f32],
+    partial: &mut [f32],
+    q_heads: u32,
+    seq_q: u32,
+    seq_k: u32,
+    diag_offset: i32,
+    left: i32,
+    right: i32,
+    batch_size: u32,
+    keys_per_split: u32,
+    splits: u32,
+    dims: u32,
+    mask_at: u32,
+    tile_lo: u32,
+    tiles: u32,
+    chunk_row0: u32,
+    chunk_rows: u32,
+    stage_at: u32,
+    #[comptime] cfg: BackwardConfig,
+) {
+    let dim = cfg.head_dim;
+    let chunk = cfg.chunk;
+    let rows = cfg.rows;
+    let bn = cfg.block;
+    let head_units = cfg.units as u32;
+    let block_m = head_units * rows as u32;
+
+    let kv_heads = q_heads / cfg.group as u32;
+    let slot = cube_slot(tiles, kv_heads, splits, batch_size);
+    let (kv_head, batch, split) = (slot.kv_head, slot.batch, slot.split);
+    let q_tile = tile_lo + slot.tile;
+    // Units past the group's (a cube padded to whole planes for plane loads) repeat the last
+    // head's rows, load their share, and write nothing.
+    let owner = UNIT_POS_X < cfg.group as u32 * head_units;
+    let head = kv_head * cfg.group as u32 + min(UNIT_POS_X / head_units, cfg.group as u32 - 1);
+    let row0 = q_tile * block_m + (UNIT_POS_X % head_units) * rows as u32;
+    let row_base = (batch * q_heads + head) * seq_q;
+    let all_rows = batch_size * q_heads * seq_q;
+    let stage_base = stage_at + (batch * q_heads + head) * chunk_rows * seq_k;
+
+    let padded = cfg.padded_dim;
+    let mut dq = Array::<f32>::new(rows * padded);
+    let mut stage_at_row = Array::<u32>::new(rows);
+    #[unroll]
+    for i in 0..rows {
+        for du in 0..dims {
+            dq[i * padded + du as usize] = 0.0f32;
+        }
+        // Rows past the sequence read its last (in the chunk: the chunk holds a real row).
+        let row = min(row0 + i as u32, seq_q - 1);
+        stage_at_row[i] = stage_base + (row - chunk_row0) * seq_k;
+    }
+
+    // The keys any row of this cube may see, within this split (uniform over the cube).
+    let first_row = (q_tile * block_m) as i32;
+    let last_row = min(seq_q, (q_tile + 1) * block_m) as i32 - 1;
+    let mut band_lo = (split * keys_per_split) as i32;
+    let mut band_hi = min(seq_k, (split + 1) * keys_per_split) as i32; // exclusive
+    if cfg.left_bounded {
+        band_lo = max(band_lo, first_row + diag_offset - left);
+    }
+    if cfg.right_bounded {
+        band_hi = min(band_hi, last_row + diag_offset + right + 1);
+    }
+    let mut key_tile_lo = 0u32;
+    let mut key_tile_hi = 0u32;
+    if band_hi > band_lo {
+        key_tile_lo = band_lo as u32 / bn as u32;
+        key_tile_hi = (band_hi as u32 + bn as u32 - 1) / bn as u32;
+    }
+    // The block mask's live key tiles of this query tile (`cfg.block_mask`).
+    let (tq, tk) = cfg.mask_tiles;
+    let mask_q_tiles = (seq_q + tq as u32 - 1) / tq as u32;
+    let mask_k_tiles = (seq_k + tk as u32 - 1) / tk as u32;
+    let mask_row = (batch * kv_heads + kv_head) * mask_q_tiles + first_row as u32 / tq as u32;
+    let per_tile = (tk / bn) as u32;
+    if cfg.block_mask {
+        let at = mask_at + batch_size * kv_heads * mask_q_tiles * mask_k_tiles + 2 * mask_row;
+        key_tile_lo = max(key_tile_lo, aux[at as usize] * per_tile);
+        key_tile_hi = min(key_tile_hi, aux[(at + 1) as usize] * per_tile);
+        key_tile_hi = max(key_tile_hi, key_tile_lo);
+    }
+    if !slot.valid {
+        key_tile_hi = key_tile_lo;
+    }
+
+    let kv_base = (batch * kv_heads + kv_head) * seq_k;
+    let mut ds = Array::<f32>::new(rows * bn);
+    let mut kc = Array::<f32>::new(bn * chunk);
+    let mut k_at = Array::<u32>::new(bn);
+    for t in key_tile_lo..key_tile_hi {
+        let key0 = t * bn as u32;
+        // The block mask: `backward_dkv` wrote no `dS` of an empty tile.
+        let mut state = 1u32;
+        if cfg.block_mask {
+            state = aux[(mask_at + mask_row * mask_k_tiles + t / per_tile) as usize];
+        }
+        if state != 0 {
+            #[unroll]
+            for j in 0..bn {
+                let key = min(key0 + j as u32, seq_k - 1);
+                k_at[j] = (kv_base + key) * dim as u32;
+                #[unroll]
+                for i in 0..rows {
+                    let inside = key0 + (j as u32) < seq_k
+                        && in_band(
+                            row0 + i as u32,
+                            key0 + j as u32,
+                            diag_offset,
+                            left,
+                            right,
+                            cfg,
+                        );
+                    let word = stage[(stage_at_row[i] + key) as usize];
+                    ds[i * bn + j] = select(inside, word, 0.0f32);
+                }
+            }
+            // dQ += dS·K (hidden pairs skipped).
+            for cu in 0..dims / chunk as u32 {
+                let c = cu as usize;
+                load_rows::<F>(k, &k_at, c * chunk, &mut kc, bn, cfg);
+                #[unroll]
+                for i in 0..rows {
+                    #[unroll]
+                    for e in 0..chunk {
+                        let at = i * padded + c * chunk + e;
+                        let mut a = dq[at];
+                        #[unroll]
+                        for j in 0..bn {
+                            let g = ds[i * bn + j];
+                            a += select(g != 0.0f32, g * kc[j * chunk + e], 0.0f32);
+                        }
+                        dq[at] = a;
+                    }
+                }
+            }
+        }
+    }
+
+    let out0 = split as usize * all_rows as usize * dim;
+    #[unroll]
+    for i in 0..rows {
+        let row = row0 + i as u32;
+        if owner && slot.valid && row < seq_q {
+            let at = out0 + (row_base + row) as usize * dim;
+            for du in 0..dims {
+                let d = du as usize;
+                if d < dim {
+                    partial[at + d] = dq[i * padded + d];
                 }
             }
         }
@@ -774,8 +1018,9 @@ fn load_rows<F: Float>(
     }
 }
 
-/// `out[x] = Σ_s partial[offset + s·stride + x]` for `x < len`, in split order, cast to the
-/// storage type: the final gradients from the main kernels' partials. One unit per element.
+/// `out[x] = factor · Σ_s partial[offset + s·stride + x]` for `x < len`, in split order, cast
+/// to the storage type: the final gradients from the main kernels' partials (`factor`: the
+/// softmax scale for `dQ` and `dK`, 1 for `dV`). One unit per element.
 #[cube(launch_unchecked)]
 pub fn sum_splits<F: Float>(
     partial: &[f32],
@@ -784,6 +1029,7 @@ pub fn sum_splits<F: Float>(
     offset: u32,
     stride: u32,
     splits: u32,
+    factor: f32,
 ) {
     let x = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
     if x < len {
@@ -791,6 +1037,6 @@ pub fn sum_splits<F: Float>(
         for s in 0..splits {
             acc += partial[(offset + s * stride + x) as usize];
         }
-        out[x as usize] = F::cast_from(acc);
+        out[x as usize] = F::cast_from(factor * acc);
     }
 }

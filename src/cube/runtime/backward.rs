@@ -6,7 +6,7 @@ use cubecl::prelude::*;
 use super::{Buffer, Device, PLANE_LOAD_LANES, arg};
 use crate::cube::BackwardCall;
 use crate::cube::kernels::backward::{
-    BackwardConfig, backward_dkv, backward_dq, backward_rows, sum_splits,
+    BackwardConfig, backward_dkv, backward_dq, backward_dq_staged, backward_rows, sum_splits,
 };
 use crate::dsl::cube::{CubeMask, CubeScore};
 use crate::error::{Error, Result};
@@ -87,7 +87,7 @@ impl Device {
         };
         let mask_at = words(mask_at)?;
 
-        // Work per split: items of (query head, query block) for dK/dV, keys for dQ.
+        // Work per split: items of (query block, query head) for dK/dV, keys for dQ.
         let items = group * seq_q.div_ceil(DKV_BLOCK);
         let items_per_split = self.backward_items_per_split(&dkv).min(items).max(1);
         let dkv_splits = items.div_ceil(items_per_split).max(1);
@@ -100,18 +100,56 @@ impl Device {
         let q_rows = batch * spec.q_heads() * seq_q;
         let kv_len = batch * spec.kv_heads() * seq_k * head_dim;
         let q_len = q_rows * head_dim;
-        let words = |n: Option<usize>| {
-            n.filter(|&n| n <= u32::MAX as usize)
-                .ok_or_else(|| Error::DeviceLimit {
-                    op,
-                    reason: "the backward's partial gradients need more than 2^32 elements".into(),
-                })
+        let too_many = || Error::DeviceLimit {
+            op,
+            reason: "the backward's partial gradients need more than 2^32 elements".into(),
         };
+        let words = |n: Option<usize>| n.filter(|&n| n <= u32::MAX as usize).ok_or_else(too_many);
         let dkv_partial_len = words(dkv_splits.checked_mul(2 * kv_len))?;
         let dq_partial_len = words(dq_splits.checked_mul(q_len))?;
+
+        // With a stage (`backward_stage_bytes` > 0), `dS` after the dK/dV partials in one
+        // buffer (the kernels' bindings stay seven), in chunks of whole block-mask tiles of
+        // query rows (which hold whole blocks and tiles of both kernels): as many as the stage
+        // limit and the device's buffer limit allow, and at least one tile. Without, one chunk.
+        let staged = self.backward_stage_bytes > 0;
+        let row_words = batch * spec.q_heads() * seq_k;
+        let tile_rows = mask_tiles.0;
+        let all_rows = seq_q.next_multiple_of(tile_rows);
+        let chunk_rows = if staged {
+            let max_buffer = usize::try_from(self.client.properties().memory.max_page_size)
+                .unwrap_or(usize::MAX);
+            let stage_words = (self.backward_stage_bytes.min(max_buffer) / size_of::<f32>())
+                .min(u32::MAX as usize)
+                .saturating_sub(dkv_partial_len);
+            (stage_words / row_words / tile_rows * tile_rows)
+                .max(tile_rows)
+                .min(all_rows)
+        } else {
+            all_rows
+        };
+        let stage_len = if staged {
+            row_words.checked_mul(chunk_rows)
+        } else {
+            Some(0)
+        };
+        let out_len = words(stage_len.and_then(|n| n.checked_add(dkv_partial_len)))?;
+        let dkv = BackwardConfig {
+            stage: staged,
+            ..dkv
+        };
+        // The staged `dQ` kernel reads `dS`: the mods and the score's terms do not change its
+        // code (one compile for all of them).
+        let dq_staged = BackwardConfig {
+            softcap: false,
+            alibi: false,
+            mask_mod: false,
+            score_mod: false,
+            ..dq_config
+        };
         let stats_len = 2 * q_rows + spec.q_heads();
         let stats = self.empty(op, stats_len, size_of::<f32>())?;
-        let dkv_partial = self.empty(op, dkv_partial_len, size_of::<f32>())?;
+        let dkv_out = self.empty(op, out_len, size_of::<f32>())?;
         let dq_partial = self.empty(op, dq_partial_len, size_of::<f32>())?;
         let slopes = self.slopes(op, spec)?;
         let scalars = super::launch_scalars(spec, shape, None, keys_per_split, op)?;
@@ -129,22 +167,38 @@ impl Device {
             self.grid_1d(op, n)
         };
         let dkv_cubes = cubes(seq_k.div_ceil(block_k), dkv_splits)?;
-        let dq_cubes = cubes(seq_q.div_ceil(block_m), dq_splits)?;
         let line = |n: usize| self.grid_1d(op, n.div_ceil(LINE_UNITS));
         let rows_cubes = line(q_rows.max(spec.q_heads()))?;
         let (dq_cubes_sum, dkv_cubes_sum) = (line(q_len)?, line(kv_len)?);
         let line_dim = CubeDim::new_1d(LINE_UNITS as u32);
         let d_lse = d_lse.unwrap_or(&self.scratch.0);
+        let chunks: Vec<(usize, usize)> = (0..seq_q)
+            .step_by(chunk_rows)
+            .map(|row0| (row0, (row0 + chunk_rows).min(seq_q)))
+            .collect();
+        let dq_grids = chunks
+            .iter()
+            .map(|&(row0, row1)| cubes((row1 - row0).div_ceil(block_m), dq_splits))
+            .collect::<Result<Vec<_>>>()?;
+        let stage_at = dkv_partial_len as u32;
 
         // SAFETY: launched unchecked (module docs of `kernels/backward.rs`). The inputs are the
         // contiguous uploads of `[batch, heads, len, head_dim]` tensors the caller checked
         // against `spec` and `shape` (`lse`, `d_lse` of `q_rows` rows; `d_lse` read only when
         // given); no length is 0, so the kernels' clamped rows and keys are in bounds. `stats`
         // holds `2 · q_rows + q_heads` words, written by the prepass before the main kernels
-        // read them (one stream: launches run in order); the partials hold `splits` copies of
-        // the gradients, every element written by exactly one cube (rows past the sequences are
-        // not written, and are not inside the buffers); the grids of the prepass and the sums
-        // cover their lengths in cubes of `LINE_UNITS`.
+        // read them (one stream: launches run in order). `dkv_out` holds `dkv_splits` copies of
+        // dK and dV, every element written by exactly one cube in the first chunk's launch and
+        // read back and written only by that cube in later ones, then (`staged`) the stage of
+        // `batch · q_heads · chunk_rows · seq_k` words: a chunk's rows start at a multiple of
+        // `chunk_rows` (of `block_m` and `DKV_BLOCK`), so `row − chunk_row0 < chunk_rows`, and
+        // `backward_dq_staged` reads only the words of pairs in the band of blocks
+        // `backward_dkv` walked in the same chunk, launched just before it (without a stage,
+        // `backward_dkv` writes none, and one chunk covers every row). The dQ partials hold
+        // `dq_splits` copies,
+        // every element of a chunk's rows written by exactly one cube of its launch; every
+        // index fits in u32 (`words`). The grids of the prepass and the sums cover their
+        // lengths in cubes of `LINE_UNITS`.
         unsafe {
             backward_rows::launch_unchecked::<T>(
                 &self.client,
@@ -162,71 +216,117 @@ impl Device {
                 call.d_lse.is_some(),
                 dkv.alibi,
             );
-            backward_dkv::launch_unchecked::<T, M, S>(
-                &self.client,
-                dkv_cubes,
-                CubeDim::new_1d(dkv.units as u32),
-                arg(q),
-                arg(k),
-                arg(v),
-                arg(d_o),
-                arg(&stats),
-                arg(&aux),
-                arg(&dkv_partial),
-                scalars.q_heads,
-                scalars.seq_q,
-                scalars.seq_k,
-                scalars.diag_offset,
-                scalars.left,
-                scalars.right,
-                scalars.scale,
-                scalars.softcap,
-                scalars.batch,
-                items_per_split as u32,
-                dkv_splits as u32,
-                dkv.padded_dim as u32,
-                mask_at,
-                dkv,
-            );
-            backward_dq::launch_unchecked::<T, M, S>(
-                &self.client,
-                dq_cubes,
-                CubeDim::new_1d(dq_units as u32),
-                arg(q),
-                arg(k),
-                arg(v),
-                arg(d_o),
-                arg(&stats),
-                arg(&aux),
-                arg(&dq_partial),
-                scalars.q_heads,
-                scalars.seq_q,
-                scalars.seq_k,
-                scalars.diag_offset,
-                scalars.left,
-                scalars.right,
-                scalars.scale,
-                scalars.softcap,
-                scalars.batch,
-                keys_per_split as u32,
-                dq_splits as u32,
-                dq_config.padded_dim as u32,
-                mask_at,
-                dq_config,
-            );
-            let sums: [(&Buffer, &Buffer, &CubeCount, usize, usize, usize); 3] = [
-                (&dq_partial, dq, &dq_cubes_sum, 0, q_len, dq_splits),
-                (&dkv_partial, dk, &dkv_cubes_sum, 0, 2 * kv_len, dkv_splits),
+            for (&(row0, row1), dq_cubes) in chunks.iter().zip(dq_grids) {
+                backward_dkv::launch_unchecked::<T, M, S>(
+                    &self.client,
+                    dkv_cubes.clone(),
+                    CubeDim::new_1d(dkv.units as u32),
+                    arg(q),
+                    arg(k),
+                    arg(v),
+                    arg(d_o),
+                    arg(&stats),
+                    arg(&aux),
+                    arg(&dkv_out),
+                    scalars.q_heads,
+                    scalars.seq_q,
+                    scalars.seq_k,
+                    scalars.diag_offset,
+                    scalars.left,
+                    scalars.right,
+                    scalars.scale,
+                    scalars.softcap,
+                    scalars.batch,
+                    items_per_split as u32,
+                    dkv_splits as u32,
+                    dkv.padded_dim as u32,
+                    mask_at,
+                    (row0 / DKV_BLOCK) as u32,
+                    row1.div_ceil(DKV_BLOCK) as u32,
+                    chunk_rows as u32,
+                    stage_at,
+                    u32::from(row0 == 0),
+                    dkv,
+                );
+                if staged {
+                    backward_dq_staged::launch_unchecked::<T>(
+                        &self.client,
+                        dq_cubes,
+                        CubeDim::new_1d(dq_units as u32),
+                        arg(k),
+                        arg(&aux),
+                        arg(&dkv_out),
+                        arg(&dq_partial),
+                        scalars.q_heads,
+                        scalars.seq_q,
+                        scalars.seq_k,
+                        scalars.diag_offset,
+                        scalars.left,
+                        scalars.right,
+                        scalars.batch,
+                        keys_per_split as u32,
+                        dq_splits as u32,
+                        dq_config.padded_dim as u32,
+                        mask_at,
+                        (row0 / block_m) as u32,
+                        (row1 - row0).div_ceil(block_m) as u32,
+                        row0 as u32,
+                        chunk_rows as u32,
+                        stage_at,
+                        dq_staged,
+                    );
+                } else {
+                    backward_dq::launch_unchecked::<T, M, S>(
+                        &self.client,
+                        dq_cubes,
+                        CubeDim::new_1d(dq_units as u32),
+                        arg(q),
+                        arg(k),
+                        arg(v),
+                        arg(d_o),
+                        arg(&stats),
+                        arg(&aux),
+                        arg(&dq_partial),
+                        scalars.q_heads,
+                        scalars.seq_q,
+                        scalars.seq_k,
+                        scalars.diag_offset,
+                        scalars.left,
+                        scalars.right,
+                        scalars.scale,
+                        scalars.softcap,
+                        scalars.batch,
+                        keys_per_split as u32,
+                        dq_splits as u32,
+                        dq_config.padded_dim as u32,
+                        mask_at,
+                        dq_config,
+                    );
+                }
+            }
+            let scale = scalars.scale;
+            let sums: [(&Buffer, &Buffer, &CubeCount, usize, usize, usize, f32); 3] = [
+                (&dq_partial, dq, &dq_cubes_sum, 0, q_len, dq_splits, scale),
                 (
-                    &dkv_partial,
+                    &dkv_out,
+                    dk,
+                    &dkv_cubes_sum,
+                    0,
+                    2 * kv_len,
+                    dkv_splits,
+                    scale,
+                ),
+                (
+                    &dkv_out,
                     dv,
                     &dkv_cubes_sum,
                     kv_len,
                     2 * kv_len,
                     dkv_splits,
+                    1.0,
                 ),
             ];
-            for (partial, out, cubes, offset, stride, splits) in sums {
+            for (partial, out, cubes, offset, stride, splits, factor) in sums {
                 sum_splits::launch_unchecked::<T>(
                     &self.client,
                     cubes.clone(),
@@ -237,6 +337,7 @@ impl Device {
                     offset as u32,
                     stride as u32,
                     splits as u32,
+                    factor,
                 );
             }
         }
@@ -294,6 +395,7 @@ impl Device {
             score_mod,
             block_mask: false,
             mask_tiles: (1, 1),
+            stage: false,
         };
         // Rows per unit: fewer at large head dims, where lavapipe's compile time grows with
         // the units' register rows (measured: 20/4/256 and 16/2/200 took it minutes).
@@ -364,6 +466,7 @@ impl Device {
                 0,
                 0,
                 0,
+                1.0,
             );
         }
         Ok(())

@@ -54,6 +54,8 @@ pub struct Device {
     scratch: (Buffer, Buffer),
     /// What the device's planes were found to do ([`probe_planes`]).
     planes: Planes,
+    /// The most bytes the backward's `dS` stage may take (`runtime/backward.rs`).
+    backward_stage_bytes: usize,
 }
 
 /// What a device's planes (subgroups, warps) were found to do by [`probe_planes`].
@@ -86,6 +88,7 @@ impl Device {
             planes,
             key: Arc::new(()),
             tiles: TilePolicy::Autotune,
+            backward_stage_bytes: crate::cube::DEFAULT_BACKWARD_STAGE_BYTES,
             constants: Mutex::new(HashMap::new()),
             block_masks: Mutex::new(Vec::new()),
             backward_masks: Mutex::new(Vec::new()),
@@ -132,6 +135,14 @@ impl Device {
     /// Decode with [`paged_decode`] (rows per unit) even where the plane kernel runs.
     pub fn set_unit_decode(&mut self) {
         self.planes.decode_lanes = None;
+    }
+
+    pub fn set_backward_stage_bytes(&mut self, bytes: usize) {
+        self.backward_stage_bytes = bytes;
+    }
+
+    pub fn backward_stage_bytes(&self) -> usize {
+        self.backward_stage_bytes
     }
 
     /// The tile used without measuring: [`ForwardTile::untuned`] with plane loads where they
