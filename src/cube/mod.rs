@@ -147,9 +147,10 @@ impl CubeDevice {
     /// `dS` for a chunk of query rows (`batch · q_heads · rows · seq_k` f32 words; at least
     /// one tile of rows, whatever the limit) and the `dQ` kernel reads it back, for five block
     /// products per pair instead of seven; longer problems run in chunks, a launch pair each
-    /// (`src/cube/kernels/backward.rs`). On lavapipe (32/8/128, L 1024) the staged backward
-    /// measured no faster: its `dS` loads are each unit's own. The gradients are the same
-    /// under the oracle's tolerance, and their bits do not depend on the chunking.
+    /// (`src/cube/kernels/backward.rs`). On lavapipe (32/8/128, L 1024: a 128 MiB stage) the
+    /// staged backward took 0.80–0.92 of the default's time (`benches/backward.rs`, four
+    /// runs). The gradients are the same under the oracle's tolerance, and their bits do not
+    /// depend on the chunking.
     pub fn with_backward_stage_bytes(mut self, bytes: usize) -> CubeDevice {
         self.inner.set_backward_stage_bytes(bytes);
         self

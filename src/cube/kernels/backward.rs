@@ -20,9 +20,11 @@
 //!      without its atomic `dQ` sums, for `batch · q_heads · rows · seq_k` f32 words of device
 //!      memory (`CubeDevice::with_backward_stage_bytes`; longer problems run in chunks of query
 //!      rows, the host launching the pair of kernels once per chunk). Its loads of `dS` are a
-//!      unit's own (not one address across the cube), which lavapipe issues lane by lane:
-//!      measured there (32/8/128, L 1024), the staged backward was no faster than the default
-//!      one, so the stage is opt-in until a GPU measures it.
+//!      unit's own (not one address across the cube), which lavapipe issues lane by lane, so
+//!      it saves less than the two products: on lavapipe (32/8/128, L 1024, `benches/
+//!      backward.rs`) the staged backward took 0.80–0.92 of the default's time in four runs.
+//!      Opt-in: the stage is memory a training step may not have to spare (128 MiB there), and
+//!      no GPU has measured it yet.
 //!
 //! Per block [`backward_dkv`] (and [`backward_dq`]) make two passes over the head dim: the
 //! first forms `S = Q·Kᵀ` and `dP = dO·Vᵀ` together; then per pair `P = exp(mod(scale·S) −
@@ -608,38 +610,26 @@ pub fn backward_dq<F: Float, M: CubeMask, S: CubeScore>(
         slope = stats[(2 * all_rows + head) as usize];
     }
 
-    // The keys any row of this cube may see, within this split (uniform over the cube).
-    let first_row = (q_tile * block_m) as i32;
-    let last_row = min(seq_q, (q_tile + 1) * block_m) as i32 - 1;
-    let mut band_lo = (split * keys_per_split) as i32;
-    let mut band_hi = min(seq_k, (split + 1) * keys_per_split) as i32; // exclusive
-    if cfg.left_bounded {
-        band_lo = max(band_lo, first_row + diag_offset - left);
-    }
-    if cfg.right_bounded {
-        band_hi = min(band_hi, last_row + diag_offset + right + 1);
-    }
-    let mut tile_lo = 0u32;
-    let mut tile_hi = 0u32;
-    if band_hi > band_lo {
-        tile_lo = band_lo as u32 / bn as u32;
-        tile_hi = (band_hi as u32 + bn as u32 - 1) / bn as u32;
-    }
-    // The block mask's live key tiles of this query tile (`cfg.block_mask`).
-    let (tq, tk) = cfg.mask_tiles;
-    let mask_q_tiles = (seq_q + tq as u32 - 1) / tq as u32;
-    let mask_k_tiles = (seq_k + tk as u32 - 1) / tk as u32;
-    let mask_row = (batch * kv_heads + kv_head) * mask_q_tiles + first_row as u32 / tq as u32;
-    let per_tile = (tk / bn) as u32;
-    if cfg.block_mask {
-        let at = mask_at + batch_size * kv_heads * mask_q_tiles * mask_k_tiles + 2 * mask_row;
-        tile_lo = max(tile_lo, aux[at as usize] * per_tile);
-        tile_hi = min(tile_hi, aux[(at + 1) as usize] * per_tile);
-        tile_hi = max(tile_hi, tile_lo);
-    }
-    if !slot.valid {
-        tile_hi = tile_lo;
-    }
+    // The key blocks any row of this cube may see, within this split (uniform over the cube).
+    let blocks = key_blocks(
+        q_tile,
+        block_m,
+        seq_q,
+        seq_k,
+        split,
+        keys_per_split,
+        diag_offset,
+        left,
+        right,
+        batch,
+        kv_head,
+        kv_heads,
+        batch_size,
+        slot.valid,
+        aux,
+        mask_at,
+        cfg,
+    );
 
     let kv_base = (batch * kv_heads + kv_head) * seq_k;
     let mut s = Array::<f32>::new(rows * bn);
@@ -647,13 +637,10 @@ pub fn backward_dq<F: Float, M: CubeMask, S: CubeScore>(
     let mut kc = Array::<f32>::new(bn * chunk);
     let mut vc = Array::<f32>::new(bn * chunk);
     let mut k_at = Array::<u32>::new(bn);
-    for t in tile_lo..tile_hi {
+    for t in blocks.lo..blocks.hi {
         let key0 = t * bn as u32;
         // The block mask: an empty tile is skipped, a full one runs without the user mask.
-        let mut state = 1u32;
-        if cfg.block_mask {
-            state = aux[(mask_at + mask_row * mask_k_tiles + t / per_tile) as usize];
-        }
+        let state = key_block_state(aux, &blocks, mask_at, t, cfg);
         let user_full = state == 2;
         if state != 0 {
             #[unroll]
@@ -723,19 +710,8 @@ pub fn backward_dq<F: Float, M: CubeMask, S: CubeScore>(
     }
 
     let out0 = split as usize * all_rows as usize * dim;
-    #[unroll]
-    for i in 0..rows {
-        let row = row0 + i as u32;
-        if owner && slot.valid && row < seq_q {
-            let at = out0 + (row_base + row) as usize * dim;
-            for du in 0..dims {
-                let d = du as usize;
-                if d < dim {
-                    partial[at + d] = dq[i * padded + d];
-                }
-            }
-        }
-    }
+    let writes = owner && slot.valid;
+    write_dq_rows(partial, &dq, out0, row_base, row0, seq_q, dims, writes, cfg);
 }
 
 /// `dQ` (without `scale`) of one query tile of one KV group, as f32 partials `partial[split][B,
@@ -802,50 +778,35 @@ pub fn backward_dq_staged<F: Float>(
         stage_at_row[i] = stage_base + (row - chunk_row0) * seq_k;
     }
 
-    // The keys any row of this cube may see, within this split (uniform over the cube).
-    let first_row = (q_tile * block_m) as i32;
-    let last_row = min(seq_q, (q_tile + 1) * block_m) as i32 - 1;
-    let mut band_lo = (split * keys_per_split) as i32;
-    let mut band_hi = min(seq_k, (split + 1) * keys_per_split) as i32; // exclusive
-    if cfg.left_bounded {
-        band_lo = max(band_lo, first_row + diag_offset - left);
-    }
-    if cfg.right_bounded {
-        band_hi = min(band_hi, last_row + diag_offset + right + 1);
-    }
-    let mut key_tile_lo = 0u32;
-    let mut key_tile_hi = 0u32;
-    if band_hi > band_lo {
-        key_tile_lo = band_lo as u32 / bn as u32;
-        key_tile_hi = (band_hi as u32 + bn as u32 - 1) / bn as u32;
-    }
-    // The block mask's live key tiles of this query tile (`cfg.block_mask`).
-    let (tq, tk) = cfg.mask_tiles;
-    let mask_q_tiles = (seq_q + tq as u32 - 1) / tq as u32;
-    let mask_k_tiles = (seq_k + tk as u32 - 1) / tk as u32;
-    let mask_row = (batch * kv_heads + kv_head) * mask_q_tiles + first_row as u32 / tq as u32;
-    let per_tile = (tk / bn) as u32;
-    if cfg.block_mask {
-        let at = mask_at + batch_size * kv_heads * mask_q_tiles * mask_k_tiles + 2 * mask_row;
-        key_tile_lo = max(key_tile_lo, aux[at as usize] * per_tile);
-        key_tile_hi = min(key_tile_hi, aux[(at + 1) as usize] * per_tile);
-        key_tile_hi = max(key_tile_hi, key_tile_lo);
-    }
-    if !slot.valid {
-        key_tile_hi = key_tile_lo;
-    }
+    // The key blocks any row of this cube may see, within this split (uniform over the cube).
+    let blocks = key_blocks(
+        q_tile,
+        block_m,
+        seq_q,
+        seq_k,
+        split,
+        keys_per_split,
+        diag_offset,
+        left,
+        right,
+        batch,
+        kv_head,
+        kv_heads,
+        batch_size,
+        slot.valid,
+        aux,
+        mask_at,
+        cfg,
+    );
 
     let kv_base = (batch * kv_heads + kv_head) * seq_k;
     let mut ds = Array::<f32>::new(rows * bn);
     let mut kc = Array::<f32>::new(bn * chunk);
     let mut k_at = Array::<u32>::new(bn);
-    for t in key_tile_lo..key_tile_hi {
+    for t in blocks.lo..blocks.hi {
         let key0 = t * bn as u32;
         // The block mask: `backward_dkv` wrote no `dS` of an empty tile.
-        let mut state = 1u32;
-        if cfg.block_mask {
-            state = aux[(mask_at + mask_row * mask_k_tiles + t / per_tile) as usize];
-        }
+        let state = key_block_state(aux, &blocks, mask_at, t, cfg);
         if state != 0 {
             #[unroll]
             for j in 0..bn {
@@ -889,19 +850,134 @@ pub fn backward_dq_staged<F: Float>(
     }
 
     let out0 = split as usize * all_rows as usize * dim;
+    let writes = owner && slot.valid;
+    write_dq_rows(partial, &dq, out0, row_base, row0, seq_q, dims, writes, cfg);
+}
+
+/// A `dQ` unit's `rows` f32 rows (`padded_dim` apart in `dq`) into `partial` from `out0`, at
+/// its rows of the head whose rows start at `row_base`: rows past the sequence, and every row
+/// of a unit that does not `write`, are not written.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_dq_rows(
+    partial: &mut [f32],
+    dq: &Array<f32>,
+    out0: usize,
+    row_base: u32,
+    row0: u32,
+    seq_q: u32,
+    dims: u32,
+    write: bool,
+    #[comptime] cfg: BackwardConfig,
+) {
+    let dim = cfg.head_dim;
     #[unroll]
-    for i in 0..rows {
+    for i in 0..cfg.rows {
         let row = row0 + i as u32;
-        if owner && slot.valid && row < seq_q {
+        if write && row < seq_q {
             let at = out0 + (row_base + row) as usize * dim;
             for du in 0..dims {
                 let d = du as usize;
                 if d < dim {
-                    partial[at + d] = dq[i * padded + d];
+                    partial[at + d] = dq[i * cfg.padded_dim + d];
                 }
             }
         }
     }
+}
+
+/// The key blocks a `dQ` cube walks: those of its split that any row of its query tile may
+/// see (the band), within the block mask's live key tiles of the tile
+/// (`cfg.block_mask`); and where the block mask's states of the tile's row lie.
+#[derive(CubeType)]
+struct KeyBlocks {
+    lo: u32,
+    hi: u32,
+    mask_row: u32,
+    mask_k_tiles: u32,
+    /// Key blocks per block-mask tile.
+    per_tile: u32,
+}
+
+/// [`KeyBlocks`] of query tile `q_tile` (of `block_m` rows) in `split`; none for a cube past
+/// the grid's slots (`valid` false).
+#[cube]
+#[allow(clippy::too_many_arguments, clippy::manual_div_ceil)]
+fn key_blocks(
+    q_tile: u32,
+    block_m: u32,
+    seq_q: u32,
+    seq_k: u32,
+    split: u32,
+    keys_per_split: u32,
+    diag_offset: i32,
+    left: i32,
+    right: i32,
+    batch: u32,
+    kv_head: u32,
+    kv_heads: u32,
+    batch_size: u32,
+    valid: bool,
+    aux: &[u32],
+    mask_at: u32,
+    #[comptime] cfg: BackwardConfig,
+) -> KeyBlocks {
+    let bn = cfg.block as u32;
+    let first_row = (q_tile * block_m) as i32;
+    let last_row = min(seq_q, (q_tile + 1) * block_m) as i32 - 1;
+    let mut band_lo = (split * keys_per_split) as i32;
+    let mut band_hi = min(seq_k, (split + 1) * keys_per_split) as i32; // exclusive
+    if cfg.left_bounded {
+        band_lo = max(band_lo, first_row + diag_offset - left);
+    }
+    if cfg.right_bounded {
+        band_hi = min(band_hi, last_row + diag_offset + right + 1);
+    }
+    let mut lo = 0u32;
+    let mut hi = 0u32;
+    if band_hi > band_lo {
+        lo = band_lo as u32 / bn;
+        hi = (band_hi as u32 + bn - 1) / bn;
+    }
+    let (tq, tk) = cfg.mask_tiles;
+    let mask_q_tiles = (seq_q + tq as u32 - 1) / tq as u32;
+    let mask_k_tiles = (seq_k + tk as u32 - 1) / tk as u32;
+    let mask_row = (batch * kv_heads + kv_head) * mask_q_tiles + first_row as u32 / tq as u32;
+    let per_tile = tk as u32 / bn;
+    if cfg.block_mask {
+        let at = mask_at + batch_size * kv_heads * mask_q_tiles * mask_k_tiles + 2 * mask_row;
+        lo = max(lo, aux[at as usize] * per_tile);
+        hi = min(hi, aux[(at + 1) as usize] * per_tile);
+        hi = max(hi, lo);
+    }
+    if !valid {
+        hi = lo;
+    }
+    KeyBlocks {
+        lo,
+        hi,
+        mask_row,
+        mask_k_tiles,
+        per_tile,
+    }
+}
+
+/// The block mask's state of key block `t` in [`KeyBlocks`]' row: 0 empty, 1 partial, 2 full
+/// (1 without a block mask).
+#[cube]
+fn key_block_state(
+    aux: &[u32],
+    blocks: &KeyBlocks,
+    mask_at: u32,
+    t: u32,
+    #[comptime] cfg: BackwardConfig,
+) -> u32 {
+    let mut state = 1u32;
+    if cfg.block_mask {
+        let tile = t / blocks.per_tile;
+        state = aux[(mask_at + blocks.mask_row * blocks.mask_k_tiles + tile) as usize];
+    }
+    state
 }
 
 /// What one cube of a main kernel works on: a tile (of keys in `backward_dkv`, of queries in
