@@ -50,9 +50,9 @@
 //! mask's live ranges transposed), the `dQ` kernels only the key tiles its query tile sees —
 //! full ones run without the mask, and partial ones evaluate it per pair (`backward_dkv`
 //! stages `dS = 0` for the pairs it hides: `backward_dq_staged` has no mod code). A score mod
-//! is applied
-//! as in the forward, and `dS` is multiplied by its derivative, which `#[score_mod]` generates
-//! as kernel code ([`CubeScore::tangent`], forward mode over the mod's expression).
+//! is applied as in the forward, and `dS` is multiplied by its derivative, which
+//! `#[score_mod]` generates as kernel code ([`CubeScore::tangent`], forward mode over the
+//! mod's expression).
 //!
 //! **Loop bounds.** The head-dim loops run to a runtime bound (`dims`, the padded head dim):
 //! with a constant one, Mesa unrolls them (up to ~32 iterations), and the unrolled kernel for a
@@ -257,20 +257,20 @@ fn in_band(
 
 /// `dK` (without `scale`) and `dV` of one key tile of one KV head, summed over the group's
 /// query heads, as f32 partials `out[split][0 = dK, 1 = dV][B, HKV, Lk, D]`, and `dS` of the
-/// query rows of this launch's chunk into the stage `out[stage_at..]` for [`backward_dq_staged`]
-/// (with `cfg.stage`). The
-/// inputs are contiguous `[B, H, L, D]`; `stats` is [`backward_rows`]'s.
+/// query rows of this launch's chunk into the stage `out[stage_at..]` for
+/// [`backward_dq_staged`] (with `cfg.stage`). The inputs are contiguous `[B, H, L, D]`;
+/// `stats` is [`backward_rows`]'s.
 ///
 /// A cube's work items are its (query block, query head) pairs, block-major; split `s` takes
 /// items `s·items_per_split..(s + 1)·items_per_split`, and a launch the items of its chunk's
-/// query blocks `chunk_blocks.0..chunk_blocks.1`. The first chunk's launch (`first`) starts
+/// query blocks `chunk_block_lo..chunk_block_hi`. The first chunk's launch (`first`) starts
 /// the partials from zero and writes all of them; each later one reads back the partials of
 /// the cubes with items in its chunk and continues the same sums. The f32 operations of a
 /// split are therefore the same, in the same order, whatever the chunks: the chunking does
 /// not change a bit of the gradients.
 ///
 /// The stage holds `dS` (without `scale`) at `((batch · q_heads + head) · chunk_rows + row −
-/// chunk_blocks.0 · block) · seq_k + key` for every pair of every item walked: 0 where the
+/// chunk_block_lo · block) · seq_k + key` for every pair of every item walked: 0 where the
 /// pair is hidden. Pairs of blocks no item walks (outside the band, or empty in the block
 /// mask) are not written.
 #[cube(launch_unchecked)]

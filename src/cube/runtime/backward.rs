@@ -195,10 +195,9 @@ impl Device {
         // `backward_dq_staged` reads only the words of pairs in the band of blocks
         // `backward_dkv` walked in the same chunk, launched just before it (without a stage,
         // `backward_dkv` writes none, and one chunk covers every row). The dQ partials hold
-        // `dq_splits` copies,
-        // every element of a chunk's rows written by exactly one cube of its launch; every
-        // index fits in u32 (`words`). The grids of the prepass and the sums cover their
-        // lengths in cubes of `LINE_UNITS`.
+        // `dq_splits` copies, every element of a chunk's rows written by exactly one cube of
+        // its launch; every index fits in u32 (`words`). The grids of the prepass and the sums
+        // cover their lengths in cubes of `LINE_UNITS`.
         unsafe {
             backward_rows::launch_unchecked::<T>(
                 &self.client,
