@@ -15,6 +15,7 @@ use common::mods::{Captures, checker, run_family, wobble};
 use common::runner::{self, Persist, env_count};
 use common::tensor;
 use gqa::cpu::Cpu;
+use gqa::dsl::block::{Classifier, Row, SortedDocuments};
 use gqa::dsl::{Aux, MaskMod, Mods, NoMask, NoScore, Position, ScoreMod, library};
 use gqa::{AttentionSpec, Mask, oracle};
 use proptest::prelude::*;
@@ -344,9 +345,21 @@ fn oracle_decode_with_mods_is_the_forward_on_the_cache() {
     );
 }
 
+/// [`SortedDocuments`]' tile classification alone, without its row keys: what the block-mask
+/// law below runs (row keys fold the mask into the rows' bands, which changes the order of
+/// the sums: their own test is `cpu_document_row_keys_match_the_oracle`).
+#[derive(Debug)]
+struct TilesOnly(SortedDocuments);
+
+impl Classifier for TilesOnly {
+    fn classify(&self, tile: &gqa::dsl::block::Tile) -> Option<gqa::dsl::block::TileState> {
+        self.0.classify(tile)
+    }
+}
+
 /// Block masks change nothing but the work done on the CPU: bit-identical outputs with and
-/// without them, over tiles of every kind (the causal document mask with its classifier), and
-/// a user mask classified by brute force.
+/// without them, over tiles of every kind (the causal document mask with its classifier's
+/// tiles), and a user mask classified by brute force.
 #[test]
 fn block_masks_change_no_bit_of_the_cpu_output() {
     let cpu = Cpu::new();
@@ -367,7 +380,7 @@ fn block_masks_change_no_bit_of_the_cpu_output() {
             |c: &Captures| {
                 let docs: Vec<i32> = c.docs.iter().map(|d| d / 8).collect();
                 Mods::new(library::document(Aux::new(docs.clone())), NoScore)
-                    .with_classifier(gqa::dsl::block::SortedDocuments::new(&docs))
+                    .with_classifier(TilesOnly(SortedDocuments::new(&docs)))
             },
         );
         seen = (seen.0 + s.0, seen.1 + s.1, seen.2 + s.2);
@@ -395,6 +408,120 @@ fn block_masks_change_no_bit_of_the_cpu_output() {
 /// and per column) run from the first tile not empty to the last — for classified masks (the sorted
 /// documents' classifier, its composition with the band) and brute-force ones, at drawn tile
 /// sizes.
+/// [`SortedDocuments`]' row keys are exactly the keys the document mask shows each query —
+/// by brute force over every key, for every query of drawn problems (queries before the keys,
+/// `seq_q > seq_k`, included) — and it says nothing for unsorted ids or a table shorter than
+/// the keys (where the mask itself would panic).
+#[test]
+fn document_row_keys_are_what_the_mask_sees() {
+    runner::check(
+        "document_row_keys_are_what_the_mask_sees",
+        law_cases(),
+        Persist::No,
+        (
+            common::mods::captures(80, 4),
+            1..=80usize,
+            1..=80usize,
+            0..2usize,
+            0..4usize,
+        ),
+        |(c, seq_q, seq_k, b, spread)| {
+            // Documents of ~12, ~25, ~50 or ~100 tokens.
+            let docs: Vec<i32> = c.docs.iter().map(|d| d >> spread).collect();
+            let mask = library::document(Aux::new(docs.clone()));
+            let classifier = SortedDocuments::new(&docs);
+            for q in 0..seq_q {
+                let row = Row {
+                    b,
+                    heads: 0..4,
+                    q,
+                    seq_q,
+                    seq_k,
+                };
+                let keys = classifier.row_keys(&row);
+                let at = |k: usize| Position {
+                    b: b as i64,
+                    h: 2,
+                    q: q as i64,
+                    k: k as i64,
+                    seq_q: seq_q as i64,
+                    seq_k: seq_k as i64,
+                };
+                if seq_k > docs.len() {
+                    prop_assert_eq!(keys, None, "a table shorter than the keys");
+                    continue;
+                }
+                let Some(keys) = keys else {
+                    return Err(TestCaseError::fail(format!("no row keys for query {q}")));
+                };
+                prop_assert!(keys.end <= seq_k, "keys {:?} past {}", keys, seq_k);
+                for k in 0..seq_k {
+                    prop_assert_eq!(
+                        keys.contains(&k),
+                        mask.visible(at(k)),
+                        "query {} key {}: row keys {:?}",
+                        q,
+                        k,
+                        keys
+                    );
+                }
+            }
+            // Mods hand them on with block masks on, and never without them.
+            let mods = Mods::new(mask.clone(), NoScore).with_classifier(classifier.clone());
+            let row = Row {
+                b,
+                heads: 0..4,
+                q: seq_q - 1,
+                seq_q,
+                seq_k,
+            };
+            prop_assert_eq!(mods.row_keys(&row), classifier.row_keys(&row));
+            prop_assert_eq!(mods.without_block_masks().row_keys(&row), None);
+            // Unsorted ids: nothing (brute force, or the mask per score, decides).
+            let mut unsorted = docs.clone();
+            unsorted.reverse();
+            if unsorted.windows(2).any(|w| w[0] > w[1]) {
+                let row = Row {
+                    b,
+                    heads: 0..4,
+                    q: 0,
+                    seq_q,
+                    seq_k: seq_k.min(unsorted.len()),
+                };
+                prop_assert_eq!(SortedDocuments::new(&unsorted).row_keys(&row), None);
+            }
+            Ok(())
+        },
+    );
+}
+
+/// The CPU prefill with the document classifier's row keys (the mask folded into each row's
+/// band, evaluated nowhere) against the oracle with the one tolerance rule: sorted documents
+/// of drawn lengths under no band, a right band with softcap, a window with ALiBi and all of
+/// them at once, with a score mod on top.
+#[test]
+fn cpu_document_row_keys_match_the_oracle() {
+    for (variant, config) in [
+        (Variant::Plain, (6, 2, 8)),
+        (Variant::RightSoftcap, (8, 2, 64)),
+        (Variant::WindowAlibi, (6, 3, 8)),
+        (Variant::Everything, (4, 4, 16)),
+    ] {
+        let test = format!("cpu_document_row_keys_match_the_oracle/{variant:?}/{config:?}");
+        run_family::<f32, Cpu, _, _>(
+            &Cpu::new(),
+            (&test, cpu_cases() + 4),
+            variant,
+            config,
+            |c: &Captures| {
+                let docs: Vec<i32> = c.docs.iter().map(|d| d / 2).collect();
+                Mods::new(library::document(Aux::new(docs.clone())), wobble(c.gain))
+                    .with_classifier(SortedDocuments::new(&docs))
+            },
+        );
+    }
+}
+
 #[test]
 fn block_mask_states_are_what_brute_force_sees() {
     runner::check(

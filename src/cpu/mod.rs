@@ -506,6 +506,10 @@ pub(super) trait RowMods: Sync {
     fn visible(&self, row: RowAt, j: usize) -> bool;
     /// Whether the mask mod may hide anything.
     fn masks(&self) -> bool;
+    /// The keys the mask lets query `row.i` see, for every query head of `heads`, when known
+    /// as one interval without evaluating it ([`Mods::row_keys`]).
+    fn row_keys(&self, row: RowAt, heads: std::ops::Range<usize>)
+    -> Option<std::ops::Range<usize>>;
 }
 
 /// [`RowMods`] of a pair of mods.
@@ -530,6 +534,20 @@ impl<M: MaskMod, S: ScoreMod> RowMods for UserMods<'_, M, S> {
 
     fn masks(&self) -> bool {
         !M::TRIVIAL
+    }
+
+    fn row_keys(
+        &self,
+        row: RowAt,
+        heads: std::ops::Range<usize>,
+    ) -> Option<std::ops::Range<usize>> {
+        self.0.row_keys(&crate::dsl::block::Row {
+            b: row.b,
+            heads,
+            q: row.i,
+            seq_q: row.seq_q,
+            seq_k: row.seq_k,
+        })
     }
 }
 

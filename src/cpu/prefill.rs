@@ -244,10 +244,14 @@ impl Tile<'_> {
         let (group, dim, block_q) = (spec.group_size(), spec.head_dim(), self.block_q);
         let rows = group * block_q;
         let mask = spec.mask();
-        // The union of the rows' visible keys.
-        let visible: Vec<_> = (self.i0..self.i1)
+        let mut visible: Vec<_> = (self.i0..self.i1)
             .map(|i| mask.visible_keys(i, self.seq_q, self.seq_k))
             .collect();
+        // Where the classifier knows every row's keys as one interval, the user mask folds
+        // into the rows' ranges: the tile then runs as under the band alone (no block mask,
+        // no test per score, blocks of `BLOCK_K` from the first visible key).
+        let exact = self.fold_row_keys(&mut visible);
+        // The union of the rows' visible keys.
         let lo = visible
             .iter()
             .filter(|r| !r.is_empty())
@@ -293,12 +297,13 @@ impl Tile<'_> {
         let common = live.fold(0..usize::MAX, |c, r| c.start.max(r.start)..c.end.min(r.end));
         // With a user mask, key blocks are the block mask's tiles (MASK_BLOCK_K keys, aligned),
         // with it or without it (so that both cut the sums alike).
-        let user_mask = self.mods.is_some_and(|m| m.masks());
+        let user_mask = self.mods.is_some_and(|m| m.masks()) && !exact;
         let block_k = if user_mask { MASK_BLOCK_K } else { BLOCK_K };
         let mut j0 = if user_mask { lo - lo % block_k } else { lo };
         while j0 < hi {
             let n = block_k.min(hi - j0);
             let state = match self.blocks {
+                _ if exact => TileState::Full,
                 Some(blocks) => blocks.state(self.b, self.g, self.i0 / block_q, j0 / block_k),
                 None => TileState::Partial,
             };
@@ -360,6 +365,38 @@ impl Tile<'_> {
 }
 
 impl Tile<'_> {
+    /// Intersects each row's band `visible[ii]` (query `i0 + ii`) with the keys the user
+    /// mask lets it see, when the mods know them for every row of the tile as one interval
+    /// ([`RowMods::row_keys`]); an empty intersection becomes `0..0`. Returns whether it did
+    /// (else `visible` is untouched and the mask is evaluated per score).
+    fn fold_row_keys(&self, visible: &mut [std::ops::Range<usize>]) -> bool {
+        let Some(mods) = self.mods.filter(|m| m.masks()) else {
+            return false;
+        };
+        let group = self.spec.group_size();
+        let heads = self.g * group..(self.g + 1) * group;
+        let keys: Option<Vec<_>> = (self.i0..self.i1)
+            .map(|i| {
+                let row = RowAt {
+                    b: self.b,
+                    h: heads.start,
+                    i,
+                    seq_q: self.seq_q,
+                    seq_k: self.seq_k,
+                };
+                mods.row_keys(row, heads.clone())
+            })
+            .collect();
+        let Some(keys) = keys else {
+            return false;
+        };
+        for (band, keys) in visible.iter_mut().zip(keys) {
+            let both = band.start.max(keys.start)..band.end.min(keys.end);
+            *band = if both.is_empty() { 0..0 } else { both };
+        }
+        true
+    }
+
     /// `acc += P · V` for the block of keys `j0 ..` (`probs` is `rows × n`, 0 where masked).
     ///
     /// One product for the whole tile, unless the block holds a non-finite value at a key

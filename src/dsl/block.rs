@@ -47,6 +47,27 @@ pub struct Tile {
 /// force).
 pub trait Classifier: Sync + Send + std::fmt::Debug {
     fn classify(&self, tile: &Tile) -> Option<TileState>;
+
+    /// The keys the mask lets one query see — the same for every query head of `row.heads` —
+    /// when they form one interval this classifier knows without evaluating the mask (`None`:
+    /// not known, the default). It must be exact and inside `0..row.seq_k`: an executor that
+    /// takes it (the CPU prefill) folds the mask into the row's band and evaluates it nowhere
+    /// on that row. The suites check it against the mask by brute force.
+    fn row_keys(&self, row: &Row) -> Option<Range<usize>> {
+        let _ = row;
+        None
+    }
+}
+
+/// One query row, as [`Classifier::row_keys`] sees it: batch entry, the query heads of one KV
+/// group, the query, and the problem's lengths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub b: usize,
+    pub heads: Range<usize>,
+    pub q: usize,
+    pub seq_q: usize,
+    pub seq_k: usize,
 }
 
 /// No analytic classification: every tile by brute force.
@@ -61,8 +82,9 @@ impl Classifier for BruteForce {
 
 /// The document mask's classifier for *sorted* document ids (`doc[t] <= doc[t + 1]`, as
 /// packing makes them): a tile is full when its queries' tokens and its keys lie in one
-/// document, empty when their documents' ranges do not meet. (For unsorted ids it answers
-/// nothing, and brute force decides.)
+/// document, empty when their documents' ranges do not meet; a query's keys are its
+/// document's tokens ([`Classifier::row_keys`]). (For unsorted ids it answers nothing, and
+/// brute force decides.)
 #[derive(Debug, Clone)]
 pub struct SortedDocuments {
     doc: Vec<i32>,
@@ -100,6 +122,21 @@ impl Classifier for SortedDocuments {
         } else {
             Some(TileState::Partial)
         }
+    }
+
+    fn row_keys(&self, row: &Row) -> Option<Range<usize>> {
+        // Where the mask would read outside its table (it panics there), say nothing.
+        if !self.sorted || row.q >= row.seq_q || row.seq_k > self.doc.len() {
+            return None;
+        }
+        // The query's token on the key axis (bottom-right); before the keys it sees nothing.
+        let Ok(t) = usize::try_from(row.q as i64 + row.seq_k as i64 - row.seq_q as i64) else {
+            return Some(0..0);
+        };
+        let d = *self.doc.get(t)?;
+        let start = self.doc.partition_point(|&x| x < d);
+        let end = self.doc.partition_point(|&x| x <= d);
+        Some(start.min(row.seq_k)..end.min(row.seq_k))
     }
 }
 

@@ -318,7 +318,7 @@ impl<M: MaskMod, S: ScoreMod> Mods<M, S> {
 
     /// These mods without block masks: every tile is partial, the mask evaluated per score
     /// everywhere the band allows (what a block mask must not change: the suites compare the
-    /// two bit for bit).
+    /// two bit for bit). The classifier's row keys ([`Mods::row_keys`]) go too.
     pub fn without_block_masks(self) -> Mods<M, S> {
         Mods {
             block_masks: false,
@@ -349,6 +349,15 @@ impl<M: MaskMod, S: ScoreMod> Mods<M, S> {
         tiles: (usize, usize),
     ) -> Arc<block::BlockMask> {
         block::cached(spec, &self.mask, self.classifier.as_deref(), shape, tiles)
+    }
+
+    /// The keys the mask lets `row` see, when the classifier knows them as one interval
+    /// ([`block::Classifier::row_keys`]) and these mods use block masks; `None` otherwise.
+    pub fn row_keys(&self, row: &block::Row) -> Option<std::ops::Range<usize>> {
+        if M::TRIVIAL || !self.block_masks {
+            return None;
+        }
+        self.classifier.as_deref()?.row_keys(row)
     }
 
     /// The mask mod.
