@@ -6,7 +6,8 @@
 //!    `GQA_DSL_CAUSAL` tokens (default 2048), on the CPU and on the GPU device.
 //! 2. **Sparsity.** A causal document mask over 8 packed documents of `GQA_DSL_TOKENS` tokens
 //!    in all (default 8192; lengths in the ratio 1:2:…:8, so not all alike), with the sorted
-//!    documents' classifier, against the plain causal kernel over the same tokens: each as
+//!    documents' classifier (its tiles; on the CPU also its row keys, each query's document
+//!    as one interval of keys), against the plain causal kernel over the same tokens: each as
 //!    FLOP/s over its *visible* pairs (4·D FLOPs a pair), and their ratio.
 //!    Then varlen prefill of the same 8 documents (`try_forward_varlen`, their offsets), the
 //!    same way against plain causal (target ≥ 0.9).

@@ -1,10 +1,17 @@
 //! Prefill on the CPU: blocked online softmax over tiles that stack the query heads of one KV
 //! group, with `Q·Kᵀ` and `P·V` as `gemm` matrix products.
 //!
-//! **Tiles.** Work item `(b, g, qb)` writes its own sub-views of the output and covers queries `qb·block_q ..` of every query head of KV
-//! head `g` of batch `b`: `rows = group · block_q` rows, row `hh · block_q + ii` being query
-//! head `g · group + hh`, query `qb · block_q + ii`. Its keys are the union of its rows'
-//! visible ranges, in blocks of `BLOCK_K`; a block every row sees whole skips the mask.
+//! **Tiles.** Work item `(b, g, qb)` writes its own sub-views of the output and covers queries
+//! `qb·block_q ..` of every query head of KV head `g` of batch `b`: `rows = group · block_q`
+//! rows, row `hh · block_q + ii` being query head `g · group + hh`, query `qb · block_q + ii`.
+//! Its keys are the union of its rows' visible ranges, in blocks of `BLOCK_K`; a block every
+//! row sees whole skips the mask.
+//!
+//! **User masks.** In blocks of the block mask's key tiles (`MASK_BLOCK_K`): empty ones
+//! skipped, full ones run without the mask, partial ones test it per score. Where the
+//! mods' classifier knows every row's keys as one interval (its row keys: packed sorted
+//! documents), the mask folds into the rows' ranges instead and the tile runs as under the
+//! band alone.
 //!
 //! **State.** Per row the running max `m`, the sum `l` of `exp(s − m)` and the unnormalised
 //! output; each block rescales a row by `exp(m_old − m_new)` only when its max grows.
