@@ -10,7 +10,11 @@
 //!    library without a native GQA backward computes), whose `dK`, `dV` are then summed over
 //!    each group — against the native GQA backward; with the largest difference between the
 //!    two results printed (they are the same gradients). The repeat and the group sum are not
-//!    timed: the ratio is the backward alone.
+//!    timed: the ratio is the backward alone. On the CPU, also both against a GEMM ceiling
+//!    timed in turn with them: the backward's FLOPs (five products over the visible pairs)
+//!    at the speed of the `gemm` crate's `[L, D] × [D, L]` per query head on the same
+//!    threads. Both run the same FLOPs, so GQA over MHA cannot exceed MHA's time over the
+//!    ceiling's: what is left for the K/V reuse to win.
 //! 3. **Sparsity.** The backward under a causal document mask over 8 packed documents of
 //!    `GQA_BACKWARD_DOC_TOKENS` tokens in all (default 2048; lengths in the ratio 1:2:…:8, the
 //!    sorted documents' classifier, as `benches/dsl.rs` has them) against the causal backward
@@ -35,7 +39,7 @@ use gqa::{AttentionSpec, Gqa, Mha};
 use ndarray::{Array4, Axis, s};
 
 mod common;
-use common::{alternate, documents, env_list, env_usize, visible_pairs};
+use common::{alternate, alternate3, ceiling, documents, env_list, env_usize, visible_pairs};
 
 const HQ: usize = 32;
 const HKV: usize = 8;
@@ -137,7 +141,10 @@ fn cpu_rows(runs: usize) {
             cpu.try_backward(&mha, inputs, &forward_mha, d_o.view())
                 .unwrap()
         };
-        let (t_mha, t_gqa) = alternate(
+        // The ceiling: the causal backward's five products over the visible pairs,
+        // 5 · 2·HQ·D·L(L+1)/2 FLOPs, at the speed of HQ GEMMs [L, D] × [D, L] (2·HQ·L²·D).
+        let mut out: Vec<Vec<f32>> = (0..cpu.threads()).map(|_| vec![0.0f32; n * n]).collect();
+        let (t_mha, t_gqa, t_gemm) = alternate3(
             runs,
             || {
                 backward_mha();
@@ -145,7 +152,9 @@ fn cpu_rows(runs: usize) {
             || {
                 backward();
             },
+            || ceiling::qk_products(&q, &k, &mut out),
         );
+        let t_ceiling = t_gemm * 5.0 * (n + 1) as f64 / (2 * n) as f64;
         let (ours, theirs) = (backward(), backward_mha());
         let diff = [
             max_diff(&ours.dq, &theirs.dq),
@@ -167,6 +176,14 @@ fn cpu_rows(runs: usize) {
             diff[1],
             diff[2],
             scale
+        );
+        println!(
+            "cpu   L{n}: the backward's FLOPs at GEMM speed {:8.1} ms; GQA backward at {:.2} of it, MHA at {:.2}: \
+             GQA over MHA can reach at most {:.2} while the FLOPs are the same",
+            t_ceiling * 1e3,
+            t_ceiling / t_gqa,
+            t_ceiling / t_mha,
+            t_mha / t_ceiling
         );
     }
 

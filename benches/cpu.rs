@@ -30,7 +30,7 @@ use ndarray::{Array3, Array4, Axis};
 use rayon::prelude::*;
 
 mod common;
-use common::{env_list, env_usize};
+use common::{ceiling, env_list, env_usize};
 
 const HQ: usize = 32;
 const D: usize = 128;
@@ -56,11 +56,10 @@ fn prefill(cpu: &Cpu, spec: &AttentionSpec, batch: usize, len: usize, runs: usiz
     let mut o = Array4::<f32>::from_elem((batch, HQ, len, D), 1.0);
     let mut lse = Array3::<f32>::from_elem((batch, HQ, len), 1.0);
     // The ceiling: per head [L, D] × [D, L], one output buffer per thread.
-    let heads = batch * HQ;
-    let threads = cpu.threads();
-    let per_thread = heads.div_ceil(threads);
-    let mut out: Vec<Vec<f32>> = (0..threads).map(|_| vec![0.0f32; len * len]).collect();
-    let (mut attention, mut ceiling) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    let mut out: Vec<Vec<f32>> = (0..cpu.threads())
+        .map(|_| vec![0.0f32; len * len])
+        .collect();
+    let (mut attention, mut gemm) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
     for _ in 0..runs {
         let start = Instant::now();
         cpu.try_forward_into(
@@ -73,69 +72,11 @@ fn prefill(cpu: &Cpu, spec: &AttentionSpec, batch: usize, len: usize, runs: usiz
         attention.push(start.elapsed().as_secs_f64());
         black_box(&o);
         let start = Instant::now();
-        cpu_install(cpu, || {
-            out.par_iter_mut().enumerate().for_each(|(t, dst)| {
-                for head in t * per_thread..((t + 1) * per_thread).min(heads) {
-                    let (b, h) = (head / HQ, head % HQ);
-                    let lhs = q.index_axis(Axis(0), b);
-                    let lhs = lhs.index_axis(Axis(0), h);
-                    let rhs = k.index_axis(Axis(0), b);
-                    let rhs = rhs.index_axis(Axis(0), h / spec.group_size());
-                    // SAFETY: lhs is [len, D] (strides D, 1) and rhs^T is [D, len]
-                    // (strides 1, D), both standard-layout views; dst holds len × len.
-                    unsafe {
-                        gemm::gemm(
-                            len,
-                            len,
-                            D,
-                            dst.as_mut_ptr(),
-                            1,
-                            len as isize,
-                            false,
-                            lhs.as_ptr(),
-                            1,
-                            D as isize,
-                            rhs.as_ptr(),
-                            D as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                }
-            });
-        });
-        ceiling.push(start.elapsed().as_secs_f64());
+        ceiling::qk_products(&q, &k, &mut out);
+        gemm.push(start.elapsed().as_secs_f64());
         black_box(&out);
     }
-    (median(attention), median(ceiling))
-}
-
-fn cpu_install<R: Send>(cpu: &Cpu, f: impl FnOnce() -> R + Send) -> R {
-    // Cpu's pool is private; a pool of the same size runs the ceiling.
-    thread_local! {
-        static POOLS: std::cell::RefCell<Vec<(usize, std::sync::Arc<rayon::ThreadPool>)>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    let threads = cpu.threads();
-    let pool = POOLS.with(|pools| {
-        let mut pools = pools.borrow_mut();
-        if let Some((_, pool)) = pools.iter().find(|(n, _)| *n == threads) {
-            return pool.clone();
-        }
-        let pool = std::sync::Arc::new(
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap(),
-        );
-        pools.push((threads, pool.clone()));
-        pool
-    });
-    pool.install(f)
+    (median(attention), median(gemm))
 }
 
 /// The last-level cache's size in bytes (Linux sysfs), or 64 MiB.
@@ -239,7 +180,7 @@ where
     fn stream(&self, step: usize) -> f64 {
         let (k, v, _, _) = self.caches[step % self.caches.len()].raw();
         let start = Instant::now();
-        let sum: f32 = cpu_install(self.cpu, || {
+        let sum: f32 = ceiling::install(self.cpu.threads(), || {
             [k, v]
                 .par_iter()
                 .flat_map(|words| words.par_chunks(16 * 1024))

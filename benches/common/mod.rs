@@ -1,6 +1,9 @@
 //! Helpers shared by the bench binaries.
 #![allow(dead_code)] // each bench binary uses some of these
 
+#[cfg(feature = "cpu")]
+pub mod ceiling;
+
 /// `name` from the environment as a number, or `default`.
 pub fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -50,6 +53,32 @@ pub fn alternate(runs: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64,
         tb.push(t.elapsed().as_secs_f64());
     }
     (median(ta), median(tb))
+}
+
+/// [`alternate`] for three calls: median seconds of `a`, `b` and `c`, called in turn.
+pub fn alternate3(
+    runs: usize,
+    mut a: impl FnMut(),
+    mut b: impl FnMut(),
+    mut c: impl FnMut(),
+) -> (f64, f64, f64) {
+    use std::time::Instant;
+    a();
+    b();
+    c();
+    let mut times = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..runs {
+        for (f, t) in [&mut a as &mut dyn FnMut(), &mut b, &mut c]
+            .into_iter()
+            .zip(&mut times)
+        {
+            let start = Instant::now();
+            f();
+            t.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let [a, b, c] = times.map(median);
+    (a, b, c)
 }
 
 /// Document ids of `tokens` tokens in 8 documents of lengths proportional to 1..=8.
