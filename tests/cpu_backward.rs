@@ -18,6 +18,7 @@ use common::mods::{Captures, checker, wobble};
 use common::runner::{self, Persist, env_count};
 use gqa::cpu::{Cpu, CpuElement};
 use gqa::dsl::ScoreMod;
+use gqa::dsl::block::SortedDocuments;
 use gqa::dsl::{Aux, Mods, NoMask, NoScore, library};
 use gqa::{Error, Gqa};
 use half::{bf16, f16};
@@ -148,6 +149,45 @@ fn backward_is_deterministic_across_calls_and_thread_counts() {
                 let cpu = Cpu::with_threads(threads).unwrap();
                 prop_assert!(first == run(&cpu), "{threads} threads differ");
             }
+            Ok(())
+        });
+    }
+}
+
+/// Block masks and the classifier's row keys change no bit of the backward: the document mask
+/// with `SortedDocuments` (empty tiles skipped, full ones run without the mask, each row's
+/// keys folded into its band) against the same mods without them (every tile partial, the
+/// mask tested per score), from one forward output; both schedules (two passes at 8/2, one
+/// task per (batch, KV head) at 32/8).
+#[test]
+fn block_masks_and_row_keys_change_no_bit_of_the_backward() {
+    for config in [(8, 2, 16), (32, 8, 16)] {
+        let test = format!("block_masks_and_row_keys_change_no_bit_of_the_backward/{config:?}");
+        let strategy = common::mods::cases(Variant::RightSoftcap, config)
+            .prop_flat_map(|(p, c)| (Just((p.clone(), c)), upstream(&p)));
+        runner::check(&test, cases() + 4, Persist::No, strategy, |((p, c), up)| {
+            let docs: Vec<i32> = c.docs.iter().map(|d| d / 4).collect();
+            let mods = Mods::new(library::document(Aux::new(docs.clone())), wobble(c.gain))
+                .with_classifier(SortedDocuments::new(&docs));
+            let plain = mods.clone().without_block_masks();
+            let narrow = |x: &Array4<f64>| x.mapv(|x| x as f32);
+            let (q, k, v, d_o) = (narrow(&p.q), narrow(&p.k), narrow(&p.v), narrow(&up.d_o));
+            let cpu = Cpu::new();
+            let out = cpu
+                .try_forward_with(&p.spec, &plain, q.view(), k.view(), v.view())
+                .unwrap();
+            let d_lse = up.d_lse.as_ref().map(|d| d.view());
+            let run = |mods: &Mods<_, _>| {
+                let inputs = [q.view(), k.view(), v.view()];
+                let g = cpu
+                    .try_backward_with(&p.spec, mods, inputs, &out, d_o.view(), d_lse)
+                    .unwrap();
+                [bits(&g.dq), bits(&g.dk), bits(&g.dv)]
+            };
+            prop_assert!(
+                run(&mods) == run(&plain),
+                "the gradients differ with and without block masks and row keys"
+            );
             Ok(())
         });
     }

@@ -10,7 +10,9 @@
 //!
 //! Each product is a `gemm` call on a tile; tasks run in a fixed order inside, so results do not
 //! depend on the thread count. Hidden pairs (the band, a mask mod, a fully masked row) get
-//! `P = dS = 0` by selection, and a tile whose other operand holds a non-finite value is
+//! `P = dS = 0` by selection (where the mods' classifier gives a row's keys as one interval,
+//! its row keys, the mask folds into the row's band instead of being tested per score: the
+//! same zeros), and a tile whose other operand holds a non-finite value is
 //! multiplied term by term, skipping zero weights: as in the oracle, a value at a pair a row
 //! cannot see never reaches its gradients.
 
@@ -25,7 +27,7 @@ use multiversion::multiversion;
 
 use super::prefill::{chunks, matmul};
 use super::simd;
-use crate::dsl::block::{BlockMask, TileState};
+use crate::dsl::block::{BlockMask, Row, TileState};
 use crate::dsl::{MaskMod, Mods, Position, ScoreMod};
 use crate::spec::{AttentionSpec, ProblemShape};
 
@@ -303,6 +305,7 @@ impl<M: MaskMod, S: ScoreMod> Context<'_, '_, M, S> {
             matmul(&mut dp, &d_o_t, &v_t.t(), 1.0, false);
         }
         let user_mask = !M::TRIVIAL && state != TileState::Full;
+        let heads = g * spec.group_size()..(g + 1) * spec.group_size();
         let mask = spec.mask();
         let cap = spec.softcap();
         // Slopes f′ per key, where a modifier makes them other than 1.
@@ -313,7 +316,23 @@ impl<M: MaskMod, S: ScoreMod> Context<'_, '_, M, S> {
             let p_row = &mut scratch.p[ii * nk..][..nk];
             let ds_row = &mut scratch.ds[ii * nk..][..nk];
             let row_lse = lse[[b, h, i]];
-            let band = mask.visible_keys(i, seq_q, seq_k);
+            let mut band = mask.visible_keys(i, seq_q, seq_k);
+            // Where the classifier knows the row's keys as one interval (its row keys), the
+            // mask folds into the band: the same zeros, without a test per score.
+            let mut row_mask = user_mask;
+            if user_mask {
+                let row = Row {
+                    b,
+                    heads: heads.clone(),
+                    q: i,
+                    seq_q,
+                    seq_k,
+                };
+                if let Some(keys) = self.mods.row_keys(&row) {
+                    band = band.start.max(keys.start)..band.end.min(keys.end);
+                    row_mask = false;
+                }
+            }
             let lo = band.start.clamp(keys.start, keys.end) - keys.start;
             let hi = band.end.clamp(keys.start, keys.end) - keys.start;
             if !row_lse.is_finite() || lo >= hi {
@@ -343,7 +362,7 @@ impl<M: MaskMod, S: ScoreMod> Context<'_, '_, M, S> {
                     *s -= alibi * (diag - j as i128).unsigned_abs() as f32;
                 }
             }
-            if user_mask || !S::TRIVIAL {
+            if row_mask || !S::TRIVIAL {
                 for (jj, (s, f)) in live.iter_mut().zip(slopes.iter_mut()).enumerate() {
                     let at = Position {
                         b: b as i64,
@@ -353,7 +372,7 @@ impl<M: MaskMod, S: ScoreMod> Context<'_, '_, M, S> {
                         seq_q: seq_q as i64,
                         seq_k: seq_k as i64,
                     };
-                    if user_mask && !self.mods.visible(at) {
+                    if row_mask && !self.mods.visible(at) {
                         *s = f32::NEG_INFINITY; // P = 0
                         *f = 0.0;
                         continue;
