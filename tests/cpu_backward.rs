@@ -193,13 +193,30 @@ fn block_masks_and_row_keys_change_no_bit_of_the_backward() {
     }
 }
 
-/// NaN and ∞ at keys no row sees (and at queries of rows that see no key) reach no gradient:
-/// the result still passes the rule against the oracle of the clean problem.
+/// NaN and ∞ at keys no row sees (and at the queries and upstream gradients of rows that see
+/// no key) reach no gradient: the result still passes the rule against the oracle of the clean
+/// problem.
 #[test]
 fn non_finite_values_rows_cannot_see_leave_the_gradients_alone() {
-    let test = "non_finite_values_rows_cannot_see_leave_the_gradients_alone";
-    let strategy = forward::problems(Variant::RightSoftcap, 8, 2, 16)
-        .prop_flat_map(|p| (Just(p.clone()), upstream(&p)));
+    // Both schedules: two passes (8/2, under 8 (batch, KV head) pairs) and one task per pair
+    // (32/8, under a window: keys on both sides that no row sees).
+    for (variant, (hq, hkv, d)) in [
+        (Variant::RightSoftcap, (8, 2, 16)),
+        (Variant::WindowAlibi, (32, 8, 16)),
+    ] {
+        let test =
+            format!("non_finite_values_rows_cannot_see_leave_the_gradients_alone/{hq}_{hkv}_{d}");
+        non_finite_values_rows_cannot_see(&test, variant, (hq, hkv, d));
+    }
+}
+
+fn non_finite_values_rows_cannot_see(
+    test: &str,
+    variant: Variant,
+    (hq, hkv, d): (usize, usize, usize),
+) {
+    let strategy =
+        forward::problems(variant, hq, hkv, d).prop_flat_map(|p| (Just(p.clone()), upstream(&p)));
     runner::check(test, cases() * 4, Persist::No, strategy, |(p, up)| {
         let (seq_q, seq_k) = (p.seq_q(), p.seq_k());
         let mask = p.spec.mask();
@@ -211,11 +228,13 @@ fn non_finite_values_rows_cannot_see_leave_the_gradients_alone() {
             dirty.k.slice_mut(s![.., .., j, ..]).fill(f64::NAN);
             dirty.v.slice_mut(s![.., .., j, ..]).fill(f64::INFINITY);
         }
+        let mut dirty_up = up.clone();
         for i in (0..seq_q).filter(|&i| blind(i)) {
             dirty.q.slice_mut(s![.., .., i, ..]).fill(f64::NAN);
+            dirty_up.d_o.slice_mut(s![.., .., i, ..]).fill(f64::NAN);
         }
         // The oracle never reads them, so its gradients of `dirty` are those of `p`.
-        check_backward::<f32, Cpu, _, _>(&Cpu::new(), &dirty, &Mods::none(), &up)?;
+        check_backward::<f32, Cpu, _, _>(&Cpu::new(), &dirty, &Mods::none(), &dirty_up)?;
         Ok(())
     });
 }

@@ -115,18 +115,7 @@ pub(super) fn backward_into<M: MaskMod, S: ScoreMod>(
     inputs: &Inputs<'_>,
     [mut dq, mut dk, mut dv]: [ArrayViewMut4<f32>; 3],
 ) {
-    let mut delta = Array3::<f32>::zeros(inputs.lse.raw_dim());
-    delta.indexed_iter_mut().for_each(|((b, h, i), d)| {
-        let (o, d_o) = (
-            inputs.o.slice(s![b, h, i, ..]),
-            inputs.d_o.slice(s![b, h, i, ..]),
-        );
-        *d = o
-            .iter()
-            .zip(d_o)
-            .map(|(&x, &y)| f64::from(x) * f64::from(y))
-            .sum::<f64>() as f32;
-    });
+    let delta = row_dots(&inputs.o, &inputs.d_o);
     let fuse = shape.batch * spec.kv_heads() >= FUSED_TASKS;
     let block_q = if fuse {
         (TILE_ROWS / spec.group_size()).clamp(1, BLOCK)
@@ -185,8 +174,8 @@ pub(super) fn backward_into<M: MaskMod, S: ScoreMod>(
                         continue;
                     };
                     let (p, ds) = scratch.tile(rows.len(), keys.len());
-                    product(&mut dv_t, &p.t(), &d_o_t, 1.0);
-                    product(&mut dk_t, &ds.t(), &q_t, spec.scale_f32());
+                    product(&mut dv_t, &p.t(), &d_o_t, 1.0, all_finite(&d_o_t));
+                    product(&mut dk_t, &ds.t(), &q_t, spec.scale_f32(), all_finite(&q_t));
                 }
             }
         });
@@ -217,9 +206,33 @@ pub(super) fn backward_into<M: MaskMod, S: ScoreMod>(
                 }
                 let (_, ds) = scratch.tile(rows.len(), keys.len());
                 let k_t = ctx.inputs.k.slice(s![b, g, keys.clone(), ..]);
-                product(&mut dq_t, &ds, &k_t, spec.scale_f32());
+                product(&mut dq_t, &ds, &k_t, spec.scale_f32(), all_finite(&k_t));
             }
         });
+}
+
+/// `δ = rowsum(dO ∘ O)` per query row, `[B, HQ, Lq]`: summed in f64 in channel order, stored
+/// in f32; one task per (batch entry, query head).
+fn row_dots(o: &ArrayView4<f32>, d_o: &ArrayView4<f32>) -> Array3<f32> {
+    let [batch, heads, len, _] = [0, 1, 2, 3].map(|axis| o.len_of(Axis(axis)));
+    let mut delta = vec![0.0f32; batch * heads * len];
+    if len > 0 {
+        delta
+            .par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(bh, rows)| {
+                let (b, h) = (bh / heads, bh % heads);
+                let (o, d_o) = (o.slice(s![b, h, .., ..]), d_o.slice(s![b, h, .., ..]));
+                for ((d, o), d_o) in rows.iter_mut().zip(o.outer_iter()).zip(d_o.outer_iter()) {
+                    *d = o
+                        .iter()
+                        .zip(d_o)
+                        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                        .sum::<f64>() as f32;
+                }
+            });
+    }
+    Array3::from_shape_vec((batch, heads, len), delta).expect("B × HQ × Lq")
 }
 
 impl<M: MaskMod, S: ScoreMod> Context<'_, '_, M, S> {
@@ -421,11 +434,17 @@ fn probabilities_and_ds(
     !p.is_empty()
 }
 
-/// `dst += beta · lhs · rhs`: one `gemm` when `rhs` is finite; otherwise term by term,
-/// skipping the zero weights of `lhs` (hidden pairs), so that a non-finite value a pair cannot
-/// see never reaches it (`0 · NaN`).
-fn product(dst: &mut ArrayViewMut2<f32>, lhs: &ArrayView2<f32>, rhs: &ArrayView2<f32>, beta: f32) {
-    if all_finite(rhs) {
+/// `dst += beta · lhs · rhs`: one `gemm` when `rhs` is finite (`finite`, which the caller
+/// checked: [`all_finite`]); otherwise term by term, skipping the zero weights of `lhs`
+/// (hidden pairs), so that a non-finite value a pair cannot see never reaches it (`0 · NaN`).
+fn product(
+    dst: &mut ArrayViewMut2<f32>,
+    lhs: &ArrayView2<f32>,
+    rhs: &ArrayView2<f32>,
+    beta: f32,
+    finite: bool,
+) {
+    if finite {
         matmul(dst, lhs, rhs, beta, true);
         return;
     }
@@ -495,10 +514,28 @@ fn fused<M: MaskMod, S: ScoreMod>(
             dv_h.fill(0.0);
             let mut list = Vec::with_capacity(block_q * group);
             let key_tiles = shape.seq_k.div_ceil(BLOCK);
+            let query_tiles = seq_q.div_ceil(block_q);
+            // Which tiles of the products' right-hand sides are finite, checked once each
+            // (not once per product).
+            let finite_tiles = |x: &Array2<f32>| -> Vec<bool> {
+                (0..query_tiles)
+                    .map(|qt| {
+                        let stacked = qt * block_q * group..((qt + 1) * block_q).min(seq_q) * group;
+                        all_finite(&x.slice(s![stacked, ..]))
+                    })
+                    .collect()
+            };
+            let (q_finite, d_o_finite) = (finite_tiles(&q_s), finite_tiles(&d_o_s));
+            let k_finite: Vec<bool> = (0..key_tiles)
+                .map(|kt| {
+                    let keys = kt * BLOCK..((kt + 1) * BLOCK).min(shape.seq_k);
+                    all_finite(&ctx.inputs.k.slice(s![b, g, keys, ..]))
+                })
+                .collect();
             // Key tiles in sweeps of KEY_SWEEP: their dK, dV stay in cache while the query
             // tiles stream past once per sweep (not once per key tile).
             for sweep in (0..key_tiles).step_by(KEY_SWEEP) {
-                for qt in 0..seq_q.div_ceil(block_q) {
+                for qt in 0..query_tiles {
                     let queries = qt * block_q..((qt + 1) * block_q).min(seq_q);
                     let stacked = queries.start * group..queries.end * group;
                     let q_t = q_s.slice(s![stacked.clone(), ..]);
@@ -519,16 +556,12 @@ fn fused<M: MaskMod, S: ScoreMod>(
                         }
                         let (p, ds) = scratch.tile(stacked.len(), keys.len());
                         let k_t = ctx.inputs.k.slice(s![b, g, keys.clone(), ..]);
-                        product(
-                            &mut dv_h.slice_mut(s![keys.clone(), ..]),
-                            &p.t(),
-                            &d_o_t,
-                            1.0,
-                        );
+                        let mut dv_t = dv_h.slice_mut(s![keys.clone(), ..]);
+                        product(&mut dv_t, &p.t(), &d_o_t, 1.0, d_o_finite[qt]);
                         let mut dk_t = dk_h.slice_mut(s![keys.clone(), ..]);
-                        product(&mut dk_t, &ds.t(), &q_t, spec.scale_f32());
+                        product(&mut dk_t, &ds.t(), &q_t, spec.scale_f32(), q_finite[qt]);
                         let mut dq_t = dq_s.slice_mut(s![stacked.clone(), ..]);
-                        product(&mut dq_t, &ds, &k_t, spec.scale_f32());
+                        product(&mut dq_t, &ds, &k_t, spec.scale_f32(), k_finite[kt]);
                     }
                 }
             }
@@ -541,7 +574,7 @@ fn fused<M: MaskMod, S: ScoreMod>(
 }
 
 /// Whether every element of `x` is finite: over the contiguous memory when there is one, in a
-/// loop without early exit (so that it vectorises: it runs before every product).
+/// loop without early exit (so that it vectorises).
 fn all_finite(x: &ArrayView2<f32>) -> bool {
     match x.as_slice_memory_order() {
         Some(data) => finite_slice(data),
