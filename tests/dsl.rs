@@ -410,11 +410,6 @@ fn block_masks_change_no_bit_of_the_cpu_output() {
     );
 }
 
-/// The block-mask laws by brute force: a tile called full has every pair of every head of its
-/// group visible (band and mask), one called empty none, and the live ranges (per row of tiles
-/// and per column) run from the first tile not empty to the last — for classified masks (the sorted
-/// documents' classifier, its composition with the band) and brute-force ones, at drawn tile
-/// sizes.
 /// [`SortedDocuments`]' row keys are exactly the keys the document mask shows each query —
 /// by brute force over every key, for every query of drawn problems (queries before the keys,
 /// `seq_q > seq_k`, included) — and it says nothing for unsorted ids or a table shorter than
@@ -529,6 +524,11 @@ fn cpu_document_row_keys_match_the_oracle() {
     }
 }
 
+/// The block-mask laws by brute force: a tile called full has every pair of every head of its
+/// group visible (band and mask), one called empty none, and the live ranges (per row of tiles
+/// and per column) run from the first tile not empty to the last — for classified masks (the sorted
+/// documents' classifier, its composition with the band) and brute-force ones, at drawn tile
+/// sizes.
 #[test]
 fn block_mask_states_are_what_brute_force_sees() {
     runner::check(

@@ -546,7 +546,8 @@ fn fused<M: MaskMod, S: ScoreMod>(
                             .clone()
                             .flat_map(|i| heads.clone().map(move |h| (h, i))),
                     );
-                    for kt in sweep..(sweep + KEY_SWEEP).min(key_tiles) {
+                    let sweep_tiles = k_finite.iter().enumerate().skip(sweep).take(KEY_SWEEP);
+                    for (kt, &k_finite) in sweep_tiles {
                         let keys = kt * BLOCK..((kt + 1) * BLOCK).min(shape.seq_k);
                         let Some(state) = ctx.tile_state(b, g, qt, kt, &queries, &keys) else {
                             continue;
@@ -561,7 +562,7 @@ fn fused<M: MaskMod, S: ScoreMod>(
                         let mut dk_t = dk_h.slice_mut(s![keys.clone(), ..]);
                         product(&mut dk_t, &ds.t(), &q_t, spec.scale_f32(), q_finite[qt]);
                         let mut dq_t = dq_s.slice_mut(s![stacked.clone(), ..]);
-                        product(&mut dq_t, &ds, &k_t, spec.scale_f32(), k_finite[kt]);
+                        product(&mut dq_t, &ds, &k_t, spec.scale_f32(), k_finite);
                     }
                 }
             }

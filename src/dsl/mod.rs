@@ -318,7 +318,10 @@ impl<M: MaskMod, S: ScoreMod> Mods<M, S> {
 
     /// These mods without block masks: every tile is partial, the mask evaluated per score
     /// everywhere the band allows (what a block mask must not change: the suites compare the
-    /// two bit for bit). The classifier's row keys ([`Mods::row_keys`]) go too.
+    /// two bit for bit). The classifier's row keys ([`Mods::row_keys`]) go too; they are not
+    /// held to that law in the CPU prefill, where folding the mask into each row's band also
+    /// cuts the sums in other blocks (the same values, rounded otherwise; the CPU backward
+    /// keeps the bits).
     pub fn without_block_masks(self) -> Mods<M, S> {
         Mods {
             block_masks: false,
