@@ -524,6 +524,42 @@ fn cpu_document_row_keys_match_the_oracle() {
     }
 }
 
+/// The block-mask cache tells classifiers apart: one mask and one problem, classified first
+/// with a classifier that breaks its contract (it calls every tile empty), then by brute
+/// force, then with the first again — each gets its own classification, whichever came first
+/// (a wrong classifier must not reach mods that do not use it, nor hide behind a right one).
+#[test]
+fn block_masks_are_cached_per_classifier() {
+    #[derive(Debug)]
+    struct Liar;
+    impl Classifier for Liar {
+        fn classify(&self, _: &gqa::dsl::block::Tile) -> Option<gqa::dsl::block::TileState> {
+            Some(gqa::dsl::block::TileState::Empty)
+        }
+    }
+    let spec = *gqa::Gqa::<4, 2, 8>::new().spec();
+    // Documents of 20 tokens, ids this suite uses nowhere else (a cache entry of their own).
+    let docs: Vec<i32> = (0..96).map(|t| 7000 + t / 20).collect();
+    let mask = library::document(Aux::new(docs));
+    let shape = gqa::spec::ProblemShape {
+        batch: 1,
+        seq_q: 96,
+        seq_k: 96,
+    };
+    let liar = Mods::new(mask.clone(), NoScore).with_classifier(Liar);
+    let all = 2 * 12 * 12;
+    assert_eq!(liar.block_mask(&spec, shape, (8, 8)).counts(), (all, 0, 0));
+    let (empty, partial, full) = Mods::new(mask, NoScore)
+        .block_mask(&spec, shape, (8, 8))
+        .counts();
+    assert!(
+        empty < all && partial > 0 && full > 0 && empty + partial + full == all,
+        "brute force: {:?}",
+        (empty, partial, full)
+    );
+    assert_eq!(liar.block_mask(&spec, shape, (8, 8)).counts(), (all, 0, 0));
+}
+
 /// The block-mask laws by brute force: a tile called full has every pair of every head of its
 /// group visible (band and mask), one called empty none, and the live ranges (per row of tiles
 /// and per column) run from the first tile not empty to the last — for classified masks (the sorted

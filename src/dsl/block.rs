@@ -357,23 +357,30 @@ fn classify_tile<M: MaskMod, C: Classifier + ?Sized>(
 }
 
 /// Block masks by problem: the mask's type and captures (which fix what it computes), the
-/// spec, the shape, the tile sizes and whether a classifier helped. Bounded: past
-/// [`CACHED_BLOCK_MASKS`] entries the table starts afresh.
+/// spec, the shape, the tile sizes and which classifier helped (its address: the entry holds
+/// the classifier, so no other one can take that address while the entry lives). Bounded:
+/// past [`CACHED_BLOCK_MASKS`] entries the table starts afresh.
 type Key = (
     &'static str,
     Vec<Vec<u32>>,
     AttentionSpec,
     (usize, usize, usize),
     (usize, usize),
+    Option<usize>,
+);
+
+/// A cached block mask, and the classifier that helped build it (kept alive: see [`Key`]).
+type Entry = (
+    std::sync::Arc<BlockMask>,
+    Option<std::sync::Arc<dyn Classifier>>,
 );
 
 /// How many block masks the cache keeps.
 pub const CACHED_BLOCK_MASKS: usize = 64;
 
-fn cache() -> &'static std::sync::Mutex<std::collections::HashMap<Key, std::sync::Arc<BlockMask>>> {
-    static CACHE: std::sync::OnceLock<
-        std::sync::Mutex<std::collections::HashMap<Key, std::sync::Arc<BlockMask>>>,
-    > = std::sync::OnceLock::new();
+fn cache() -> &'static std::sync::Mutex<std::collections::HashMap<Key, Entry>> {
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<Key, Entry>>> =
+        std::sync::OnceLock::new();
     CACHE.get_or_init(Default::default)
 }
 
@@ -382,7 +389,7 @@ fn cache() -> &'static std::sync::Mutex<std::collections::HashMap<Key, std::sync
 pub(crate) fn cached<M: MaskMod>(
     spec: &AttentionSpec,
     mask: &M,
-    classifier: Option<&dyn Classifier>,
+    classifier: Option<&std::sync::Arc<dyn Classifier>>,
     shape: ProblemShape,
     tiles: (usize, usize),
 ) -> std::sync::Arc<BlockMask> {
@@ -394,18 +401,19 @@ pub(crate) fn cached<M: MaskMod>(
         *spec,
         (shape.batch, shape.seq_q, shape.seq_k),
         tiles,
+        classifier.map(|c| std::sync::Arc::as_ptr(c) as *const () as usize),
     );
-    if let Some(found) = cache().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+    if let Some((found, _)) = cache().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return found.clone();
     }
     let built = std::sync::Arc::new(match classifier {
-        Some(c) => BlockMask::build(spec, mask, c, shape, tiles),
+        Some(c) => BlockMask::build(spec, mask, c.as_ref(), shape, tiles),
         None => BlockMask::build(spec, mask, &BruteForce, shape, tiles),
     });
     let mut table = cache().lock().unwrap_or_else(|e| e.into_inner());
     if table.len() >= CACHED_BLOCK_MASKS {
         table.clear();
     }
-    table.insert(key, built.clone());
+    table.insert(key, (built.clone(), classifier.cloned()));
     built
 }

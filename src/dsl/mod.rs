@@ -351,7 +351,7 @@ impl<M: MaskMod, S: ScoreMod> Mods<M, S> {
         shape: crate::spec::ProblemShape,
         tiles: (usize, usize),
     ) -> Arc<block::BlockMask> {
-        block::cached(spec, &self.mask, self.classifier.as_deref(), shape, tiles)
+        block::cached(spec, &self.mask, self.classifier.as_ref(), shape, tiles)
     }
 
     /// The keys the mask lets `row` see, when the classifier knows them as one interval
