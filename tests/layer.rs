@@ -634,9 +634,9 @@ fn whole_checkpoints_convert_shard_by_shard() {
         .unwrap_err()
     {
         Error::CheckpointTensor { tensor, reason, .. } => {
-            assert_eq!(tensor, "model.layers.0.self_attn.k_proj.bias");
+            assert_eq!(tensor, "model.layers.0.self_attn.q_proj.weight");
             assert!(
-                reason.contains("has shape [32], expected [16, hidden] or [16]"),
+                reason.contains("has shape [32, 32], expected [16, 32]"),
                 "{reason}"
             );
         }
@@ -1268,4 +1268,246 @@ fn pooling_reads_consecutive_heads() {
         first.v_proj().weight().index_axis(Axis(1), 0).to_vec(),
         vec![0.0, 0.0, 2.0, 2.0]
     );
+}
+
+/// Every real config passes the checkpoint reader's own config check, through
+/// `gqa::dispatch!` to the reader typed by its numbers: the read then fails on the missing
+/// weights file (named), not on the config; read as another configuration, it is a
+/// `ConfigMismatch` naming the field.
+#[test]
+fn real_configs_pass_the_checkpoint_readers_config_check() {
+    let dir = scratch("real-configs");
+    for &(name, ..) in FIXTURES {
+        let model = dir.join(name.trim_end_matches(".json"));
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::copy(fixture(name), model.join(CONFIG_FILE)).unwrap();
+        let config = ModelConfig::from_json_file(fixture(name)).unwrap();
+        let error = gqa::dispatch!(
+            &config,
+            [
+                (32, 8, 128),
+                (28, 4, 128),
+                (16, 8, 256),
+                (32, 32, 96),
+                (71, 1, 64),
+                (32, 32, 128)
+            ],
+            |HQ, HKV, D| checkpoint::try_read_layer::<HQ, HKV, D>(&model, PREFIX).map(|_| ())
+        )
+        .unwrap()
+        .unwrap_err();
+        match &error {
+            Error::Checkpoint { file, reason } => assert!(
+                file.ends_with(WEIGHTS_FILE) && reason.contains("cannot read it"),
+                "{name}: {error}"
+            ),
+            other => panic!("{name}: expected the missing weights file, got {other}"),
+        }
+    }
+    assert_eq!(
+        checkpoint::try_read_layer::<32, 32, 128>(&dir.join("llama-3-8b"), PREFIX).unwrap_err(),
+        Error::ConfigMismatch {
+            field: "kv_heads",
+            expected: 32,
+            found: 8
+        }
+    );
+    assert_eq!(
+        checkpoint::try_read_layer::<16, 8, 128>(&dir.join("gemma-2-9b"), PREFIX).unwrap_err(),
+        Error::ConfigMismatch {
+            field: "head_dim",
+            expected: 128,
+            found: 256
+        }
+    );
+    // Falcon-7B is multi-query already: not the source of a conversion from MHA.
+    assert_eq!(
+        checkpoint::try_convert_checkpoint::<71, 71, 64>(
+            &dir.join("falcon-7b"),
+            &dir.join("falcon-out"),
+            KvInit::MeanPool
+        )
+        .unwrap_err(),
+        Error::ConfigMismatch {
+            field: "kv_heads",
+            expected: 71,
+            found: 1
+        }
+    );
+    // Phi-3-mini is MHA, but its projections are fused (`qkv_proj`): refused, nothing written.
+    let phi = dir.join("phi-3-mini-4k-instruct");
+    write_raw(
+        &phi,
+        vec![(
+            "model.layers.0.self_attn.qkv_proj.weight".into(),
+            safetensors::Dtype::BF16,
+            vec![4, 2],
+            vec![0; 16],
+        )],
+        &serde_json::from_str(
+            &std::fs::read_to_string(fixture("phi-3-mini-4k-instruct.json")).unwrap(),
+        )
+        .unwrap(),
+    );
+    let error = checkpoint::try_convert_checkpoint::<32, 8, 96>(
+        &phi,
+        &dir.join("phi-out"),
+        KvInit::MeanPool,
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("fused projections"), "{error}");
+    assert!(!dir.join("phi-out").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A real MHA model's attention layer at its real size — Llama-2-7B's layer 0 (32 heads of 128,
+/// width 4096, f16 as its config says), under its real `config.json` — converts to GQA-8: the result's config has
+/// Llama-3-8B's attention numbers and every other field of the original, and its key and value
+/// projections read back as the group means, exactly (the weights are chosen so that every
+/// mean is an f16 number: head `h`'s row `d`, column `c` holds `h + ((d + c) mod 8) / 8`, and
+/// minus that for values).
+#[test]
+fn a_real_size_mha_layer_converts_to_llama_3s_heads() {
+    const H: usize = 32;
+    const D: usize = 128;
+    const HIDDEN: usize = 4096;
+    let dir = scratch("llama-2");
+    let src = dir.join("llama-2-7b");
+    let key = |r: usize, c: usize| (r / D) as f32 + ((r % D + c) % 8) as f32 / 8.0;
+    let bytes = |sign: f32| -> Vec<u8> {
+        (0..H * D * HIDDEN)
+            .flat_map(|i| f16::from_f32(sign * key(i / HIDDEN, i % HIDDEN)).to_le_bytes())
+            .collect()
+    };
+    let tensor = |name: &str, shape: [usize; 2], data: Vec<u8>| {
+        (
+            format!("model.layers.0.self_attn.{name}.weight"),
+            safetensors::Dtype::F16,
+            shape.to_vec(),
+            data,
+        )
+    };
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("llama-2-7b.json")).unwrap())
+            .unwrap();
+    write_raw(
+        &src,
+        vec![
+            tensor("q_proj", [H * D, HIDDEN], bytes(0.5)),
+            tensor("k_proj", [H * D, HIDDEN], bytes(1.0)),
+            tensor("v_proj", [H * D, HIDDEN], bytes(-1.0)),
+            tensor("o_proj", [HIDDEN, H * D], bytes(0.25)),
+        ],
+        &original,
+    );
+    let out = dir.join("gqa-8");
+    let conversion =
+        checkpoint::try_convert_checkpoint::<H, 8, D>(&src, &out, KvInit::MeanPool).unwrap();
+    assert_eq!(
+        conversion.layers,
+        vec!["model.layers.0.self_attn.".to_string()]
+    );
+
+    let converted = ModelConfig::from_json_file(out.join(CONFIG_FILE)).unwrap();
+    let llama_3 = ModelConfig::from_json_file(fixture("llama-3-8b.json")).unwrap();
+    for (field, ours, theirs) in [
+        (
+            "num_attention_heads",
+            converted.num_attention_heads,
+            llama_3.num_attention_heads,
+        ),
+        (
+            "num_key_value_heads",
+            converted.num_key_value_heads,
+            llama_3.num_key_value_heads,
+        ),
+        ("head_dim", converted.head_dim, llama_3.head_dim),
+        (
+            "hidden_size",
+            converted.hidden_size.unwrap(),
+            llama_3.hidden_size.unwrap(),
+        ),
+    ] {
+        assert_eq!(ours, theirs, "{field}");
+    }
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join(CONFIG_FILE)).unwrap()).unwrap();
+    for (field, value) in original.as_object().unwrap() {
+        if field != "num_key_value_heads" {
+            assert_eq!(&written[field], value, "{field} changed");
+        }
+    }
+
+    let read = checkpoint::try_read_layer::<H, 8, D>(&out, "model.layers.0.self_attn.").unwrap();
+    assert_eq!(read.dtype, DType::F16);
+    assert_eq!(read.layer.hidden(), HIDDEN);
+    for (sign, weight) in [
+        (1.0, read.layer.k_proj().weight()),
+        (-1.0, read.layer.v_proj().weight()),
+    ] {
+        assert_eq!(weight.dim(), (8 * D, HIDDEN));
+        for ((r, c), &x) in weight.indexed_iter() {
+            let (group, d) = (r / D, r % D);
+            // Heads 4·group … 4·group + 3: mean head index 4·group + 1.5.
+            let mean = (4 * group) as f32 + 1.5 + ((d + c) % 8) as f32 / 8.0;
+            assert_eq!(x, sign * mean, "row {r}, column {c}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The converter checks each layer's shapes against the config before writing anything: a key
+/// projection with the wrong width, and a query projection with the wrong width, are errors
+/// naming them; and a layer written under a config of another width is a `ConfigMismatch`.
+#[test]
+fn conversions_and_writes_check_the_width() {
+    let dir = scratch("widths");
+    let raw = |name: &str, rows: usize, cols: usize| {
+        (
+            format!("model.layers.0.self_attn.{name}.weight"),
+            safetensors::Dtype::F32,
+            vec![rows, cols],
+            vec![0u8; rows * cols * 4],
+        )
+    };
+    let config = llama_like_config(4, 4, 16, "float32");
+    for (case, q_cols, k_cols, culprit) in [
+        ("narrow-key", 16, 12, "k_proj"),
+        ("narrow-query", 12, 16, "q_proj"),
+    ] {
+        let src = dir.join(case);
+        write_raw(
+            &src,
+            vec![
+                raw("q_proj", 16, q_cols),
+                raw("k_proj", 16, k_cols),
+                raw("v_proj", 16, 16),
+                raw("o_proj", 16, 16),
+            ],
+            &config,
+        );
+        let out = dir.join(format!("{case}-out"));
+        match checkpoint::try_convert_checkpoint::<4, 2, 4>(&src, &out, KvInit::MeanPool)
+            .unwrap_err()
+        {
+            Error::CheckpointTensor { tensor, reason, .. } => {
+                assert_eq!(tensor, format!("model.layers.0.self_attn.{culprit}.weight"));
+                assert!(reason.contains("hidden size 16"), "{reason}");
+            }
+            other => panic!("{case}: expected a tensor error, got {other}"),
+        }
+        assert!(!out.exists(), "{case}: a refused conversion writes nothing");
+    }
+    let layer = MhaLayer::<4, 4>::random(20, 1);
+    assert_eq!(
+        checkpoint::try_write_layer(&dir.join("w"), PREFIX, &layer, DType::F32, &config)
+            .unwrap_err(),
+        Error::ConfigMismatch {
+            field: "hidden_size",
+            expected: 20,
+            found: 16
+        }
+    );
+    assert!(!dir.join("w").exists());
+    std::fs::remove_dir_all(&dir).ok();
 }

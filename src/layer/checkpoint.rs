@@ -175,7 +175,8 @@ where
 /// nearest), and `config` as [`CONFIG_FILE`] with `num_attention_heads`,
 /// `num_key_value_heads` and `head_dim` set to the layer's (and `multi_query`, where the config
 /// has that key, to whether `HKV` is 1), every other field kept. A weight that `dtype` would
-/// store as infinity is an [`Error::CheckpointTensor`], and nothing is written.
+/// store as infinity is an [`Error::CheckpointTensor`], a config whose `hidden_size` is not the
+/// layer's width an [`Error::ConfigMismatch`], and then nothing is written.
 pub fn try_write_layer<const HQ: usize, const HKV: usize, const D: usize>(
     dir: &Path,
     prefix: &str,
@@ -201,6 +202,18 @@ where
         ));
     }
     let config = updated_config(config, (HQ, HKV, D), &dir.join(CONFIG_FILE))?;
+    // The file would not read back (nor load elsewhere) if the config's width were not the
+    // layer's.
+    let text = serde_json::to_string(&config).expect("a JSON value prints");
+    if let Some(found) = ModelConfig::from_json_str(&text)?.hidden_size
+        && found != layer.hidden()
+    {
+        return Err(Error::ConfigMismatch {
+            field: "hidden_size",
+            expected: layer.hidden(),
+            found,
+        });
+    }
     let mut tensors = Vec::with_capacity(8);
     for (projection, map) in
         PROJECTIONS
@@ -661,13 +674,49 @@ where
                 .is_some_and(|prefix| layers.binary_search(&prefix.to_string()).is_ok())
         })
     };
+    // Each layer's width: the config's `hidden_size`, or its `q_proj.weight`'s columns. A
+    // `q_proj.weight` must be `[H·D, hidden]`.
+    let mut widths = HashMap::new();
+    for ((path, _), tensors) in files.files.iter().zip(&headers) {
+        for (name, (_, shape)) in tensors {
+            let Some(prefix) = name.strip_suffix("q_proj.weight") else {
+                continue;
+            };
+            let hidden = match (model.hidden_size, &shape[..]) {
+                (Some(hidden), _) => hidden,
+                (None, &[_, cols]) => cols,
+                (None, _) => 0,
+            };
+            if !matches!(shape[..], [rows, cols] if rows == H * D && cols == hidden) {
+                return Err(Error::CheckpointTensor {
+                    file: path.display().to_string(),
+                    tensor: name.clone(),
+                    reason: format!(
+                        "has shape {shape:?}, expected [{}, {hidden}] ({H} heads of dim {D}, hidden size {hidden}, as the config says)",
+                        H * D
+                    ),
+                });
+            }
+            widths.insert(prefix.to_string(), hidden);
+        }
+    }
     // Every tensor to pool checked before anything is written.
     for ((path, _), tensors) in files.files.iter().zip(&headers) {
         for (name, (dtype, shape)) in tensors.iter().filter(|(name, _)| pooled(name)) {
-            let fits = matches!(shape[..], [rows, _] | [rows] if rows == H * D);
+            let hidden = POOLED
+                .iter()
+                .find_map(|kind| name.strip_suffix(kind))
+                .and_then(|prefix| widths.get(prefix))
+                .copied()
+                .expect("a pooled tensor's layer has a q_proj.weight");
+            let fits = match shape[..] {
+                [rows, cols] => rows == H * D && cols == hidden,
+                [rows] => rows == H * D && name.ends_with(".bias"),
+                _ => false,
+            };
             let reason = if !fits {
                 format!(
-                    "has shape {shape:?}, expected [{}, hidden] or [{}] ({H} heads of dim {D}, as the config says)",
+                    "has shape {shape:?}, expected [{}, {hidden}] (a weight) or [{}] (a bias): {H} heads of dim {D}, hidden size {hidden}, as the config and the layer's q_proj say",
                     H * D,
                     H * D
                 )
