@@ -20,6 +20,8 @@
 //! Falcon-7B (71 × 64), and the uptraining example's block (8 × 16). Other shapes get the
 //! memory columns and a note.
 
+use std::any::Any;
+use std::cell::RefCell;
 use std::time::Instant;
 
 use gqa::cache::{Float32, Layout};
@@ -27,7 +29,7 @@ use gqa::cpu::Cpu;
 use gqa::cube::CubeDevice;
 use gqa::heads::{Rule, Supported};
 use gqa::layer::train::relative_error;
-use gqa::layer::{KvInit, checkpoint};
+use gqa::layer::{KvInit, MhaLayer, checkpoint};
 use gqa::{Attention, DType, DynAttention, Error, ModelConfig};
 use ndarray::{Array3, Array4};
 use plotters::prelude::*;
@@ -41,6 +43,8 @@ struct Options {
     checkpoint: Option<String>,
     prefix: String,
     chart: String,
+    /// The checkpoint's layer, read at the first `G` (a `Result<MhaLayer<HQ, D>, Error>`).
+    loaded: RefCell<Option<Box<dyn Any>>>,
 }
 
 fn options() -> Options {
@@ -75,16 +79,28 @@ fn options() -> Options {
         checkpoint: value("--checkpoint"),
         prefix: value("--prefix").unwrap_or_else(|| "model.layers.0.self_attn.".into()),
         chart: value("--chart").unwrap_or_else(|| "dial.svg".into()),
+        loaded: RefCell::new(None),
     }
 }
 
-/// What one `G` measured.
+/// What one `G` measured: each part `None` where it was not asked for or failed (its error
+/// then in `notes`, so that one part's failure costs no other).
 #[derive(Default)]
 struct Measured {
     cpu_seconds: Option<f64>,
     gpu_seconds: Option<f64>,
     /// The mean-pooled conversion's relative output error against the checkpoint's layer.
     error: Option<f64>,
+    notes: Vec<String>,
+}
+
+impl Measured {
+    /// `result`'s value, or `None` with a note naming `what` failed and why.
+    fn keep<T>(&mut self, what: &str, result: Result<T, Error>) -> Option<T> {
+        result
+            .map_err(|e| self.notes.push(format!("{what}: {e}")))
+            .ok()
+    }
 }
 
 /// A pseudo-random `[shape]` array in `±1`.
@@ -93,73 +109,96 @@ fn noise(shape: [usize; 4], seed: u64) -> Array4<f32> {
     Array4::from_shape_simple_fn(shape, || rng.f32() * 2.0 - 1.0)
 }
 
-/// The median of `steps` decode steps of `Attention<HQ, HKV, D>` (one query token, batch 1)
-/// against a cache of `context` tokens, on the CPU and on `device`.
+/// The median of `steps` timings of `step` (after one untimed call, which also compiles a
+/// kernel).
+fn median_seconds(steps: usize, mut step: impl FnMut() -> Result<(), Error>) -> Result<f64, Error> {
+    step()?;
+    let mut times = Vec::with_capacity(steps.max(1));
+    for _ in 0..steps.max(1) {
+        let start = Instant::now();
+        step()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// The median decode step of `Attention<HQ, HKV, D>` (one query token, batch 1) against a
+/// cache of `context` tokens, on the CPU and on `device`; and, given a checkpoint, the
+/// conversion's output error.
 fn measure<const HQ: usize, const HKV: usize, const D: usize>(
     options: &Options,
     device: Option<&CubeDevice>,
-) -> Result<Measured, Error>
+) -> Measured
 where
     Rule: Supported<HQ, HKV, D> + Supported<HKV, HKV, D> + Supported<HQ, HQ, D>,
 {
+    let mut measured = Measured::default();
     let attention = Attention::<HQ, HKV, D>::new().causal();
-    let mut cache = attention.try_new_cache::<Float32>(Layout::Contiguous {
-        sequences: 1,
-        capacity: options.context,
-    })?;
-    let seq = cache.try_add_sequence()?;
-    let kv = |seed| noise([1, HKV, options.context, D], seed);
-    let (k, v) = (kv(1), kv(2));
-    cache.try_append(
-        seq,
-        k.index_axis(ndarray::Axis(0), 0),
-        v.index_axis(ndarray::Axis(0), 0),
-    )?;
+    let cache = (|| {
+        let mut cache = attention.try_new_cache::<Float32>(Layout::Contiguous {
+            sequences: 1,
+            capacity: options.context,
+        })?;
+        let seq = cache.try_add_sequence()?;
+        let kv = |seed| noise([1, HKV, options.context, D], seed);
+        let (k, v) = (kv(1), kv(2));
+        cache.try_append(
+            seq,
+            k.index_axis(ndarray::Axis(0), 0),
+            v.index_axis(ndarray::Axis(0), 0),
+        )?;
+        Ok((cache, seq))
+    })();
     let q = noise([1, HQ, 1, D], 3);
-    let median = |mut times: Vec<f64>| {
-        times.sort_by(f64::total_cmp);
-        times[times.len() / 2]
-    };
-    let cpu = Cpu::new();
-    attention.try_decode_cpu(&cpu, q.view(), &cache, &[seq])?; // warm-up
-    let mut times = Vec::new();
-    for _ in 0..options.steps.max(1) {
-        let start = Instant::now();
-        std::hint::black_box(attention.try_decode_cpu(&cpu, q.view(), &cache, &[seq])?);
-        times.push(start.elapsed().as_secs_f64());
-    }
-    let mut measured = Measured {
-        cpu_seconds: Some(median(times)),
-        ..Measured::default()
-    };
-    if let Some(device) = device {
-        let mut copy = device.try_upload_cache(&cache)?;
-        let q_device = device.try_upload(q.view())?;
-        // The first launch compiles the kernel.
-        attention.try_decode(device, &q_device, &cache, &mut copy, &[seq])?;
-        device.try_sync()?;
-        let mut times = Vec::new();
-        for _ in 0..options.steps.max(1) {
-            let start = Instant::now();
-            let out = attention.try_decode(device, &q_device, &cache, &mut copy, &[seq])?;
-            device.try_sync()?;
-            times.push(start.elapsed().as_secs_f64());
-            drop(out);
+    if let Some((cache, seq)) = measured.keep("KV cache", cache) {
+        let cpu = Cpu::new();
+        let seconds = median_seconds(options.steps, || {
+            std::hint::black_box(attention.try_decode_cpu(&cpu, q.view(), &cache, &[seq])?);
+            Ok(())
+        });
+        measured.cpu_seconds = measured.keep("CPU decode", seconds);
+        if let Some(device) = device {
+            let seconds = (|| {
+                let mut copy = device.try_upload_cache(&cache)?;
+                let q_device = device.try_upload(q.view())?;
+                median_seconds(options.steps, || {
+                    let out = attention.try_decode(device, &q_device, &cache, &mut copy, &[seq])?;
+                    device.try_sync()?;
+                    drop(out);
+                    Ok(())
+                })
+            })();
+            measured.gpu_seconds = measured.keep("GPU decode", seconds);
         }
-        measured.gpu_seconds = Some(median(times));
     }
     if let Some(dir) = &options.checkpoint {
-        let mha = checkpoint::try_read_layer::<HQ, HQ, D>(dir.as_ref(), &options.prefix)?.layer;
-        let gqa = mha.to_gqa::<HKV>(KvInit::MeanPool);
-        let mut rng = fastrand::Rng::with_seed(4);
-        let x = Array3::from_shape_simple_fn((1, 64, mha.hidden()), || rng.f32() * 2.0 - 1.0);
-        let y_mha = mha
-            .try_forward(&Attention::<HQ, HQ, D>::new().causal(), &cpu, x.view())?
-            .y;
-        let y_gqa = gqa.try_forward(&attention, &cpu, x.view())?.y;
-        measured.error = Some(relative_error(y_gqa.view(), y_mha.view()));
+        // Read once for every `G` (the layer's type is the same for all of them).
+        let mut loaded = options.loaded.borrow_mut();
+        let mha = loaded
+            .get_or_insert_with(|| {
+                Box::new(
+                    checkpoint::try_read_layer::<HQ, HQ, D>(dir.as_ref(), &options.prefix)
+                        .map(|read| read.layer),
+                )
+            })
+            .downcast_ref::<Result<MhaLayer<HQ, D>, Error>>()
+            .expect("one model's layer per run")
+            .clone();
+        let error = mha.and_then(|mha| {
+            let gqa = mha.to_gqa::<HKV>(KvInit::MeanPool);
+            let mut rng = fastrand::Rng::with_seed(4);
+            let x = Array3::from_shape_simple_fn((1, 64, mha.hidden()), || rng.f32() * 2.0 - 1.0);
+            let cpu = Cpu::new();
+            let y_mha = mha
+                .try_forward(&Attention::<HQ, HQ, D>::new().causal(), &cpu, x.view())?
+                .y;
+            let y_gqa = gqa.try_forward(&attention, &cpu, x.view())?.y;
+            Ok(relative_error(y_gqa.view(), y_mha.view()))
+        });
+        measured.error = measured.keep("conversion error", error);
     }
-    Ok(measured)
+    measured
 }
 
 /// [`measure`] for the shapes compiled in; `None` for any other.
@@ -167,8 +206,8 @@ fn measure_any(
     (q_heads, kv_heads, head_dim): (usize, usize, usize),
     options: &Options,
     device: Option<&CubeDevice>,
-) -> Result<Option<Measured>, Error> {
-    let measured = gqa::dispatch!(
+) -> Option<Measured> {
+    gqa::dispatch!(
         (q_heads, kv_heads, head_dim),
         [
             (32, 1, 128),
@@ -202,12 +241,8 @@ fn measure_any(
             (8, 8, 16),
         ],
         |HQ, HKV, D| measure::<HQ, HKV, D>(options, device)
-    );
-    match measured {
-        Ok(result) => result.map(Some),
-        Err(Error::NotDispatched { .. }) => Ok(None),
-        Err(other) => Err(other),
-    }
+    )
+    .ok()
 }
 
 struct Row {
@@ -230,6 +265,7 @@ fn main() -> Result<(), Error> {
     let dtype = config.dtype.unwrap_or(DType::BF16);
     let budget = options.memory_gib << 30;
     let device = if options.cpu_only {
+        println!("--cpu-only: no GPU column");
         None
     } else {
         match CubeDevice::try_default() {
@@ -258,7 +294,7 @@ fn main() -> Result<(), Error> {
         let attention = DynAttention::try_new(heads, kv_heads, head_dim)?;
         let cache = attention.kv_cache(dtype);
         let per_sequence = cache.bytes(layers, 1, options.context);
-        let measured = measure_any((heads, kv_heads, head_dim), &options, device.as_ref())?;
+        let measured = measure_any((heads, kv_heads, head_dim), &options, device.as_ref());
         rows.push(Row {
             kv_heads,
             per_token: cache.bytes_per_token(layers),
@@ -294,6 +330,22 @@ fn main() -> Result<(), Error> {
             show(m.and_then(|m| m.error), 1.0, 4),
         );
     }
+    let notes: Vec<String> = rows
+        .iter()
+        .flat_map(|row| {
+            let kv_heads = row.kv_heads;
+            row.measured
+                .iter()
+                .flat_map(|m| &m.notes)
+                .map(move |note| format!("{kv_heads} KV heads, {note}"))
+        })
+        .collect();
+    if !notes.is_empty() {
+        println!("\nnot measured (shown as -):");
+        for note in &notes {
+            println!("  {note}");
+        }
+    }
     if rows.iter().any(|r| r.measured.is_none()) {
         println!(
             "\n({heads} x {head_dim} is not among the shapes this dial compiles in: add its (HQ, G, D) triples to `measure_any`)"
@@ -307,14 +359,109 @@ fn main() -> Result<(), Error> {
     Ok(())
 }
 
-/// KV MiB per sequence (left axis) and decode µs (right axis) against KV heads.
+/// Two panels against KV heads: above, KV MiB per sequence (left axis) and decode µs (right
+/// axis); below, the sequences that fit the memory budget (left) and, given a checkpoint, the
+/// conversion's output error (right).
 fn draw(
     options: &Options,
     config: &ModelConfig,
     rows: &[Row],
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(&options.chart, (900, 520)).into_drawing_area();
+    let root = SVGBackend::new(&options.chart, (900, 900)).into_drawing_area();
     root.fill(&WHITE)?;
+    let (upper, lower) = root.split_vertically(520);
+    draw_costs(options, config, rows, &upper)?;
+    draw_budget(options, rows, &lower)?;
+    root.present()?;
+    Ok(())
+}
+
+/// The x axis's label at `x`: the KV heads of the row there.
+fn kv_label(rows: &[Row], x: f64) -> String {
+    let i = x.round();
+    if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < rows.len() {
+        rows[i as usize].kv_heads.to_string()
+    } else {
+        String::new()
+    }
+}
+
+/// The lower panel: sequences in the budget as bars, the conversion error as a line.
+fn draw_budget(
+    options: &Options,
+    rows: &[Row],
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let n = rows.len();
+    let max_sequences = rows.iter().map(|r| r.sequences).max().unwrap_or(0).max(1) as f64 * 1.1;
+    let errors: Vec<(f64, f64)> = rows
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((i as f64, r.measured.as_ref()?.error?)))
+        .collect();
+    let max_error = errors.iter().map(|e| e.1).fold(0.0, f64::max).max(1e-3) * 1.1;
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            format!(
+                "what {} GiB of KV cache holds, and what the conversion costs",
+                options.memory_gib
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .right_y_label_area_size(70)
+        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, 0f64..max_sequences)?
+        .set_secondary_coord(-0.5f64..n as f64 - 0.5, 0f64..max_error);
+    chart
+        .configure_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| kv_label(rows, *x))
+        .x_desc("KV heads")
+        .y_desc(format!("sequences of {} tokens", options.context))
+        .draw()?;
+    chart
+        .configure_secondary_axes()
+        .y_desc("output error, mean-pooled (relative)")
+        .draw()?;
+    let bars = rows.iter().enumerate().map(|(i, r)| {
+        Rectangle::new(
+            [(i as f64 - 0.3, 0.0), (i as f64 + 0.3, r.sequences as f64)],
+            MAGENTA.mix(0.3).filled(),
+        )
+    });
+    chart
+        .draw_series(bars)?
+        .label(format!("sequences in {} GiB", options.memory_gib))
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], MAGENTA.mix(0.3).filled()));
+    if !errors.is_empty() {
+        chart
+            .draw_secondary_series(LineSeries::new(errors.clone(), BLACK.stroke_width(2)))?
+            .label("conversion error (checkpoint)")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], BLACK.stroke_width(2)));
+        chart.draw_secondary_series(
+            errors
+                .into_iter()
+                .map(|p| Circle::new(p, 4, BLACK.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+/// The upper panel: KV MiB per sequence as bars, CPU and GPU decode time as lines.
+fn draw_costs(
+    options: &Options,
+    config: &ModelConfig,
+    rows: &[Row],
+    root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let n = rows.len();
     let max_mib = rows.iter().map(|r| mib(r.per_sequence)).fold(0.0, f64::max) * 1.1;
     let times: Vec<(usize, Option<f64>, Option<f64>)> = rows
@@ -335,7 +482,7 @@ fn draw(
         .flatten()
         .fold(1.0, f64::max)
         * 1.1;
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(root)
         .caption(
             format!(
                 "{}: {} query heads, head dim {}, {} tokens",
@@ -354,18 +501,10 @@ fn draw(
         .right_y_label_area_size(70)
         .build_cartesian_2d(-0.5f64..n as f64 - 0.5, 0f64..max_mib)?
         .set_secondary_coord(-0.5f64..n as f64 - 0.5, 0f64..max_us);
-    let labels: Vec<usize> = rows.iter().map(|r| r.kv_heads).collect();
     chart
         .configure_mesh()
         .x_labels(n)
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() {
-                labels[i as usize].to_string()
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&|x| kv_label(rows, *x))
         .x_desc("KV heads")
         .y_desc("KV cache per sequence (MiB)")
         .draw()?;
@@ -410,6 +549,5 @@ fn draw(
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
-    root.present()?;
     Ok(())
 }

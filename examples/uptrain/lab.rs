@@ -3,13 +3,13 @@
 
 use std::time::Instant;
 
-use gqa::cache::{Float32, Layout};
+use gqa::cache::{Float32, KvCache, Layout, SeqId};
 use gqa::cpu::Cpu;
 use gqa::heads::{Rule, Supported};
 use gqa::layer::train::{Adam, relative_error, try_distill};
 use gqa::layer::{AttentionLayer, KvInit, Linear, MhaLayer, checkpoint};
 use gqa::{Attention, DType, Error};
-use ndarray::{Array1, Array3, Axis};
+use ndarray::{Array1, Array3, ArrayView1, Axis};
 
 pub const HEADS: usize = 8;
 pub const HEAD_DIM: usize = 16;
@@ -182,9 +182,42 @@ where
     Ok(rows)
 }
 
-/// One decode step of a `G`-KV-head block (the mean-pooled conversion of `mha`) against a cache
-/// holding `context` tokens, on the CPU: the median of `steps` steps, in seconds.
-pub fn decode_seconds<const G: usize>(mha: &Mha, context: usize, steps: usize) -> Result<f64, Error>
+/// A block ready to decode: one step appends a token to its cache and attends to it all.
+pub trait DecodeStep {
+    fn step(&mut self, x: ArrayView1<f32>) -> Result<(), Error>;
+}
+
+struct Decoder<const G: usize>
+where
+    Rule: Supported<HEADS, G, HEAD_DIM> + Supported<G, G, HEAD_DIM>,
+{
+    layer: AttentionLayer<HEADS, G, HEAD_DIM>,
+    attention: Attention<HEADS, G, HEAD_DIM>,
+    cache: KvCache<G, HEAD_DIM, Float32>,
+    seq: SeqId,
+    cpu: Cpu,
+}
+
+impl<const G: usize> DecodeStep for Decoder<G>
+where
+    Rule: Supported<HEADS, G, HEAD_DIM> + Supported<G, G, HEAD_DIM>,
+{
+    fn step(&mut self, x: ArrayView1<f32>) -> Result<(), Error> {
+        let y =
+            self.layer
+                .try_decode_cpu(&self.attention, &self.cpu, &mut self.cache, self.seq, x)?;
+        std::hint::black_box(y);
+        Ok(())
+    }
+}
+
+/// The `G`-KV-head block (the mean-pooled conversion of `mha`) with a cache holding a
+/// `context`-token prompt (room for `steps` more), on the CPU.
+pub fn decoder<const G: usize>(
+    mha: &Mha,
+    context: usize,
+    steps: usize,
+) -> Result<Box<dyn DecodeStep>, Error>
 where
     Rule: Supported<HEADS, G, HEAD_DIM> + Supported<G, G, HEAD_DIM>,
 {
@@ -204,14 +237,33 @@ where
         out.k.index_axis(Axis(0), 0),
         out.v.index_axis(Axis(0), 0),
     )?;
-    let mut times = Vec::with_capacity(steps);
+    Ok(Box::new(Decoder {
+        layer,
+        attention,
+        cache,
+        seq,
+        cpu,
+    }))
+}
+
+/// The median time of one decode step of each block, in seconds: `steps` rounds, each one
+/// step of every block in turn, so that the machine's drifts fall on all of them alike.
+pub fn decode_seconds(blocks: &mut [Box<dyn DecodeStep>], steps: usize) -> Result<Vec<f64>, Error> {
+    let mut rng = fastrand::Rng::with_seed(8);
+    let mut times = vec![Vec::with_capacity(steps); blocks.len()];
     for _ in 0..steps {
-        let x = Array1::from_shape_simple_fn(HIDDEN, || rng.f32() * 2.0 - 1.0);
-        let start = Instant::now();
-        let y = layer.try_decode_cpu(&attention, &cpu, &mut cache, seq, x.view())?;
-        times.push(start.elapsed().as_secs_f64());
-        std::hint::black_box(y);
+        for (block, times) in blocks.iter_mut().zip(&mut times) {
+            let x = Array1::from_shape_simple_fn(HIDDEN, || rng.f32() * 2.0 - 1.0);
+            let start = Instant::now();
+            block.step(x.view())?;
+            times.push(start.elapsed().as_secs_f64());
+        }
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[steps / 2])
+    Ok(times
+        .into_iter()
+        .map(|mut times| {
+            times.sort_by(f64::total_cmp);
+            times[steps / 2]
+        })
+        .collect())
 }
