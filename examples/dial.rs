@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! cargo run --release --example dial -- tests/fixtures/configs/llama-3-8b.json \
-//!     [--context 4096] [--memory-gib 80] [--steps 16] [--cpu-only] \
+//!     [--context 4096] [--memory-gib 80] [--steps 32] [--cpu-only] \
 //!     [--checkpoint DIR [--prefix model.layers.0.self_attn.]] [--chart dial.svg]
 //! ```
 //!
@@ -24,9 +24,9 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::time::Instant;
 
-use gqa::cache::{Float32, Layout};
+use gqa::cache::{Float32, KvCache, Layout, SeqId};
 use gqa::cpu::Cpu;
-use gqa::cube::CubeDevice;
+use gqa::cube::{CubeDevice, DeviceKvCache, DeviceTensor};
 use gqa::heads::{Rule, Supported};
 use gqa::layer::train::relative_error;
 use gqa::layer::{KvInit, MhaLayer, checkpoint};
@@ -43,6 +43,8 @@ struct Options {
     checkpoint: Option<String>,
     prefix: String,
     chart: String,
+    /// The GPU device's name, once it is open.
+    gpu_name: Option<String>,
     /// The checkpoint's layer, read at the first `G` (a `Result<MhaLayer<HQ, D>, Error>`).
     loaded: RefCell<Option<Box<dyn Any>>>,
 }
@@ -74,11 +76,12 @@ fn options() -> Options {
         config,
         context: number("--context", 4096),
         memory_gib: number("--memory-gib", 80) as u128,
-        steps: number("--steps", 16),
+        steps: number("--steps", 32),
         cpu_only: args.iter().any(|a| a == "--cpu-only"),
         checkpoint: value("--checkpoint"),
         prefix: value("--prefix").unwrap_or_else(|| "model.layers.0.self_attn.".into()),
         chart: value("--chart").unwrap_or_else(|| "dial.svg".into()),
+        gpu_name: None,
         loaded: RefCell::new(None),
     }
 }
@@ -109,69 +112,67 @@ fn noise(shape: [usize; 4], seed: u64) -> Array4<f32> {
     Array4::from_shape_simple_fn(shape, || rng.f32() * 2.0 - 1.0)
 }
 
-/// The median of `steps` timings of `step` (after one untimed call, which also compiles a
-/// kernel).
-fn median_seconds(steps: usize, mut step: impl FnMut() -> Result<(), Error>) -> Result<f64, Error> {
-    step()?;
-    let mut times = Vec::with_capacity(steps.max(1));
-    for _ in 0..steps.max(1) {
-        let start = Instant::now();
-        step()?;
-        times.push(start.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+/// One `G`'s decode, prepared: its cache filled (and copied to the device), so that the timed
+/// steps of every `G` can run in turn.
+trait Decoder {
+    fn cpu_step(&mut self) -> Result<(), Error>;
+    /// `None` without a device (or where its copy of the cache could not be made).
+    fn gpu_step(&mut self) -> Option<Result<(), Error>>;
 }
 
-/// The median decode step of `Attention<HQ, HKV, D>` (one query token, batch 1) against a
-/// cache of `context` tokens, on the CPU and on `device`; and, given a checkpoint, the
-/// conversion's output error.
-fn measure<const HQ: usize, const HKV: usize, const D: usize>(
+struct Prepared<'a, const HQ: usize, const HKV: usize, const D: usize>
+where
+    Rule: Supported<HQ, HKV, D> + Supported<HKV, HKV, D>,
+{
+    attention: Attention<HQ, HKV, D>,
+    cache: KvCache<HKV, D, Float32>,
+    seq: SeqId,
+    q: Array4<f32>,
+    cpu: Cpu,
+    gpu: Option<(
+        &'a CubeDevice,
+        DeviceKvCache<HKV, D, Float32>,
+        DeviceTensor<f32>,
+    )>,
+}
+
+impl<const HQ: usize, const HKV: usize, const D: usize> Decoder for Prepared<'_, HQ, HKV, D>
+where
+    Rule: Supported<HQ, HKV, D> + Supported<HKV, HKV, D>,
+{
+    fn cpu_step(&mut self) -> Result<(), Error> {
+        let out =
+            self.attention
+                .try_decode_cpu(&self.cpu, self.q.view(), &self.cache, &[self.seq])?;
+        std::hint::black_box(out);
+        Ok(())
+    }
+
+    fn gpu_step(&mut self) -> Option<Result<(), Error>> {
+        let (device, copy, q) = self.gpu.as_mut()?;
+        Some((|| {
+            let out = self
+                .attention
+                .try_decode(device, q, &self.cache, copy, &[self.seq])?;
+            device.try_sync()?;
+            drop(out);
+            Ok(())
+        })())
+    }
+}
+
+/// Prepares `Attention<HQ, HKV, D>`'s decode (one query token, batch 1, against a cache of
+/// `context` tokens) on the CPU and on `device`, and, given a checkpoint, measures the
+/// conversion's output error. What fails is a note in `measured`.
+fn prepare<'a, const HQ: usize, const HKV: usize, const D: usize>(
     options: &Options,
-    device: Option<&CubeDevice>,
-) -> Measured
+    device: Option<&'a CubeDevice>,
+    measured: &mut Measured,
+) -> Option<Box<dyn Decoder + 'a>>
 where
     Rule: Supported<HQ, HKV, D> + Supported<HKV, HKV, D> + Supported<HQ, HQ, D>,
 {
-    let mut measured = Measured::default();
     let attention = Attention::<HQ, HKV, D>::new().causal();
-    let cache = (|| {
-        let mut cache = attention.try_new_cache::<Float32>(Layout::Contiguous {
-            sequences: 1,
-            capacity: options.context,
-        })?;
-        let seq = cache.try_add_sequence()?;
-        let kv = |seed| noise([1, HKV, options.context, D], seed);
-        let (k, v) = (kv(1), kv(2));
-        cache.try_append(
-            seq,
-            k.index_axis(ndarray::Axis(0), 0),
-            v.index_axis(ndarray::Axis(0), 0),
-        )?;
-        Ok((cache, seq))
-    })();
-    let q = noise([1, HQ, 1, D], 3);
-    if let Some((cache, seq)) = measured.keep("KV cache", cache) {
-        let cpu = Cpu::new();
-        let seconds = median_seconds(options.steps, || {
-            std::hint::black_box(attention.try_decode_cpu(&cpu, q.view(), &cache, &[seq])?);
-            Ok(())
-        });
-        measured.cpu_seconds = measured.keep("CPU decode", seconds);
-        if let Some(device) = device {
-            let seconds = (|| {
-                let mut copy = device.try_upload_cache(&cache)?;
-                let q_device = device.try_upload(q.view())?;
-                median_seconds(options.steps, || {
-                    let out = attention.try_decode(device, &q_device, &cache, &mut copy, &[seq])?;
-                    device.try_sync()?;
-                    drop(out);
-                    Ok(())
-                })
-            })();
-            measured.gpu_seconds = measured.keep("GPU decode", seconds);
-        }
-    }
     if let Some(dir) = &options.checkpoint {
         // Read once for every `G` (the layer's type is the same for all of them).
         let mut loaded = options.loaded.borrow_mut();
@@ -198,15 +199,103 @@ where
         });
         measured.error = measured.keep("conversion error", error);
     }
-    measured
+    let cache = (|| {
+        let mut cache = attention.try_new_cache::<Float32>(Layout::Contiguous {
+            sequences: 1,
+            capacity: options.context,
+        })?;
+        let seq = cache.try_add_sequence()?;
+        let kv = |seed| noise([1, HKV, options.context, D], seed);
+        let (k, v) = (kv(1), kv(2));
+        cache.try_append(
+            seq,
+            k.index_axis(ndarray::Axis(0), 0),
+            v.index_axis(ndarray::Axis(0), 0),
+        )?;
+        Ok((cache, seq))
+    })();
+    let (cache, seq) = measured.keep("KV cache", cache)?;
+    let q = noise([1, HQ, 1, D], 3);
+    let gpu = device.and_then(|device| {
+        let copy = (|| {
+            Ok((
+                device.try_upload_cache(&cache)?,
+                device.try_upload(q.view())?,
+            ))
+        })();
+        measured
+            .keep("GPU decode", copy)
+            .map(|(copy, q)| (device, copy, q))
+    });
+    Some(Box::new(Prepared {
+        attention,
+        cache,
+        seq,
+        q,
+        cpu: Cpu::new(),
+        gpu,
+    }))
 }
 
-/// [`measure`] for the shapes compiled in; `None` for any other.
-fn measure_any(
+/// The median CPU and GPU decode step of each prepared row, in seconds: one untimed step of
+/// each (the GPU's compiles its kernel), then `steps` rounds of one step of every row in turn,
+/// so that the machine's drifts fall on all rows alike. A row whose step fails is a note.
+fn time_in_turn(rows: &mut [Row], decoders: &mut [Option<Box<dyn Decoder + '_>>], steps: usize) {
+    let mut times = vec![(Vec::new(), Vec::new()); rows.len()];
+    let mut failed = vec![(false, false); rows.len()];
+    for round in 0..=steps.max(1) {
+        for (i, decoder) in decoders.iter_mut().enumerate() {
+            let (Some(decoder), Some(measured)) = (decoder, rows[i].measured.as_mut()) else {
+                continue;
+            };
+            if !failed[i].0 {
+                let start = Instant::now();
+                let result = decoder.cpu_step();
+                let seconds = start.elapsed().as_secs_f64();
+                match result {
+                    Ok(()) if round > 0 => times[i].0.push(seconds),
+                    Ok(()) => {}
+                    Err(e) => {
+                        failed[i].0 = true;
+                        measured.notes.push(format!("CPU decode: {e}"));
+                    }
+                }
+            }
+            if !failed[i].1 {
+                let start = Instant::now();
+                let result = decoder.gpu_step();
+                let seconds = start.elapsed().as_secs_f64();
+                match result {
+                    None => {}
+                    Some(Ok(())) if round > 0 => times[i].1.push(seconds),
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => {
+                        failed[i].1 = true;
+                        measured.notes.push(format!("GPU decode: {e}"));
+                    }
+                }
+            }
+        }
+    }
+    let median = |times: &mut Vec<f64>| {
+        times.sort_by(f64::total_cmp);
+        times.get(times.len() / 2).copied()
+    };
+    for ((row, (cpu, gpu)), failed) in rows.iter_mut().zip(&mut times).zip(failed) {
+        if let Some(measured) = row.measured.as_mut() {
+            measured.cpu_seconds = median(cpu).filter(|_| !failed.0);
+            measured.gpu_seconds = median(gpu).filter(|_| !failed.1);
+        }
+    }
+}
+
+/// [`prepare`] for the shapes compiled in: `None` for any other.
+fn prepare_any<'a>(
     (q_heads, kv_heads, head_dim): (usize, usize, usize),
     options: &Options,
-    device: Option<&CubeDevice>,
-) -> Option<Measured> {
+    device: Option<&'a CubeDevice>,
+    measured: &mut Measured,
+) -> Option<Option<Box<dyn Decoder + 'a>>> {
     gqa::dispatch!(
         (q_heads, kv_heads, head_dim),
         [
@@ -240,7 +329,7 @@ fn measure_any(
             (8, 4, 16),
             (8, 8, 16),
         ],
-        |HQ, HKV, D| measure::<HQ, HKV, D>(options, device)
+        |HQ, HKV, D| prepare::<HQ, HKV, D>(options, device, measured)
     )
     .ok()
 }
@@ -258,7 +347,7 @@ fn mib(bytes: u128) -> f64 {
 }
 
 fn main() -> Result<(), Error> {
-    let options = options();
+    let mut options = options();
     let config = ModelConfig::from_json_file(&options.config)?;
     let (heads, head_dim) = (config.num_attention_heads, config.head_dim);
     let layers = config.num_hidden_layers.unwrap_or(1);
@@ -276,12 +365,13 @@ fn main() -> Result<(), Error> {
             }
         }
     };
+    options.gpu_name = device.as_ref().map(|d| d.name().to_string());
     println!(
         "{}: {heads} query heads (this model: {} KV heads), head dim {head_dim}, {layers} layers, {dtype}",
         options.config, config.num_key_value_heads
     );
     println!(
-        "decode: one query token, batch 1, one layer's attention against {} cached tokens (f32 cache), median of {} steps; CPU: {} threads{}",
+        "decode: one query token, batch 1, one layer's attention against {} cached tokens (f32 cache), median of {} steps, the rows in turn; CPU: {} threads{}",
         options.context,
         options.steps,
         Cpu::new().threads(),
@@ -289,12 +379,20 @@ fn main() -> Result<(), Error> {
             .as_ref()
             .map_or(String::new(), |d| format!("; GPU: {}", d.name()))
     );
-    let mut rows = Vec::new();
+    let (mut rows, mut decoders) = (Vec::new(), Vec::new());
     for kv_heads in (1..=heads).filter(|g| heads % g == 0) {
         let attention = DynAttention::try_new(heads, kv_heads, head_dim)?;
         let cache = attention.kv_cache(dtype);
         let per_sequence = cache.bytes(layers, 1, options.context);
-        let measured = measure_any((heads, kv_heads, head_dim), &options, device.as_ref());
+        let mut measured = Measured::default();
+        let decoder = prepare_any(
+            (heads, kv_heads, head_dim),
+            &options,
+            device.as_ref(),
+            &mut measured,
+        );
+        let measured = decoder.is_some().then_some(measured);
+        decoders.push(decoder.flatten());
         rows.push(Row {
             kv_heads,
             per_token: cache.bytes_per_token(layers),
@@ -303,6 +401,8 @@ fn main() -> Result<(), Error> {
             measured,
         });
     }
+    time_in_turn(&mut rows, &mut decoders, options.steps);
+    drop(decoders);
     println!(
         "\n| KV heads | group | KV per token | KV per sequence ({} tokens) | sequences in {} GiB | CPU decode (µs) | GPU decode (µs) | conversion error |",
         options.context, options.memory_gib
@@ -376,6 +476,19 @@ fn draw(
     Ok(())
 }
 
+/// The model's name for the chart: the file's name, or its folder's for a `config.json`.
+fn model_name(config: &str) -> String {
+    let path = std::path::Path::new(config);
+    let named = if path.file_name().is_some_and(|f| f == "config.json") {
+        path.canonicalize()
+            .ok()
+            .and_then(|p| p.parent()?.file_name().map(|f| f.to_owned()))
+    } else {
+        path.file_name().map(|f| f.to_owned())
+    };
+    named.map_or("model".into(), |f| f.to_string_lossy().into_owned())
+}
+
 /// The x axis's label at `x`: the KV heads of the row there.
 fn kv_label(rows: &[Row], x: f64) -> String {
     let i = x.round();
@@ -402,10 +515,14 @@ fn draw_budget(
     let max_error = errors.iter().map(|e| e.1).fold(0.0, f64::max).max(1e-3) * 1.1;
     let mut chart = ChartBuilder::on(area)
         .caption(
-            format!(
-                "what {} GiB of KV cache holds, and what the conversion costs",
-                options.memory_gib
-            ),
+            if errors.is_empty() {
+                format!("what {} GiB of KV cache holds", options.memory_gib)
+            } else {
+                format!(
+                    "what {} GiB of KV cache holds, and what the conversion costs",
+                    options.memory_gib
+                )
+            },
             ("sans-serif", 18),
         )
         .margin(16)
@@ -421,10 +538,12 @@ fn draw_budget(
         .x_desc("KV heads")
         .y_desc(format!("sequences of {} tokens", options.context))
         .draw()?;
-    chart
-        .configure_secondary_axes()
-        .y_desc("output error, mean-pooled (relative)")
-        .draw()?;
+    if !errors.is_empty() {
+        chart
+            .configure_secondary_axes()
+            .y_desc("output error, mean-pooled (relative)")
+            .draw()?;
+    }
     let bars = rows.iter().enumerate().map(|(i, r)| {
         Rectangle::new(
             [(i as f64 - 0.3, 0.0), (i as f64 + 0.3, r.sequences as f64)],
@@ -482,13 +601,22 @@ fn draw_costs(
         .flatten()
         .fold(1.0, f64::max)
         * 1.1;
+    // lavapipe is Vulkan on the CPU: the label says which device the "GPU" line is.
+    let gpu_label = format!(
+        "GPU decode (µs){}",
+        options
+            .gpu_name
+            .as_deref()
+            .map_or(String::new(), |name| format!(
+                ", {}",
+                name.split(" (").next().unwrap_or(name)
+            ))
+    );
     let mut chart = ChartBuilder::on(root)
         .caption(
             format!(
                 "{}: {} query heads, head dim {}, {} tokens",
-                std::path::Path::new(&options.config)
-                    .file_name()
-                    .map_or("model".into(), |f| f.to_string_lossy()),
+                model_name(&options.config),
                 config.num_attention_heads,
                 config.head_dim,
                 options.context
@@ -524,7 +652,7 @@ fn draw_costs(
         .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], BLUE.mix(0.35).filled()));
     for (name, color, pick) in [
         ("CPU decode (µs)", RED, 0usize),
-        ("GPU decode (µs)", GREEN, 1usize),
+        (&*gpu_label, GREEN, 1usize),
     ] {
         let points: Vec<(f64, f64)> = times
             .iter()
