@@ -34,19 +34,20 @@ use gqa::{Attention, DType, DynAttention, Error, ModelConfig};
 use ndarray::{Array3, Array4};
 use plotters::prelude::*;
 
-struct Options {
-    config: String,
-    context: usize,
-    memory_gib: u128,
-    steps: usize,
-    cpu_only: bool,
-    checkpoint: Option<String>,
-    prefix: String,
-    chart: String,
+/// The command line (public, as [`Row`] and [`Measured`], for `tests/dial.rs`).
+pub struct Options {
+    pub config: String,
+    pub context: usize,
+    pub memory_gib: u128,
+    pub steps: usize,
+    pub cpu_only: bool,
+    pub checkpoint: Option<String>,
+    pub prefix: String,
+    pub chart: String,
     /// The GPU device's name, once it is open.
-    gpu_name: Option<String>,
+    pub gpu_name: Option<String>,
     /// The checkpoint's layer, read at the first `G` (a `Result<MhaLayer<HQ, D>, Error>`).
-    loaded: RefCell<Option<Box<dyn Any>>>,
+    pub loaded: RefCell<Option<Box<dyn Any>>>,
 }
 
 fn options() -> Options {
@@ -89,12 +90,12 @@ fn options() -> Options {
 /// What one `G` measured: each part `None` where it was not asked for or failed (its error
 /// then in `notes`, so that one part's failure costs no other).
 #[derive(Default)]
-struct Measured {
-    cpu_seconds: Option<f64>,
-    gpu_seconds: Option<f64>,
+pub struct Measured {
+    pub cpu_seconds: Option<f64>,
+    pub gpu_seconds: Option<f64>,
     /// The mean-pooled conversion's relative output error against the checkpoint's layer.
-    error: Option<f64>,
-    notes: Vec<String>,
+    pub error: Option<f64>,
+    pub notes: Vec<String>,
 }
 
 impl Measured {
@@ -334,12 +335,14 @@ fn prepare_any<'a>(
     .ok()
 }
 
-struct Row {
-    kv_heads: usize,
-    per_token: u128,
-    per_sequence: u128,
-    sequences: u128,
-    measured: Option<Measured>,
+/// One `G`: its KV cache (bytes per token and per sequence, all layers, the model's dtype),
+/// the sequences that fit the budget, and what was measured (`None`: a shape not compiled in).
+pub struct Row {
+    pub kv_heads: usize,
+    pub per_token: u128,
+    pub per_sequence: u128,
+    pub sequences: u128,
+    pub measured: Option<Measured>,
 }
 
 fn mib(bytes: u128) -> f64 {
@@ -347,11 +350,25 @@ fn mib(bytes: u128) -> f64 {
 }
 
 fn main() -> Result<(), Error> {
-    let mut options = options();
+    run(&mut options()).map(|_| ())
+}
+
+/// The dial: measures, prints and draws every `G`, and returns the rows.
+pub fn run(options: &mut Options) -> Result<Vec<Row>, Error> {
     let config = ModelConfig::from_json_file(&options.config)?;
     let (heads, head_dim) = (config.num_attention_heads, config.head_dim);
     let layers = config.num_hidden_layers.unwrap_or(1);
     let dtype = config.dtype.unwrap_or(DType::BF16);
+    let assumed = [
+        config.num_hidden_layers.is_none().then_some("1 layer"),
+        config.dtype.is_none().then_some("bf16"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>();
+    if !assumed.is_empty() {
+        println!("the config does not say: {} assumed", assumed.join(" and "));
+    }
     let budget = options.memory_gib << 30;
     let device = if options.cpu_only {
         println!("--cpu-only: no GPU column");
@@ -448,7 +465,7 @@ fn main() -> Result<(), Error> {
     }
     if rows.iter().any(|r| r.measured.is_none()) {
         println!(
-            "\n({heads} x {head_dim} is not among the shapes this dial compiles in: add its (HQ, G, D) triples to `measure_any`)"
+            "\n({heads} x {head_dim} is not among the shapes this dial compiles in: add its (HQ, G, D) triples to `prepare_any`)"
         );
     }
     draw(&options, &config, &rows).map_err(|e| Error::Checkpoint {
@@ -456,7 +473,7 @@ fn main() -> Result<(), Error> {
         reason: format!("cannot draw the chart: {e}"),
     })?;
     println!("\nchart: {}", options.chart);
-    Ok(())
+    Ok(rows)
 }
 
 /// Two panels against KV heads: above, KV MiB per sequence (left axis) and decode µs (right
