@@ -404,7 +404,7 @@ pub fn run(options: &mut Options) -> Result<Vec<Row>, Error> {
         let mut measured = Measured::default();
         let decoder = prepare_any(
             (heads, kv_heads, head_dim),
-            &options,
+            options,
             device.as_ref(),
             &mut measured,
         );
@@ -468,7 +468,7 @@ pub fn run(options: &mut Options) -> Result<Vec<Row>, Error> {
             "\n({heads} x {head_dim} is not among the shapes this dial compiles in: add its (HQ, G, D) triples to `prepare_any`)"
         );
     }
-    draw(&options, &config, &rows).map_err(|e| Error::Checkpoint {
+    draw(options, &config, &rows).map_err(|e| Error::Checkpoint {
         file: options.chart.clone(),
         reason: format!("cannot draw the chart: {e}"),
     })?;
