@@ -15,7 +15,7 @@ use common::mods::{Captures, checker, run_family, wobble};
 use common::runner::{self, Persist, env_count};
 use common::tensor;
 use gqa::cpu::Cpu;
-use gqa::dsl::block::{Classifier, Row, SortedDocuments};
+use gqa::dsl::block::{Band, Classifier, Row, SortedDocuments, TileState};
 use gqa::dsl::{Aux, MaskMod, Mods, NoMask, NoScore, Position, ScoreMod, library};
 use gqa::{AttentionSpec, Mask, oracle};
 use proptest::prelude::*;
@@ -410,6 +410,129 @@ fn block_masks_change_no_bit_of_the_cpu_output() {
     );
 }
 
+/// [`Band`] against the masks it describes, by brute force over every pair of drawn problems
+/// (`seq_q > seq_k` and bands that miss every key included): its row keys are exactly the keys
+/// `library::causal()` or `library::sliding_window(left, right)` shows each query, and a tile
+/// it calls empty has no visible pair, one it calls full no hidden one.
+#[test]
+fn band_row_keys_and_tiles_are_what_the_mask_sees() {
+    runner::check(
+        "band_row_keys_and_tiles_are_what_the_mask_sees",
+        law_cases(),
+        Persist::No,
+        (
+            1..=60usize,
+            1..=60usize,
+            prop_oneof![Just(None), (-6..=40i32, -6..=40i32).prop_map(Some)],
+            1..=24usize,
+            1..=24usize,
+        ),
+        |(seq_q, seq_k, window, q_tile, k_tile)| {
+            let (band, mask): (Band, Box<dyn Fn(Position) -> bool>) = match window {
+                None => (Band::causal(), Box::new(|at| library::causal().visible(at))),
+                Some((left, right)) => (
+                    Band::window(left, right),
+                    Box::new(move |at| library::sliding_window(left, right).visible(at)),
+                ),
+            };
+            let at = |q: usize, k: usize| Position {
+                b: 0,
+                h: 1,
+                q: q as i64,
+                k: k as i64,
+                seq_q: seq_q as i64,
+                seq_k: seq_k as i64,
+            };
+            for q in 0..seq_q {
+                let row = Row {
+                    b: 0,
+                    heads: 0..2,
+                    q,
+                    seq_q,
+                    seq_k,
+                };
+                let Some(keys) = band.row_keys(&row) else {
+                    return Err(TestCaseError::fail(format!("no row keys for query {q}")));
+                };
+                prop_assert!(keys.end <= seq_k, "keys {:?} past {}", keys, seq_k);
+                for k in 0..seq_k {
+                    prop_assert_eq!(
+                        keys.contains(&k),
+                        mask(at(q, k)),
+                        "query {} key {}: row keys {:?}",
+                        q,
+                        k,
+                        keys
+                    );
+                }
+            }
+            for q0 in (0..seq_q).step_by(q_tile) {
+                for k0 in (0..seq_k).step_by(k_tile) {
+                    let tile = gqa::dsl::block::Tile {
+                        b: 0,
+                        heads: 0..2,
+                        q: q0..(q0 + q_tile).min(seq_q),
+                        k: k0..(k0 + k_tile).min(seq_k),
+                        seq_q,
+                        seq_k,
+                    };
+                    let seen: Vec<bool> = tile
+                        .q
+                        .clone()
+                        .flat_map(|q| tile.k.clone().map(move |k| (q, k)))
+                        .map(|(q, k)| mask(at(q, k)))
+                        .collect();
+                    match band.classify(&tile) {
+                        Some(TileState::Empty) => {
+                            prop_assert!(!seen.contains(&true), "{:?} called empty", tile)
+                        }
+                        Some(TileState::Full) => {
+                            prop_assert!(!seen.contains(&false), "{:?} called full", tile)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Ok(())
+        },
+    );
+}
+
+/// A band written with the DSL and its [`Band`] classifier (row keys: the CPU prefill folds
+/// the mask into each row's band) against the oracle under every mask variant of the spec,
+/// with a score mod on top.
+#[test]
+fn cpu_band_row_keys_match_the_oracle() {
+    for (variant, config) in [
+        (Variant::Plain, (6, 2, 8)),
+        (Variant::RightSoftcap, (8, 2, 64)),
+        (Variant::WindowAlibi, (6, 3, 8)),
+    ] {
+        let test = format!("cpu_band_row_keys_match_the_oracle/causal/{variant:?}/{config:?}");
+        run_family::<f32, Cpu, _, _>(
+            &Cpu::new(),
+            (&test, cpu_cases() + 4),
+            variant,
+            config,
+            |c: &Captures| {
+                Mods::new(library::causal(), wobble(c.gain)).with_classifier(Band::causal())
+            },
+        );
+        let test = format!("cpu_band_row_keys_match_the_oracle/window/{variant:?}/{config:?}");
+        run_family::<f32, Cpu, _, _>(
+            &Cpu::new(),
+            (&test, cpu_cases() + 4),
+            variant,
+            config,
+            |c: &Captures| {
+                let (left, right) = (c.a - 2, c.b - 3);
+                Mods::new(library::sliding_window(left, right), wobble(c.gain))
+                    .with_classifier(Band::window(left, right))
+            },
+        );
+    }
+}
+
 /// [`SortedDocuments`]' row keys are exactly the keys the document mask shows each query —
 /// by brute force over every key, for every query of drawn problems (queries before the keys,
 /// `seq_q > seq_k`, included) — and it says nothing for unsorted ids or a table shorter than
@@ -575,7 +698,7 @@ fn block_mask_states_are_what_brute_force_sees() {
             common::mods::cases(Variant::RightSoftcap, (6, 2, 8)),
             1..=40usize,
             1..=70usize,
-            0..3usize,
+            0..4usize,
         ),
         |((p, c), q_tile, k_tile, which)| {
             let shape = p
@@ -675,6 +798,17 @@ fn block_mask_states_are_what_brute_force_sees() {
                 1 => {
                     let m = library::streaming(c.b, c.a);
                     let mods = Mods::new(m.clone(), NoScore);
+                    check(
+                        &|at| m.visible(at),
+                        &mods.block_mask(&p.spec, shape, (q_tile, k_tile)),
+                    )
+                }
+                2 => {
+                    // A window written with the DSL, with its analytic classifier.
+                    let (left, right) = (c.a - 2, c.b - 3);
+                    let m = library::sliding_window(left, right);
+                    let mods =
+                        Mods::new(m.clone(), NoScore).with_classifier(Band::window(left, right));
                     check(
                         &|at| m.visible(at),
                         &mods.block_mask(&p.spec, shape, (q_tile, k_tile)),

@@ -80,6 +80,82 @@ impl Classifier for BruteForce {
     }
 }
 
+/// The analytic classifier of a band around the diagonal: query `q` (diagonal `d = q + seq_k −
+/// seq_q`, bottom-right as everywhere) sees keys `d − left ..= d + right`, unbounded on a side
+/// that is `None`. It describes `library::causal()` ([`Band::causal`]) and
+/// `library::sliding_window(left, right)` ([`Band::window`]), and a mask written to mean the
+/// same: a tile is empty when its keys lie outside every row's band, full when inside every
+/// row's band, and each query's keys are its band ([`Classifier::row_keys`]), so that the CPU
+/// prefill runs a band written with the DSL as it runs the built-in one. Executors trust it:
+/// attach it only to a mask that is this band (the suites check the library's by brute force).
+///
+/// ```
+/// use gqa::dsl::block::{Band, Classifier, Row};
+/// let causal = Band::causal();
+/// let row = Row { b: 0, heads: 0..4, q: 2, seq_q: 4, seq_k: 10 };
+/// assert_eq!(causal.row_keys(&row), Some(0..9)); // diagonal 2 + 10 − 4 = 8
+/// assert_eq!(Band::window(3, 0).row_keys(&row), Some(5..9));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Band {
+    left: Option<i64>,
+    right: Option<i64>,
+}
+
+impl Band {
+    /// The classifier of `library::causal()`: every key up to the diagonal.
+    pub fn causal() -> Band {
+        Band {
+            left: None,
+            right: Some(0),
+        }
+    }
+
+    /// The classifier of `library::sliding_window(left, right)`: `left` keys before the
+    /// diagonal and `right` after it.
+    pub fn window(left: i32, right: i32) -> Band {
+        Band {
+            left: Some(left.into()),
+            right: Some(right.into()),
+        }
+    }
+}
+
+impl Classifier for Band {
+    fn classify(&self, tile: &Tile) -> Option<TileState> {
+        if tile.q.is_empty() || tile.k.is_empty() {
+            return None;
+        }
+        let shift = tile.seq_k as i64 - tile.seq_q as i64;
+        let (d_lo, d_hi) = (tile.q.start as i64 + shift, tile.q.end as i64 - 1 + shift);
+        let (k_lo, k_hi) = (tile.k.start as i64, tile.k.end as i64 - 1);
+        // Every key before the first row's band starts, or after the last row's ends: none.
+        let before = self.left.is_some_and(|left| k_hi < d_lo - left);
+        let after = self.right.is_some_and(|right| k_lo > d_hi + right);
+        // Every key inside the last row's left bound and the first row's right bound: all.
+        let inside = self.left.is_none_or(|left| k_lo >= d_hi - left)
+            && self.right.is_none_or(|right| k_hi <= d_lo + right);
+        Some(if before || after {
+            TileState::Empty
+        } else if inside {
+            TileState::Full
+        } else {
+            TileState::Partial
+        })
+    }
+
+    fn row_keys(&self, row: &Row) -> Option<Range<usize>> {
+        let seq_k = row.seq_k as i64;
+        let diag = row.q as i64 + seq_k - row.seq_q as i64;
+        let start = self.left.map_or(0, |left| diag - left).clamp(0, seq_k);
+        let end = self
+            .right
+            .map_or(seq_k, |right| diag + right + 1)
+            .clamp(start, seq_k);
+        Some(start as usize..end as usize)
+    }
+}
+
 /// The document mask's classifier for *sorted* document ids (`doc[t] <= doc[t + 1]`, as
 /// packing makes them): a tile is full when its queries' tokens and its keys lie in one
 /// document, empty when their documents' ranges do not meet; a query's keys are its

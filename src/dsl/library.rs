@@ -21,14 +21,16 @@
 use super::{And, Aux, Or, Position};
 
 /// Causal, bottom-right aligned: key `k` is visible to query `q` when `k <= q + seq_k − seq_q`
-/// (the built-in `.causal()`, written as a mod).
+/// (the built-in `.causal()`, written as a mod). Its analytic classifier is
+/// [`super::block::Band::causal`].
 #[crate::mask_mod]
 pub fn causal(at: Position) -> bool {
     at.k <= at.q + at.seq_k - at.seq_q
 }
 
 /// A band around the diagonal: `left` keys before it and `right` after it (the built-in
-/// `.window(left, right)`, written as a mod).
+/// `.window(left, right)`, written as a mod). Its analytic classifier is
+/// [`super::block::Band::window`].
 #[crate::mask_mod]
 pub fn sliding_window(left: i32, right: i32, at: Position) -> bool {
     let diag = at.q + at.seq_k - at.seq_q;
