@@ -506,6 +506,22 @@ fn model_name(config: &str) -> String {
     named.map_or("model".into(), |f| f.to_string_lossy().into_owned())
 }
 
+/// A panel's chart builder: its caption, margins and label areas (two y axes).
+fn framed<'a, 'b>(
+    area: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    caption: String,
+    size: u32,
+) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(caption, ("sans-serif", size))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .right_y_label_area_size(70);
+    builder
+}
+
 /// The x axis's label at `x`: the KV heads of the row there.
 fn kv_label(rows: &[Row], x: f64) -> String {
     let i = x.round();
@@ -530,24 +546,20 @@ fn draw_budget(
         .filter_map(|(i, r)| Some((i as f64, r.measured.as_ref()?.error?)))
         .collect();
     let max_error = errors.iter().map(|e| e.1).fold(0.0, f64::max).max(1e-3) * 1.1;
-    let mut chart = ChartBuilder::on(area)
-        .caption(
-            if errors.is_empty() {
-                format!("what {} GiB of KV cache holds", options.memory_gib)
-            } else {
-                format!(
-                    "what {} GiB of KV cache holds, and what the conversion costs",
-                    options.memory_gib
-                )
-            },
-            ("sans-serif", 18),
-        )
-        .margin(16)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .right_y_label_area_size(70)
-        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, 0f64..max_sequences)?
-        .set_secondary_coord(-0.5f64..n as f64 - 0.5, 0f64..max_error);
+    let mut chart = framed(
+        area,
+        if errors.is_empty() {
+            format!("what {} GiB of KV cache holds", options.memory_gib)
+        } else {
+            format!(
+                "what {} GiB of KV cache holds, and what the conversion costs",
+                options.memory_gib
+            )
+        },
+        18,
+    )
+    .build_cartesian_2d(-0.5f64..n as f64 - 0.5, 0f64..max_sequences)?
+    .set_secondary_coord(-0.5f64..n as f64 - 0.5, 0f64..max_error);
     chart
         .configure_mesh()
         .x_labels(n)
@@ -629,23 +641,19 @@ fn draw_costs(
                 name.split(" (").next().unwrap_or(name)
             ))
     );
-    let mut chart = ChartBuilder::on(root)
-        .caption(
-            format!(
-                "{}: {} query heads, head dim {}, {} tokens",
-                model_name(&options.config),
-                config.num_attention_heads,
-                config.head_dim,
-                options.context
-            ),
-            ("sans-serif", 20),
-        )
-        .margin(16)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .right_y_label_area_size(70)
-        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, 0f64..max_mib)?
-        .set_secondary_coord(-0.5f64..n as f64 - 0.5, 0f64..max_us);
+    let mut chart = framed(
+        root,
+        format!(
+            "{}: {} query heads, head dim {}, {} tokens",
+            model_name(&options.config),
+            config.num_attention_heads,
+            config.head_dim,
+            options.context
+        ),
+        20,
+    )
+    .build_cartesian_2d(-0.5f64..n as f64 - 0.5, 0f64..max_mib)?
+    .set_secondary_coord(-0.5f64..n as f64 - 0.5, 0f64..max_us);
     chart
         .configure_mesh()
         .x_labels(n)

@@ -498,38 +498,117 @@ fn band_row_keys_and_tiles_are_what_the_mask_sees() {
     );
 }
 
+/// Zero cost by construction on the CPU: a band written with the DSL and given its [`Band`]
+/// classifier runs the built-in band's arithmetic — the same output and LSE, bit for bit —
+/// for causal and windows (one side possibly 0), drawn lengths (`seq_q > seq_k` included) and
+/// GQA shapes.
+#[test]
+fn dsl_bands_with_their_classifier_are_the_built_in_bands_bit_for_bit() {
+    let cpu = Cpu::new();
+    runner::check(
+        "dsl_bands_with_their_classifier_are_the_built_in_bands_bit_for_bit",
+        cpu_cases() + 4,
+        Persist::No,
+        (
+            1..=300usize,
+            1..=300usize,
+            prop_oneof![Just(None), (0..=70usize, 0..=70usize).prop_map(Some)],
+        )
+            .prop_flat_map(|(seq_q, seq_k, window)| {
+                (
+                    Just(window),
+                    tensor([1, 6, seq_q, 8]),
+                    tensor([1, 2, seq_k, 8]),
+                    tensor([1, 2, seq_k, 8]),
+                )
+            }),
+        |(window, q, k, v)| {
+            let spec = *gqa::Gqa::<6, 2, 8>::new().spec();
+            let (q, k, v) = (
+                q.mapv(|x| x as f32),
+                k.mapv(|x| x as f32),
+                v.mapv(|x| x as f32),
+            );
+            let (built_in, written) = match window {
+                None => {
+                    let mods =
+                        Mods::new(library::causal(), NoScore).with_classifier(Band::causal());
+                    (
+                        cpu.try_forward(
+                            &spec.with_mask(Mask::NONE.causal()),
+                            q.view(),
+                            k.view(),
+                            v.view(),
+                        ),
+                        cpu.try_forward_with(&spec, &mods, q.view(), k.view(), v.view()),
+                    )
+                }
+                Some((left, right)) => {
+                    let (l, r) = (left as i32, right as i32);
+                    let mods = Mods::new(library::sliding_window(l, r), NoScore)
+                        .with_classifier(Band::window(l, r));
+                    (
+                        cpu.try_forward(
+                            &spec.with_mask(Mask::NONE.window(left, right)),
+                            q.view(),
+                            k.view(),
+                            v.view(),
+                        ),
+                        cpu.try_forward_with(&spec, &mods, q.view(), k.view(), v.view()),
+                    )
+                }
+            };
+            let (built_in, written) = (built_in.unwrap(), written.unwrap());
+            let bits = |x: &ndarray::ArrayD<f32>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            prop_assert!(
+                bits(&built_in.o.into_dyn()) == bits(&written.o.into_dyn()),
+                "outputs differ"
+            );
+            prop_assert!(
+                bits(&built_in.lse.into_dyn()) == bits(&written.lse.into_dyn()),
+                "LSEs differ"
+            );
+            Ok(())
+        },
+    );
+}
+
 /// A band written with the DSL and its [`Band`] classifier (row keys: the CPU prefill folds
 /// the mask into each row's band) against the oracle under every mask variant of the spec,
 /// with a score mod on top.
 #[test]
 fn cpu_band_row_keys_match_the_oracle() {
-    for (variant, config) in [
+    let variants = [
         (Variant::Plain, (6, 2, 8)),
         (Variant::RightSoftcap, (8, 2, 64)),
         (Variant::WindowAlibi, (6, 3, 8)),
-    ] {
-        let test = format!("cpu_band_row_keys_match_the_oracle/causal/{variant:?}/{config:?}");
-        run_family::<f32, Cpu, _, _>(
-            &Cpu::new(),
-            (&test, cpu_cases() + 4),
-            variant,
-            config,
-            |c: &Captures| {
-                Mods::new(library::causal(), wobble(c.gain)).with_classifier(Band::causal())
-            },
-        );
-        let test = format!("cpu_band_row_keys_match_the_oracle/window/{variant:?}/{config:?}");
-        run_family::<f32, Cpu, _, _>(
-            &Cpu::new(),
-            (&test, cpu_cases() + 4),
-            variant,
-            config,
-            |c: &Captures| {
-                let (left, right) = (c.a - 2, c.b - 3);
-                Mods::new(library::sliding_window(left, right), wobble(c.gain))
-                    .with_classifier(Band::window(left, right))
-            },
-        );
+    ];
+    cpu_against_the_oracle(
+        "cpu_band_row_keys_match_the_oracle/causal",
+        &variants,
+        |c| Mods::new(library::causal(), wobble(c.gain)).with_classifier(Band::causal()),
+    );
+    cpu_against_the_oracle(
+        "cpu_band_row_keys_match_the_oracle/window",
+        &variants,
+        |c| {
+            let (left, right) = (c.a - 2, c.b - 3);
+            Mods::new(library::sliding_window(left, right), wobble(c.gain))
+                .with_classifier(Band::window(left, right))
+        },
+    );
+}
+
+/// `make`'s mods on the CPU against the oracle, one family per (variant, config), each named
+/// `{name}/{variant}/{config}` (its seed).
+fn cpu_against_the_oracle<M: MaskMod, S: ScoreMod>(
+    name: &str,
+    variants: &[(Variant, (usize, usize, usize))],
+    make: impl Fn(&Captures) -> Mods<M, S> + Copy,
+) {
+    for &(variant, config) in variants {
+        let test = format!("{name}/{variant:?}/{config:?}");
+        run_family::<f32, Cpu, _, _>(&Cpu::new(), (&test, cpu_cases() + 4), variant, config, make);
     }
 }
 
@@ -626,25 +705,17 @@ fn document_row_keys_are_what_the_mask_sees() {
 /// them at once, with a score mod on top.
 #[test]
 fn cpu_document_row_keys_match_the_oracle() {
-    for (variant, config) in [
+    let variants = [
         (Variant::Plain, (6, 2, 8)),
         (Variant::RightSoftcap, (8, 2, 64)),
         (Variant::WindowAlibi, (6, 3, 8)),
         (Variant::Everything, (4, 4, 16)),
-    ] {
-        let test = format!("cpu_document_row_keys_match_the_oracle/{variant:?}/{config:?}");
-        run_family::<f32, Cpu, _, _>(
-            &Cpu::new(),
-            (&test, cpu_cases() + 4),
-            variant,
-            config,
-            |c: &Captures| {
-                let docs: Vec<i32> = c.docs.iter().map(|d| d / 2).collect();
-                Mods::new(library::document(Aux::new(docs.clone())), wobble(c.gain))
-                    .with_classifier(SortedDocuments::new(&docs))
-            },
-        );
-    }
+    ];
+    cpu_against_the_oracle("cpu_document_row_keys_match_the_oracle", &variants, |c| {
+        let docs: Vec<i32> = c.docs.iter().map(|d| d / 2).collect();
+        Mods::new(library::document(Aux::new(docs.clone())), wobble(c.gain))
+            .with_classifier(SortedDocuments::new(&docs))
+    });
 }
 
 /// The block-mask cache tells classifiers apart: one mask and one problem, classified first

@@ -1179,6 +1179,24 @@ const FIXTURES: &[(&str, usize, usize, usize)] = &[
     ("llama-2-7b.json", 32, 32, 128),
 ];
 
+/// `gqa::dispatch!` over the fixtures' configurations.
+macro_rules! fixture_dispatch {
+    ($config:expr, |$hq:ident, $hkv:ident, $d:ident| $body:expr) => {
+        gqa::dispatch!(
+            $config,
+            [
+                (32, 8, 128),
+                (28, 4, 128),
+                (16, 8, 256),
+                (32, 32, 96),
+                (71, 1, 64),
+                (32, 32, 128)
+            ],
+            |$hq, $hkv, $d| $body
+        )
+    };
+}
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/configs")
@@ -1202,23 +1220,12 @@ fn real_configs_dispatch_to_their_types() {
             (heads, kv_heads, head_dim),
             "{name}"
         );
-        let (group, bytes) = gqa::dispatch!(
-            &config,
-            [
-                (32, 8, 128),
-                (28, 4, 128),
-                (16, 8, 256),
-                (32, 32, 96),
-                (71, 1, 64),
-                (32, 32, 128)
-            ],
-            |HQ, HKV, D| (
-                Attention::<HQ, HKV, D>::GROUP,
-                Attention::<HQ, HKV, D>::new()
-                    .kv_cache(DType::BF16)
-                    .bytes(1, 1, 1)
-            )
-        )
+        let (group, bytes) = fixture_dispatch!(&config, |HQ, HKV, D| (
+            Attention::<HQ, HKV, D>::GROUP,
+            Attention::<HQ, HKV, D>::new()
+                .kv_cache(DType::BF16)
+                .bytes(1, 1, 1)
+        ))
         .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(group, heads / kv_heads, "{name}");
         assert_eq!(bytes, (2 * kv_heads * head_dim * 2) as u128, "{name}");
@@ -1282,18 +1289,9 @@ fn real_configs_pass_the_checkpoint_readers_config_check() {
         std::fs::create_dir_all(&model).unwrap();
         std::fs::copy(fixture(name), model.join(CONFIG_FILE)).unwrap();
         let config = ModelConfig::from_json_file(fixture(name)).unwrap();
-        let error = gqa::dispatch!(
-            &config,
-            [
-                (32, 8, 128),
-                (28, 4, 128),
-                (16, 8, 256),
-                (32, 32, 96),
-                (71, 1, 64),
-                (32, 32, 128)
-            ],
-            |HQ, HKV, D| checkpoint::try_read_layer::<HQ, HKV, D>(&model, PREFIX).map(|_| ())
-        )
+        let error = fixture_dispatch!(&config, |HQ, HKV, D| {
+            checkpoint::try_read_layer::<HQ, HKV, D>(&model, PREFIX).map(|_| ())
+        })
         .unwrap()
         .unwrap_err();
         match &error {
