@@ -384,8 +384,10 @@ pub fn run(options: &mut Options) -> Result<Vec<Row>, Error> {
     };
     options.gpu_name = device.as_ref().map(|d| d.name().to_string());
     println!(
-        "{}: {heads} query heads (this model: {} KV heads), head dim {head_dim}, {layers} layers, {dtype}",
-        options.config, config.num_key_value_heads
+        "{}: {heads} query heads (this model: {} KV heads), head dim {head_dim}, {layers} layer{}, {dtype}",
+        options.config,
+        config.num_key_value_heads,
+        if layers == 1 { "" } else { "s" }
     );
     println!(
         "decode: one query token, batch 1, one layer's attention against {} cached tokens (f32 cache), median of {} steps, the rows in turn; CPU: {} threads{}",
