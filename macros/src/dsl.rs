@@ -923,10 +923,18 @@ impl Lowering {
             // `a % b = a − trunc(a / b)·b`.
             _ => quote!((#lt - #chain(#rt, ::gqa::dsl::cube::trunc(#lc / #rc)))),
         };
+        // An integer remainder through a division in kernels (`rem_int`: GLSL's `%` is not
+        // Rust's for negative operands).
+        let cube = match op {
+            BinOp::Rem(_) if ty == Ty::Int => {
+                quote_spanned!(span=> ::gqa::dsl::cube::rem_int(#lc, #rc))
+            }
+            _ => quote_spanned!(span=> (#lc #op #rc)),
+        };
         Ok(Typed {
             ty,
             host: quote_spanned!(span=> (#lh #op #rh)),
-            cube: quote_spanned!(span=> (#lc #op #rc)),
+            cube,
             tangent,
         })
     }

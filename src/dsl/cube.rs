@@ -105,6 +105,16 @@ pub fn abs_int(x: i32) -> i32 {
     select(x < 0i32, 0i32 - x, x)
 }
 
+/// `a % b` of integers as Rust defines it (the sign of `a`), spelled with a division so that
+/// every shading language agrees: WGSL's and SPIR-V's `%` are this remainder, but GLSL leaves
+/// `%` undefined for negative operands, and naga writes WGSL's `%` to GLSL as it is. On wgpu's
+/// GL backend (Mesa's llvmpipe) the DSL's `block_strided` and `dilated` masks were then wrong
+/// wherever the dividend was negative. Integer division truncates toward zero everywhere.
+#[cube]
+pub fn rem_int(a: i32, b: i32) -> i32 {
+    a - (a / b) * b
+}
+
 #[cube]
 impl CubeMask for NoMask {
     #[allow(unused_variables)]

@@ -33,6 +33,20 @@ pub fn wobble(gain: f32, s: f32, at: Position) -> f32 {
     }
 }
 
+/// A mask mod that hangs on the sign of a remainder: Rust's `%` takes the dividend's (`-5 % 3 ==
+/// -2`), so keys `k < q` with `(k − q) % period == 1 − period` are hidden; a remainder with the
+/// divisor's sign (GLSL's `%` on Mesa) would hide none.
+#[gqa::mask_mod]
+pub fn remainder_stripes(period: i32, at: Position) -> bool {
+    (at.k - at.q) % period != 1 - period
+}
+
+/// A score mod with a float remainder of a negative dividend: a sawtooth of the distance.
+#[gqa::score_mod]
+pub fn remainder_ramp(gain: f32, s: f32, at: Position) -> f32 {
+    s + gain * ((at.k - at.q) as f32 % 2.5)
+}
+
 /// The captures a family draws, sized for a problem (tables cover every position of both
 /// lengths).
 #[derive(Debug, Clone)]
@@ -205,6 +219,10 @@ macro_rules! for_each_mod_family {
             Variant::WindowAlibi,
             |c: &Captures| { Mods::new(checker(c.b), wobble(c.gain)) }
         );
+        $m!(user_remainders, Variant::Plain, |c: &Captures| Mods::new(
+            common::mods::remainder_stripes(c.b + 1),
+            common::mods::remainder_ramp(c.gain)
+        ));
     };
 }
 
