@@ -109,7 +109,8 @@ pub fn abs_int(x: i32) -> i32 {
 /// every shading language agrees: WGSL's and SPIR-V's `%` are this remainder, but GLSL leaves
 /// `%` undefined for negative operands, and naga writes WGSL's `%` to GLSL as it is. On wgpu's
 /// GL backend (Mesa's llvmpipe) the DSL's `block_strided` and `dilated` masks were then wrong
-/// wherever the dividend was negative. Integer division truncates toward zero everywhere.
+/// wherever the dividend was negative. Integer division truncates toward zero in WGSL, SPIR-V
+/// and Mesa's GLSL (the GL pass of the mod families checks it there).
 #[cube]
 pub fn rem_int(a: i32, b: i32) -> i32 {
     a - (a / b) * b
