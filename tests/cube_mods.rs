@@ -11,7 +11,7 @@ mod common;
 
 use common::cube::{cases, device};
 use common::forward::Variant;
-use common::mods::{Captures, checker, run_family, wobble};
+use common::mods::{Captures, checker, plus_quotients, run_family, wobble};
 use gqa::cube::CubeDevice;
 use gqa::dsl::{Aux, Mods, NoMask, NoScore, ScoreMod, library};
 use half::f16;
@@ -141,5 +141,55 @@ fn unit_layout_decodes_with_mods_match_the_oracle() {
         Variant::Plain,
         6,
         |c: &Captures| Mods::new(checker(c.b), wobble(c.gain)),
+    );
+}
+
+/// Integer `/` and `%` by zero give 0 in kernels (the `gqa::dsl` docs; the host panics, and
+/// shading languages leave it undefined or give the dividend): `plus_quotients(0)` leaves the
+/// forward's output and LSE those of the problem without a score mod, on every pass of this
+/// suite (WGSL, SPIR-V); `plus_quotients(7)`, a divisor the mod does use, moves them. (On
+/// lavapipe every path already gives 0 for an integer `/` by zero, so there this sees the `%`
+/// guard: without it, `a − (a / 0)·0` is `a`.)
+#[test]
+fn integer_division_by_zero_gives_zero_in_kernels() {
+    let Some(device) = device() else { return };
+    let spec = gqa::Gqa::<4, 2, 8>::new().causal();
+    let spec = spec.spec();
+    let wave = |shape: (usize, usize, usize, usize), seed: usize| {
+        ndarray::Array4::from_shape_fn(shape, |(_, h, i, d)| {
+            ((h * 131 + i * 17 + d * 5 + seed) as f32 * 0.618).sin()
+        })
+    };
+    let (q, k, v) = (
+        wave((1, 4, 37, 8), 1),
+        wave((1, 2, 45, 8), 2),
+        wave((1, 2, 45, 8), 3),
+    );
+    let run = |mods: &Mods<NoMask, _>| {
+        device
+            .try_forward_with(spec, mods, q.view(), k.view(), v.view())
+            .unwrap()
+    };
+    let plain = device
+        .try_forward_with(spec, &Mods::none(), q.view(), k.view(), v.view())
+        .unwrap();
+    let largest = |out: &gqa::cube::HostOutput<f32>| {
+        let o = (&out.o - &plain.o)
+            .mapv(f32::abs)
+            .fold(0f32, |a, &b| a.max(b));
+        let lse = (&out.lse - &plain.lse)
+            .mapv(f32::abs)
+            .fold(0f32, |a, &b| a.max(b));
+        o.max(lse)
+    };
+    let by_zero = largest(&run(&Mods::new(NoMask, plus_quotients(0))));
+    assert!(
+        by_zero <= 1e-6,
+        "a zero divisor moved the output by {by_zero}"
+    );
+    let by_seven = largest(&run(&Mods::new(NoMask, plus_quotients(7))));
+    assert!(
+        by_seven > 1e-2,
+        "a divisor of 7 moved the output by only {by_seven}"
     );
 }

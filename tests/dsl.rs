@@ -252,6 +252,22 @@ fn library_twins_of_the_built_ins_are_the_built_ins_in_the_oracle() {
     );
 }
 
+/// An integer division by zero in a mod panics on the host, at the mod's operator (kernels give
+/// 0 instead: `tests/cube_mods.rs`).
+#[test]
+#[should_panic(expected = "attempt to divide by zero")]
+fn an_integer_division_by_zero_panics_on_the_host() {
+    let at = Position {
+        b: 0,
+        h: 0,
+        q: 0,
+        k: 3,
+        seq_q: 1,
+        seq_k: 4,
+    };
+    let _ = common::mods::plus_quotients(0).apply(1.0f64, at);
+}
+
 /// A table read outside its elements is a panic on the host that names the mod, the table and
 /// the index (kernels clamp instead: they cannot panic).
 #[test]

@@ -923,9 +923,13 @@ impl Lowering {
             // `a % b = a − trunc(a / b)·b`.
             _ => quote!((#lt - #chain(#rt, ::gqa::dsl::cube::trunc(#lc / #rc)))),
         };
-        // An integer remainder through a division in kernels (`rem_int`: GLSL's `%` is not
-        // Rust's for negative operands).
+        // Integer `/` and `%` in kernels through helpers defined for every divisor
+        // (`div_int`, `rem_int`: a zero divisor gives 0, and GLSL's `%` is not Rust's for
+        // negative operands).
         let cube = match op {
+            BinOp::Div(_) if ty == Ty::Int => {
+                quote_spanned!(span=> ::gqa::dsl::cube::div_int(#lc, #rc))
+            }
             BinOp::Rem(_) if ty == Ty::Int => {
                 quote_spanned!(span=> ::gqa::dsl::cube::rem_int(#lc, #rc))
             }

@@ -105,15 +105,27 @@ pub fn abs_int(x: i32) -> i32 {
     select(x < 0i32, 0i32 - x, x)
 }
 
-/// `a % b` of integers as Rust defines it (the sign of `a`), spelled with a division so that
-/// every shading language agrees: WGSL's and SPIR-V's `%` are this remainder, but GLSL leaves
-/// `%` undefined for negative operands, and naga writes WGSL's `%` to GLSL as it is. On wgpu's
-/// GL backend (Mesa's llvmpipe) the DSL's `block_strided` and `dilated` masks were then wrong
-/// wherever the dividend was negative. Integer division truncates toward zero in WGSL, SPIR-V
-/// and Mesa's GLSL (the GL pass of the mod families checks it there).
+/// `a / b` of integers as Rust defines it (toward zero), and 0 for `b == 0`, where Rust panics
+/// (the host side of a mod: the oracle rejects such a mod) and shading languages differ (SPIR-V
+/// leaves it undefined). The divisor is replaced before it divides.
+#[cube]
+pub fn div_int(a: i32, b: i32) -> i32 {
+    let zero = b == 0i32;
+    select(zero, 0i32, a / select(zero, 1i32, b))
+}
+
+/// `a % b` of integers as Rust defines it (the sign of `a`), and 0 for `b == 0` (as
+/// [`div_int`]), spelled with a division so that every shading language agrees: WGSL's and
+/// SPIR-V's `%` are this remainder, but GLSL leaves `%` undefined for negative operands, and
+/// naga writes WGSL's `%` to GLSL as it is. On wgpu's GL backend (Mesa's llvmpipe) the DSL's
+/// `block_strided` and `dilated` masks were then wrong wherever the dividend was negative.
+/// Integer division truncates toward zero in WGSL, SPIR-V and Mesa's GLSL (the GL pass of the
+/// mod families checks it there).
 #[cube]
 pub fn rem_int(a: i32, b: i32) -> i32 {
-    a - (a / b) * b
+    let zero = b == 0i32;
+    let d = select(zero, 1i32, b);
+    select(zero, 0i32, a - (a / d) * d)
 }
 
 #[cube]

@@ -47,6 +47,13 @@ pub fn remainder_ramp(gain: f32, s: f32, at: Position) -> f32 {
     s + gain * ((at.k - at.q) as f32 % 2.5)
 }
 
+/// A score mod that divides by a capture: `s + ((k + 1) / z + (k + 1) % z)`. With `z = 0` the
+/// host panics and kernels add 0 (the `gqa::dsl` docs, "Integer division by zero").
+#[gqa::score_mod]
+pub fn plus_quotients(z: i32, s: f32, at: Position) -> f32 {
+    s + ((at.k + 1) / z + (at.k + 1) % z) as f32
+}
+
 /// The captures a family draws, sized for a problem (tables cover every position of both
 /// lengths).
 #[derive(Debug, Clone)]
