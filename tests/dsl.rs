@@ -252,8 +252,8 @@ fn library_twins_of_the_built_ins_are_the_built_ins_in_the_oracle() {
     );
 }
 
-/// An integer division by zero in a mod panics on the host, at the mod's operator (kernels give
-/// 0 instead: `tests/cube_mods.rs`).
+/// An integer division by zero in a mod panics on the host, with Rust's message, located at the
+/// mod's attribute (kernels give 0 instead: `tests/cube_mods.rs`).
 #[test]
 #[should_panic(expected = "attempt to divide by zero")]
 fn an_integer_division_by_zero_panics_on_the_host() {
