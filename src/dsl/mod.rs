@@ -58,8 +58,8 @@
 //! the table (never reads outside its buffer).
 //!
 //! **Integer division by zero.** On the host an integer `/` or `%` by zero panics as Rust does
-//! ("attempt to divide by zero", located at the mod's attribute), so the oracle rejects such a
-//! mod; a kernel gives 0 for both (never a value its shading language leaves undefined).
+//! (its message, located at the mod's attribute), so the oracle rejects such a mod; a kernel
+//! gives 0 for both (never a value its shading language leaves undefined).
 //!
 //! **Semantics.** A user mask is *intersected* with the spec's built-in band mask (causal,
 //! window): a key is visible when both allow it. A user score mod applies *after* the built-in
