@@ -2,7 +2,11 @@
 //!
 //! The fields follow transformers' conventions: `num_key_value_heads` absent (or `null`) means
 //! multi-head attention, `multi_query: true` (Falcon, StarCoder) means one KV head, and a missing
-//! `head_dim` is `hidden_size / num_attention_heads`. Multimodal configs that nest the language
+//! `head_dim` is `hidden_size / num_attention_heads`. Falcon's rule decides between the two
+//! (transformers' `FalconAttention`): with `multi_query: true` the model has one KV head whatever
+//! count the file also gives — transformers saves `num_kv_heads` (as the query heads) in every
+//! Falcon config it writes — unless `new_decoder_architecture` is true (Falcon-40B and -180B),
+//! where the count is the model's. Multimodal configs that nest the language
 //! model under `text_config` are read from there.
 
 use std::path::Path;
@@ -79,10 +83,12 @@ impl ModelConfig {
         let num_attention_heads = aliased_count(object, "num_attention_heads")?
             .ok_or_else(|| reason("missing `num_attention_heads`".into()))?;
         let multi_query = flag(object, "multi_query")? == Some(true);
-        let num_key_value_heads = match aliased_count(object, "num_key_value_heads")? {
-            Some(kv) => kv,
-            None if multi_query => 1,
-            None => num_attention_heads,
+        let new_decoder = flag(object, "new_decoder_architecture")? == Some(true);
+        let listed = aliased_count(object, "num_key_value_heads")?;
+        let num_key_value_heads = if multi_query && !new_decoder {
+            1
+        } else {
+            listed.unwrap_or(num_attention_heads)
         };
         // Read (and type-checked) even when `head_dim` makes it unnecessary: a malformed field
         // is an error wherever it is.
@@ -258,6 +264,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!((falcon.num_key_value_heads, falcon.head_dim), (1, 64));
+        // Falcon-7B's config as transformers writes it back: the count is the query heads',
+        // the model has one KV head.
+        let saved = ModelConfig::from_json_str(
+            r#"{"num_attention_heads": 71, "num_kv_heads": 71, "hidden_size": 4544,
+                "multi_query": true, "new_decoder_architecture": false}"#,
+        )
+        .unwrap();
+        assert_eq!(saved.num_key_value_heads, 1);
+        // Falcon-40B's new decoder counts its KV heads, `multi_query` or not.
+        let falcon_40b = ModelConfig::from_json_str(
+            r#"{"num_attention_heads": 128, "num_kv_heads": 8, "hidden_size": 8192,
+                "multi_query": true, "new_decoder_architecture": true}"#,
+        )
+        .unwrap();
+        assert_eq!(falcon_40b.num_key_value_heads, 8);
     }
 
     #[test]
@@ -315,6 +336,10 @@ mod tests {
             (
                 r#""multi_query": "yes""#,
                 "`multi_query` must be true or false, got \"yes\"",
+            ),
+            (
+                r#""new_decoder_architecture": 1"#,
+                "`new_decoder_architecture` must be true or false, got 1",
             ),
             (
                 r#""sliding_window": 4096.5"#,

@@ -94,6 +94,20 @@ pub fn run(u: &mut Unstructured, t: &mut Trace) -> Result<()> {
         top.remove("num_attention_heads");
         top.insert("text_config".into(), Value::Object(inner));
     }
+    // Falcon's `new_decoder_architecture`, drawn last (and left out when the input has no bytes
+    // left) so that the saved inputs decode to the configs they were saved for.
+    if !u.is_empty() && !u.ratio(3, 4)? {
+        let v = if u.ratio(1, 2)? {
+            json!(u.arbitrary::<bool>()?)
+        } else {
+            value(u, 0)?
+        };
+        let fields = match top.get_mut("text_config") {
+            Some(Value::Object(inner)) if nested => inner,
+            _ => &mut top,
+        };
+        fields.insert("new_decoder_architecture".into(), v);
+    }
     let text = Value::Object(top.clone()).to_string();
     let parsed = ModelConfig::from_json_str(&text);
     let fields = if nested {
@@ -116,6 +130,7 @@ pub fn run(u: &mut Unstructured, t: &mut Trace) -> Result<()> {
     .iter()
     .all(|k| count(k).is_none_or(|c| c.is_ok()))
         && get("multi_query").is_none_or(Value::is_boolean)
+        && get("new_decoder_architecture").is_none_or(Value::is_boolean)
         && ["torch_dtype", "dtype"].iter().all(|k| {
             get(k).is_none_or(|v| v.as_str().is_some_and(|s| DType::from_name(s).is_some()))
         })
@@ -138,10 +153,17 @@ pub fn run(u: &mut Unstructured, t: &mut Trace) -> Result<()> {
             assert!(expected_ok, "accepted a config with a bad field: {text}");
             assert_eq!(Some(config.num_attention_heads), heads);
             assert_eq!(Some(config.head_dim), head_dim);
+            // transformers' Falcon rule: `multi_query` means one KV head, whatever count is
+            // given, unless `new_decoder_architecture` is true.
             let mq = get("multi_query").and_then(Value::as_bool) == Some(true);
-            let kv = count("num_key_value_heads")
-                .and_then(|c| c.ok())
-                .unwrap_or(if mq { 1 } else { config.num_attention_heads });
+            let nd = get("new_decoder_architecture").and_then(Value::as_bool) == Some(true);
+            let kv = if mq && !nd {
+                1
+            } else {
+                count("num_key_value_heads")
+                    .and_then(|c| c.ok())
+                    .unwrap_or(config.num_attention_heads)
+            };
             assert_eq!(config.num_key_value_heads, kv);
             assert_eq!(config.dtype, dtypes.first().copied());
             assert_eq!(
