@@ -67,16 +67,20 @@
 //! 1.0). So the backward runs 5 (staged) or 7 block products against the forward's 2, most of
 //! them of the costly kind: about 3.3–4.7 times the forward's time there, not 2.5.
 //!
-//! Why the register rows cost that much, as Mesa's source reads (`lp_bld_nir_soa.c`): lavapipe
+//! Why the register rows cost that much, as Mesa's source reads (`lp_bld_nir_soa.c`, read at
+//! 21.3; 22.3 runs here): lavapipe
 //! runs 8 invocations as the lanes of one SIMD vector, and a private array indexed by a
 //! run-time value (here the channel, `c · chunk + e`) is read by a gather of 8 scalar loads and
 //! written by a scatter of 8 masked scalar stores, where a constant index is a register. A
 //! score product reads the unit's rows (a gather per channel and row); a register-row product
 //! reads and writes them. The remedy, constant indices, means unrolling the head-dim loops,
 //! which was measured too: `backward_dkv` with every head-dim loop unrolled took the default
-//! backward from 2025 to 1622 ms (two processes, forwards 385 and 357 ms), but lavapipe's
-//! compile of its staged variant had not ended after 10 minutes (one core busy). Not kept (see
-//! **Loop bounds**).
+//! backward from 2025 to 1622 ms (two processes, forwards 385 and 357 ms), but compiling it
+//! took minutes (its staged variant more than 10), before lavapipe even saw the shader: `perf`
+//! put 99.95% of the samples in pliron's `strictly_precedes_in_block`, which cubecl-opt's
+//! `mem2reg` calls to sort uses (a linear walk of the block per comparison: quadratic in a
+//! block as long as the unrolled loops). Not kept (see **Loop bounds**); shorter blocks (the
+//! unrolled body split by branches) would be the next thing to try.
 //!
 //! **Loop bounds.** The head-dim loops run to a runtime bound (`dims`, the padded head dim):
 //! with a constant one, Mesa unrolls them (up to ~32 iterations), and the unrolled kernel for a
