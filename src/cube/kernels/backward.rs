@@ -74,13 +74,17 @@
 //! written by a scatter of 8 masked scalar stores, where a constant index is a register. A
 //! score product reads the unit's rows (a gather per channel and row); a register-row product
 //! reads and writes them. The remedy, constant indices, means unrolling the head-dim loops,
-//! which was measured too: `backward_dkv` with every head-dim loop unrolled took the default
-//! backward from 2025 to 1622 ms (two processes, forwards 385 and 357 ms), but compiling it
-//! took minutes (its staged variant more than 10), before lavapipe even saw the shader: `perf`
-//! put 99.95% of the samples in pliron's `strictly_precedes_in_block`, which cubecl-opt's
-//! `mem2reg` calls to sort uses (a linear walk of the block per comparison: quadratic in a
-//! block as long as the unrolled loops). Not kept (see **Loop bounds**); shorter blocks (the
-//! unrolled body split by branches) would be the next thing to try.
+//! which was measured too, with `backward_dkv`'s head-dim loops unrolled. Compiling it then
+//! took minutes in three places, one after another (`perf`): cubecl-opt's `mem2reg`, which
+//! orders uses by a linear walk of their block (pliron's `strictly_precedes_in_block`,
+//! quadratic in a block as long as the unrolled loops: each unrolled chunk in a branch of its
+//! own cured it); naga's debug info, which finds each statement's line by scanning the WGSL
+//! text (quadratic too; only where wgpu-types has debug assertions, which `Cargo.toml` now
+//! turns off in the test profile, as release builds have it); and lavapipe's LLVM, in its instruction scheduler and use lists, about 2
+//! minutes for the default kernel and 5 for the staged one (not cured). It ran 18–21% faster:
+//! default backward 2025 → 1596 ms (backward / forward 5.26 → 4.03), staged 1790 → 1473 ms
+//! (4.65 → 3.72; two processes, forwards 385 and 396 ms). Not kept: minutes of compile per
+//! kernel, for a ratio still far from 2.5 (see **Loop bounds**).
 //!
 //! **Loop bounds.** The head-dim loops run to a runtime bound (`dims`, the padded head dim):
 //! with a constant one, Mesa unrolls them (up to ~32 iterations), and the unrolled kernel for a
