@@ -67,24 +67,23 @@
 //! 1.0). So the backward runs 5 (staged) or 7 block products against the forward's 2, most of
 //! them of the costly kind: about 3.3–4.7 times the forward's time there, not 2.5.
 //!
-//! Why the register rows cost that much, as Mesa's source reads (`lp_bld_nir_soa.c`, read at
-//! 21.3; 22.3 runs here): lavapipe
-//! runs 8 invocations as the lanes of one SIMD vector, and a private array indexed by a
-//! run-time value (here the channel, `c · chunk + e`) is read by a gather of 8 scalar loads and
-//! written by a scatter of 8 masked scalar stores, where a constant index is a register. A
-//! score product reads the unit's rows (a gather per channel and row); a register-row product
-//! reads and writes them. The remedy, constant indices, means unrolling the head-dim loops,
-//! which was measured too, with `backward_dkv`'s head-dim loops unrolled. Compiling it then
-//! took minutes in three places, one after another (`perf`): cubecl-opt's `mem2reg`, which
-//! orders uses by a linear walk of their block (pliron's `strictly_precedes_in_block`,
-//! quadratic in a block as long as the unrolled loops: each unrolled chunk in a branch of its
-//! own cured it); naga's debug info, which finds each statement's line by scanning the WGSL
-//! text (quadratic too; only where wgpu-types has debug assertions, which `Cargo.toml` now
-//! turns off in the test profile, as release builds have it); and lavapipe's LLVM, in its instruction scheduler and use lists, about 2
-//! minutes for the default kernel and 5 for the staged one (not cured). It ran 18–21% faster:
-//! default backward 2025 → 1596 ms (backward / forward 5.26 → 4.03), staged 1790 → 1473 ms
-//! (4.65 → 3.72; two processes, forwards 385 and 396 ms). Not kept: minutes of compile per
-//! kernel, for a ratio still far from 2.5 (see **Loop bounds**).
+//! Why the register rows cost that much, as Mesa's source reads (`lp_bld_nir_soa.c`, read at 21.3;
+//! 22.3 runs here): lavapipe runs 8 invocations as the lanes of one SIMD vector, and a private
+//! array indexed by a run-time value (here the channel, `c · chunk + e`) is read by a gather of 8
+//! scalar loads and written by a scatter of 8 masked scalar stores, where a constant index is a
+//! register. A score product reads the unit's rows (a gather per channel and row); a register-row
+//! product reads and writes them. The remedy, constant indices, means unrolling the head-dim loops,
+//! which was measured too, with `backward_dkv`'s head-dim loops unrolled. Compiling it then took
+//! minutes in three places, one after another (`perf`): cubecl-opt's `mem2reg`, which orders uses
+//! by a linear walk of their block (pliron's `strictly_precedes_in_block`, quadratic in a block as
+//! long as the unrolled loops: each unrolled chunk in a branch of its own cured it); naga's debug
+//! info, which finds each statement's line by scanning the WGSL text (quadratic too; only where
+//! wgpu-types has debug assertions, which `Cargo.toml` now turns off in the test profile, as
+//! release builds have it); and lavapipe's LLVM, in its instruction scheduler and use lists, about
+//! 2 minutes for the default kernel and 5 for the staged one (not cured). It ran 18–21% faster:
+//! default backward 2025 → 1596 ms (backward / forward 5.26 → 4.03), staged 1790 → 1473 ms (4.65 →
+//! 3.72; two processes, forwards 385 and 396 ms). Not kept: minutes of compile per kernel, for a
+//! ratio still far from 2.5 (see **Loop bounds**).
 //!
 //! **Loop bounds.** The head-dim loops run to a runtime bound (`dims`, the padded head dim):
 //! with a constant one, Mesa unrolls them (up to ~32 iterations), and the unrolled kernel for a
